@@ -1,0 +1,1 @@
+"""Inference backends, one package per engine, registered under gateway.backends."""

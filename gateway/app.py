@@ -1,0 +1,144 @@
+"""The Starlette application: routes, plugins, CORS, error mapping and the model pool's lifetime."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from gateway.completions import Services, endpoint_handler
+from gateway.config import GatewayConfig
+from gateway.errors import EngineError, InvalidRequest, MethodNotAllowed, ModelNotFound, NotFound
+from gateway.http import error_response
+from gateway.plugins import PluginChain
+from gateway.pool import ModelPool
+from gateway.registry import plugin_factory
+from gateway.wire.responses import model_json
+
+log = logging.getLogger("gateway.app")
+
+
+def build_services(config: GatewayConfig) -> Services:
+    pool = ModelPool(config)
+    plugins = [
+        plugin_factory(name).create(cfg, pool)
+        for name, cfg in config.plugins.items()
+        if cfg.enabled
+    ]
+    return Services(config=config, pool=pool, plugins=PluginChain(plugins))
+
+
+def _models_routes(pool: ModelPool) -> list[BaseRoute]:
+    def describe(model_id: str) -> dict[str, object]:
+        entry = pool.resolve(model_id)
+        return model_json(model_id, entry.created, entry.config.backend, entry.state.value)
+
+    async def list_models(request: Request) -> Response:
+        data = [describe(model_id) for model_id, _ in pool.names()]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def get_model(request: Request) -> Response:
+        model_id = request.path_params["model_id"]
+        try:
+            return JSONResponse(describe(model_id))
+        except ModelNotFound as err:
+            return error_response(err)
+
+    return [
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
+    ]
+
+
+def _health_routes(pool: ModelPool) -> list[BaseRoute]:
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(request: Request) -> Response:
+        states = {name: entry.state.value for name, entry in pool.entries.items()}
+        if pool.ready:
+            return JSONResponse({"status": "ready", "models": states})
+        status = "draining" if pool.draining else "loading"
+        return JSONResponse({"status": status, "models": states}, status_code=503)
+
+    return [Route("/health", health, methods=["GET"]), Route("/ready", ready, methods=["GET"])]
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return error_response(NotFound(f"no route {request.method} {request.url.path}"))
+    if exc.status_code == 405:
+        return error_response(MethodNotAllowed(f"method {request.method} not allowed here"))
+    return error_response(InvalidRequest(str(exc.detail)))
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error on %s", request.url.path, exc_info=exc)
+    return error_response(EngineError("internal error"))
+
+
+def create_app(
+    config: GatewayConfig,
+    services: Services | None = None,
+    on_load_failed: Callable[[BaseException], None] | None = None,
+) -> Starlette:
+    """The ASGI app. Models with ``load = "startup"`` load in the background; ``/ready`` tells.
+
+    ``on_load_failed`` is called if a startup model fails to load (the CLI exits then).
+    """
+    services = services or build_services(config)
+
+    def loaded(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None and on_load_failed:
+            on_load_failed(task.exception())  # type: ignore[arg-type]
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await services.plugins.startup()
+        app.state.loading = asyncio.create_task(services.pool.start(), name="load startup models")
+        app.state.loading.add_done_callback(loaded)
+        try:
+            yield
+        finally:
+            services.pool.draining = True
+            app.state.loading.cancel()
+            await asyncio.gather(app.state.loading, return_exceptions=True)
+            await services.plugins.shutdown()
+            await services.pool.aclose()
+
+    routes: list[BaseRoute] = [
+        Route("/v1/chat/completions", endpoint_handler(services, "chat"), methods=["POST"]),
+        Route("/v1/completions", endpoint_handler(services, "completion"), methods=["POST"]),
+        *_models_routes(services.pool),
+        *_health_routes(services.pool),
+        *services.plugins.routes(),
+    ]
+    middleware = []
+    if config.server.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(config.server.cors_origins),
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["*"],
+                expose_headers=["x-request-id", "retry-after"],
+            )
+        )
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: _http_error, Exception: _unexpected_error},
+    )
+    app.state.services = services
+    return app

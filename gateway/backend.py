@@ -1,0 +1,45 @@
+"""The backend contract: the one seam between the core and an inference engine.
+
+A backend package registers a :class:`BackendFactory` under the entry-point group
+``gateway.backends``; its name there is what ``backend = "..."`` says in config.toml.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import Protocol, runtime_checkable
+
+from gateway.config import ModelConfig
+from gateway.types import BackendInfo, Delta, GenerationRequest
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """One loaded (or loadable) model.
+
+    ``start`` and ``aclose`` load and free the model off the event loop. ``validate``
+    runs before any response byte is sent and raises a :class:`gateway.errors.GatewayError`
+    (context overflow: ``ContextLengthExceeded``); it returns the prompt's token count.
+    ``stream`` yields :class:`TextDelta` items and ends with one :class:`Finish`. Closing the
+    iterator early (client gone) must free the sequence's slot and KV cells at once.
+    """
+
+    @property
+    def info(self) -> BackendInfo: ...
+
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    async def validate(self, request: GenerationRequest) -> int: ...
+
+    def stream(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]: ...
+
+
+class BackendFactory(Protocol):
+    """What an entry point in ``gateway.backends`` resolves to."""
+
+    #: The pydantic model for this backend's ``[models.<name>]`` table.
+    config_type: type[ModelConfig]
+
+    def create(self, name: str, config: ModelConfig) -> Backend: ...

@@ -1,0 +1,177 @@
+"""Typed configuration: the ``[server]`` table, one table per model, one per plugin.
+
+Each model's table is validated by the pydantic model its backend declares (a subclass of
+:class:`ModelConfig`), each plugin's by its plugin's. Every problem is reported with its
+key path, e.g. ``models.smol.batching.max_queue``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gateway.errors import ConfigError
+
+
+class StrictModel(BaseModel):
+    """Base for config tables: unknown keys are errors (typos must not pass silently)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BatchingConfig(StrictModel):
+    """Admission limits the core enforces; backends subclass it with their own knobs."""
+
+    max_concurrent: int = Field(4, ge=1, le=1024)
+    max_queue: int = Field(64, ge=0)
+    queue_timeout_s: float = Field(30.0, gt=0)
+
+
+class KVCacheConfig(StrictModel):
+    """Backends subclass this with their cache policy."""
+
+
+class ModelConfig(StrictModel):
+    backend: str
+    aliases: tuple[str, ...] = ()
+    load: Literal["startup", "on_demand"] = "startup"
+    batching: BatchingConfig = BatchingConfig()
+    kv_cache: KVCacheConfig = KVCacheConfig()
+
+
+class ServerConfig(StrictModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_body_bytes: int = Field(2_000_000, ge=1024)
+    keepalive_s: float = Field(10.0, gt=0)
+    send_timeout_s: float = Field(30.0, gt=0)
+    drain_timeout_s: float = Field(30.0, ge=0)
+    cors_origins: tuple[str, ...] = ()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class PluginConfig(StrictModel):
+    """Base for plugin tables; ``enabled = false`` keeps a table without running the plugin."""
+
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    source: str
+    server: ServerConfig
+    models: dict[str, ModelConfig]
+    plugins: dict[str, PluginConfig]
+
+    def model_names(self) -> list[str]:
+        return list(self.models)
+
+
+def _format(prefix: str, err: ValidationError) -> list[str]:
+    out = []
+    for e in err.errors():
+        path = (
+            ".".join([prefix, *(str(p) for p in e["loc"])])
+            if prefix
+            else ".".join(str(p) for p in e["loc"])
+        )
+        out.append(f"{path}: {e['msg']}")
+    return out
+
+
+def _validate(
+    model: type[BaseModel], data: object, prefix: str, problems: list[str]
+) -> BaseModel | None:
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        problems.extend(_format(prefix, err))
+        return None
+
+
+def _parse_models(raw: object, problems: list[str]) -> dict[str, ModelConfig]:
+    from gateway.registry import backend_factory
+
+    models: dict[str, ModelConfig] = {}
+    if not isinstance(raw, dict):
+        problems.append("models: must be a table of model tables")
+        return models
+    for name, table in raw.items():
+        prefix = f"models.{name}"
+        if not isinstance(table, dict):
+            problems.append(f"{prefix}: must be a table")
+            continue
+        backend = table.get("backend")
+        if not isinstance(backend, str):
+            problems.append(f"{prefix}.backend: required (a backend name such as 'llamacpp')")
+            continue
+        try:
+            factory = backend_factory(backend)
+        except LookupError as err:
+            problems.append(f"{prefix}.backend: {err}")
+            continue
+        cfg = _validate(factory.config_type, table, prefix, problems)
+        if isinstance(cfg, ModelConfig):
+            models[name] = cfg
+    return models
+
+
+def _parse_plugins(raw: object, problems: list[str]) -> dict[str, PluginConfig]:
+    from gateway.registry import plugin_factory
+
+    plugins: dict[str, PluginConfig] = {}
+    if not isinstance(raw, dict):
+        problems.append("plugins: must be a table of plugin tables")
+        return plugins
+    for name, table in raw.items():
+        prefix = f"plugins.{name}"
+        try:
+            factory = plugin_factory(name)
+        except LookupError as err:
+            problems.append(f"{prefix}: {err}")
+            continue
+        cfg = _validate(factory.config_type, table, prefix, problems)
+        if isinstance(cfg, PluginConfig):
+            plugins[name] = cfg
+    return plugins
+
+
+def _check_names(models: dict[str, ModelConfig], problems: list[str]) -> None:
+    seen: dict[str, str] = {}
+    for name, cfg in models.items():
+        for alias in (name, *cfg.aliases):
+            if alias in seen and seen[alias] != name:
+                problems.append(
+                    f"models.{name}.aliases: {alias!r} is already a name of model {seen[alias]!r}"
+                )
+            seen[alias] = name
+
+
+def parse_config(raw: dict[str, Any], source: str) -> GatewayConfig:
+    """Validate a config mapping; raise :class:`ConfigError` listing every problem."""
+    problems: list[str] = []
+    unknown = set(raw) - {"server", "models", "plugins"}
+    problems.extend(f"{key}: unknown top-level table" for key in sorted(unknown))
+    server = _validate(ServerConfig, raw.get("server", {}), "server", problems)
+    models = _parse_models(raw.get("models", {}), problems)
+    plugins = _parse_plugins(raw.get("plugins", {}), problems)
+    _check_names(models, problems)
+    if not models and not problems:
+        problems.append("models: at least one model must be configured")
+    if problems or not isinstance(server, ServerConfig):
+        raise ConfigError(source, problems)
+    return GatewayConfig(source=source, server=server, models=models, plugins=plugins)
+
+
+def load_config(path: Path) -> GatewayConfig:
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(str(path), [f"cannot read file: {err.strerror}"]) from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(str(path), [f"not valid TOML: {err}"]) from err
+    return parse_config(raw, str(path))

@@ -1,0 +1,172 @@
+"""The gateway's exception hierarchy. Each class knows how it presents itself on the wire.
+
+``GatewayError.to_body`` is the one place an error becomes OpenAI's
+``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+from typing_extensions import TypedDict
+
+
+class ErrorDetail(TypedDict):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(TypedDict):
+    error: ErrorDetail
+
+
+class GatewayError(Exception):
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    default_code: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.headers = headers or {}
+
+    def to_body(self) -> ErrorBody:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    default_code = "context_length_exceeded"
+
+
+class UnsupportedParameter(InvalidRequest):
+    default_code = "unsupported_parameter"
+
+
+class AuthenticationError(GatewayError):
+    status = 401
+    type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class PermissionDenied(GatewayError):
+    status = 403
+    type = "permission_error"
+    default_code = "model_not_allowed"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    default_code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    default_code = "model_not_found"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
+class UnsupportedMediaType(GatewayError):
+    status = 415
+    type = "invalid_request_error"
+    default_code = "unsupported_media_type"
+
+
+class RateLimited(GatewayError):
+    """This API key's rate limit: 429 with Retry-After."""
+
+    status = 429
+    type = "rate_limit_exceeded"
+    default_code = "rate_limit_exceeded"
+
+    def __init__(
+        self, message: str, *, retry_after_s: float, headers: dict[str, str] | None = None
+    ) -> None:
+        all_headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))}
+        all_headers.update(headers or {})
+        super().__init__(message, headers=all_headers)
+        self.retry_after_s = retry_after_s
+
+
+class Overloaded(GatewayError):
+    """The server is full (a model's queue, or a wait past its timeout): 503 with Retry-After."""
+
+    status = 503
+    type = "server_overloaded"
+    default_code = "server_overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, round(retry_after_s)))})
+
+
+class ModelUnavailable(GatewayError):
+    """A model failed to load or is shutting down."""
+
+    status = 503
+    type = "server_error"
+    default_code = "model_unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: float = 5.0) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, round(retry_after_s)))})
+
+
+class EngineError(GatewayError):
+    """The engine failed while generating: a server fault, never the client's."""
+
+    status = 500
+    type = "server_error"
+    default_code = "engine_error"
+
+
+class ConfigError(Exception):
+    """A config file is wrong. ``problems`` lists each with its key path."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s) in config\n{lines}")
+
+
+class MissingExtra(Exception):
+    """An optional dependency a backend needs is not installed."""
+
+    def __init__(self, backend: str, module: str, extra: str) -> None:
+        super().__init__(
+            f"backend {backend!r} needs the Python package {module!r}: "
+            f"pip install 'llm-gateway[{extra}]'"
+        )
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    default_code = "method_not_allowed"

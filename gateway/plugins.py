@@ -1,0 +1,111 @@
+"""The plugin seam: typed async hooks run in the order config.toml lists the plugins.
+
+A plugin package registers a :class:`PluginFactory` under the entry-point group
+``gateway.plugins``. Hooks reject a request by raising a :class:`gateway.errors.GatewayError`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol
+
+from starlette.routing import BaseRoute
+
+from gateway.config import PluginConfig
+from gateway.errors import GatewayError
+from gateway.types import ClientRequest, Usage
+
+if TYPE_CHECKING:
+    from gateway.pool import ModelPool
+
+Outcome = Literal["completed", "failed", "cancelled"]
+
+
+@dataclass
+class RequestContext:
+    """What plugins see of one HTTP request; they may add response headers."""
+
+    request_id: str
+    path: str
+    headers: Mapping[str, str]
+    client_host: str | None
+    started: float = field(default_factory=time.perf_counter)
+    response_headers: dict[str, str] = field(default_factory=dict)
+    #: Who is calling, set by an authentication plugin (e.g. the API key's name).
+    principal: str | None = None
+    #: The model as configured (not the alias), once resolved.
+    model: str | None = None
+    request: ClientRequest | None = None
+
+
+@dataclass(frozen=True)
+class ResponseEnd:
+    """How a request ended, for the ``on_response_end`` hook."""
+
+    outcome: Outcome
+    status: int
+    usage: Usage
+    duration_s: float
+    queue_wait_s: float | None = None
+    ttft_s: float | None = None
+    error: GatewayError | None = None
+
+
+class Plugin:
+    """Base class with no-op hooks; override what you need."""
+
+    async def startup(self) -> None:
+        """Called once when the server starts."""
+
+    async def shutdown(self) -> None:
+        """Called once when the server stops."""
+
+    async def on_request_headers(self, ctx: RequestContext) -> None:
+        """Before the body is read (API keys)."""
+
+    async def on_request(self, ctx: RequestContext, request: ClientRequest) -> None:
+        """After parsing and model lookup, before admission (per-model rules, rate limits)."""
+
+    async def on_response_end(self, ctx: RequestContext, end: ResponseEnd) -> None:
+        """After the last byte, or after the failure or the client's departure."""
+
+    def routes(self) -> Sequence[BaseRoute]:
+        return ()
+
+
+class PluginFactory(Protocol):
+    config_type: type[PluginConfig]
+
+    def create(self, config: PluginConfig, pool: ModelPool) -> Plugin: ...
+
+
+class PluginChain:
+    """Runs every plugin's hook in configured order."""
+
+    def __init__(self, plugins: Sequence[Plugin]) -> None:
+        self.plugins = tuple(plugins)
+
+    async def on_request_headers(self, ctx: RequestContext) -> None:
+        for p in self.plugins:
+            await p.on_request_headers(ctx)
+
+    async def on_request(self, ctx: RequestContext, request: ClientRequest) -> None:
+        for p in self.plugins:
+            await p.on_request(ctx, request)
+
+    async def on_response_end(self, ctx: RequestContext, end: ResponseEnd) -> None:
+        for p in self.plugins:
+            await p.on_response_end(ctx, end)
+
+    def routes(self) -> list[BaseRoute]:
+        return [r for p in self.plugins for r in p.routes()]
+
+    async def startup(self) -> None:
+        for p in self.plugins:
+            await p.startup()
+
+    async def shutdown(self) -> None:
+        for p in reversed(self.plugins):
+            await p.shutdown()

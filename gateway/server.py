@@ -1,0 +1,56 @@
+"""Running the app under uvicorn: one worker, drain on SIGTERM, exit 1 if a model fails to load."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from types import FrameType
+
+import uvicorn
+
+from gateway.app import build_services, create_app
+from gateway.config import GatewayConfig
+from gateway.pool import ModelPool
+
+log = logging.getLogger("gateway.server")
+
+
+class _Server(uvicorn.Server):
+    """Marks the pool as draining (``/ready`` 503) the moment a shutdown signal arrives."""
+
+    def __init__(self, config: uvicorn.Config, pool: ModelPool) -> None:
+        super().__init__(config)
+        self.pool = pool
+        self.load_failed = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.pool.draining = True
+        super().handle_exit(sig, frame)
+
+    def on_load_failed(self, err: BaseException) -> None:
+        print(f"error: {err}", file=sys.stderr)
+        self.load_failed = True
+        self.should_exit = True
+
+
+async def run_server(
+    config: GatewayConfig, host: str | None = None, port: int | None = None
+) -> int:
+    logging.basicConfig(
+        level=config.server.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    services = build_services(config)
+    uv_config = uvicorn.Config(
+        "gateway:__name__",  # replaced below; uvicorn.Config needs an app
+        host=host or config.server.host,
+        port=config.server.port if port is None else port,
+        workers=1,
+        log_level=config.server.log_level,
+        timeout_graceful_shutdown=int(config.server.drain_timeout_s) + 1,
+        lifespan="on",
+    )
+    server = _Server(uv_config, services.pool)
+    uv_config.app = create_app(config, services, on_load_failed=server.on_load_failed)
+    await server.serve()
+    return 1 if server.load_failed or not server.started else 0

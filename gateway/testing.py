@@ -1,0 +1,231 @@
+"""A scripted backend for testing the core (and plugins) without an engine.
+
+Registered as backend ``scripted``. It "tokenizes" by whitespace-separated words, replies with
+a configured text (or echoes the last message), and can be slowed down or made to fail. It
+keeps a record of what happened to each request so tests can assert on cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+import httpx
+import uvicorn
+from pydantic import Field
+
+from gateway.backend import Backend
+from gateway.config import BatchingConfig, GatewayConfig, ModelConfig
+from gateway.errors import ContextLengthExceeded, EngineError
+from gateway.stops import StopMatcher
+from gateway.types import (
+    BackendInfo,
+    BatchingKind,
+    Delta,
+    Finish,
+    GenerationRequest,
+    TextDelta,
+    Usage,
+)
+
+_WORD = re.compile(r"\s*\S+")
+
+
+class ScriptedConfig(ModelConfig):
+    backend: str = "scripted"
+    reply: str = "Hello! I am a scripted test backend."
+    echo: bool = Field(False, description="reply with the last message's text instead")
+    context_length: int = Field(4096, ge=8)
+    engine_slots: int = Field(256, ge=1, description="the most sequences the 'engine' runs")
+    load_delay_s: float = Field(0.0, ge=0)
+    prefill_delay_s: float = Field(0.0, ge=0)
+    token_delay_s: float = Field(0.0, ge=0)
+    fail_on_start: bool = False
+    fail_after_tokens: int | None = Field(None, ge=0)
+    batching: BatchingConfig = BatchingConfig()
+
+
+def count_tokens(text: str) -> int:
+    return len(_WORD.findall(text))
+
+
+def prompt_text(request: GenerationRequest) -> str:
+    if request.prompt is not None:
+        return request.prompt
+    assert request.messages is not None
+    return "\n".join(f"{m.role}: {m.content}" for m in request.messages)
+
+
+@dataclass
+class Record:
+    """What happened to the requests this backend saw."""
+
+    started: list[str] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    active: int = 0
+    max_active: int = 0
+    tokens_generated: int = 0
+
+
+class ScriptedBackend:
+    def __init__(self, name: str, config: ScriptedConfig) -> None:
+        self.name = name
+        self.config = config
+        self.record = Record()
+        self.started = False
+        self._info = BackendInfo(
+            context_length=config.context_length,
+            max_concurrent=config.engine_slots,
+            batching=BatchingKind.CONTINUOUS,
+        )
+
+    @property
+    def info(self) -> BackendInfo:
+        return self._info
+
+    async def start(self) -> None:
+        await asyncio.sleep(self.config.load_delay_s)
+        if self.config.fail_on_start:
+            raise EngineError(f"scripted backend {self.name!r} was told to fail on start")
+        self.started = True
+
+    async def aclose(self) -> None:
+        self.started = False
+
+    async def validate(self, request: GenerationRequest) -> int:
+        prompt_tokens = count_tokens(prompt_text(request))
+        limit = self.config.context_length
+        if prompt_tokens + (request.max_tokens or 0) > limit:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_tokens + (request.max_tokens or 0)} tokens "
+                f"({prompt_tokens} in the messages, {request.max_tokens} in the completion).",
+                param="messages" if request.is_chat else "prompt",
+            )
+        return prompt_tokens
+
+    def _reply(self, request: GenerationRequest) -> str:
+        if not self.config.echo:
+            return self.config.reply
+        if request.messages:
+            return request.messages[-1].content
+        return request.prompt or ""
+
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
+        rec = self.record
+        rec.started.append(request.request_id)
+        rec.active += 1
+        rec.max_active = max(rec.max_active, rec.active)
+        outcome = rec.cancelled
+        try:
+            async with aclosing(self._generate(request)) as deltas:
+                async for delta in deltas:
+                    yield delta
+            outcome = rec.finished
+        except Exception:
+            outcome = rec.failed
+            raise
+        finally:
+            rec.active -= 1
+            outcome.append(request.request_id)
+
+    async def _generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
+        cfg = self.config
+        prompt_tokens = await self.validate(request)
+        if cfg.prefill_delay_s:
+            await asyncio.sleep(cfg.prefill_delay_s)
+        limit = request.max_tokens or cfg.context_length - prompt_tokens
+        matcher = StopMatcher(request.stop)
+        produced = 0
+        reason: str = "stop"
+        for word in _WORD.findall(self._reply(request)):
+            if produced >= limit:
+                reason = "length"
+                break
+            if cfg.fail_after_tokens is not None and produced >= cfg.fail_after_tokens:
+                raise EngineError("scripted failure mid-stream")
+            if cfg.token_delay_s:
+                await asyncio.sleep(cfg.token_delay_s)
+            produced += 1
+            self.record.tokens_generated += 1
+            text = matcher.feed(word)
+            if text:
+                yield TextDelta(text)
+            if matcher.stopped:
+                break
+        tail = matcher.flush()
+        if tail:
+            yield TextDelta(tail, tokens=0)
+        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=produced)
+        yield Finish("length" if reason == "length" else "stop", usage)
+
+
+class ScriptedFactory:
+    config_type = ScriptedConfig
+
+    def create(self, name: str, config: ModelConfig) -> ScriptedBackend:
+        assert isinstance(config, ScriptedConfig)
+        return ScriptedBackend(name, config)
+
+
+factory = ScriptedFactory()
+
+
+class ServerThread:
+    """Runs the real app under uvicorn on a free loopback port in a background thread.
+
+    ``with ServerThread(config) as server: OpenAI(base_url=server.base_url + "/v1")``.
+    """
+
+    def __init__(self, config: GatewayConfig, *, wait_ready: bool = True) -> None:
+        from gateway.app import build_services, create_app
+
+        self.config = config
+        self.services = build_services(config)
+        self.app = create_app(config, self.services)
+        self.wait_ready = wait_ready
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self.base_url = ""
+
+    def backend(self, model: str) -> Backend:
+        return self.services.pool.resolve(model).backend
+
+    def __enter__(self) -> ServerThread:
+        uv = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        self._server = server = uvicorn.Server(uv)
+        self._thread = threading.Thread(target=server.run, name="gateway-test-server", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 60
+        while not server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("test server did not start")
+            time.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{port}"
+        if self.wait_ready:
+            self._wait_ready(deadline)
+        return self
+
+    def _wait_ready(self, deadline: float) -> None:
+        while True:
+            status = httpx.get(self.base_url + "/ready").status_code
+            if status == 200:
+                return
+            if time.monotonic() > deadline or any(
+                e.state.value == "failed" for e in self.services.pool.entries.values()
+            ):
+                raise RuntimeError("models did not load")
+            time.sleep(0.02)
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._server is not None and self._thread is not None
+        self._server.should_exit = True
+        self._thread.join(timeout=30)

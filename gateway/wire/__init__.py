@@ -1,0 +1,1 @@
+"""The OpenAI wire format: request schemas, their conversion to domain types, response JSON."""

@@ -1,0 +1,115 @@
+"""OpenAI request bodies as pydantic models (used only at the edge).
+
+Strict types: a string where a number belongs is a 400, not a silent coercion. Unknown
+fields are kept in ``model_extra`` so the converter can log and ignore them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
+StopString = Annotated[str, Field(min_length=1, max_length=1024)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=4)] | None
+MaxTokens = Annotated[int, Field(ge=1)] | None
+MAX_N = 128
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+
+
+class TextPart(WireModel):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class OtherPart(WireModel):
+    """Any non-text part (image_url, input_audio, file...): rejected as unsupported later."""
+
+    type: StrictStr
+
+
+class Message(WireModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: StrictStr | list[TextPart | OtherPart] | None = None
+    name: StrictStr | None = None
+    tool_calls: list[dict[str, object]] | None = None
+    tool_call_id: StrictStr | None = None
+
+
+class StreamOptions(WireModel):
+    include_usage: StrictBool = False
+
+
+class ResponseFormat(WireModel):
+    type: Literal["text", "json_object", "json_schema"]
+
+
+class SamplingFields(WireModel):
+    """Fields shared by chat and text completions."""
+
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    max_tokens: MaxTokens = None
+    temperature: Temperature | None = None
+    top_p: Probability | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    stop: Stop = None
+    seed: StrictInt | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    user: StrictStr | None = None
+    # vLLM's names for the extra samplers
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    min_p: Probability | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=2.0, allow_inf_nan=False)] | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_completion_tokens: MaxTokens = None
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None
+    tools: list[dict[str, object]] | None = None
+    tool_choice: StrictStr | dict[str, object] | None = None
+    functions: list[dict[str, object]] | None = None
+    response_format: ResponseFormat | None = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: (
+        StrictStr
+        | Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_N)]
+        | list[StrictInt]
+        | list[list[StrictInt]]
+    )
+    echo: StrictBool = False
+    suffix: StrictStr | None = None
+    logprobs: StrictInt | None = None
+    best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
+
+
+#: Fields that could redirect or reprogram the server: always a 400.
+FORBIDDEN_FIELDS = frozenset(
+    {
+        "api_base",
+        "base_url",
+        "api_key",
+        "api_version",
+        "chat_template",
+        "chat_template_kwargs",
+        "model_path",
+        "model_url",
+        "download_dir",
+        "tokenizer",
+        "lora_request",
+        "extra_headers",
+    }
+)

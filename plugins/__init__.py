@@ -1,0 +1,1 @@
+"""Cross-cutting plugins registered under gateway.plugins."""
