@@ -7,6 +7,7 @@ A backend package registers a :class:`BackendFactory` under the entry-point grou
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from gateway.config import ModelConfig
@@ -34,6 +35,31 @@ class Backend(Protocol):
     async def validate(self, request: GenerationRequest) -> int: ...
 
     def stream(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """Counters a backend with an engine exposes (for metrics, debug endpoints and tests)."""
+
+    active_sequences: int = 0
+    queued_sequences: int = 0
+    decode_steps: int = 0
+    tokens_generated: int = 0
+    #: Tokens the engine produced for a sequence after its client had gone.
+    tokens_after_cancel: int = 0
+    cancelled: int = 0
+    kv_cells_used: int = 0
+    kv_cells_total: int = 0
+    #: The most sequences decoded together in one step so far.
+    max_batch_sequences: int = 0
+    cached_prompt_tokens: int = 0
+
+
+@runtime_checkable
+class HasStats(Protocol):
+    """Optional: a backend that can report :class:`EngineStats`."""
+
+    def stats(self) -> EngineStats: ...
 
 
 class BackendFactory(Protocol):
