@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import anyio
 from sse_starlette import EventSourceResponse
-from starlette.requests import Request
+from sse_starlette.sse import SendTimeoutError
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -96,6 +97,7 @@ class Job:
             queue_wait_s=self.queue_wait_s,
             ttft_s=self.ttft_s,
             error=error,
+            inter_token_s=self.progress.token_gaps,
         )
         with anyio.CancelScope(shield=True):
             await self.services.plugins.on_response_end(self.ctx, end)
@@ -196,6 +198,8 @@ class JobEventStream(EventSourceResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            log.warning("request %s: client stopped reading; stream ended", self.job.ctx.request_id)
         finally:
             await self.job.end("cancelled", 499)
 
@@ -263,9 +267,14 @@ def endpoint_handler(
         except GatewayError as err:
             await _end_unadmitted(services, ctx, "failed", err.status, err)
             return error_response(err, ctx.response_headers)
-        except ClientDisconnected:
+        except (ClientDisconnected, ClientDisconnect):
             await _end_unadmitted(services, ctx, "cancelled", 499)
             return Response(status_code=499)
+        except BaseException as exc:  # a bug or a shutdown: the end hook still runs (frees limits)
+            with anyio.CancelScope(shield=True):
+                outcome: Outcome = "failed" if isinstance(exc, Exception) else "cancelled"
+                await _end_unadmitted(services, ctx, outcome, 500 if outcome == "failed" else 499)
+            raise
         if job.request.stream:
             return JobEventStream(
                 job, server.keepalive_s, server.send_timeout_s, server.drain_timeout_s

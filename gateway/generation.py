@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from array import array
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -62,12 +64,28 @@ class Progress:
     choices_per_prompt: int
     finishes: dict[int, Finish] = field(default_factory=dict)
     streamed_tokens: int = 0
+    #: Seconds between consecutive tokens of each choice (a piece of k tokens adds k values).
+    token_gaps: array[float] = field(default_factory=lambda: array("d"))
+    _last_token_at: dict[int, float] = field(default_factory=dict, init=False, repr=False)
 
     def record(self, index: int, delta: Delta) -> None:
         if isinstance(delta, TextDelta):
             self.streamed_tokens += delta.tokens
+            if delta.tokens:
+                self._time_tokens(index, delta.tokens)
         else:
             self.finishes[index] = delta
+
+    def _time_tokens(self, index: int, tokens: int) -> None:
+        now = time.perf_counter()
+        last = self._last_token_at.get(index)
+        self._last_token_at[index] = now
+        if last is not None:
+            gap = (now - last) / tokens
+            if tokens == 1:
+                self.token_gaps.append(gap)
+            else:
+                self.token_gaps.extend([gap] * tokens)
 
     def usage(self) -> Usage:
         """Prompt tokens once per distinct prompt, completion tokens over every choice."""

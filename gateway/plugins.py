@@ -23,6 +23,19 @@ if TYPE_CHECKING:
 Outcome = Literal["completed", "failed", "cancelled"]
 
 
+@dataclass(frozen=True, slots=True)
+class RateLimits:
+    """Limits an authentication plugin grants the caller, for a rate-limit plugin to enforce.
+
+    ``None``: the key sets no limit of that kind (the rate-limit plugin's default applies);
+    ``0``: explicitly unlimited.
+    """
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    concurrent_requests: int | None = None
+
+
 @dataclass
 class RequestContext:
     """What plugins see of one HTTP request; they may add response headers."""
@@ -35,6 +48,8 @@ class RequestContext:
     response_headers: dict[str, str] = field(default_factory=dict)
     #: Who is calling, set by an authentication plugin (e.g. the API key's name).
     principal: str | None = None
+    #: The caller's limits, set by an authentication plugin (e.g. from the API key's entry).
+    limits: RateLimits | None = None
     #: The model as configured (not the alias), once resolved.
     model: str | None = None
     request: ClientRequest | None = None
@@ -51,6 +66,9 @@ class ResponseEnd:
     queue_wait_s: float | None = None
     ttft_s: float | None = None
     error: GatewayError | None = None
+    #: Seconds between consecutive tokens of each choice (one value per token after a choice's
+    #: first), for inter-token latency histograms. Empty when nothing was generated.
+    inter_token_s: Sequence[float] = ()
 
 
 class Plugin:
