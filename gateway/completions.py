@@ -17,11 +17,8 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 import anyio
-from sse_starlette import EventSourceResponse
-from sse_starlette.sse import SendTimeoutError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
 
 from gateway.backend import Backend
 from gateway.config import GatewayConfig
@@ -31,6 +28,7 @@ from gateway.generation import Progress, as_gateway_error, check_complete, merge
 from gateway.http import error_response, read_json_body
 from gateway.plugins import Outcome, PluginChain, RequestContext, ResponseEnd
 from gateway.pool import ModelEntry, ModelPool
+from gateway.sse import JobEventStream
 from gateway.types import ClientRequest, Endpoint, TextDelta, Usage
 from gateway.wire.convert import chat_request, completion_request
 from gateway.wire.responses import Choice, StreamEncoder, completion_body, error_event
@@ -182,28 +180,6 @@ class Job:
         return prompt if self.request.echo and prompt else ""
 
 
-class JobEventStream(EventSourceResponse):
-    """An SSE response that ends its job even if the body was never iterated."""
-
-    def __init__(self, job: Job, keepalive_s: float, send_timeout_s: float, drain_s: float) -> None:
-        super().__init__(
-            job.events(),
-            headers=job.ctx.response_headers,
-            ping=keepalive_s,
-            send_timeout=send_timeout_s,
-            shutdown_grace_period=drain_s,
-        )
-        self.job = job
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        except SendTimeoutError:
-            log.warning("request %s: client stopped reading; stream ended", self.job.ctx.request_id)
-        finally:
-            await self.job.end("cancelled", 499)
-
-
 def _new_context(request: Request, endpoint: Endpoint) -> RequestContext:
     request_id = _ID_PREFIX[endpoint] + uuid.uuid4().hex
     return RequestContext(
@@ -276,9 +252,7 @@ def endpoint_handler(
                 await _end_unadmitted(services, ctx, outcome, 500 if outcome == "failed" else 499)
             raise
         if job.request.stream:
-            return JobEventStream(
-                job, server.keepalive_s, server.send_timeout_s, server.drain_timeout_s
-            )
+            return JobEventStream(job, server)
         try:
             return await unless_disconnected(job.collect(), request.receive)
         except ClientDisconnected:
