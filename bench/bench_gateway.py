@@ -1,7 +1,7 @@
 """The gateway's own cost: SSE chunks/s and added TTFT through the test double, beside a bare
 sse-starlette endpoint that streams pre-serialized chunks, both measured in the same run.
 
-    python bench/bench_gateway.py [--tokens 200] [--streams 1 64 256] [--json out.json] [--plot out.png]
+    python bench/bench_gateway.py [--tokens 200] [--streams 1 64 256] [--json F] [--plot F.png]
 
 Each server runs in its own process (one uvicorn worker); the client is a minimal asyncio
 HTTP/1.1 reader in this process that counts SSE events, so client cost stays low and equal for
