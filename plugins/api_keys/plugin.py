@@ -1,0 +1,106 @@
+"""Checks ``Authorization: Bearer <key>`` before the body is read, and the model after."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gateway.config import PluginConfig
+from gateway.errors import AuthenticationError, ConfigError, ModelNotFound, PermissionDenied
+from gateway.plugins import Plugin, RateLimits, RequestContext
+from gateway.pool import ModelPool
+from gateway.types import ClientRequest
+from plugins.api_keys.config import ApiKeysConfig, KeyConfig, hash_key
+
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="gateway"'}
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    name: str
+    digest: bytes
+    #: Configured model names this key may use; None: every model.
+    models: frozenset[str] | None
+    limits: RateLimits
+
+
+def _bearer(header: str | None) -> str | None:
+    if not header:
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return token
+
+
+def _keys(config: ApiKeysConfig, pool: ModelPool) -> list[Key]:
+    keys: list[Key] = []
+    problems: list[str] = []
+    for i, cfg in enumerate(config.keys):
+        models = _allowed_models(cfg, pool, f"plugins.api_keys.keys.{i}.models", problems)
+        keys.append(Key(cfg.name, cfg.digest, models, cfg.limits))
+    if problems:
+        raise ConfigError("plugins.api_keys", problems)
+    return keys
+
+
+def _allowed_models(
+    cfg: KeyConfig, pool: ModelPool, where: str, problems: list[str]
+) -> frozenset[str] | None:
+    if not cfg.models:
+        return None
+    names = set()
+    for model in cfg.models:
+        try:
+            names.add(pool.resolve(model).name)
+        except ModelNotFound:
+            problems.append(f"{where}: unknown model {model!r}")
+    return frozenset(names)
+
+
+class ApiKeysPlugin(Plugin):
+    def __init__(self, keys: Sequence[Key]) -> None:
+        self._keys = tuple(keys)
+        self._by_name = {k.name: k for k in keys}
+
+    def _match(self, presented: str) -> Key | None:
+        """The key whose hash matches; every key is compared, each in constant time."""
+        digest = hash_key(presented)
+        found = None
+        for key in self._keys:
+            if hmac.compare_digest(key.digest, digest):
+                found = key
+        return found
+
+    async def on_request_headers(self, ctx: RequestContext) -> None:
+        presented = _bearer(ctx.headers.get("authorization"))
+        if presented is None:
+            raise AuthenticationError(
+                "Missing API key: send it in the Authorization header as 'Bearer <key>'.",
+                code="missing_api_key",
+                headers=_CHALLENGE,
+            )
+        key = self._match(presented)
+        if key is None:
+            raise AuthenticationError("Incorrect API key provided.", headers=_CHALLENGE)
+        ctx.principal = key.name
+        ctx.limits = key.limits
+
+    async def on_request(self, ctx: RequestContext, request: ClientRequest) -> None:
+        key = self._by_name.get(ctx.principal or "")
+        if key is None:  # another plugin replaced the principal: refuse rather than guess
+            raise AuthenticationError("Incorrect API key provided.", headers=_CHALLENGE)
+        if key.models is not None and ctx.model not in key.models:
+            raise PermissionDenied(
+                f"API key {key.name!r} may not use model {request.model!r}", param="model"
+            )
+
+
+class ApiKeysFactory:
+    config_type = ApiKeysConfig
+
+    def create(self, config: PluginConfig, pool: ModelPool) -> ApiKeysPlugin:
+        assert isinstance(config, ApiKeysConfig)
+        return ApiKeysPlugin(_keys(config, pool))

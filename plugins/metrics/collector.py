@@ -1,0 +1,113 @@
+"""Gauges and engine counters read from the model pool at scrape time."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from gateway.backend import EngineStats, HasStats
+from gateway.pool import ModelEntry, ModelPool
+
+log = logging.getLogger("plugins.metrics")
+
+#: EngineStats field -> (metric name, help, counter?)
+_ENGINE: dict[str, tuple[str, str, bool]] = {
+    "active_sequences": (
+        "gateway_engine_active_sequences",
+        "Sequences the engine is decoding now.",
+        False,
+    ),
+    "queued_sequences": (
+        "gateway_engine_queued_sequences",
+        "Sequences admitted to the engine and waiting for a slot.",
+        False,
+    ),
+    "decode_steps": ("gateway_engine_decode_steps", "Engine decode steps.", True),
+    "tokens_generated": ("gateway_engine_generated_tokens", "Tokens the engine generated.", True),
+    "tokens_after_cancel": (
+        "gateway_engine_tokens_after_cancel",
+        "Tokens the engine generated for a sequence after its client had gone.",
+        True,
+    ),
+    "cancelled": ("gateway_engine_cancelled_sequences", "Sequences cancelled in the engine.", True),
+    "kv_cells_used": ("gateway_engine_kv_cells_used", "KV-cache cells in use.", False),
+    "kv_cells_total": ("gateway_engine_kv_cells_total", "KV-cache cells in all.", False),
+    "max_batch_sequences": (
+        "gateway_engine_max_batch_sequences",
+        "The most sequences decoded together in one step so far.",
+        False,
+    ),
+    "cached_prompt_tokens": (
+        "gateway_engine_cached_prompt_tokens",
+        "Prompt tokens served from the KV cache instead of prefilled.",
+        True,
+    ),
+}
+
+
+def _family(name: str, doc: str, counter: bool) -> GaugeMetricFamily | CounterMetricFamily:
+    if counter:
+        return CounterMetricFamily(name, doc, labels=["model"])
+    return GaugeMetricFamily(name, doc, labels=["model"])
+
+
+class PoolCollector(Collector):
+    """Admission gauges, model load state and engine stats, per configured model."""
+
+    def __init__(self, pool: ModelPool) -> None:
+        self._pool = pool
+        self._stats_failed: set[str] = set()
+
+    def collect(self) -> Iterator[Metric]:
+        active = GaugeMetricFamily(
+            "gateway_active_sequences",
+            "Sequences admitted and running (the model's admission).",
+            labels=["model"],
+        )
+        queued = GaugeMetricFamily(
+            "gateway_queued_requests",
+            "Requests waiting in the model's admission queue.",
+            labels=["model"],
+        )
+        capacity = GaugeMetricFamily(
+            "gateway_max_concurrent_sequences",
+            "Sequences the model runs at once (admission capacity).",
+            labels=["model"],
+        )
+        loaded = GaugeMetricFamily(
+            "gateway_model_loaded", "1 if the model is loaded, else 0.", labels=["model"]
+        )
+        load_time = GaugeMetricFamily(
+            "gateway_model_load_seconds", "How long the model took to load.", labels=["model"]
+        )
+        engine = {f: _family(*spec) for f, spec in _ENGINE.items()}
+        for name, entry in self._pool.entries.items():
+            active.add_metric([name], entry.admission.active)
+            queued.add_metric([name], entry.admission.queued)
+            capacity.add_metric([name], entry.admission.capacity)
+            loaded.add_metric([name], 1.0 if entry.loaded else 0.0)
+            if entry.load_seconds is not None:
+                load_time.add_metric([name], entry.load_seconds)
+            stats = self._stats(entry)
+            if stats is not None:
+                for field, family in engine.items():
+                    family.add_metric([name], float(getattr(stats, field)))
+        yield from (active, queued, capacity, loaded, load_time, *engine.values())
+
+    def _stats(self, entry: ModelEntry) -> EngineStats | None:
+        backend = entry.backend
+        if not entry.loaded or not isinstance(backend, HasStats):
+            return None
+        try:
+            return backend.stats()
+        except Exception as err:  # a broken stats() must not break the whole scrape
+            if entry.name not in self._stats_failed:
+                self._stats_failed.add(entry.name)
+                log.warning(
+                    "model %s: stats() failed, engine metrics left out: %s", entry.name, err
+                )
+            return None
