@@ -1,0 +1,243 @@
+"""The Backend both ExLlama versions share; a version supplies only a loader.
+
+The loader (run on a worker thread) imports the library, loads the model directory and its
+cache, builds the dynamic generator and returns a :class:`LoadedModel`: the generator plus
+how to tokenize, make a job, read cache usage and unload. Everything else (prompts, limits,
+the engine thread, cancellation, usage) lives here and in :mod:`backends._exllama.engine`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from backends._exllama.config import EnginePlan, ExllamaModelConfig
+from backends._exllama.engine import EngineLoop, EngineModel, JobSpec, Ticket
+from backends._exllama.modeldir import ModelDirError, TokenizerFacts
+from backends._exllama.prompt import PromptBuilder, Tokenizer
+from gateway.backend import EngineStats
+from gateway.errors import (
+    ContextLengthExceeded,
+    EngineError,
+    GatewayError,
+    InvalidRequest,
+    ModelUnavailable,
+)
+from gateway.types import BackendInfo, BatchingKind, Delta, Finish, GenerationRequest
+
+log = logging.getLogger("backends.exllama")
+
+
+class LoadedModel(EngineModel, Tokenizer, Protocol):
+    """A model a version's loader has put on the GPU, with its generator."""
+
+    @property
+    def plan(self) -> EnginePlan: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        """Tokens that end generation (EOS and the generation config's extra ones)."""
+        ...
+
+    def describe(self) -> str:
+        """One line for the log: library, cache format, paging."""
+        ...
+
+    def unload(self) -> None: ...
+
+
+Loader = Callable[[str, ExllamaModelConfig], LoadedModel]
+
+
+class AsyncSink:
+    """Hands the engine thread's items to a coroutine on the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue[Delta | GatewayError] = asyncio.Queue()
+
+    def put(self, item: Delta | GatewayError) -> None:
+        # RuntimeError: the event loop is closed, nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    async def get(self) -> Delta | GatewayError:
+        return await self._queue.get()
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    model: LoadedModel
+    prompts: PromptBuilder
+    engine: EngineLoop
+
+
+class ExllamaBackend:
+    """A model served by an ExLlama dynamic generator on its own engine thread."""
+
+    def __init__(self, name: str, config: ExllamaModelConfig, loader: Loader, library: str) -> None:
+        self.name = name
+        self.config = config
+        self.library = library
+        self._loader = loader
+        self._loaded: _Loaded | None = None
+
+    @property
+    def info(self) -> BackendInfo:
+        if self._loaded is None:  # before start(): what the config says
+            return BackendInfo(
+                context_length=self.config.kv_cache.max_seq_len or 0,
+                max_concurrent=self.config.batching.max_concurrent,
+                batching=BatchingKind.CONTINUOUS,
+            )
+        plan = self._loaded.model.plan
+        return BackendInfo(
+            context_length=plan.max_seq_len,
+            max_concurrent=plan.max_concurrent,
+            batching=BatchingKind.CONTINUOUS if plan.paged else BatchingKind.SERIAL,
+        )
+
+    async def start(self) -> None:
+        if self._loaded is None:
+            self._loaded = await asyncio.to_thread(self._load)
+
+    def _load(self) -> _Loaded:
+        cfg = self.config
+        if not cfg.model_dir.is_dir():
+            raise EngineError(f"model {self.name!r}: model_dir {cfg.model_dir} is not a directory")
+        try:
+            facts = TokenizerFacts.from_model_dir(cfg.model_dir, cfg.chat_template_file)
+        except ModelDirError as err:
+            raise EngineError(f"model {self.name!r}: {err}") from err
+        model = self._loader(self.name, cfg)
+        try:
+            prompts = PromptBuilder(
+                self.name,
+                facts,
+                model,
+                render_timeout_s=cfg.template_render_timeout_s,
+                max_output_chars=cfg.template_max_output_bytes,
+            )
+        except ValueError as err:
+            model.unload()
+            raise EngineError(f"model {self.name!r}: {err}") from err
+        engine = EngineLoop(model, self.name)
+        engine.start()
+        plan = model.plan
+        log.info(
+            "model %s: %s; context %d tokens, cache %d tokens, batch %d, prefill chunk %d%s",
+            self.name,
+            model.describe(),
+            plan.max_seq_len,
+            plan.cache_tokens,
+            plan.max_batch_size,
+            plan.chunk_tokens,
+            "" if facts.chat_template else "; no chat template (completions only)",
+        )
+        return _Loaded(model, prompts, engine)
+
+    async def aclose(self) -> None:
+        loaded, self._loaded = self._loaded, None
+        if loaded is None:
+            return
+
+        def close() -> None:
+            loaded.engine.stop()
+            loaded.model.unload()
+
+        await asyncio.to_thread(close)
+
+    def stats(self) -> EngineStats:
+        return EngineStats() if self._loaded is None else self._loaded.engine.stats()
+
+    def _require(self) -> _Loaded:
+        if self._loaded is None:
+            raise ModelUnavailable(f"model {self.name!r} is not loaded")
+        return self._loaded
+
+    async def validate(self, request: GenerationRequest) -> int:
+        spec = await self._job_spec(request)
+        return len(spec.input_ids)
+
+    async def _job_spec(self, request: GenerationRequest) -> JobSpec:
+        loaded = self._require()
+        ids = await asyncio.to_thread(loaded.prompts.token_ids, request)
+        return job_spec(request, ids, loaded.model)
+
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
+        loaded = self._require()
+        spec = await self._job_spec(request)
+        sink = AsyncSink(asyncio.get_running_loop())
+        ticket: Ticket = loaded.engine.submit(
+            spec, stops=request.stop, prompt_tokens=len(spec.input_ids), sink=sink
+        )
+        done = False
+        try:
+            while not done:
+                item = await sink.get()
+                if isinstance(item, GatewayError):
+                    done = True
+                    raise item
+                done = isinstance(item, Finish)
+                yield item
+        finally:
+            if not done:
+                loaded.engine.cancel(ticket)
+
+
+class _Limits(Protocol):
+    @property
+    def plan(self) -> EnginePlan: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]: ...
+
+
+def job_spec(request: GenerationRequest, ids: list[int], model: _Limits) -> JobSpec:
+    """Check a tokenized request against the model's limits and size its completion.
+
+    Raises :class:`ContextLengthExceeded` when the prompt plus ``max_tokens`` (or the prompt
+    alone, leaving no room) exceeds the context, and :class:`InvalidRequest` for an empty
+    prompt or a ``logit_bias`` token outside the vocabulary.
+    """
+    param = "messages" if request.is_chat else "prompt"
+    if not ids:
+        raise InvalidRequest("the prompt is empty (it tokenizes to no tokens)", param=param)
+    limit, n = model.plan.max_seq_len, len(ids)
+    wanted = n + (request.max_tokens or 1)
+    if wanted > limit:
+        where = "messages" if request.is_chat else "prompt"
+        asked = (
+            f"you requested {wanted} tokens ({n} in the {where}, {request.max_tokens} in the "
+            "completion)"
+            if request.max_tokens is not None
+            else f"your {where} resulted in {n} tokens, leaving no room for a completion"
+        )
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {limit} tokens. However, {asked}. "
+            f"Please reduce the length of the {where} or completion.",
+            param=param,
+        )
+    bad = [t for t, _ in request.sampling.logit_bias if not 0 <= t < model.vocab_size]
+    if bad:
+        raise InvalidRequest(
+            f"logit_bias: token ids {bad[:5]} are outside the vocabulary "
+            f"(0..{model.vocab_size - 1})",
+            param="logit_bias",
+        )
+    return JobSpec(
+        input_ids=tuple(ids),
+        max_new_tokens=request.max_tokens or limit - n,
+        sampling=request.sampling,
+        stop_token_ids=model.stop_token_ids,
+    )

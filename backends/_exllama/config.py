@@ -1,0 +1,130 @@
+"""Config shared by the ExLlamaV2 and ExLlamaV3 backends, and the engine plan derived from it.
+
+Both libraries page their KV cache in pages of 256 tokens, so cache sizes and prefill chunks
+are multiples of 256. ``batching.max_concurrent`` is also the generator's ``max_batch_size``:
+the sequences it decodes together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Self
+
+from pydantic import Field, field_validator, model_validator
+
+from gateway.config import BatchingConfig, KVCacheConfig, ModelConfig
+
+PAGE_SIZE = 256
+
+
+def _multiple_of_page(value: int | None) -> int | None:
+    if value is not None and value % PAGE_SIZE:
+        raise ValueError(f"must be a multiple of {PAGE_SIZE} (the cache page size), got {value}")
+    return value
+
+
+class ExllamaBatching(BatchingConfig):
+    """Admission limits (core) plus the generator's prefill chunk.
+
+    ``max_concurrent`` is the generator's ``max_batch_size``.
+    """
+
+    #: Prompt tokens ingested per forward pass: bounds how long running streams wait while a
+    #: long prompt is read. A multiple of 256.
+    prefill_chunk_tokens: int = Field(2048, ge=PAGE_SIZE, le=65536)
+
+    _page = field_validator("prefill_chunk_tokens")(_multiple_of_page)
+
+
+class ExllamaKVCache(KVCacheConfig):
+    """Cache sizes; the version-specific tables add the cache's number format."""
+
+    #: Tokens one sequence may hold (prompt + completion): the context length clients see.
+    #: Default: the model's (``max_position_embeddings`` in config.json).
+    max_seq_len: int | None = Field(None, ge=PAGE_SIZE)
+    #: Tokens the whole cache holds, shared by all sequences, live and cached (prefix reuse).
+    #: A multiple of 256. Default: ``max_seq_len`` rounded up to a page. A job reserves pages
+    #: for its prompt and its ``max_tokens`` when it starts; jobs that do not fit wait in the
+    #: generator's queue.
+    size_tokens: int | None = Field(None, ge=PAGE_SIZE)
+
+    _page = field_validator("size_tokens")(_multiple_of_page)
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> Self:
+        if (
+            self.size_tokens is not None
+            and self.max_seq_len is not None
+            and self.size_tokens < self.max_seq_len
+        ):
+            raise ValueError(
+                f"size_tokens = {self.size_tokens} is less than max_seq_len = "
+                f"{self.max_seq_len}: one sequence could never reach its context length"
+            )
+        return self
+
+
+class ExllamaModelConfig(ModelConfig):
+    #: A model directory: config.json, *.safetensors, tokenizer.json, tokenizer_config.json.
+    model_dir: Path
+    #: A Jinja chat template file overriding tokenizer_config.json's ``chat_template``.
+    chat_template_file: Path | None = None
+    #: Limits for rendering the chat template (it is untrusted code, run in a sandbox).
+    template_render_timeout_s: float = Field(1.0, gt=0, le=60)
+    template_max_output_bytes: int = Field(4_000_000, ge=1024)
+    kv_cache: ExllamaKVCache = ExllamaKVCache()
+    batching: ExllamaBatching = ExllamaBatching()
+
+
+@dataclass(frozen=True, slots=True)
+class EnginePlan:
+    """What the engine is built with, once the model's own context length is known."""
+
+    max_seq_len: int
+    cache_tokens: int
+    max_batch_size: int
+    chunk_tokens: int
+    paged: bool
+
+    @property
+    def max_concurrent(self) -> int:
+        return self.max_batch_size
+
+
+def round_up_to_page(tokens: int) -> int:
+    return -(-tokens // PAGE_SIZE) * PAGE_SIZE
+
+
+def plan_engine(
+    config: ExllamaModelConfig, model_max_seq_len: int, *, paged: bool, spare_tokens: int = 0
+) -> EnginePlan:
+    """Sizes for the cache and generator.
+
+    Unpaged (ExLlamaV2 without flash-attn), the cache is one page holding one sequence: its size
+    is the context length and the batch is 1. ``spare_tokens``: cache positions a job needs
+    beyond its prompt and completion (exllamav3 keeps one free past the last token).
+    """
+    kv = config.kv_cache
+    seq_len = kv.max_seq_len or model_max_seq_len
+    if seq_len < PAGE_SIZE:
+        raise ValueError(
+            f"the context length ({seq_len} tokens) is shorter than one cache page ({PAGE_SIZE})"
+        )
+    if paged:
+        cache = kv.size_tokens or round_up_to_page(seq_len + spare_tokens)
+        batch = config.batching.max_concurrent
+    else:
+        cache = round_up_to_page(kv.size_tokens or seq_len + spare_tokens)
+        batch = 1
+    seq_len = min(seq_len, cache - spare_tokens)
+    chunk = min(
+        config.batching.prefill_chunk_tokens, max(PAGE_SIZE, seq_len // PAGE_SIZE * PAGE_SIZE)
+    )
+    return EnginePlan(
+        max_seq_len=seq_len,
+        cache_tokens=cache,
+        max_batch_size=batch,
+        chunk_tokens=chunk,
+        paged=paged,
+    )

@@ -1,0 +1,103 @@
+"""From a request to prompt token ids: chat template, BOS, special tokens.
+
+The template and BOS facts come from the model directory (:mod:`backends._exllama.modeldir`);
+rendering happens in the core's sandbox (:mod:`gateway.chat_template`).
+
+Message content is text, never control tokens: when a message contains the text of a special
+token (``<|im_start|>``...), the prompt is tokenized segment by segment, the template's own text
+with special tokens parsed and message content without.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from backends._exllama.modeldir import TokenizerFacts
+from gateway.chat_template import ChatTemplate
+from gateway.errors import InvalidRequest
+from gateway.types import ChatMessage, GenerationRequest
+
+
+class Tokenizer(Protocol):
+    """What prompt building needs from a loaded model's tokenizer."""
+
+    @property
+    def bos_token_id(self) -> int | None: ...
+
+    @property
+    def special_pieces(self) -> frozenset[str]:
+        """The text of every special/added control token."""
+        ...
+
+    def encode(self, text: str, *, special: bool) -> list[int]:
+        """Token ids of ``text`` (no BOS); ``special``: parse control-token text as tokens."""
+        ...
+
+
+class PromptBuilder:
+    """Turns a :class:`GenerationRequest` into prompt token ids for one model."""
+
+    def __init__(
+        self,
+        model: str,
+        facts: TokenizerFacts,
+        tokenizer: Tokenizer,
+        *,
+        render_timeout_s: float = 1.0,
+        max_output_chars: int = 4_000_000,
+    ) -> None:
+        self.model = model
+        self.facts = facts
+        self.tokenizer = tokenizer
+        self.template = (
+            ChatTemplate(
+                facts.chat_template,
+                bos_token=facts.bos_token or "",
+                eos_token=facts.eos_token or "",
+                timeout_s=render_timeout_s,
+                max_output_chars=max_output_chars,
+            )
+            if facts.chat_template is not None
+            else None
+        )
+
+    def token_ids(self, request: GenerationRequest) -> list[int]:
+        if request.messages is not None:
+            return self._chat(request.messages)
+        assert request.prompt is not None
+        return self._with_bos(self.tokenizer.encode(request.prompt, special=True))
+
+    def _chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        if self.template is None:
+            raise InvalidRequest(
+                f"model {self.model!r} has no chat template (none in its tokenizer_config.json "
+                "or chat_template.jinja, and no chat_template_file configured): use "
+                "/v1/completions with a prompt",
+                param="messages",
+            )
+        segments = self.template.render_segments(messages, content_is_safe=self._is_plain)
+        if all(self._is_plain(s.text) for s in segments if s.content):
+            ids = self.tokenizer.encode("".join(s.text for s in segments), special=True)
+        else:
+            ids = [
+                i for s in segments for i in self.tokenizer.encode(s.text, special=not s.content)
+            ]
+        starts_with_bos = (
+            bool(self.facts.bos_token)
+            and bool(segments)
+            and (
+                not segments[0].content and segments[0].text.startswith(self.facts.bos_token or "")
+            )
+        )
+        return ids if starts_with_bos else self._with_bos(ids)
+
+    def _with_bos(self, ids: list[int]) -> list[int]:
+        bos = self.tokenizer.bos_token_id
+        if self.facts.add_bos and bos is not None and (not ids or ids[0] != bos):
+            return [bos, *ids]
+        return ids
+
+    def _is_plain(self, text: str) -> bool:
+        """No control-token text in ``text``."""
+        return not any(piece in text for piece in self.tokenizer.special_pieces if piece)
