@@ -1,0 +1,32 @@
+"""The ``[models.<name>]`` table of an ExLlamaV3 (EXL3 or fp16 HF) model."""
+
+from __future__ import annotations
+
+from typing import Self
+
+from pydantic import Field, model_validator
+
+from backends._exllama.config import ExllamaBatching, ExllamaKVCache, ExllamaModelConfig
+
+
+class ExLlamaV3KVCache(ExllamaKVCache):
+    """FP16 by default; ``k_bits``/``v_bits`` (2..8, both or neither) quantize keys and values."""
+
+    k_bits: int | None = Field(None, ge=2, le=8)
+    v_bits: int | None = Field(None, ge=2, le=8)
+
+    @model_validator(mode="after")
+    def _both_bits(self) -> Self:
+        if (self.k_bits is None) != (self.v_bits is None):
+            raise ValueError("set both k_bits and v_bits (quantized cache) or neither (FP16)")
+        return self
+
+    @property
+    def label(self) -> str:
+        return "fp16" if self.k_bits is None else f"k{self.k_bits}v{self.v_bits}"
+
+
+class ExLlamaV3ModelConfig(ExllamaModelConfig):
+    backend: str = "exllamav3"
+    kv_cache: ExLlamaV3KVCache = ExLlamaV3KVCache()
+    batching: ExllamaBatching = ExllamaBatching()

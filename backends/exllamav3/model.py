@@ -1,0 +1,137 @@
+"""Loading a model with exllamav3: config, cache (FP16 or quantized K/V), load, generator.
+
+exllamav3 and torch are imported inside :func:`load` only (see
+:mod:`backends._exllama.runtime`). Its generator is always paged (its attention needs no
+flash-attn), so up to ``max_concurrent`` sequences decode together.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from backends._exllama.config import PAGE_SIZE, EnginePlan, ExllamaModelConfig, plan_engine
+from backends._exllama.engine import JobSpec
+from backends._exllama.modeldir import eos_token_ids
+from backends._exllama.runtime import LoadProgress, require_library, version
+from backends.exllamav3.config import ExLlamaV3ModelConfig
+from backends.exllamav3.sampling import combo_sampler_args
+
+log = logging.getLogger("backends.exllamav3")
+
+#: Cache positions a job needs past its last token (see exllamav3's Job.prepare_for_queue).
+SPARE_TOKENS = 1
+
+
+@dataclass
+class ExLlamaV3Model:
+    """A loaded exllamav3 model with its cache, tokenizer and generator."""
+
+    plan: EnginePlan
+    model: Any
+    cache: Any
+    tokenizer: Any
+    generator: Any
+    vocab_size: int
+    stop_token_ids: tuple[int, ...]
+    special_pieces: frozenset[str]
+    cache_label: str
+    version: str
+    _torch: Any
+    _job_class: Any
+    _sampler_class: Any
+
+    @property
+    def bos_token_id(self) -> int | None:
+        bos = self.tokenizer.bos_token_id
+        return bos if isinstance(bos, int) else None
+
+    def encode(self, text: str, *, special: bool) -> list[int]:
+        ids = self.tokenizer.encode(text, add_bos=False, encode_special_tokens=special)
+        return [int(i) for i in ids[0].tolist()]
+
+    def make_job(self, spec: JobSpec, identifier: int) -> Any:
+        torch = self._torch
+        return self._job_class(
+            input_ids=torch.tensor([spec.input_ids], dtype=torch.long),
+            max_new_tokens=spec.max_new_tokens,
+            sampler=self._sampler_class(**combo_sampler_args(spec.sampling)),
+            seed=spec.sampling.seed,
+            stop_conditions=list(spec.stop_token_ids),
+            identifier=identifier,
+        )
+
+    def cached_tokens(self, job: Any) -> int:
+        return int(job.cached_pages) * PAGE_SIZE + int(job.cached_tokens)
+
+    def kv_usage(self) -> tuple[int, int]:
+        gen = self.generator
+        return len(gen.pagetable.referenced_pages) * PAGE_SIZE, int(gen.max_total_tokens)
+
+    def describe(self) -> str:
+        return f"exllamav3 {self.version}, {self.cache_label} cache, paged (continuous batching)"
+
+    def unload(self) -> None:
+        self.generator.close()
+        self.model.unload()
+        self.generator = self.cache = self.model = None
+        self._torch.cuda.empty_cache()
+
+
+def load(name: str, config: ExllamaModelConfig) -> ExLlamaV3Model:
+    """Import exllamav3, load ``config.model_dir`` with its cache, build the generator."""
+    assert isinstance(config, ExLlamaV3ModelConfig)
+    lib = require_library("exllamav3", "exllamav3")
+    import torch
+    from exllamav3.generator.sampler import ComboSampler
+
+    lib_cfg = lib.Config.from_directory(str(config.model_dir))
+    plan = plan_engine(
+        config, int(lib_cfg.max_position_embeddings), paged=True, spare_tokens=SPARE_TOKENS
+    )
+    model = lib.Model.from_config(lib_cfg)
+    kv = config.kv_cache
+    if kv.k_bits is None:
+        cache = lib.Cache(model, max_num_tokens=plan.cache_tokens, layer_type=lib.CacheLayer_fp16)
+    else:
+        cache = lib.Cache(
+            model,
+            max_num_tokens=plan.cache_tokens,
+            layer_type=lib.CacheLayer_quant,
+            k_bits=kv.k_bits,
+            v_bits=kv.v_bits,
+        )
+    model.load(
+        progressbar=False,
+        callback=LoadProgress(name),
+        max_chunk_size=plan.chunk_tokens,
+        max_batch_size=plan.max_batch_size,
+    )
+    try:
+        tokenizer = lib.Tokenizer.from_config(lib_cfg)
+        generator = lib.Generator(
+            model=model,
+            cache=cache,
+            tokenizer=tokenizer,
+            max_batch_size=plan.max_batch_size,
+            max_chunk_size=plan.chunk_tokens,
+        )
+    except Exception:
+        model.unload()
+        raise
+    return ExLlamaV3Model(
+        plan=plan,
+        model=model,
+        cache=cache,
+        tokenizer=tokenizer,
+        generator=generator,
+        vocab_size=int(lib_cfg.vocab_size or tokenizer.actual_vocab_size),
+        stop_token_ids=eos_token_ids(config.model_dir, tokenizer.eos_token_id),
+        special_pieces=frozenset(tokenizer.extended_piece_to_id),
+        cache_label=kv.label,
+        version=version("exllamav3"),
+        _torch=torch,
+        _job_class=lib.Job,
+        _sampler_class=ComboSampler,
+    )
