@@ -22,7 +22,9 @@ class Backend(Protocol):
     runs before any response byte is sent and raises a :class:`gateway.errors.GatewayError`
     (context overflow: ``ContextLengthExceeded``); it returns the prompt's token count.
     ``stream`` yields :class:`TextDelta` items and ends with one :class:`Finish`. Closing the
-    iterator early (client gone) must free the sequence's slot and KV cells at once.
+    iterator early (client gone) must free the sequence's slot and KV cells at once. The core
+    may resume a stream from another task than the one that started it (it awaits the first
+    delta before the response headers): hold no cancel scope or timeout across a ``yield``.
     """
 
     @property
@@ -53,6 +55,8 @@ class EngineStats:
     #: The most sequences decoded together in one step so far.
     max_batch_sequences: int = 0
     cached_prompt_tokens: int = 0
+    #: Prompt tokens actually run through the model (not taken from a cached prefix).
+    prompt_tokens_processed: int = 0
 
 
 @runtime_checkable
@@ -60,6 +64,25 @@ class HasStats(Protocol):
     """Optional: a backend that can report :class:`EngineStats`."""
 
     def stats(self) -> EngineStats: ...
+
+
+class ModelRouter(Protocol):
+    """What the pool lends a backend that hands requests on to other configured models."""
+
+    def model_config(self, model: str) -> ModelConfig:
+        """A configured model's table (by name or alias); ``ModelNotFound`` if none."""
+        ...
+
+    def generate(self, model: str, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
+        """Run one sequence on ``model``, under that model's own validation and admission."""
+        ...
+
+
+@runtime_checkable
+class Delegating(Protocol):
+    """Optional: a backend that may hand a request to another model (e.g. a fallback)."""
+
+    def bind_router(self, router: ModelRouter) -> None: ...
 
 
 class BackendFactory(Protocol):

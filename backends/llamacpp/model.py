@@ -1,0 +1,136 @@
+"""Loading a GGUF into a llama.cpp model + one multi-sequence context, and freeing them."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from backends.llamacpp import native
+from backends.llamacpp.config import GGML_TYPE_IDS, LlamaCppConfig
+from backends.llamacpp.gguf_file import ModelFileError, check_model_file
+from backends.llamacpp.prompt import CHATML, PromptBuilder
+from backends.llamacpp.tokenizer import Tokenizer
+from gateway.chat_template import ChatTemplate
+
+log = logging.getLogger("backends.llamacpp")
+
+
+class LlamaMemory:
+    """:class:`backends.llamacpp.slots.KVOps` over a context's memory."""
+
+    def __init__(self, llama: ModuleType, ctx: Any) -> None:
+        self._llama = llama
+        self._mem = llama.llama_get_memory(ctx)
+
+    def seq_rm(self, seq_id: int, p0: int, p1: int) -> bool:
+        return bool(self._llama.llama_memory_seq_rm(self._mem, seq_id, p0, p1))
+
+    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
+        self._llama.llama_memory_seq_cp(self._mem, src, dst, p0, p1)
+
+    def seq_pos_min(self, seq_id: int) -> int:
+        return int(self._llama.llama_memory_seq_pos_min(self._mem, seq_id))
+
+
+class LoadedModel:
+    """A model, its context (unified KV cache over ``n_seq`` sequences) and its tokenizer.
+
+    ``n_ctx_slot`` is the per-sequence limit after capping by the model's training context.
+    """
+
+    def __init__(self, config: LlamaCppConfig, n_seq: int, n_batch: int) -> None:
+        path = config.model_path
+        check_model_file(path)
+        self.llama = llama = native.load_llama_cpp()
+        self.config = config
+        mp = llama.llama_model_default_params()
+        mp.n_gpu_layers = config.n_gpu_layers if config.n_gpu_layers >= 0 else 1_000_000
+        mp.main_gpu = config.main_gpu
+        self._split: Any = None
+        if config.tensor_split:
+            self._split = (ctypes.c_float * len(config.tensor_split))(*config.tensor_split)
+            mp.tensor_split = self._split
+        native.recent_errors.clear()
+        self.model = llama.llama_model_load_from_file(str(path).encode(), mp)
+        if not self.model:
+            raise ModelFileError(f"llama.cpp could not load model file {path}: {_why()}")
+        self.vocab = llama.llama_model_get_vocab(self.model)
+        self.n_ctx_train: int = llama.llama_model_n_ctx_train(self.model)
+        self.n_ctx_slot = min(config.kv_cache.n_ctx_per_slot, self.n_ctx_train or 1 << 30)
+        self.n_seq = n_seq
+        self.ctx = llama.llama_init_from_model(self.model, self._context_params(n_seq, n_batch))
+        if not self.ctx:
+            llama.llama_model_free(self.model)
+            raise ModelFileError(f"llama.cpp could not create a context for {path}: {_why()}")
+        self.batch = llama.llama_batch_init(n_batch, 0, 1)
+        self.memory = LlamaMemory(llama, self.ctx)
+        self.tokenizer = Tokenizer(llama, self.vocab)
+        self.template = self._template()
+        self.prompt_builder = PromptBuilder(self.tokenizer, self.template)
+
+    def _context_params(self, n_seq: int, n_batch: int) -> Any:
+        cfg = self.config
+        cp = self.llama.llama_context_default_params()
+        cp.n_ctx = cfg.n_ctx_total
+        cp.n_batch = n_batch
+        cp.n_ubatch = min(n_batch, 512)
+        cp.n_seq_max = n_seq
+        cp.n_threads = cfg.batching.n_threads
+        cp.n_threads_batch = cfg.n_threads_batch
+        cp.kv_unified = True  # one pool of cells: cached prefixes and live sequences share it
+        cp.type_k = GGML_TYPE_IDS[cfg.kv_cache.type_k]
+        cp.type_v = GGML_TYPE_IDS[cfg.kv_cache.type_v]
+        quantized = "f16" not in (cfg.kv_cache.type_k, cfg.kv_cache.type_v)
+        cp.flash_attn_type = 1 if quantized and cfg.flash_attn == "auto" else cfg.flash_attn_type
+        cp.no_perf = True
+        return cp
+
+    def _template(self) -> ChatTemplate:
+        cfg = self.config
+        if cfg.chat_template_file is not None:
+            try:
+                source = cfg.chat_template_file.read_text(encoding="utf-8")
+            except OSError as err:
+                raise ModelFileError(
+                    f"chat template file {cfg.chat_template_file} cannot be read: {err.strerror}"
+                ) from err
+        else:
+            raw = self.llama.llama_model_chat_template(self.model, None)
+            if raw is None:
+                log.warning("%s has no chat template: using ChatML", cfg.model_path)
+            source = raw.decode("utf-8") if raw is not None else CHATML
+        tok = self.tokenizer
+        try:
+            return ChatTemplate(
+                source,
+                bos_token=tok.text_of(tok.bos) if tok.bos >= 0 else "",
+                eos_token=tok.text_of(tok.eos) if tok.eos >= 0 else "",
+                timeout_s=cfg.template_render_timeout_s,
+                max_output_chars=cfg.template_max_output_bytes,
+            )
+        except ValueError as err:
+            raise ModelFileError(f"{cfg.chat_template_file or cfg.model_path}: {err}") from err
+
+    def close(self) -> None:
+        llama = self.llama
+        if self.batch is not None:
+            llama.llama_batch_free(self.batch)
+            self.batch = None
+        if self.ctx:
+            llama.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            llama.llama_model_free(self.model)
+            self.model = None
+
+
+def _why() -> str:
+    return "; ".join(native.recent_errors) or "see the llama.cpp log"
+
+
+def describe(path: Path) -> str:
+    size = path.stat().st_size if path.exists() else 0
+    return f"{path} ({size / 1e6:.0f} MB)"

@@ -1,0 +1,171 @@
+"""The KV cache as a managed resource: slots (llama.cpp sequence ids), prefix reuse, LRU.
+
+Pure bookkeeping over a :class:`KVOps` (the llama.cpp memory calls), so it is tested without
+an engine. There are ``n_live + n_cached`` sequence ids sharing one unified pool of cells:
+at most ``n_live`` run at once; a finished sequence keeps its cells (a cached prefix) until it
+is evicted, least recently used first, when cells or ids run short.
+
+Placement: a new prompt goes where the longest prefix of it is already cached. A finished
+sequence whose whole cache is a prefix of the prompt (the same conversation, one turn later)
+is continued in place; a partial match is copied (``seq_cp`` shares the cells, it does not
+duplicate them) into a free id so the cached conversation it came from stays intact; a live
+sequence's prompt can be shared the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class KVOps(Protocol):
+    def seq_rm(self, seq_id: int, p0: int, p1: int) -> bool: ...
+
+    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None: ...
+
+    def seq_pos_min(self, seq_id: int) -> int: ...
+
+
+@dataclass(eq=False)
+class Entry:
+    seq_id: int
+    #: The tokens whose K/V this sequence holds, at positions 0..len-1.
+    tokens: list[int] = field(default_factory=list)
+    live: bool = False
+    last_used: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    seq_id: int
+    #: Prompt tokens already in the cache at this sequence id (not prefilled again).
+    reused: int
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class SlotManager:
+    def __init__(
+        self,
+        kv: KVOps,
+        *,
+        n_live: int,
+        n_cached: int,
+        n_cells: int,
+        prefix_reuse: bool = True,
+        min_prefix: int = 1,
+    ) -> None:
+        self.kv = kv
+        self.n_live = n_live
+        self.n_cells = n_cells
+        self.prefix_reuse = prefix_reuse
+        self.min_prefix = min_prefix
+        self.entries = [Entry(i) for i in range(n_live + n_cached)]
+        self._clock = 0
+
+    @property
+    def live(self) -> int:
+        return sum(e.live for e in self.entries)
+
+    @property
+    def cells_used(self) -> int:
+        """KV cells in use (an upper bound: cells shared through ``seq_cp`` count per id)."""
+        return sum(len(e.tokens) for e in self.entries)
+
+    def can_admit(self) -> bool:
+        return self.live < self.n_live
+
+    def acquire(self, prompt: Sequence[int]) -> Placement:
+        """A sequence id for ``prompt`` with as much of it cached there as possible."""
+        assert self.can_admit(), "no free slot"
+        self._clock += 1
+        best, reused = self._best_prefix(prompt)
+        if best is not None and not best.live and reused == len(best.tokens):
+            target = best  # continue the cached sequence in place: nothing is lost
+        else:
+            target = self._free_entry(avoid=best)
+        if target is best:
+            assert best is not None
+            self._truncate(best, reused)
+            reused = len(best.tokens)
+        else:
+            self._clear(target)
+            if best is not None and reused:
+                self.kv.seq_cp(best.seq_id, target.seq_id, 0, reused)
+                target.tokens = best.tokens[:reused]
+        target.live = True
+        target.last_used = self._clock
+        return Placement(target.seq_id, reused)
+
+    def _best_prefix(self, prompt: Sequence[int]) -> tuple[Entry | None, int]:
+        if not self.prefix_reuse:
+            return None, 0
+        limit = len(prompt) - 1  # the last prompt token is always decoded (for its logits)
+        best: Entry | None = None
+        best_len = 0
+        for e in self.entries:
+            n = min(common_prefix(e.tokens, prompt), limit)
+            tie_prefers_idle = n == best_len and best is not None and best.live and not e.live
+            if n > best_len or (n and tie_prefers_idle):
+                best, best_len = e, n
+        if best_len < self.min_prefix:
+            return None, 0
+        return best, best_len
+
+    def _free_entry(self, avoid: Entry | None) -> Entry:
+        idle = [e for e in self.entries if not e.live]
+        empty = [e for e in idle if not e.tokens]
+        if empty:
+            return empty[0]
+        others = [e for e in idle if e is not avoid] or idle
+        return min(others, key=lambda e: e.last_used)
+
+    def _truncate(self, e: Entry, keep: int) -> None:
+        if keep < len(e.tokens) and not self.kv.seq_rm(e.seq_id, keep, -1):
+            keep = 0  # this model's memory cannot drop a tail (recurrent / SWA): start over
+        if keep and self.kv.seq_pos_min(e.seq_id) > 0:
+            keep = 0  # positions at the start were dropped (sliding window): not reusable
+        if keep == 0:
+            self.kv.seq_rm(e.seq_id, -1, -1)
+        del e.tokens[keep:]
+
+    def _clear(self, e: Entry) -> None:
+        if e.tokens:
+            self.kv.seq_rm(e.seq_id, -1, -1)
+            e.tokens.clear()
+
+    def extend(self, seq_id: int, tokens: Sequence[int]) -> None:
+        """Record tokens just decoded into ``seq_id``."""
+        self.entries[seq_id].tokens.extend(tokens)
+
+    def release(self, seq_id: int, *, keep: bool) -> None:
+        """A sequence ended: keep its cells as a cached prefix, or free them at once."""
+        e = self.entries[seq_id]
+        e.live = False
+        self._clock += 1
+        e.last_used = self._clock
+        if not keep or not self.prefix_reuse:
+            self._clear(e)
+
+    def make_room(self, n_new: int) -> bool:
+        """Evict cached prefixes (LRU) until ``n_new`` more cells fit; False if they cannot."""
+        while self.cells_used + n_new > self.n_cells:
+            cached = [e for e in self.entries if not e.live and e.tokens]
+            if not cached:
+                return False
+            self._clear(min(cached, key=lambda e: e.last_used))
+        return True
+
+    def evict_all_cached(self) -> int:
+        """Drop every cached prefix; return how many ids were freed."""
+        cached = [e for e in self.entries if not e.live and e.tokens]
+        for e in cached:
+            self._clear(e)
+        return len(cached)
