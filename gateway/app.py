@@ -40,7 +40,8 @@ def build_services(config: GatewayConfig) -> Services:
 def _models_routes(pool: ModelPool) -> list[BaseRoute]:
     def describe(model_id: str) -> dict[str, object]:
         entry = pool.resolve(model_id)
-        return model_json(model_id, entry.created, entry.config.backend, entry.state.value)
+        context = entry.backend.info.context_length if entry.loaded else None
+        return model_json(model_id, entry.created, entry.config.backend, entry.state.value, context)
 
     async def list_models(request: Request) -> Response:
         data = [describe(model_id) for model_id, _ in pool.names()]

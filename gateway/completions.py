@@ -29,7 +29,7 @@ from gateway.http import error_response, read_json_body
 from gateway.plugins import Outcome, PluginChain, RequestContext, ResponseEnd
 from gateway.pool import ModelEntry, ModelPool
 from gateway.sse import JobEventStream
-from gateway.types import ClientRequest, Endpoint, TextDelta, Usage
+from gateway.types import ClientRequest, Delta, Endpoint, TextDelta, Usage
 from gateway.wire.convert import chat_request, completion_request
 from gateway.wire.responses import Choice, StreamEncoder, completion_body, error_event
 
@@ -76,6 +76,8 @@ class Job:
         self.progress = Progress(choices_per_prompt=self._choices_per_prompt())
         self.ttft_s: float | None = None
         self._ended = False
+        self._deltas: AsyncGenerator[tuple[int, Delta], None] | None = None
+        self._first: asyncio.Task[tuple[int, Delta] | None] | None = None
 
     def _choices_per_prompt(self) -> int:
         prompts = {(g.prompt, g.messages) for g in self.request.generations}
@@ -86,6 +88,8 @@ class Job:
         if self._ended:
             return
         self._ended = True
+        with anyio.CancelScope(shield=True):
+            await self._close_stream()
         self.entry.admission.release(self.request.n)
         end = ResponseEnd(
             outcome=outcome,
@@ -99,6 +103,42 @@ class Job:
         )
         with anyio.CancelScope(shield=True):
             await self.services.plugins.on_response_end(self.ctx, end)
+
+    async def open_stream(self, grace_s: float) -> None:
+        """Start the generations and wait up to ``grace_s`` for the first delta.
+
+        The response headers go out after this: an error a backend can only raise once it runs
+        (a remote replica's 4xx, every replica down) gets its own HTTP status instead of a 200
+        and an error event. A later first delta is awaited after the headers, under keep-alive
+        pings (``grace_s`` is the keep-alive interval: no ping would have gone out before).
+        """
+        self._deltas = merge(self.backend, self.request.generations)
+        self._first = asyncio.ensure_future(anext(self._deltas, None))
+        try:
+            done, _ = await asyncio.wait({self._first}, timeout=grace_s)
+            if done:
+                self._first.result()
+        except BaseException:
+            await self._close_stream()
+            raise
+
+    async def _opened(self) -> AsyncGenerator[tuple[int, Delta], None]:
+        """The stream :meth:`open_stream` started: its first delta, then the rest."""
+        assert self._first is not None and self._deltas is not None
+        first = await self._first
+        if first is None:
+            return
+        yield first
+        async for item in self._deltas:
+            yield item
+
+    async def _close_stream(self) -> None:
+        """Stop the generations (their backends' ``finally`` runs); idempotent."""
+        if self._first is not None:
+            self._first.cancel()
+            await asyncio.gather(self._first, return_exceptions=True)
+        if self._deltas is not None:
+            await self._deltas.aclose()
 
     def _first_token(self) -> None:
         if self.ttft_s is None:
@@ -118,7 +158,7 @@ class Job:
                     yield _frame(role)
                 if self.request.echo and gen.prompt:
                     yield _frame(enc.text(gen.index, gen.prompt))
-            async with aclosing(merge(self.backend, self.request.generations)) as deltas:
+            async with aclosing(self._opened()) as deltas:
                 async for index, delta in deltas:
                     self.progress.record(index, delta)
                     if isinstance(delta, TextDelta):
@@ -252,6 +292,16 @@ def endpoint_handler(
                 await _end_unadmitted(services, ctx, outcome, 500 if outcome == "failed" else 499)
             raise
         if job.request.stream:
+            try:
+                await unless_disconnected(job.open_stream(server.keepalive_s), request.receive)
+            except ClientDisconnected:
+                await job.end("cancelled", 499)
+                return Response(status_code=499)
+            except Exception as exc:  # before the headers: the error's own status
+                error = as_gateway_error(exc)
+                log.error("request %s failed: %s", ctx.request_id, error.message)
+                await job.end("failed", error.status, error)
+                return error_response(error, ctx.response_headers)
             return JobEventStream(job, server)
         try:
             return await unless_disconnected(job.collect(), request.receive)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from enum import StrEnum
 
 from gateway.admission import Admission
-from gateway.backend import Backend
+from gateway.backend import Backend, Delegating
 from gateway.config import GatewayConfig, ModelConfig
 from gateway.errors import ModelNotFound, ModelUnavailable
 from gateway.registry import backend_factory
+from gateway.types import Delta, GenerationRequest
 
 log = logging.getLogger("gateway.pool")
 
@@ -89,12 +92,28 @@ class ModelPool:
             for alias in (entry.name, *entry.config.aliases):
                 self._by_name[alias] = entry
         self.draining = False
+        for entry in self.entries.values():
+            if isinstance(entry.backend, Delegating):
+                entry.backend.bind_router(self)
 
     def resolve(self, name: str) -> ModelEntry:
         entry = self._by_name.get(name)
         if entry is None:
             raise ModelNotFound(f"The model '{name}' does not exist", param="model")
         return entry
+
+    def model_config(self, model: str) -> ModelConfig:
+        return self.resolve(model).config
+
+    async def generate(self, model: str, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
+        """One sequence on ``model`` for a delegating backend (a fallback): that model's load,
+        validation and admission apply (its queue full: 503)."""
+        entry = self.resolve(model)
+        backend = await entry.ensure_loaded()
+        await backend.validate(request)
+        async with entry.admission.admit(1), aclosing(backend.stream(request)) as deltas:
+            async for delta in deltas:
+                yield delta
 
     def names(self) -> list[tuple[str, ModelEntry]]:
         """Every model id clients may use (names and aliases) with its entry."""

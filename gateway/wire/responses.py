@@ -118,11 +118,16 @@ def completion_body(
     return _dumps(body).encode()
 
 
-def model_json(model_id: str, created: int, owned_by: str, state: str) -> dict[str, object]:
+def model_json(
+    model_id: str, created: int, owned_by: str, state: str, context_length: int | None = None
+) -> dict[str, object]:
+    """A ``/v1/models`` entry; ``max_model_len`` (vLLM's name) once the model is loaded."""
+    extra: dict[str, object] = {} if context_length is None else {"max_model_len": context_length}
     return {
         "id": model_id,
         "object": "model",
         "created": created,
         "owned_by": owned_by,
         "state": state,
+        **extra,
     }

@@ -1,0 +1,165 @@
+"""One replica's HTTP client, and one streamed request to it under the configured timeouts.
+
+The upstream request always streams and always asks for usage; the core builds non-streaming
+responses by collecting the deltas. Timeouts are applied per SSE event, so a replica's
+keep-alive comments cannot keep a stalled generation alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncGenerator, Awaitable
+from typing import TypeVar
+
+import httpx
+
+from backends.openai.config import OpenAIConfig, TimeoutsConfig
+from backends.openai.errors import ReplicaFailed, UpstreamError, UpstreamTimeout, upstream_error
+from backends.openai.stream import ChunkDecoder, sse_data
+from gateway.types import Delta, GenerationRequest
+
+T = TypeVar("T")
+_ERROR_BODY_LIMIT = 64 * 1024
+
+
+def request_body(request: GenerationRequest, model: str) -> bytes:
+    """The upstream JSON body: one choice, streamed, usage included; neutral samplers omitted
+    (a replica that does not know ``top_k`` then never sees it)."""
+    body: dict[str, object] = {
+        "model": model,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if request.messages is not None:
+        body["messages"] = [
+            {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
+            for m in request.messages
+        ]
+    else:
+        body["prompt"] = request.prompt
+    s = request.sampling
+    body["temperature"] = s.temperature
+    optional: dict[str, object] = {
+        "top_p": s.top_p if s.top_p != 1.0 else None,
+        "top_k": s.top_k or None,
+        "min_p": s.min_p or None,
+        "presence_penalty": s.presence_penalty or None,
+        "frequency_penalty": s.frequency_penalty or None,
+        "repetition_penalty": s.repetition_penalty if s.repetition_penalty != 1.0 else None,
+        "seed": s.seed,
+        "logit_bias": {str(t): b for t, b in s.logit_bias} or None,
+        "max_tokens": request.max_tokens,
+        "stop": list(request.stop) or None,
+    }
+    body.update({k: v for k, v in optional.items() if v is not None})
+    return json.dumps(body, ensure_ascii=False).encode()
+
+
+class _Clock:
+    """The deadlines of one upstream request, in event-loop time."""
+
+    def __init__(self, timeouts: TimeoutsConfig) -> None:
+        self.timeouts = timeouts
+        now = asyncio.get_running_loop().time()
+        self.total_at = now + timeouts.total_s
+        self.first_byte_at = min(now + timeouts.first_byte_s, self.total_at)
+
+    def next_chunk_at(self) -> float:
+        now = asyncio.get_running_loop().time()
+        return min(now + self.timeouts.between_chunks_s, self.total_at)
+
+    def why(self, deadline: float, started: bool) -> str:
+        t = self.timeouts
+        if deadline >= self.total_at:
+            return f"did not finish within total_s={t.total_s:g}"
+        if started:
+            return f"sent no chunk for between_chunks_s={t.between_chunks_s:g}"
+        return f"sent no text within first_byte_s={t.first_byte_s:g}"
+
+
+class ReplicaClient:
+    """The connection pool to one replica."""
+
+    def __init__(self, url: str, config: OpenAIConfig, api_key: str | None) -> None:
+        self.url = url
+        self.config = config
+        headers = {"accept": "text/event-stream"}
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
+        t = config.timeouts
+        self.http = httpx.AsyncClient(
+            base_url=url,
+            headers=headers,
+            # read=None: per-event deadlines below (keep-alive comments must not reset them)
+            timeout=httpx.Timeout(connect=t.connect_s, read=None, write=t.connect_s, pool=t.pool_s),
+            limits=httpx.Limits(
+                max_connections=config.max_connections,
+                max_keepalive_connections=config.pool.max_keepalive_connections,
+                keepalive_expiry=config.pool.keepalive_expiry_s,
+            ),
+            trust_env=False,  # no proxy or netrc from the environment
+            follow_redirects=False,
+        )
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def _within(self, deadline: float, why: str, work: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await work
+        except TimeoutError:
+            raise ReplicaFailed(UpstreamTimeout(f"replica {self.url} {why}")) from None
+        except httpx.RequestError as err:
+            detail = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+            raise ReplicaFailed(UpstreamError(f"replica {self.url}: {detail}")) from None
+
+    async def generate(
+        self, request: GenerationRequest, body: bytes
+    ) -> AsyncGenerator[Delta, None]:
+        """The deltas of one upstream request. Raises :class:`ReplicaFailed` when this replica
+        failed, or the client's :class:`GatewayError` when the replica rejected the request.
+        Closing the generator closes the upstream connection at once."""
+        clock = _Clock(self.config.timeouts)
+        path = "/v1/chat/completions" if request.is_chat else "/v1/completions"
+        upstream = self.http.build_request(
+            "POST", path, content=body, headers={"content-type": "application/json"}
+        )
+        no_headers = clock.why(clock.first_byte_at, False)
+        response = await self._within(
+            clock.first_byte_at, no_headers, self.http.send(upstream, stream=True)
+        )
+        try:
+            if response.status_code != 200:
+                raw = await self._within(clock.first_byte_at, no_headers, _read_some(response))
+                raise upstream_error(response.status_code, raw, response.headers.get("retry-after"))
+            decoder = ChunkDecoder(chat=request.is_chat)
+            events = sse_data(response.aiter_lines())
+            deadline = clock.first_byte_at
+            while not decoder.done:
+                why = clock.why(deadline, decoder.pieces > 0)
+                data = await self._within(deadline, why, anext(events, None))
+                if data is None:
+                    break
+                delta = decoder.feed(data)
+                if delta is not None:
+                    yield delta
+                if decoder.pieces:
+                    deadline = clock.next_chunk_at()
+            if not decoder.finished:
+                raise ReplicaFailed(UpstreamError(f"replica {self.url} ended the stream early"))
+            yield decoder.finish()
+        finally:
+            await response.aclose()
+
+
+async def _read_some(response: httpx.Response) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= _ERROR_BODY_LIMIT:
+            break
+    return b"".join(chunks)[:_ERROR_BODY_LIMIT]
