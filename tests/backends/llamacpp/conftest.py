@@ -43,7 +43,10 @@ def model_table(path: Path, **overrides: Any) -> dict[str, Any]:
 
 
 def serve(models: dict[str, dict[str, Any]]) -> ServerThread:
-    return ServerThread(parse_config({"models": models}, "<test>"))
+    """A real server; headers go out after 0.2 s without a first token (keep-alive interval),
+    so a client can see a stream open while its prompt is still in prefill."""
+    raw = {"server": {"keepalive_s": 0.2}, "models": models}
+    return ServerThread(parse_config(raw, "<test>"))
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ outputs shaped through "channels" of the hidden state that no layer writes to:
 from __future__ import annotations
 
 import collections
+import itertools
 import re
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def _train_bpe(corpus: str, n_merges: int) -> tuple[list[str], list[str]]:
         pairs: collections.Counter[tuple[str, str]] = collections.Counter()
         for w, count in words.items():
             s = seqs[w]
-            for pair in zip(s, s[1:], strict=False):
+            for pair in itertools.pairwise(s):
                 pairs[pair] += count
         if not pairs:
             break
@@ -138,7 +139,7 @@ def write_tiny_gguf(
     for ch in MULTIBYTE_CHARS:
         data = ch.encode()
         starts.add(data[0])
-        chains += zip(data, data[1:], strict=False)
+        chains += itertools.pairwise(data)
     n_reserved = 1 + len(chains)
     bias = np.zeros(n_vocab, np.float32)
     for b in range(256):
