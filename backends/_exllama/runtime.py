@@ -8,6 +8,7 @@ library is imported only then, inside the backend's ``start()``.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import logging
 import time
@@ -50,13 +51,15 @@ def require_library(backend: str, module: str) -> ModuleType:
         "importing %s (its CUDA extension is compiled on first use; that can take minutes)", module
     )
     lib = importlib.import_module(module)
-    log.info(
-        "%s %s ready in %.1f s",
-        module,
-        getattr(lib, "__version__", "?"),
-        time.perf_counter() - started,
-    )
+    log.info("%s %s ready in %.1f s", module, version(module), time.perf_counter() - started)
     return lib
+
+
+def version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
 
 
 class LoadProgress:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from backends._exllama.config import EnginePlan, ExllamaModelConfig, plan_engine
@@ -69,6 +70,7 @@ class ExLlamaV2Model:
     _torch: Any
     _job_class: Any
     _settings_class: Any
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def bos_token_id(self) -> int | None:
@@ -76,7 +78,18 @@ class ExLlamaV2Model:
         return bos if isinstance(bos, int) else None
 
     def encode(self, text: str, *, special: bool) -> list[int]:
-        ids = self.tokenizer.encode(text, add_bos=False, encode_special_tokens=special)
+        """Token ids of ``text``; ``special=False`` keeps control-token text plain.
+
+        ExLlamaV2's own ``encode_special_tokens=False`` does not: the Hugging Face tokenizer
+        under it matches added tokens anyway unless told to split them
+        (``encode_special_tokens`` on the ``tokenizers`` object). That flag is shared state,
+        hence the lock. SentencePiece models never parse control-token text.
+        """
+        with self._lock:
+            hf = getattr(self.tokenizer.tokenizer_model, "hf_tokenizer", None)
+            if hf is not None and hasattr(hf, "encode_special_tokens"):
+                hf.encode_special_tokens = not special
+            ids = self.tokenizer.encode(text, add_bos=False, encode_special_tokens=special)
         return [int(i) for i in ids[0].tolist()]
 
     def make_job(self, spec: JobSpec, identifier: int) -> Any:

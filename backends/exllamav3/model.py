@@ -8,7 +8,8 @@ flash-attn), so up to ``max_concurrent`` sequences decode together.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 from backends._exllama.config import PAGE_SIZE, EnginePlan, ExllamaModelConfig, plan_engine
@@ -41,6 +42,7 @@ class ExLlamaV3Model:
     _torch: Any
     _job_class: Any
     _sampler_class: Any
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def bos_token_id(self) -> int | None:
@@ -48,7 +50,13 @@ class ExLlamaV3Model:
         return bos if isinstance(bos, int) else None
 
     def encode(self, text: str, *, special: bool) -> list[int]:
-        ids = self.tokenizer.encode(text, add_bos=False, encode_special_tokens=special)
+        """Token ids of ``text``; ``special=False`` keeps control-token text plain.
+
+        exllamav3 switches its tokenizer's split-special-tokens mode per call (shared state),
+        hence the lock: prompts are tokenized on worker threads.
+        """
+        with self._lock:
+            ids = self.tokenizer.encode(text, add_bos=False, encode_special_tokens=special)
         return [int(i) for i in ids[0].tolist()]
 
     def make_job(self, spec: JobSpec, identifier: int) -> Any:
