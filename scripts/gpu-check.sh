@@ -122,7 +122,7 @@ fn_install_wheels() {
         for w in "$KIT"/wheels/*.whl; do "$PY" -m zipfile -e "$w" "$SITE" || return 1; done
     }
     echo "$stamp" > "$SITE/.stamp"
-    ls "$SITE" | grep -c dist-info
+    echo "$(find "$SITE" -maxdepth 1 -name "*.dist-info" | wc -l) distributions in $SITE"
 }
 
 fn_install_project() {
@@ -199,8 +199,15 @@ fn_exl3_convert() {
 fn_smoke() { "$PY" "$KIT_SCRIPTS/smoke.py" "$1" "$2" "$LOGS/smoke-$1.json"; }
 
 fn_pytest() {  # $1 = junit file name, $2 = -k expression
+    # The carried pytest shadows the machine's; its other plugins (xdist, cov, benchmark...) may not fit
+    # it, so plugin autoload is off and the project's test plugins are named explicitly.
+    local plugins=() m
+    for m in pytest_asyncio.plugin pytest_timeout anyio.pytest_plugin _hypothesis_pytestplugin; do
+        "$PY" -c "import $m" 2> /dev/null && plugins+=(-p "$m")
+    done
     cd "$REPO" || return 1
-    "$PY" -m pytest -m gpu -k "$2" -rA -v -p no:cacheprovider --junitxml="$OUTDIR/$1" tests
+    PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 "$PY" -m pytest "${plugins[@]}" -m gpu -k "$2" -rA -v \
+        -p no:cacheprovider --junitxml="$OUTDIR/$1" tests
 }
 
 fn_bench() {  # $1 = output subfolder

@@ -19,6 +19,8 @@
 #     --torch-venv py3.12 venv with the real torch wheel made importable with stub CUDA libraries
 #     --exl2-ext   prebuild the exllamav2 extension under a stubbed torch   (~1,100 CPU-s)
 #     --wheels     download the py3.12 wheels the GPU machine lacks
+#     --verify     the CUDA wheel's libraries resolve every symbol against the cu13 wheels' libs;
+#                  the prebuilt exllamav2 extension imports under the (stubbed) torch 2.11.0
 #     --assemble   copy artifacts into .gpu-kit/ and write MANIFEST (fails above the budget)
 set -euo pipefail
 
@@ -35,7 +37,7 @@ LLAMA_VERSION=0.3.36
 EXL2_VERSION=0.3.2
 TORCH_VERSION=2.11.0
 # nvidia-* cu13 wheels matching torch 2.11.0's cuda-toolkit==13.0.2 pin (headers + libs to build against)
-NV_SPEC='cuda-toolkit[cublas,cusparse,cusolver,curand]==13.0.2'
+NV_SPEC='cuda-toolkit[cublas,cudart,cusparse,cusolver,curand]==13.0.2'
 # What the GPU machine lacks (see scripts/gpu-kit/requirements-device.txt for the pinned list).
 DEVICE_REQS=$HERE/requirements-device.txt
 
@@ -75,6 +77,13 @@ write_libcuda_stub() {  # $1 = output dir; a libcuda.so (SONAME libcuda.so.1) de
     log "libcuda stub: $(grep -c '^int ' "$c") driver symbols -> $out/libcuda.so"
 }
 
+nv_unpack() {  # the nvidia-* cu13 wheels (what torch 2.11.0 runs with on the GPU) -> $WORK/nvx/nvidia/cu13
+    local w
+    for w in "$WORK"/dl/nv/nvidia_{cublas,cuda_runtime,cusparse,cusolver,curand,nvjitlink}-*.whl; do
+        unzip -q -n "$w" 'nvidia/cu13/*' -d "$WORK/nvx"
+    done
+}
+
 step_toolkit() {
     local tk=$WORK/cuda13 w f
     if [ -f "$tk/.ready" ] && [ "$FORCE" = 0 ]; then log "toolkit: reuse $tk"; return; fi
@@ -85,11 +94,7 @@ step_toolkit() {
         "${PLATFORMS[@]}" "$NV_SPEC" -d "$WORK/dl/nv"
     rm -rf "$tk" "$WORK/nvx"
     cp -a "$CUDA_SRC" "$tk"
-    for w in "$WORK"/dl/nv/nvidia_cublas-*.whl "$WORK"/dl/nv/nvidia_cusparse-*.whl \
-             "$WORK"/dl/nv/nvidia_cusolver-*.whl "$WORK"/dl/nv/nvidia_curand-*.whl \
-             "$WORK"/dl/nv/nvidia_nvjitlink-*.whl; do
-        unzip -q -o "$w" 'nvidia/cu13/*' -d "$WORK/nvx"
-    done
+    nv_unpack
     cp -n -r "$WORK"/nvx/nvidia/cu13/include/. "$tk/include/"
     for f in "$WORK"/nvx/nvidia/cu13/lib/*.so.*; do
         cp -n "$f" "$tk/lib/"
@@ -188,6 +193,51 @@ step_wheels() {
     touch "$d/.ready"
 }
 
+step_verify() {  # what a CPU can check of the two binary artifacts
+    local w tmp nvlib rc=0
+    w=$(llama_wheel)
+    nvlib=$WORK/nvx/nvidia/cu13/lib   # the cu13 wheels torch 2.11.0 depends on = the GPU machine's libs
+    nv_unpack
+    if [ -n "$w" ]; then
+        tmp=$(mktemp -d)
+        unzip -q "$w" -d "$tmp"
+        log "verify: $(basename "$w"): NEEDED of each library"
+        for f in "$tmp"/llama_cpp/lib/*.so*; do
+            printf '  %-22s %s\n' "$(basename "$f")" \
+                "$(readelf -d "$f" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' | tr '\n' ' ')"
+        done
+        readelf -d "$tmp/llama_cpp/lib/libggml-cuda.so.0" 2>/dev/null | grep -q 'libcuda.so.1' ||
+            { log "verify: libggml-cuda does not link libcuda.so.1"; rc=1; }
+        log "verify: dlopen(RTLD_NOW) of every library and import llama_cpp, CUDA libs from $nvlib"
+        LD_LIBRARY_PATH=$nvlib:$WORK/cuda13/lib/stubs PYTHONPATH=$tmp "$WORK/venv-build/bin/python" -c "
+import ctypes, glob, os, sys
+for f in sorted(glob.glob('$tmp/llama_cpp/lib/*.so*')):
+    ctypes.CDLL(f, mode=os.RTLD_NOW | os.RTLD_GLOBAL)
+    print('  resolved', os.path.basename(f))
+import llama_cpp
+print('  llama_cpp', llama_cpp.__version__, 'supports_gpu_offload =', llama_cpp.llama_supports_gpu_offload())
+sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else 1)" || rc=1
+        rm -rf "$tmp"
+    else
+        log "verify: no CUDA llama-cpp-python wheel yet"
+    fi
+    if [ -f "$(exl2_ext)" ]; then
+        tmp=$(mktemp -d)
+        gunzip -c "$(exl2_ext)" > "$tmp/exllamav2_ext.so"
+        log "verify: prebuilt exllamav2_ext imports under torch $TORCH_VERSION (stub CUDA libs) and is used"
+        (cd "$tmp" && LD_LIBRARY_PATH=$WORK/stubs312:$WORK/cuda13/lib PYTHONPATH=$tmp \
+            TORCH_EXTENSIONS_DIR=$tmp/none "$WORK/venv312/bin/python" -c "
+import torch, exllamav2_ext, exllamav2.ext as e
+assert e.exllamav2_ext is exllamav2_ext, e.exllamav2_ext
+print('  exllamav2_ext', exllamav2_ext.__file__, len(dir(exllamav2_ext)), 'symbols; torch', torch.__version__)
+" 2>&1 | grep -v 'No CUDA runtime') || rc=1
+        rm -rf "$tmp"
+    else
+        log "verify: no prebuilt exllamav2 extension yet"
+    fi
+    return $rc
+}
+
 write_manifest() {  # MANIFEST: "path size sha256" per file, then "TOTAL bytes MiB"
     local total=0 f sz
     (
@@ -225,12 +275,12 @@ main() {
     for a in "$@"; do
         case $a in
             --force) FORCE=1 ;;
-            --toolkit|--llama|--torch-venv|--exl2-ext|--wheels|--assemble) STEPS+=("${a#--}") ;;
-            -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+            --toolkit|--llama|--torch-venv|--exl2-ext|--wheels|--verify|--assemble) STEPS+=("${a#--}") ;;
+            -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
             *) die "unknown argument: $a" ;;
         esac
     done
-    [ ${#STEPS[@]} -gt 0 ] || STEPS=(toolkit llama torch-venv exl2-ext wheels assemble)
+    [ ${#STEPS[@]} -gt 0 ] || STEPS=(toolkit llama torch-venv exl2-ext wheels verify assemble)
     mkdir -p "$WORK"
     for s in "${STEPS[@]}"; do
         SECONDS=0
