@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 
@@ -14,7 +15,7 @@ from gateway.pool import ModelEntry, ModelPool
 
 log = logging.getLogger("plugins.metrics")
 
-#: EngineStats field -> (metric name, help, counter?)
+#: EngineStats field -> (metric name, help, is it a counter)
 _ENGINE: dict[str, tuple[str, str, bool]] = {
     "active_sequences": (
         "gateway_engine_active_sequences",
@@ -46,7 +47,17 @@ _ENGINE: dict[str, tuple[str, str, bool]] = {
         "Prompt tokens served from the KV cache instead of prefilled.",
         True,
     ),
+    "prompt_tokens_processed": (
+        "gateway_engine_prompt_tokens_processed",
+        "Prompt tokens run through the model (not taken from a cached prefix).",
+        True,
+    ),
 }
+
+
+def _spec(field: str) -> tuple[str, str, bool]:
+    """A field added to EngineStats later is exported as a gauge under its own name."""
+    return _ENGINE.get(field, (f"gateway_engine_{field}", f"EngineStats.{field}", False))
 
 
 def _family(name: str, doc: str, counter: bool) -> GaugeMetricFamily | CounterMetricFamily:
@@ -84,7 +95,7 @@ class PoolCollector(Collector):
         load_time = GaugeMetricFamily(
             "gateway_model_load_seconds", "How long the model took to load.", labels=["model"]
         )
-        engine = {f: _family(*spec) for f, spec in _ENGINE.items()}
+        engine = {f.name: _family(*_spec(f.name)) for f in dataclasses.fields(EngineStats)}
         for name, entry in self._pool.entries.items():
             active.add_metric([name], entry.admission.active)
             queued.add_metric([name], entry.admission.queued)

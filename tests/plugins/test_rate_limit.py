@@ -74,7 +74,7 @@ def test_streams_get_the_headers_and_the_refusal_before_any_byte() -> None:
 
 
 def test_each_key_has_its_own_buckets_and_limits() -> None:
-    keys = [
+    keys: list[dict[str, Any]] = [
         {"name": "alice", "sha256": sha256(ALICE), "requests_per_minute": 1},
         {"name": "bob", "sha256": sha256(BOB)},  # the plugin's default: 2 per minute
         {"name": "carol", "sha256": sha256(CAROL), "requests_per_minute": 0},  # unlimited
