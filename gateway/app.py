@@ -111,7 +111,7 @@ def create_app(
         try:
             yield
         finally:
-            services.pool.draining = True
+            services.pool.drain.start()
             app.state.loading.cancel()
             await asyncio.gather(app.state.loading, return_exceptions=True)
             await services.plugins.shutdown()

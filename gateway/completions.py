@@ -76,6 +76,9 @@ class Job:
         self.progress = Progress(choices_per_prompt=self._choices_per_prompt())
         self.ttft_s: float | None = None
         self._ended = False
+        self._completed = False
+        #: Why the server ended this job early (the drain deadline); None if it did not.
+        self.interrupted: GatewayError | None = None
         self._deltas: AsyncGenerator[tuple[int, Delta], None] | None = None
         self._first: asyncio.Task[tuple[int, Delta] | None] | None = None
 
@@ -88,6 +91,8 @@ class Job:
         if self._ended:
             return
         self._ended = True
+        if outcome == "cancelled" and self.interrupted is not None:
+            outcome, status, error = "failed", self.interrupted.status, self.interrupted
         with anyio.CancelScope(shield=True):
             await self._close_stream()
         self.entry.admission.release(self.request.n)
@@ -140,6 +145,21 @@ class Job:
         if self._deltas is not None:
             await self._deltas.aclose()
 
+    def interrupt(self, error: GatewayError) -> bool:
+        """The server ends this job before it finishes (shutdown): its end reports ``error``.
+
+        Returns False if the job has already ended or sent its last event. The caller stops the
+        job's stream and sends :meth:`error_frame`.
+        """
+        if self._ended or self._completed:
+            return False
+        self.interrupted = error
+        return True
+
+    @staticmethod
+    def error_frame(error: GatewayError) -> bytes:
+        return _frame(error_event(error.to_body()))
+
     def _first_token(self) -> None:
         if self.ttft_s is None:
             self.ttft_s = time.perf_counter() - self.ctx.started
@@ -169,25 +189,22 @@ class Job:
             check_complete(self.request.generations, self.progress)
             if self.request.include_usage:
                 yield _frame(enc.usage(self.progress.usage()))
-            yield _DONE
             outcome = "completed"
+            self._completed = True
+            yield _DONE
         except Exception as exc:  # after the headers: one error event, then the stream ends
             error = as_gateway_error(exc)
             outcome = "failed"
             log.error("request %s failed while streaming: %s", self.ctx.request_id, error.message)
-            yield _frame(error_event(error.to_body()))
+            self._completed = True
+            yield self.error_frame(error)
         finally:
             await self.end(outcome, 200 if error is None else error.status, error)
 
     async def collect(self) -> Response:
         texts: dict[int, list[str]] = defaultdict(list)
         try:
-            async with aclosing(merge(self.backend, self.request.generations)) as deltas:
-                async for index, delta in deltas:
-                    self.progress.record(index, delta)
-                    if isinstance(delta, TextDelta):
-                        self._first_token()
-                        texts[index].append(delta.text)
+            await self.services.pool.drain.bounded(self._gather(texts))
             check_complete(self.request.generations, self.progress)
         except Exception as exc:
             error = as_gateway_error(exc)
@@ -215,6 +232,14 @@ class Job:
             self.progress.usage(),
         )
         return Response(body, media_type="application/json", headers=self.ctx.response_headers)
+
+    async def _gather(self, texts: dict[int, list[str]]) -> None:
+        async with aclosing(merge(self.backend, self.request.generations)) as deltas:
+            async for index, delta in deltas:
+                self.progress.record(index, delta)
+                if isinstance(delta, TextDelta):
+                    self._first_token()
+                    texts[index].append(delta.text)
 
     def _echo(self, prompt: str | None) -> str:
         return prompt if self.request.echo and prompt else ""
@@ -251,10 +276,12 @@ async def prepare(
     await services.plugins.on_request(ctx, client_request)
     if services.pool.draining:
         raise ModelUnavailable("the server is shutting down")
-    backend = await unless_disconnected(entry.ensure_loaded(), request.receive)
+    drain = services.pool.drain  # accepted before a shutdown: waits no longer than its deadline
+    backend = await unless_disconnected(drain.bounded(entry.ensure_loaded()), request.receive)
     await _validate(backend, client_request)
     queued = time.perf_counter()
-    await unless_disconnected(entry.admission.acquire(client_request.n), request.receive)
+    admitted = drain.bounded(entry.admission.acquire(client_request.n))
+    await unless_disconnected(admitted, request.receive)
     return Job(services, ctx, entry, backend, client_request, time.perf_counter() - queued)
 
 

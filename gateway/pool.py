@@ -12,6 +12,7 @@ from enum import StrEnum
 from gateway.admission import Admission
 from gateway.backend import Backend, Delegating
 from gateway.config import GatewayConfig, ModelConfig
+from gateway.drain import Drain
 from gateway.errors import ModelNotFound, ModelUnavailable
 from gateway.registry import backend_factory
 from gateway.types import Delta, GenerationRequest
@@ -91,10 +92,15 @@ class ModelPool:
         for entry in self.entries.values():
             for alias in (entry.name, *entry.config.aliases):
                 self._by_name[alias] = entry
-        self.draining = False
+        #: Started on shutdown: /ready 503, new requests 503, accepted ones end by its deadline.
+        self.drain = Drain(config.server.drain_timeout_s)
         for entry in self.entries.values():
             if isinstance(entry.backend, Delegating):
                 entry.backend.bind_router(self)
+
+    @property
+    def draining(self) -> bool:
+        return self.drain.started
 
     def resolve(self, name: str) -> ModelEntry:
         entry = self._by_name.get(name)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import signal
 import sys
 from types import FrameType
 
@@ -16,7 +18,12 @@ log = logging.getLogger("gateway.server")
 
 
 class _Server(uvicorn.Server):
-    """Marks the pool as draining (``/ready`` 503) the moment a shutdown signal arrives."""
+    """Starts the pool's drain (``/ready`` 503) the moment a shutdown signal arrives.
+
+    A drained shutdown is a clean exit (code 0): unlike uvicorn's own handler this one does not
+    record the signal, so uvicorn does not re-raise it (which would kill the process with it).
+    A second Ctrl+C still forces the exit.
+    """
 
     def __init__(self, config: uvicorn.Config, pool: ModelPool) -> None:
         super().__init__(config)
@@ -24,8 +31,10 @@ class _Server(uvicorn.Server):
         self.load_failed = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.pool.draining = True
-        super().handle_exit(sig, frame)
+        self.pool.drain.start()
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        self.should_exit = True
 
     def on_load_failed(self, err: BaseException) -> None:
         print(f"error: {err}", file=sys.stderr)
@@ -47,7 +56,8 @@ async def run_server(
         port=config.server.port if port is None else port,
         workers=1,
         log_level=config.server.log_level,
-        timeout_graceful_shutdown=int(config.server.drain_timeout_s) + 1,
+        # the drain deadline ends every stream (gateway.drain); this is the backstop after it
+        timeout_graceful_shutdown=math.ceil(config.server.drain_timeout_s) + 2,
         lifespan="on",
     )
     server = _Server(uv_config, services.pool)
