@@ -5,7 +5,8 @@
 const api = document.body.dataset.apiBase || "/v1";
 const $ = (id) => document.getElementById(id);
 const ui = {
-  model: $("model"), key: $("api-key"), messages: $("messages"), status: $("status"),
+  model: $("model"), key: $("api-key"), maxTokens: $("max-tokens"),
+  messages: $("messages"), status: $("status"),
   form: $("composer"), prompt: $("prompt"), send: $("send"), stop: $("stop"), clear: $("clear"),
 };
 const KEY_STORE = "gateway-chat-api-key";
@@ -87,6 +88,13 @@ function speed(tokens, firstAt, lastAt, startedAt) {
   return parts.join(" · ");
 }
 
+function requestBody(model) {
+  const body = { model, messages: history, stream: true, stream_options: { include_usage: true } };
+  const maxTokens = parseInt(ui.maxTokens.value, 10);
+  if (maxTokens > 0) body.max_tokens = maxTokens;
+  return body;
+}
+
 async function send(text) {
   const model = ui.model.value;
   if (!model) { setStatus("Pick a model first."); return; }
@@ -102,9 +110,7 @@ async function send(text) {
   try {
     const resp = await fetch(api + "/chat/completions", {
       method: "POST", headers: headers(), signal: running.signal,
-      body: JSON.stringify({
-        model, messages: history, stream: true, stream_options: { include_usage: true },
-      }),
+      body: JSON.stringify(requestBody(model)),
     });
     if (!resp.ok) {
       failed = await errorText(resp);
