@@ -154,6 +154,11 @@ class ExllamaBackend:
 
         await asyncio.to_thread(close)
 
+    @property
+    def loaded_model(self) -> LoadedModel | None:
+        """The loaded model (its generator, for tests and debugging), or None."""
+        return None if self._loaded is None else self._loaded.model
+
     def stats(self) -> EngineStats:
         return EngineStats() if self._loaded is None else self._loaded.engine.stats()
 

@@ -114,8 +114,8 @@ def plan_engine(
     if paged:
         cache = kv.size_tokens or round_up_to_page(seq_len + spare_tokens)
         batch = config.batching.max_concurrent
-    else:
-        cache = round_up_to_page(kv.size_tokens or seq_len + spare_tokens)
+    else:  # the one page holds one sequence: more would never be used
+        cache = round_up_to_page(min(seq_len, kv.size_tokens or seq_len) + spare_tokens)
         batch = 1
     seq_len = min(seq_len, cache - spare_tokens)
     chunk = min(

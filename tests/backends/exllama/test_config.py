@@ -104,9 +104,10 @@ def test_plan_unpaged_runs_one_sequence() -> None:
     cfg = parse("exllamav2", kv_cache={"size_tokens": 8192}, batching={"max_concurrent": 8})
     p = plan_engine(cfg, 2000, paged=False)
     assert p.max_batch_size == p.max_concurrent == 1
-    assert (p.max_seq_len, p.cache_tokens) == (2000, 8192)
-    p = plan_engine(parse("exllamav2"), 2000, paged=False)
-    assert p.cache_tokens == 2048 and p.cache_tokens % 256 == 0
+    assert (p.max_seq_len, p.cache_tokens) == (2000, 2048), "one sequence's worth of cache"
+    cfg = parse("exllamav2", kv_cache={"size_tokens": 1024})
+    p = plan_engine(cfg, 4096, paged=False)
+    assert (p.max_seq_len, p.cache_tokens) == (1024, 1024), "size_tokens caps the context"
 
 
 def test_plan_spare_tokens_stay_inside_the_cache() -> None:
