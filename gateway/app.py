@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from gateway.admin import admin_routes
 from gateway.completions import Services, endpoint_handler
 from gateway.config import GatewayConfig
 from gateway.errors import EngineError, InvalidRequest, MethodNotAllowed, ModelNotFound, NotFound
@@ -122,6 +123,7 @@ def create_app(
         Route("/v1/completions", endpoint_handler(services, "completion"), methods=["POST"]),
         *_models_routes(services.pool),
         *_health_routes(services.pool),
+        *admin_routes(services),
         *services.plugins.routes(),
     ]
     middleware = []

@@ -92,3 +92,47 @@ class BackendFactory(Protocol):
     config_type: type[ModelConfig]
 
     def create(self, name: str, config: ModelConfig) -> Backend: ...
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryOption:
+    """A config change that would shrink a model's footprint (for ``gateway plan``)."""
+
+    #: The key in the model's table, e.g. ``kv_cache.type_k``.
+    setting: str
+    value: str
+    saves_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryEstimate:
+    """What a model will hold once loaded, estimated from its files' headers (nothing loaded).
+
+    ``weights_bytes + kv_cache_bytes + compute_bytes`` is split between the GPU devices
+    (``gpu_bytes``, by device index) and host memory (``host_bytes``).
+    """
+
+    weights_bytes: int
+    kv_cache_bytes: int
+    compute_bytes: int
+    gpu_bytes: tuple[int, ...] = ()
+    host_bytes: int = 0
+    #: How the KV cache is sized, e.g. "4 slots x 2048 tokens, K f16, V f16".
+    kv_cache_shape: str = ""
+    options: tuple[MemoryOption, ...] = ()
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes + self.compute_bytes
+
+
+@runtime_checkable
+class EstimatesMemory(Protocol):
+    """Optional, on a :class:`BackendFactory`: a model's footprint without loading it.
+
+    ``gpu_devices`` is how many GPUs to plan for (0: the host only); ``gpu_bytes`` then has
+    that many entries. Raises ``OSError`` or ``ValueError`` if the model files can't be read.
+    The pool uses it to keep loaded models within ``[lifecycle]``, ``gateway plan`` to print.
+    """
+
+    def memory_estimate(self, config: ModelConfig, gpu_devices: int) -> MemoryEstimate: ...

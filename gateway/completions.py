@@ -96,6 +96,7 @@ class Job:
         with anyio.CancelScope(shield=True):
             await self._close_stream()
         self.entry.admission.release(self.request.n)
+        self.entry.release()
         end = ResponseEnd(
             outcome=outcome,
             status=status,
@@ -277,11 +278,16 @@ async def prepare(
     if services.pool.draining:
         raise ModelUnavailable("the server is shutting down")
     drain = services.pool.drain  # accepted before a shutdown: waits no longer than its deadline
-    backend = await unless_disconnected(drain.bounded(entry.ensure_loaded()), request.receive)
-    await _validate(backend, client_request)
-    queued = time.perf_counter()
-    admitted = drain.bounded(entry.admission.acquire(client_request.n))
-    await unless_disconnected(admitted, request.receive)
+    # the model's lease: held from before its load (if it needs one) until the Job ends
+    backend = await unless_disconnected(drain.bounded(entry.acquire()), request.receive)
+    try:
+        await _validate(backend, client_request)
+        queued = time.perf_counter()
+        admitted = drain.bounded(entry.admission.acquire(client_request.n))
+        await unless_disconnected(admitted, request.receive)
+    except BaseException:
+        entry.release()
+        raise
     return Job(services, ctx, entry, backend, client_request, time.perf_counter() - queued)
 
 

@@ -8,11 +8,11 @@ key path, e.g. ``models.smol.batching.max_queue``.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gateway.errors import ConfigError
 
@@ -39,6 +39,8 @@ class ModelConfig(StrictModel):
     backend: str
     aliases: tuple[str, ...] = ()
     load: Literal["startup", "on_demand"] = "startup"
+    #: Unload the model after this many seconds without a request (scale to zero); None: never.
+    idle_unload_after_s: float | None = Field(None, gt=0)
     batching: BatchingConfig = BatchingConfig()
     kv_cache: KVCacheConfig = KVCacheConfig()
 
@@ -54,6 +56,30 @@ class ServerConfig(StrictModel):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class LifecycleConfig(StrictModel):
+    """``[lifecycle]``: what loaded models may hold at once; eviction beyond it (LRU, drained).
+
+    Sizes come from each backend's memory estimate (``gateway plan`` prints them). An unset
+    limit is not enforced. With ``gpu_memory_bytes`` unset, models are planned on the host.
+    """
+
+    #: Memory models may use on each GPU device, in bytes, by device index.
+    gpu_memory_bytes: tuple[int, ...] = ()
+    #: Host memory models may use, in bytes.
+    host_memory_bytes: int | None = Field(None, ge=0)
+    max_loaded_models: int | None = Field(None, ge=1)
+    #: How long an eviction waits for the evicted model's requests to finish (never cut off:
+    #: past it the eviction is given up and the load that needed room fails with a 503).
+    drain_timeout_s: float = Field(30.0, ge=0)
+
+    @field_validator("gpu_memory_bytes")
+    @classmethod
+    def _positive(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(v < 0 for v in value):
+            raise ValueError("sizes must be >= 0 bytes")
+        return value
+
+
 class PluginConfig(StrictModel):
     """Base for plugin tables; ``enabled = false`` keeps a table without running the plugin."""
 
@@ -66,6 +92,7 @@ class GatewayConfig:
     server: ServerConfig
     models: dict[str, ModelConfig]
     plugins: dict[str, PluginConfig]
+    lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
 
     def model_names(self) -> list[str]:
         return list(self.models)
@@ -154,17 +181,24 @@ def _check_names(models: dict[str, ModelConfig], problems: list[str]) -> None:
 def parse_config(raw: dict[str, Any], source: str) -> GatewayConfig:
     """Validate a config mapping; raise :class:`ConfigError` listing every problem."""
     problems: list[str] = []
-    unknown = set(raw) - {"server", "models", "plugins"}
+    unknown = set(raw) - {"server", "models", "plugins", "lifecycle"}
     problems.extend(f"{key}: unknown top-level table" for key in sorted(unknown))
     server = _validate(ServerConfig, raw.get("server", {}), "server", problems)
+    lifecycle = _validate(LifecycleConfig, raw.get("lifecycle", {}), "lifecycle", problems)
     models = _parse_models(raw.get("models", {}), problems)
     plugins = _parse_plugins(raw.get("plugins", {}), problems)
     _check_names(models, problems)
     if not models and not problems:
         problems.append("models: at least one model must be configured")
-    if problems or not isinstance(server, ServerConfig):
+    if (
+        problems
+        or not isinstance(server, ServerConfig)
+        or not isinstance(lifecycle, LifecycleConfig)
+    ):
         raise ConfigError(source, problems)
-    return GatewayConfig(source=source, server=server, models=models, plugins=plugins)
+    return GatewayConfig(
+        source=source, server=server, models=models, plugins=plugins, lifecycle=lifecycle
+    )
 
 
 def load_config(path: Path) -> GatewayConfig:

@@ -6,6 +6,7 @@ A plugin package registers a :class:`PluginFactory` under the entry-point group
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from gateway.types import ClientRequest, Usage
 
 if TYPE_CHECKING:
     from gateway.pool import ModelPool
+
+log = logging.getLogger("gateway.plugins")
 
 Outcome = Literal["completed", "failed", "cancelled"]
 
@@ -50,6 +53,10 @@ class RequestContext:
     principal: str | None = None
     #: The caller's limits, set by an authentication plugin (e.g. from the API key's entry).
     limits: RateLimits | None = None
+    #: Whether the caller may use ``/admin/``, set by an authentication plugin (an admin key).
+    #: Once a plugin has set ``principal``, only ``admin`` callers pass; with no authentication
+    #: plugin, ``/admin/`` is served to loopback clients only.
+    admin: bool = False
     #: The model as configured (not the alias), once resolved.
     model: str | None = None
     request: ClientRequest | None = None
@@ -114,8 +121,12 @@ class PluginChain:
             await p.on_request(ctx, request)
 
     async def on_response_end(self, ctx: RequestContext, end: ResponseEnd) -> None:
+        """Every plugin hears of the end, even if one before it fails (limits get released)."""
         for p in self.plugins:
-            await p.on_response_end(ctx, end)
+            try:
+                await p.on_response_end(ctx, end)
+            except Exception:
+                log.exception("plugin %s failed in on_response_end", type(p).__name__)
 
     def routes(self) -> list[BaseRoute]:
         return [r for p in self.plugins for r in p.routes()]

@@ -7,13 +7,15 @@ import logging
 import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from gateway.admission import Admission
-from gateway.backend import Backend, Delegating
+from gateway.backend import Backend, Delegating, MemoryEstimate, ModelRouter
 from gateway.config import GatewayConfig, ModelConfig
 from gateway.drain import Drain
 from gateway.errors import ModelNotFound, ModelUnavailable
+from gateway.lifecycle import Lifecycle
 from gateway.registry import backend_factory
 from gateway.types import Delta, GenerationRequest
 
@@ -24,47 +26,153 @@ class ModelState(StrEnum):
     UNLOADED = "unloaded"
     LOADING = "loading"
     LOADED = "loaded"
+    #: Loaded, being evicted: running requests finish, new ones wait for the reload.
+    DRAINING = "draining"
+    UNLOADING = "unloading"
     FAILED = "failed"
 
 
 class ModelEntry:
-    """One configured model. Concurrent callers of :meth:`ensure_loaded` share one load."""
+    """One configured model and its lifecycle.
 
-    def __init__(self, name: str, config: ModelConfig) -> None:
+    A request holds a lease (:meth:`acquire` ... :meth:`release`) from before its model is
+    loaded until it ends; concurrent requests share one load, and a draining model is unloaded
+    only once its leases are back. Every load and unload goes through the pool's
+    :class:`~gateway.lifecycle.Lifecycle`.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: ModelConfig,
+        lifecycle: Lifecycle,
+        router: ModelRouter | None = None,
+    ) -> None:
         self.name = name
         self.config = config
-        self.backend: Backend = backend_factory(config.backend).create(name, config)
+        self.lifecycle = lifecycle
+        self.router = router
+        self.backend: Backend = self._new_backend()
         b = config.batching
         self.admission = Admission(name, b.max_concurrent, b.max_queue, b.queue_timeout_s)
         self.state = ModelState.UNLOADED
         self.created = int(time.time())
         self.load_seconds: float | None = None
         self.error: str | None = None
+        #: Requests holding this model (from before its load to their end).
+        self.leases = 0
+        #: ``time.monotonic()`` of the last lease taken or returned (LRU order, idle timer).
+        self.last_used = time.monotonic()
+        self.loads = 0
+        #: The memory estimate it was loaded with, while resident.
+        self.footprint: MemoryEstimate | None = None
+        #: Out of the configuration (removed or replaced): takes no new request.
+        self.retired = False
         self._load: asyncio.Task[None] | None = None
+        self._failure: tuple[str, float] | None = None
+        self._no_leases = asyncio.Event()
+        self._no_leases.set()
+        self._not_evicting = asyncio.Event()
+        self._not_evicting.set()
+
+    def _new_backend(self) -> Backend:
+        backend = backend_factory(self.config.backend).create(self.name, self.config)
+        if self.router is not None and isinstance(backend, Delegating):
+            backend.bind_router(self.router)
+        return backend
 
     @property
     def loaded(self) -> bool:
-        return self.state is ModelState.LOADED
+        return self.state in (ModelState.LOADED, ModelState.DRAINING)
+
+    @property
+    def evicting(self) -> bool:
+        return self.state in (ModelState.DRAINING, ModelState.UNLOADING)
+
+    # -- requests --------------------------------------------------------------------------------
+
+    async def acquire(self) -> Backend:
+        """A lease for one request, once the model is loaded (behind an eviction: reloaded)."""
+        await self._not_evicted()
+        self.leases += 1
+        self._no_leases.clear()
+        self.last_used = time.monotonic()
+        self.lifecycle.cancel_idle(self)
+        try:
+            return await self._loaded()
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Return a lease taken by :meth:`acquire`."""
+        self.leases -= 1
+        self.last_used = time.monotonic()
+        if self.leases == 0:
+            self._no_leases.set()
+            self.lifecycle.on_idle(self)
 
     async def ensure_loaded(self) -> Backend:
-        if self.state is not ModelState.LOADED:
+        """Load the model if it is not (sharing a load under way) without taking a lease."""
+        await self._not_evicted()
+        return await self._loaded()
+
+    async def _not_evicted(self) -> None:
+        self._check_retired()
+        while self.evicting:
+            await self._not_evicting.wait()
+            self._check_retired()
+
+    async def _loaded(self) -> Backend:
+        while not self.loaded:
+            self._check_retired()
             if self._load is None or self._load.done():
-                self._load = asyncio.create_task(self._do_load(), name=f"load {self.name}")
+                self._load = asyncio.create_task(
+                    self.lifecycle.load(self), name=f"load {self.name}"
+                )
             await asyncio.shield(self._load)
-            if not self.loaded:
-                raise ModelUnavailable(f"model {self.name!r} failed to load: {self.error}")
+            if not self.loaded and self._failure is not None:
+                message, retry_after_s = self._failure
+                raise ModelUnavailable(message, retry_after_s=retry_after_s)
         return self.backend
 
-    async def _do_load(self) -> None:
-        self.state = ModelState.LOADING
+    def _check_retired(self) -> None:
+        if self.retired:
+            raise ModelUnavailable(
+                f"model {self.name!r} was reconfigured or removed just now: retry",
+                retry_after_s=1,
+            )
+
+    # -- transitions, driven by the lifecycle --------------------------------------------------
+
+    def mark_queued(self) -> None:
+        if self.state in (ModelState.UNLOADED, ModelState.FAILED):
+            self.state = ModelState.LOADING
+
+    def mark_loading(self) -> None:
+        self.state, self._failure = ModelState.LOADING, None
+
+    def mark_no_room(self, message: str, retry_after_s: float) -> None:
+        log.error("model %s not loaded: %s", self.name, message)
+        self.state, self.error = ModelState.UNLOADED, message
+        self._failure = (message, max(1.0, retry_after_s))
+
+    def mark_not_queued(self) -> None:
+        if self.state is ModelState.LOADING:  # cancelled, or retired while queued
+            self.state = ModelState.UNLOADED
+
+    async def start_backend(self) -> bool:
         started = time.perf_counter()
         try:
             await self.backend.start()
         except Exception as err:  # a load failure is reported to every waiter, not raised here
-            self.state, self.error = ModelState.FAILED, str(err)
+            message = f"model {self.name!r} failed to load: {err}"
+            self.state, self.error, self._failure = ModelState.FAILED, str(err), (message, 5.0)
             log.error("model %s failed to load: %s", self.name, err)
-            return
+            await self._discard_backend()
+            return False
         self.load_seconds = time.perf_counter() - started
+        self.loads += 1
         capacity = min(self.admission.capacity, self.backend.info.max_concurrent)
         if capacity < self.admission.capacity:
             log.warning(
@@ -76,31 +184,147 @@ class ModelEntry:
             self.admission.resize(capacity)
         self.state, self.error = ModelState.LOADED, None
         log.info("model %s loaded in %.2f s", self.name, self.load_seconds)
+        return True
 
-    async def unload(self) -> None:
-        if self._load is not None and not self._load.done():
-            await asyncio.shield(self._load)
+    def begin_drain(self) -> None:
+        self.state = ModelState.DRAINING
+        self._not_evicting.clear()
+
+    def cancel_drain(self) -> None:
+        self.state = ModelState.LOADED
+        self._not_evicting.set()
+
+    async def drained(self) -> None:
+        """Return once no request holds the model."""
+        await self._no_leases.wait()
+
+    async def settled(self) -> None:
+        """Return once the load under way, if any, has ended."""
+        if self._load is not None:
+            await asyncio.gather(asyncio.shield(self._load), return_exceptions=True)
+
+    async def stop_backend(self) -> None:
+        """Free the backend (a fresh one, not started, takes its place for the next load)."""
+        self.state = ModelState.UNLOADING
+        self._not_evicting.clear()
+        try:
+            await self._discard_backend()
+            log.info("model %s unloaded", self.name)
+        finally:
+            self.state = ModelState.UNLOADED
+            self._not_evicting.set()
+
+    async def _discard_backend(self) -> None:
+        backend, self.backend = self.backend, self._new_backend()
+        try:
+            await backend.aclose()
+        except Exception as err:  # freeing must go on; the old backend object is dropped
+            log.error("model %s: closing its backend failed: %s", self.name, err)
+
+    def retire(self) -> None:
+        self.retired = True
         if self.state is ModelState.LOADED:
-            await self.backend.aclose()
-        self.state = ModelState.UNLOADED
+            self.begin_drain()
+
+
+_IN_PLACE = frozenset({"aliases", "load", "idle_unload_after_s"})
+
+
+def _in_place(old: ModelConfig, new: ModelConfig) -> bool:
+    """Whether a model's new table differs from the old only in keys applied without reload."""
+    if type(old) is not type(new):
+        return False
+    keep = {k: getattr(old, k) for k in _IN_PLACE}
+    return new.model_copy(update=keep) == old
+
+
+def _names(entries: dict[str, ModelEntry]) -> dict[str, ModelEntry]:
+    by_name: dict[str, ModelEntry] = {}
+    for entry in entries.values():
+        for alias in (entry.name, *entry.config.aliases):
+            by_name[alias] = entry
+    return by_name
+
+
+@dataclass
+class Reconfigured:
+    """What :meth:`ModelPool.reconfigure` did, by model name."""
+
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    #: Reloaded with their new table (once their running requests are done).
+    changed: list[str] = field(default_factory=list)
+    #: Changed only in keys applied in place (aliases, load, idle_unload_after_s).
+    updated: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
 
 
 class ModelPool:
     def __init__(self, config: GatewayConfig) -> None:
-        self.entries = {name: ModelEntry(name, cfg) for name, cfg in config.models.items()}
-        self._by_name: dict[str, ModelEntry] = {}
-        for entry in self.entries.values():
-            for alias in (entry.name, *entry.config.aliases):
-                self._by_name[alias] = entry
+        self.config = config
+        self.lifecycle = Lifecycle(config.lifecycle)
+        self.entries = {name: self._entry(name, cfg) for name, cfg in config.models.items()}
+        self._by_name = _names(self.entries)
+        #: Set once the ``load = "startup"`` models have loaded (``/ready``).
+        self.started = False
         #: Started on shutdown: /ready 503, new requests 503, accepted ones end by its deadline.
         self.drain = Drain(config.server.drain_timeout_s)
-        for entry in self.entries.values():
-            if isinstance(entry.backend, Delegating):
-                entry.backend.bind_router(self)
 
     @property
     def draining(self) -> bool:
         return self.drain.started
+
+    def _entry(self, name: str, config: ModelConfig) -> ModelEntry:
+        return ModelEntry(name, config, self.lifecycle, router=self)
+
+    def reconfigure(self, config: GatewayConfig) -> Reconfigured:
+        """Apply a new (validated) config's models and ``[lifecycle]``; ``[server]`` and plugins
+        stay as they are (the caller says they need a restart).
+
+        Added models are served at once (``load = "startup"`` ones load now). Removed and
+        changed ones stop taking requests, finish the running ones, and unload; a changed model
+        that was loaded then loads again with its new table. A change only to ``aliases``,
+        ``load`` or ``idle_unload_after_s`` applies in place.
+        """
+        old = self.entries
+        report = Reconfigured()
+        entries: dict[str, ModelEntry] = {}
+        for name, cfg in config.models.items():
+            entry = old.get(name)
+            if entry is None:
+                entries[name] = self._entry(name, cfg)
+                report.added.append(name)
+            elif _in_place(entry.config, cfg):
+                (report.unchanged if entry.config == cfg else report.updated).append(name)
+                entry.config = cfg
+                entries[name] = entry
+            else:
+                entries[name] = self._entry(name, cfg)
+                report.changed.append(name)
+        report.removed = [name for name in old if name not in config.models]
+        self.config = config
+        self.lifecycle.configure(config.lifecycle)
+        self.entries, self._by_name = entries, _names(entries)
+        for name in report.removed:
+            self.lifecycle.retire(old[name])
+        for name in report.changed:
+            reload = old[name].loaded or old[name].state is ModelState.LOADING
+            if reload or entries[name].config.load == "startup":
+                self.lifecycle.retire(old[name], then=self._load_later(entries[name]))
+            else:
+                self.lifecycle.retire(old[name])
+        for name in report.added:
+            if entries[name].config.load == "startup":
+                self.lifecycle.spawn(self._load_later(entries[name]), f"load {name}")
+        for name in report.updated:
+            self.lifecycle.on_idle(entries[name])
+        return report
+
+    async def _load_later(self, entry: ModelEntry) -> None:
+        try:
+            await entry.ensure_loaded()
+        except ModelUnavailable as err:  # already logged; requests get the 503
+            log.debug("background load of %s: %s", entry.name, err)
 
     def resolve(self, name: str) -> ModelEntry:
         entry = self._by_name.get(name)
@@ -115,11 +339,14 @@ class ModelPool:
         """One sequence on ``model`` for a delegating backend (a fallback): that model's load,
         validation and admission apply (its queue full: 503)."""
         entry = self.resolve(model)
-        backend = await entry.ensure_loaded()
-        await backend.validate(request)
-        async with entry.admission.admit(1), aclosing(backend.stream(request)) as deltas:
-            async for delta in deltas:
-                yield delta
+        backend = await entry.acquire()
+        try:
+            await backend.validate(request)
+            async with entry.admission.admit(1), aclosing(backend.stream(request)) as deltas:
+                async for delta in deltas:
+                    yield delta
+        finally:
+            entry.release()
 
     def names(self) -> list[tuple[str, ModelEntry]]:
         """Every model id clients may use (names and aliases) with its entry."""
@@ -127,11 +354,9 @@ class ModelPool:
 
     @property
     def ready(self) -> bool:
-        return not self.draining and all(
-            e.state is ModelState.LOADED
-            for e in self.entries.values()
-            if e.config.load == "startup"
-        )
+        """The startup models have loaded (later they may be unloaded: requests reload them)
+        and the server is not shutting down."""
+        return self.started and not self.draining
 
     async def start(self) -> None:
         """Load every ``load = "startup"`` model; raise if any fails."""
@@ -142,6 +367,7 @@ class ModelPool:
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             raise failed[0]
+        self.started = True
 
     async def aclose(self) -> None:
-        await asyncio.gather(*(e.unload() for e in self.entries.values()), return_exceptions=True)
+        await self.lifecycle.aclose()

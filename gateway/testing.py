@@ -19,7 +19,7 @@ import httpx
 import uvicorn
 from pydantic import Field
 
-from gateway.backend import Backend
+from gateway.backend import Backend, MemoryEstimate
 from gateway.config import BatchingConfig, GatewayConfig, ModelConfig
 from gateway.errors import ContextLengthExceeded, EngineError
 from gateway.stops import StopMatcher
@@ -46,6 +46,11 @@ class ScriptedConfig(ModelConfig):
     prefill_delay_s: float = Field(0.0, ge=0)
     token_delay_s: float = Field(0.0, ge=0)
     fail_on_start: bool = False
+    unload_delay_s: float = Field(0.0, ge=0)
+    #: The memory estimate it reports (``memory_estimate``): on GPU 0 if GPUs are planned.
+    weights_bytes: int = Field(0, ge=0)
+    kv_cache_bytes: int = Field(0, ge=0)
+    compute_bytes: int = Field(0, ge=0)
     fail_after_tokens: int | None = Field(None, ge=0)
     batching: BatchingConfig = BatchingConfig()
 
@@ -97,6 +102,7 @@ class ScriptedBackend:
         self.started = True
 
     async def aclose(self) -> None:
+        await asyncio.sleep(self.config.unload_delay_s)
         self.started = False
 
     async def validate(self, request: GenerationRequest) -> int:
@@ -173,6 +179,18 @@ class ScriptedFactory:
     def create(self, name: str, config: ModelConfig) -> ScriptedBackend:
         assert isinstance(config, ScriptedConfig)
         return ScriptedBackend(name, config)
+
+    def memory_estimate(self, config: ModelConfig, gpu_devices: int) -> MemoryEstimate:
+        assert isinstance(config, ScriptedConfig)
+        total = config.weights_bytes + config.kv_cache_bytes + config.compute_bytes
+        gpu = (total,) + (0,) * (gpu_devices - 1) if gpu_devices else ()
+        return MemoryEstimate(
+            weights_bytes=config.weights_bytes,
+            kv_cache_bytes=config.kv_cache_bytes,
+            compute_bytes=config.compute_bytes,
+            gpu_bytes=gpu,
+            host_bytes=0 if gpu_devices else total,
+        )
 
 
 factory = ScriptedFactory()

@@ -1,0 +1,192 @@
+"""``/admin/``: load and unload models by hand, reload config.toml, see what is resident.
+
+Who may call: the authentication plugins' header hooks run first (an API key plugin answers
+401 for a missing or wrong key). A caller they authenticated (``ctx.principal`` set) passes only
+if they marked it ``ctx.admin`` (e.g. a key with ``admin = true``); with no authentication
+plugin, only loopback clients pass.
+
+- ``GET /admin/models``: every model's state, leases, queue, footprint; the budget in use.
+- ``POST /admin/models/{model}/load``: load now (200 once loaded; 503 if it fails).
+- ``POST /admin/models/{model}/unload``: unload after its running requests (409 if they run
+  past ``[lifecycle].drain_timeout_s``; nothing is cut off).
+- ``POST /admin/reload``: read the config file again, validate it (400 listing the problems,
+  nothing changed), apply its models and ``[lifecycle]``; ``[server]`` and plugin changes are
+  reported as needing a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from gateway.completions import Services
+from gateway.config import GatewayConfig, load_config
+from gateway.errors import ConfigError, GatewayError, InvalidRequest, PermissionDenied
+from gateway.http import error_response
+from gateway.lifecycle import NoRoom
+from gateway.plugins import RequestContext
+from gateway.pool import ModelEntry
+
+log = logging.getLogger("gateway.admin")
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class ModelBusy(GatewayError):
+    status = 409
+    type = "invalid_request_error"
+    default_code = "model_busy"
+
+
+def is_loopback(host: str | None) -> bool:
+    if host is None:
+        return False
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+async def authorize(services: Services, request: Request) -> None:
+    """Raise unless the caller may use ``/admin/`` (see the module docstring)."""
+    client = request.client.host if request.client else None
+    ctx = RequestContext(
+        request_id="admin-" + uuid.uuid4().hex,
+        path=request.url.path,
+        headers=request.headers,
+        client_host=client,
+    )
+    await services.plugins.on_request_headers(ctx)
+    if ctx.principal is not None:
+        if not ctx.admin:
+            raise PermissionDenied(
+                f"API key {ctx.principal!r} is not an admin key", code="admin_key_required"
+            )
+    elif not is_loopback(client):
+        raise PermissionDenied(
+            "/admin/ is served to loopback clients only (configure an API key with "
+            "admin = true to use it from elsewhere)",
+            code="admin_loopback_only",
+        )
+
+
+def _guarded(services: Services, handler: Handler) -> Handler:
+    async def guarded(request: Request) -> Response:
+        try:
+            await authorize(services, request)
+            return await handler(request)
+        except GatewayError as err:
+            return error_response(err)
+
+    return guarded
+
+
+def describe(entry: ModelEntry) -> dict[str, object]:
+    footprint = asdict(entry.footprint) if entry.footprint is not None else None
+    if footprint is not None:
+        footprint.pop("options", None)
+    return {
+        "id": entry.name,
+        "backend": entry.config.backend,
+        "state": entry.state.value,
+        "retired": entry.retired,
+        "load": entry.config.load,
+        "leases": entry.leases,
+        "active_sequences": entry.admission.active,
+        "queued": entry.admission.queued,
+        "loads": entry.loads,
+        "load_seconds": entry.load_seconds,
+        "idle_s": round(time.monotonic() - entry.last_used, 3),
+        "idle_unload_after_s": entry.config.idle_unload_after_s,
+        "footprint": footprint,
+        "error": entry.error,
+    }
+
+
+def _budget(services: Services) -> dict[str, object]:
+    lifecycle = services.pool.lifecycle
+    budget = lifecycle.budget
+    prints = [e.footprint for e in lifecycle.resident if e.footprint is not None]
+    devices = len(budget.gpu_bytes)
+    return {
+        "gpu_memory_bytes": list(budget.gpu_bytes),
+        "host_memory_bytes": budget.host_bytes,
+        "max_loaded_models": budget.max_models,
+        "drain_timeout_s": lifecycle.config.drain_timeout_s,
+        "gpu_used_bytes": [
+            sum(f.gpu_bytes[d] for f in prints if d < len(f.gpu_bytes)) for d in range(devices)
+        ],
+        "host_used_bytes": sum(f.host_bytes + sum(f.gpu_bytes[devices:]) for f in prints),
+        "resident_models": len(lifecycle.resident),
+    }
+
+
+def _restart_needed(running: GatewayConfig, new: GatewayConfig) -> list[str]:
+    keys = [
+        f"server.{k}"
+        for k in type(running.server).model_fields
+        if getattr(running.server, k) != getattr(new.server, k)
+    ]
+    names = sorted(set(running.plugins) | set(new.plugins))
+    keys += [f"plugins.{n}" for n in names if running.plugins.get(n) != new.plugins.get(n)]
+    return keys
+
+
+def admin_routes(services: Services) -> list[BaseRoute]:
+    pool = services.pool
+    reloading = asyncio.Lock()
+
+    async def list_models(request: Request) -> Response:
+        entries = list(pool.entries.values())
+        entries += [e for e in pool.lifecycle.resident if e.retired]
+        data = [describe(e) for e in entries]
+        return JSONResponse({"object": "list", "data": data, "budget": _budget(services)})
+
+    async def load(request: Request) -> Response:
+        entry = pool.resolve(request.path_params["model_id"])
+        await entry.ensure_loaded()
+        return JSONResponse(describe(entry))
+
+    async def unload(request: Request) -> Response:
+        entry = pool.resolve(request.path_params["model_id"])
+        try:
+            await pool.lifecycle.unload(entry)
+        except NoRoom as err:
+            raise ModelBusy(str(err)) from None
+        return JSONResponse(describe(entry))
+
+    async def reload(request: Request) -> Response:
+        source = Path(pool.config.source)
+        if not await asyncio.to_thread(source.is_file):
+            raise InvalidRequest(
+                f"the server runs {pool.config.source}, not a config file: nothing to reload",
+                code="no_config_file",
+            )
+        async with reloading:
+            try:
+                config = await asyncio.to_thread(load_config, source)
+            except ConfigError as err:
+                log.error("config reload rejected: %s", err)
+                raise InvalidRequest(str(err), code="invalid_config") from None
+            report = pool.reconfigure(config)
+        restart = _restart_needed(services.config, config)
+        log.info("config reloaded from %s: %s; restart needed for %s", source, report, restart)
+        body = {**asdict(report), "restart_required": restart}
+        return JSONResponse(body)
+
+    return [
+        Route("/admin/models", _guarded(services, list_models), methods=["GET"]),
+        Route("/admin/models/{model_id:path}/load", _guarded(services, load), methods=["POST"]),
+        Route("/admin/models/{model_id:path}/unload", _guarded(services, unload), methods=["POST"]),
+        Route("/admin/reload", _guarded(services, reload), methods=["POST"]),
+    ]
