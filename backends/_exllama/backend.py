@@ -130,6 +130,13 @@ class ExllamaBackend:
             raise EngineError(f"model {self.name!r}: {err}") from err
         engine = EngineLoop(model, self.name)
         engine.start()
+        try:
+            bos = [] if model.bos_token_id is None else [model.bos_token_id]
+            engine.warm_up([*bos, *model.encode("Hello", special=False)])
+        except Exception as err:
+            engine.stop()
+            model.unload()
+            raise EngineError(f"model {self.name!r}: {err}") from err
         plan = model.plan
         log.info(
             "model %s: %s; context %d tokens, cache %d tokens, batch %d, prefill chunk %d%s",

@@ -127,6 +127,17 @@ class _Inbox:
         return bool(self.submits or self.cancels or self.stop)
 
 
+class _WaitingSink:
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.last: Delta | GatewayError | None = None
+
+    def put(self, item: Delta | GatewayError) -> None:
+        if isinstance(item, Finish | GatewayError):
+            self.last = item
+            self.done.set()
+
+
 class EngineStopped(EngineError):
     """The model is being unloaded; no new work is taken."""
 
@@ -179,6 +190,21 @@ class EngineLoop:
             self._thread.join(timeout_s)
             if self._thread.is_alive():
                 log.error("engine %s: thread did not stop within %.0f s", self.name, timeout_s)
+
+    def warm_up(self, input_ids: Sequence[int], timeout_s: float = 600.0) -> None:
+        """Generate two tokens on the engine thread and wait: kernels compile, the whole path
+        runs once before the first request. Raises :class:`EngineError`; the counters restart."""
+        sink = _WaitingSink()
+        job = JobSpec(tuple(input_ids), 2, SamplingParams(temperature=0.0), ())
+        ticket = self.submit(job, stops=(), prompt_tokens=len(input_ids), sink=sink)
+        if not sink.done.wait(timeout_s):
+            self.cancel(ticket)
+            raise EngineError(f"the warm-up generation took longer than {timeout_s:.0f} s")
+        if isinstance(sink.last, GatewayError):
+            raise EngineError(f"the warm-up generation failed: {sink.last.message}")
+        with self._cond:
+            kv_used, kv_total = self._counters.kv_used, self._counters.kv_total
+            self._counters = _Counters(kv_used=kv_used, kv_total=kv_total)
 
     def stats(self) -> EngineStats:
         c = self._counters

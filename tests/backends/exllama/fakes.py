@@ -203,6 +203,14 @@ class FakeModel:
     unloaded: bool = False
     fail_make_job: bool = False
 
+    @property
+    def request_jobs(self) -> list[FakeJob]:
+        """Jobs after the backend's warm-up job (the first one, when it ran)."""
+        warm = (
+            bool(self.jobs) and self.jobs[0].max_new_tokens == 2 and not self.jobs[0].stop_token_ids
+        )
+        return self.jobs[1:] if warm else self.jobs
+
     def encode(self, text: str, *, special: bool) -> list[int]:
         self.encoded.append((text, special))
         return char_tokens(text, special)

@@ -96,6 +96,35 @@ async def test_info_before_and_after_start(model_dir: Path) -> None:
     assert backend.stats().active_sequences == 0
 
 
+async def test_start_warms_the_engine_up(model_dir: Path) -> None:
+    loader = FakeLoader(script=words("abc"))
+    backend = await started(model_dir, loader)
+    try:
+        model = fake(loader)
+        (warm,) = model.jobs
+        assert warm.max_new_tokens == 2 and warm.new_tokens == 2
+        assert warm.input_ids[0] == model.bos_token_id
+        stats = backend.stats()
+        assert stats.tokens_generated == 0 and stats.decode_steps == 0, "counters restart"
+    finally:
+        await backend.aclose()
+
+
+async def test_failed_warm_up_fails_the_load(model_dir: Path) -> None:
+    loader = FakeLoader(script=words("abc"))
+    original = loader.__call__
+
+    def broken(name: str, config: ExllamaModelConfig) -> FakeModel:
+        model = original(name, config)
+        model.generator.fail_next_iterate = RuntimeError("no kernel image for this device")
+        return model
+
+    backend = ExllamaBackend("m", config(model_dir), broken, library="exllamav2")
+    with pytest.raises(EngineError, match=r"warm-up generation failed.*no kernel image"):
+        await backend.start()
+    assert fake(loader).unloaded and backend.loaded_model is None
+
+
 async def test_stream_chat(model_dir: Path) -> None:
     backend = await started(model_dir, FakeLoader(script=words("Hi there")))
     try:
@@ -159,7 +188,7 @@ async def test_job_gets_the_request(model_dir: Path) -> None:
         await collect(backend, GenerationRequest("r", prompt="abc", sampling=sampling))
         await collect(backend, GenerationRequest("r", prompt="abc", max_tokens=7))
         assert loader.model is not None
-        first, second = loader.model.jobs
+        first, second = loader.model.request_jobs
         assert first.max_new_tokens == 1000 - 3 and first.seed == 42
         assert second.max_new_tokens == 7
         assert first.stop_token_ids == loader.model.stop_token_ids
@@ -293,7 +322,7 @@ def test_http_n_concurrent_choices(served: tuple[ServerThread, FakeLoader]) -> N
     assert sorted(c.index for c in r.choices) == [0, 1, 2]
     assert all(c.message.content == "one two three four" for c in r.choices)
     assert r.usage is not None and r.usage.completion_tokens == 3 * 19
-    assert sorted(j.seed or 0 for j in fake(loader).jobs) == [5, 6, 7]
+    assert sorted(j.seed or 0 for j in fake(loader).request_jobs) == [5, 6, 7]
     assert server.backend("m").stats().max_batch_sequences >= 2  # type: ignore[attr-defined]
 
 
@@ -343,8 +372,8 @@ def test_http_disconnect_cancels_the_job(served: tuple[ServerThread, FakeLoader]
     wait_for(lambda: model.generator.num_remaining_jobs() == 0)
     stats = server.backend("m").stats()  # type: ignore[attr-defined]
     assert stats.cancelled == 1 and stats.kv_cells_used == 0
-    assert model.jobs[0] in model.generator.cancelled
-    assert model.jobs[0].new_tokens < 3000
+    job = model.request_jobs[0]
+    assert job in model.generator.cancelled and job.new_tokens < 3000
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
