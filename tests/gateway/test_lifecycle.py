@@ -272,7 +272,11 @@ async def test_reconfigure_adds_removes_and_reloads_changed_models(pools: list[M
     await use(keep)
     await edit.acquire()  # a request in flight on the model being changed
     await gone.acquire()  # ... and on the one being removed
-    new = {"keep": {"aliases": ["k"]}, "edit": {"reply": "new"}, "added": {"load": "startup"}}
+    new: dict[str, dict[str, Any]] = {
+        "keep": {"aliases": ["k"]},
+        "edit": {"reply": "new"},
+        "added": {"load": "startup"},
+    }
     report = pool.reconfigure(config(new))
     assert (report.added, report.removed, report.changed, report.updated) == (
         ["added"],
@@ -290,7 +294,7 @@ async def test_reconfigure_adds_removes_and_reloads_changed_models(pools: list[M
     gone.release()
     new_edit = pool.resolve("edit")
     await until(lambda: new_edit.state is ModelState.LOADED)  # it was loaded: loads again
-    assert edit.state is ModelState.UNLOADED and gone.state is ModelState.UNLOADED
+    assert (edit.state, gone.state) == (ModelState.UNLOADED, ModelState.UNLOADED)
     assert scripted(new_edit.backend).config.reply == "new"
     assert pool.lifecycle.resident == {keep, new_edit, pool.resolve("added")}
 
@@ -300,7 +304,7 @@ async def test_reconfigure_adds_removes_and_reloads_changed_models(pools: list[M
 
 @pytest.fixture
 async def app_services() -> AsyncIterator[Services]:
-    models = {
+    models: dict[str, dict[str, Any]] = {
         "a": {"reply": "one two three four five six", "token_delay_s": 0.02},
         "b": {"reply": "bee", "load_delay_s": 0.05},
         "broken": {"fail_on_start": True},
