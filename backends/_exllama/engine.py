@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from backends._exllama.results import Chunk, End, Failed, read_result
 from gateway.backend import EngineStats
-from gateway.errors import EngineError, GatewayError
+from gateway.errors import EngineError, GatewayError, ModelUnavailable
 from gateway.stops import StopMatcher
 from gateway.types import Delta, Finish, FinishReason, SamplingParams, TextDelta, Usage
 
@@ -138,8 +138,8 @@ class _WaitingSink:
             self.done.set()
 
 
-class EngineStopped(EngineError):
-    """The model is being unloaded; no new work is taken."""
+class EngineStopped(ModelUnavailable):
+    """The model is being unloaded; no new work is taken (503 with Retry-After)."""
 
 
 class EngineLoop:
@@ -193,7 +193,7 @@ class EngineLoop:
 
     def warm_up(self, input_ids: Sequence[int], timeout_s: float = 600.0) -> None:
         """Generate two tokens on the engine thread and wait: kernels compile, the whole path
-        runs once before the first request. Raises :class:`EngineError`; the counters restart."""
+        runs once before the first request. Raises :class:`EngineError`."""
         sink = _WaitingSink()
         job = JobSpec(tuple(input_ids), 2, SamplingParams(temperature=0.0), ())
         ticket = self.submit(job, stops=(), prompt_tokens=len(input_ids), sink=sink)
@@ -202,9 +202,6 @@ class EngineLoop:
             raise EngineError(f"the warm-up generation took longer than {timeout_s:.0f} s")
         if isinstance(sink.last, GatewayError):
             raise EngineError(f"the warm-up generation failed: {sink.last.message}")
-        with self._cond:
-            kv_used, kv_total = self._counters.kv_used, self._counters.kv_total
-            self._counters = _Counters(kv_used=kv_used, kv_total=kv_total)
 
     def stats(self) -> EngineStats:
         c = self._counters
@@ -297,25 +294,23 @@ class EngineLoop:
             log.exception("engine %s: generator step failed", self.name)
             self._fail_all(EngineError(f"the engine failed: {type(err).__name__}: {err}"))
             return
-        stepped: set[int] = set()
-        for result in results:
-            event = read_result(result)
-            if event is None:
-                continue
-            run = self._running.get(event.identifier)
-            if run is None:
-                continue
-            if isinstance(event, Failed):
-                self._running.pop(run.ticket.id)
-                run.ticket.sink.put(EngineError(event.message))
-                continue
-            stepped.add(event.identifier)
-            self._on_output(run, event)
+        # Counters first, deliveries after: a requester that has its Finish sees them current.
+        self._update_kv()
+        events = [e for e in map(read_result, results) if e is not None]
+        stepped = {e.identifier for e in events if not isinstance(e, Failed)} & set(self._running)
         if stepped:
             c = self._counters
             c.decode_steps += 1
             c.max_batch_sequences = max(c.max_batch_sequences, len(stepped))
-        self._update_kv()
+        for event in events:
+            run = self._running.get(event.identifier)
+            if run is None:  # not ours, or ended earlier in this step
+                continue
+            if isinstance(event, Failed):
+                self._running.pop(run.ticket.id)
+                run.ticket.sink.put(EngineError(event.message))
+            else:
+                self._on_output(run, event)
 
     def _on_output(self, run: _Running, event: Chunk | End) -> None:
         c = self._counters

@@ -105,7 +105,8 @@ async def test_start_warms_the_engine_up(model_dir: Path) -> None:
         assert warm.max_new_tokens == 2 and warm.new_tokens == 2
         assert warm.input_ids[0] == model.bos_token_id
         stats = backend.stats()
-        assert stats.tokens_generated == 0 and stats.decode_steps == 0, "counters restart"
+        assert stats.tokens_generated == 2 and stats.decode_steps == 2
+        assert stats.kv_cells_used == 0 and stats.active_sequences == 0
     finally:
         await backend.aclose()
 
