@@ -31,6 +31,8 @@ class KeyConfig(StrictModel):
     file: Path | None = None
     #: Models (names or aliases) this key may use; empty: every model.
     models: tuple[str, ...] = ()
+    #: May use ``/admin/`` (load and unload models, reload the config).
+    admin: bool = False
     #: Rate limits for this key (0: unlimited; unset: the rate_limit plugin's default).
     requests_per_minute: int | None = Field(None, ge=0)
     tokens_per_minute: int | None = Field(None, ge=0)

@@ -23,6 +23,7 @@ class Key:
     #: Configured model names this key may use; None: every model.
     models: frozenset[str] | None
     limits: RateLimits
+    admin: bool = False
 
 
 def _bearer(header: str | None) -> str | None:
@@ -40,7 +41,7 @@ def _keys(config: ApiKeysConfig, pool: ModelPool) -> list[Key]:
     problems: list[str] = []
     for i, cfg in enumerate(config.keys):
         models = _allowed_models(cfg, pool, f"plugins.api_keys.keys.{i}.models", problems)
-        keys.append(Key(cfg.name, cfg.digest, models, cfg.limits))
+        keys.append(Key(cfg.name, cfg.digest, models, cfg.limits, cfg.admin))
     if problems:
         raise ConfigError("plugins.api_keys", problems)
     return keys
@@ -87,6 +88,7 @@ class ApiKeysPlugin(Plugin):
             raise AuthenticationError("Incorrect API key provided.", headers=_CHALLENGE)
         ctx.principal = key.name
         ctx.limits = key.limits
+        ctx.admin = key.admin
 
     async def on_request(self, ctx: RequestContext, request: ClientRequest) -> None:
         key = self._by_name.get(ctx.principal or "")

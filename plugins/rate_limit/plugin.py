@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ log = logging.getLogger("plugins.rate_limit")
 
 #: The bucket of requests without a principal (no key name can look like this).
 ANONYMOUS = "~anonymous"
+#: After the store failed, requests skip it this long (no timeout paid per request).
+RETRY_STORE_AFTER_S = 1.0
 
 _UNITS = {
     "requests": "requests per minute",
@@ -94,6 +97,7 @@ class RateLimitPlugin(Plugin):
         self._where = where
         self._held: dict[str, _Held] = {}
         self._healthy = True
+        self._skip_store_until = 0.0
         self._renewer: asyncio.Task[None] | None = None
 
     def limits_for(self, granted: RateLimits | None) -> Limits:
@@ -124,13 +128,13 @@ class RateLimitPlugin(Plugin):
         reserve = 0
         if limits.tokens_per_minute:
             reserve = sum(g.max_tokens or 0 for g in request.generations)
+        if time.monotonic() < self._skip_store_until:
+            return self._without_store()
         try:
             decision = await self._limiter.acquire(bucket, limits, reserve, ctx.request_id)
         except LimiterUnavailable as err:
             self._unavailable(err)
-            if self.config.on_redis_error == "closed":
-                raise RateLimiterUnavailable() from None
-            return
+            return self._without_store()
         self._available()
         ctx.response_headers.update(rate_limit_headers(decision))
         if not decision.allowed:
@@ -149,7 +153,13 @@ class RateLimitPlugin(Plugin):
         except LimiterUnavailable as err:  # the slot's lease runs out by itself
             self._unavailable(err)
 
+    def _without_store(self) -> None:
+        """The store is down: let the request through unlimited, or refuse it."""
+        if self.config.on_redis_error == "closed":
+            raise RateLimiterUnavailable()
+
     def _unavailable(self, err: LimiterUnavailable) -> None:
+        self._skip_store_until = time.monotonic() + RETRY_STORE_AFTER_S
         if not self._healthy:
             return
         self._healthy = False

@@ -224,3 +224,16 @@ def test_unknown_model_in_a_keys_list_fails_at_startup() -> None:
     )
     with pytest.raises(ConfigError, match=r"keys\.0\.models: unknown model 'zz'"):
         build_services(cfg)
+
+
+def test_only_admin_keys_reach_admin_routes(tmp_path: Path) -> None:
+    admin = "sk-admin-99999999999999"
+    keys = [
+        {"name": "alice", "sha256": sha256(ALICE)},
+        {"name": "ops", "sha256": sha256(admin), "admin": True},
+    ]
+    with ServerThread(config(plugins={"api_keys": {"keys": keys}})) as server:
+        url = server.base_url + "/admin/models"
+        assert httpx.get(url).status_code == 401  # loopback, but keys are configured
+        assert httpx.get(url, headers={"Authorization": f"Bearer {ALICE}"}).status_code == 403
+        assert httpx.get(url, headers={"Authorization": f"Bearer {admin}"}).status_code == 200

@@ -8,7 +8,11 @@ import httpx
 import openai
 import pytest
 
+from gateway.errors import RateLimited
+from gateway.plugins import Plugin, PluginChain, RequestContext, ResponseEnd
 from gateway.testing import ServerThread
+from gateway.types import ClientRequest, GenerationRequest, Usage
+from plugins.rate_limit import RateLimitConfig, RateLimitPlugin
 from plugins.rate_limit.limiter import Limits, MemoryLimiter, format_duration
 from tests.plugins.helpers import SLOW_REPLY, chat, client, config, post, scripted, sha256, wait_for
 
@@ -134,7 +138,7 @@ def test_concurrency_slot_is_released_when_the_client_leaves() -> None:
 
 
 def test_concurrency_counts_non_streamed_requests_too() -> None:
-    with gateway({"concurrent_requests": 2}, reply=SLOW_REPLY, token_delay_s=0.01) as server:
+    with gateway({"concurrent_requests": 2}, reply=SLOW_REPLY, token_delay_s=0.02) as server:
         import concurrent.futures
 
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -197,3 +201,26 @@ async def test_memory_token_debt_and_refund() -> None:
 )  # fmt: skip
 def test_reset_durations_look_like_openais(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
+
+
+async def test_a_failing_end_hook_before_it_does_not_keep_the_slot(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Broken(Plugin):
+        async def on_response_end(self, ctx: RequestContext, end: ResponseEnd) -> None:
+            raise RuntimeError("broken plugin")
+
+    limiter = RateLimitPlugin(RateLimitConfig(concurrent_requests=1), MemoryLimiter())
+    chain = PluginChain([Broken(), limiter])
+    request = ClientRequest("chat", "m", (GenerationRequest("g", prompt="hi"),))
+
+    def ctx(request_id: str) -> RequestContext:
+        return RequestContext(request_id, "/v1/completions", {}, "127.0.0.1")
+
+    first = ctx("r1")
+    await chain.on_request(first, request)
+    with pytest.raises(RateLimited):
+        await chain.on_request(ctx("r2"), request)
+    await chain.on_response_end(first, ResponseEnd("completed", 200, Usage(), 0.1))
+    await chain.on_request(ctx("r3"), request)  # the slot came back
+    assert "Broken failed in on_response_end" in caplog.text

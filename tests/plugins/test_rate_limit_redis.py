@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -176,10 +177,11 @@ def test_redis_going_away_and_coming_back(
         redis_server.stop()
         assert post(server, chat(max_tokens=1)).status_code == 503
         redis_server.start()
+        # Redis is asked again a second after it failed
+        wait_for(lambda: post(server, chat(max_tokens=1)).status_code == 200)
         ok = post(server, chat(max_tokens=1))
-        assert ok.status_code == 200
-        # a fresh Redis: the bucket starts full again
-        assert ok.headers["x-ratelimit-remaining-requests"] == "99"
+        # a fresh Redis: the bucket started full again
+        assert ok.headers["x-ratelimit-remaining-requests"] == "98"
     messages = [r.getMessage() for r in caplog.records]
     assert any("failing CLOSED" in m for m in messages)
     assert any("reachable again" in m for m in messages)
@@ -195,3 +197,51 @@ def test_config_rejects_an_unknown_failure_mode() -> None:
 def test_redis_credentials_never_reach_logs() -> None:
     assert redacted("redis://user:s3cret@cache.internal:6380/2") == "redis://cache.internal:6380/2"
     assert redacted("rediss://:s3cret@host/0?password=s3cret") == "rediss://host/0"
+
+
+def test_a_stream_ending_while_redis_is_down_ends_cleanly(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = {"reply": "word " * 40, "token_delay_s": 0.01}
+    limits = {"concurrent_requests": 1, "tokens_per_minute": 10_000}
+    with (
+        caplog.at_level(logging.INFO, logger="plugins.rate_limit"),
+        redis_gateway(redis_server.url, "t9", model, **limits) as server,
+        httpx.stream("POST", server.base_url + "/v1/chat/completions", json=chat(stream=True)) as r,
+    ):
+        lines = r.iter_lines()
+        next(lines)
+        redis_server.stop()
+        body = "\n".join(lines)  # the rest of the stream, settled while Redis is down
+    assert body.rstrip().endswith("data: [DONE]")
+    assert any("failing OPEN" in m.getMessage() for m in caplog.records)
+
+
+@pytest.fixture
+def blackhole_url() -> Iterator[str]:
+    """A port that accepts connections and never answers (a Redis behind a dead network)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        yield f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
+
+
+def test_an_unanswering_redis_costs_one_timeout_not_one_per_request(
+    blackhole_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    limits: dict[str, Any] = {"requests_per_minute": 1, "redis_timeout_s": 0.3}
+    with (
+        caplog.at_level(logging.INFO, logger="plugins.rate_limit"),
+        redis_gateway(blackhole_url, "t10", **limits) as server,
+    ):
+        started = time.monotonic()
+        first = post(server, chat(max_tokens=1))
+        first_took = time.monotonic() - started
+        started = time.monotonic()
+        rest = [post(server, chat(max_tokens=1)) for _ in range(5)]
+        rest_took = time.monotonic() - started
+    assert first.status_code == 200  # failing open
+    assert first_took >= 0.3
+    assert all(r.status_code == 200 for r in rest)
+    assert rest_took < 0.3 * 5  # within a second of the failure Redis is not asked again
+    assert sum("failing OPEN" in r.getMessage() for r in caplog.records) == 1
