@@ -10,8 +10,6 @@ import os
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 
-import httpx
-
 from backends.openai.balance import make_balancer
 from backends.openai.client import ReplicaClient, request_body
 from backends.openai.config import OpenAIConfig
@@ -34,11 +32,7 @@ class OpenAIBackend:
         self.name = name
         self.config = config
         self.upstream_model = config.upstream_model or name
-        h = config.health
-        self.replicas = tuple(
-            Replica(r.url, r.weight, h.eject_after_failures, h.readmit_after_successes)
-            for r in config.replicas
-        )
+        self.replicas = self._fresh_replicas()
         self._balancer = make_balancer(config.balancing, config.affinity)
         self._clients: dict[str, ReplicaClient] = {}
         self.health: HealthMonitor | None = None
@@ -62,9 +56,17 @@ class OpenAIBackend:
     def bind_router(self, router: ModelRouter) -> None:
         self._router = router
 
+    def _fresh_replicas(self) -> tuple[Replica, ...]:
+        h = self.config.health
+        return tuple(
+            Replica(r.url, r.weight, h.eject_after_failures, h.readmit_after_successes)
+            for r in self.config.replicas
+        )
+
     async def start(self) -> None:
         self._check_fallback()
         keys = self._api_keys()
+        self.replicas = self._fresh_replicas()  # a reload after an idle unload starts afresh
         self._clients = {
             r.url: ReplicaClient(r.url, self.config, keys.get(r.url)) for r in self.replicas
         }
@@ -126,21 +128,11 @@ class OpenAIBackend:
             name = cfg.fallback_model if isinstance(cfg, OpenAIConfig) else None
 
     async def _reported_context_length(self) -> int:
-        assert self.health is not None
-        for replica in self.replicas:
-            if not replica.up:
-                continue
-            try:
-                response = await self.health.http.get(replica.url + "/v1/models")
-                models = response.json().get("data", [])
-            except (httpx.RequestError, ValueError, AttributeError):
-                continue
-            for model in models if isinstance(models, list) else ():
-                if isinstance(model, dict) and model.get("id") == self.upstream_model:
-                    for key in ("max_model_len", "context_length"):
-                        value = model.get(key)
-                        if isinstance(value, int) and value > 0:
-                            return value
+        timeout_s = self.config.health.timeout_s
+        for replica in self.up_replicas:
+            found = await self._clients[replica.url].context_length(self.upstream_model, timeout_s)
+            if found is not None:
+                return found
         raise FleetConfigError(
             f"models.{self.name}: no replica reports the context length of "
             f"{self.upstream_model!r}; set context_length"

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from contextlib import suppress
 from typing import TypeVar
 
 import httpx
@@ -149,9 +150,34 @@ class ReplicaClient:
                     deadline = clock.next_chunk_at()
             if not decoder.finished:
                 raise ReplicaFailed(UpstreamError(f"replica {self.url} ended the stream early"))
+            if decoder.done:  # read to the end, so the connection goes back to the pool
+                with suppress(ReplicaFailed):
+                    await self._within(clock.next_chunk_at(), "", _drain(events))
             yield decoder.finish()
         finally:
             await response.aclose()
+
+    async def context_length(self, model: str, timeout_s: float) -> int | None:
+        """What the replica's ``/v1/models`` reports for ``model`` (``max_model_len``: vLLM and
+        this gateway), if anything. Asked once at start; llama-cpp-python's server takes its
+        model lock for this route."""
+        try:
+            response = await self.http.get("/v1/models", timeout=timeout_s)
+            models = response.json().get("data") if response.is_success else None
+        except (httpx.RequestError, ValueError, AttributeError):
+            return None
+        for entry in models if isinstance(models, list) else ():
+            if isinstance(entry, dict) and entry.get("id") == model:
+                for key in ("max_model_len", "context_length"):
+                    value = entry.get(key)
+                    if isinstance(value, int) and value > 0:
+                        return value
+        return None
+
+
+async def _drain(events: AsyncIterator[str]) -> None:
+    async for _ in events:
+        pass
 
 
 async def _read_some(response: httpx.Response) -> bytes:

@@ -97,7 +97,8 @@ class OpenAIConfig(ModelConfig):
     replicas: tuple[ReplicaConfig, ...] = Field(min_length=1)
     #: The model name the replicas know (default: this model's name in config).
     upstream_model: str | None = Field(None, min_length=1)
-    #: None: ask the replicas' ``/v1/models`` at start (vLLM and this gateway report it).
+    #: None: ask the replicas' ``/v1/models`` at start (vLLM and this gateway report it; set
+    #: it for llama-server and llama-cpp-python's server, whose route takes the model lock).
     context_length: int | None = Field(None, ge=1)
     balancing: Balancing = "least_outstanding"
     affinity: AffinityConfig = AffinityConfig()
