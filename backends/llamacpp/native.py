@@ -20,8 +20,9 @@ log = logging.getLogger("backends.llamacpp.llama_cpp")
 #: llama.cpp's latest warnings/errors, quoted in load failures.
 recent_errors: deque[str] = deque(maxlen=8)
 
-# ggml_log_level: 0 none, 1 info, 2 warn, 3 error, 4 debug, 5 continue the previous line.
-_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.WARNING, 3: logging.ERROR, 4: 5}
+# ggml_log_level: 0 none, 1 debug, 2 info, 3 warn, 4 error, 5 continue the previous line.
+# llama.cpp's info lines (the model card, buffer sizes) are chatty: they go to DEBUG.
+_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: 40}
 
 
 class _Library:
