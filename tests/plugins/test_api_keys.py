@@ -57,9 +57,10 @@ def error_of(response: httpx.Response) -> dict[str, object]:
 
 @pytest.mark.parametrize(("key", "model"), [(ALICE, "big"), (BOB, "small"), (CAROL, "big")])
 def test_each_key_source_authenticates(server: ServerThread, key: str, model: str) -> None:
-    reply = client(server, key).chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "hi"}]
-    )
+    with client(server, key) as openai_client:
+        reply = openai_client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "hi"}]
+        )
     assert reply.choices[0].message.content
 
 
@@ -73,10 +74,8 @@ def test_missing_key_is_401_with_an_openai_error(server: ServerThread) -> None:
 
 
 def test_wrong_key_is_401_through_the_sdk(server: ServerThread) -> None:
-    with pytest.raises(openai.AuthenticationError) as info:
-        client(server, "sk-not-a-key").chat.completions.create(
-            model="big", messages=[{"role": "user", "content": "hi"}]
-        )
+    with client(server, "sk-not-a-key") as c, pytest.raises(openai.AuthenticationError) as info:
+        c.chat.completions.create(model="big", messages=[{"role": "user", "content": "hi"}])
     assert info.value.status_code == 401
     assert info.value.code == "invalid_api_key"
 
@@ -127,10 +126,8 @@ def test_model_outside_the_keys_list_is_403(server: ServerThread) -> None:
     assert err["type"] == "permission_error"
     assert err["param"] == "model"
     assert "bob" in str(err["message"])
-    with pytest.raises(openai.PermissionDeniedError):
-        client(server, BOB).chat.completions.create(
-            model="big-alias", messages=[{"role": "user", "content": "hi"}]
-        )
+    with client(server, BOB) as c, pytest.raises(openai.PermissionDeniedError):
+        c.chat.completions.create(model="big-alias", messages=[{"role": "user", "content": "hi"}])
 
 
 def test_allowed_model_by_name_or_alias(server: ServerThread) -> None:

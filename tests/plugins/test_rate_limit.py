@@ -51,8 +51,7 @@ def test_requests_per_minute_hit_gives_429_with_headers() -> None:
 
 
 def test_the_sdk_sees_a_rate_limit_error() -> None:
-    with gateway({"requests_per_minute": 1}) as server:
-        openai_client = client(server)
+    with gateway({"requests_per_minute": 1}) as server, client(server) as openai_client:
         openai_client.chat.completions.create(
             model="m", messages=[{"role": "user", "content": "a"}]
         )
