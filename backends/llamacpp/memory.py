@@ -1,0 +1,353 @@
+"""What a llama.cpp model will hold once loaded, from its GGUF header alone (nothing loaded).
+
+Three terms, sized the way llama.cpp sizes its buffers for the context this backend creates
+(``LlamaCppBackend.start`` and ``LoadedModel._context_params``: one unified KV cache of
+``n_ctx_total`` cells padded to 256, ``n_seq`` sequences, ``n_ubatch = min(n_batch, 512)``):
+
+* weights: the tensors' bytes. On a GPU, llama.cpp keeps the token embeddings on the host and
+  puts the layers it offloads (and the output layer, when all are) on the GPUs; a model whose
+  output matrix is tied to its embeddings gets a second copy of it on the GPU.
+* KV cache: cells x layers x (K row + V row), each row ``head_count_kv x head size`` elements of
+  ``type_k`` / ``type_v`` (quantized types in blocks of 32).
+* compute: the graph's scratch buffer, the larger of the logits (``n_vocab`` floats for each of
+  ``n_ubatch`` tokens) and, without flash attention, the attention scores (``n_head`` x cells
+  floats per token); plus the output buffer (``n_vocab`` floats per sequence).
+
+``tests/backends/llamacpp/test_memory.py`` checks them against the sizes llama.cpp logs (``-s``
+prints the table).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from backends.llamacpp.config import LlamaCppConfig
+from gateway.backend import MemoryEstimate, MemoryOption
+
+_MAGIC = b"GGUF"
+_SCALARS: dict[int, str] = {
+    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+    10: "<Q", 11: "<q", 12: "<d",
+}  # fmt: skip
+_STRING, _ARRAY = 8, 9
+#: ggml type -> (elements per block, bytes per block); the types GGUF weights and KV use.
+_BLOCKS: dict[int, tuple[int, int]] = {
+    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
+    9: (32, 36), 10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176),
+    14: (256, 210), 15: (256, 292), 16: (256, 66), 17: (256, 74), 18: (256, 98),
+    19: (256, 50), 20: (32, 18), 21: (256, 110), 22: (256, 56), 23: (256, 136),
+    24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8), 29: (256, 54), 30: (1, 2),
+    34: (256, 54), 35: (256, 66), 39: (32, 17),
+}  # fmt: skip
+KV_TYPES: dict[str, int] = {"f16": 1, "q4_0": 2, "q8_0": 8}
+_CTX_PAD = 256
+_MAX_UBATCH = 512
+_F32 = 4
+
+
+def row_bytes(ggml_type: int, n: int) -> int:
+    if ggml_type not in _BLOCKS:
+        raise ValueError(f"unknown ggml tensor type {ggml_type}")
+    per_block, size = _BLOCKS[ggml_type]
+    return -(-n // per_block) * size
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    dims: tuple[int, ...]
+    ggml_type: int
+
+    @property
+    def nbytes(self) -> int:
+        rows = 1
+        for d in self.dims[1:]:
+            rows *= d
+        return row_bytes(self.ggml_type, self.dims[0] if self.dims else 1) * rows
+
+
+@dataclass(frozen=True)
+class Header:
+    """The scalar metadata (arrays only as lists of numbers) and the tensor table."""
+
+    metadata: dict[str, object]
+    tensors: list[Tensor] = field(default_factory=list)
+
+    def int(self, key: str, default: int | None = None) -> int:
+        value = self.metadata.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"GGUF key {key!r} is missing or not an integer")
+        return value
+
+
+class _Reader:
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+
+    def scalar(self, fmt: str) -> int | float | bool:
+        size = struct.calcsize(fmt)
+        data = self.f.read(size)
+        if len(data) != size:
+            raise ValueError("the GGUF header is truncated")
+        value: int | float | bool = struct.unpack(fmt, data)[0]
+        return value
+
+    def u64(self) -> int:
+        return int(self.scalar("<Q"))
+
+    def string(self) -> str:
+        n = self.u64()
+        if n > 1 << 30:
+            raise ValueError("corrupt GGUF header (string length)")
+        return self.f.read(n).decode("utf-8", errors="replace")
+
+    def value(self, vtype: int) -> object:
+        if vtype in _SCALARS:
+            return self.scalar(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype != _ARRAY:
+            raise ValueError(f"corrupt GGUF header (value type {vtype})")
+        item, count = int(self.scalar("<I")), self.u64()
+        if item in _SCALARS and count <= 4096:  # per-layer numbers: keep them
+            return [self.scalar(_SCALARS[item]) for _ in range(count)]
+        if item in _SCALARS:  # long numeric arrays (token scores): skip
+            self.f.seek(struct.calcsize(_SCALARS[item]) * count, 1)
+        else:
+            for _ in range(count):
+                self.value(item)
+        return None
+
+
+def read_header(path: Path) -> Header:
+    """The header of a GGUF file; ``ValueError`` if it is not one, ``OSError`` if unreadable."""
+    with path.open("rb") as f:
+        r = _Reader(f)
+        if f.read(4) != _MAGIC:
+            raise ValueError(f"{path} is not a GGUF file")
+        r.scalar("<I")  # version
+        n_tensors, n_kv = r.u64(), r.u64()
+        metadata = {}
+        for _ in range(n_kv):
+            key, vtype = r.string(), int(r.scalar("<I"))
+            metadata[key] = r.value(vtype)
+        tensors = []
+        for _ in range(n_tensors):
+            name = r.string()
+            dims = tuple(r.u64() for _ in range(int(r.scalar("<I"))))
+            ggml_type = int(r.scalar("<I"))
+            r.u64()  # offset
+            tensors.append(Tensor(name, dims, ggml_type))
+    return Header(metadata, tensors)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The hyperparameters that size the KV cache and the compute graph."""
+
+    n_layer: int
+    n_embd: int
+    n_head: int
+    #: Per layer (some architectures vary it).
+    n_head_kv: tuple[int, ...]
+    head_k: int
+    head_v: int
+    n_vocab: int
+
+    @classmethod
+    def of(cls, header: Header) -> ModelShape:
+        arch = header.metadata.get("general.architecture")
+        if not isinstance(arch, str):
+            raise ValueError("GGUF has no general.architecture")
+        n_layer = header.int(f"{arch}.block_count")
+        n_embd = header.int(f"{arch}.embedding_length")
+        n_head = max(_per_layer(header.metadata.get(f"{arch}.attention.head_count"), n_layer))
+        kv = header.metadata.get(f"{arch}.attention.head_count_kv", n_head)
+        n_head_kv = _per_layer(kv, n_layer)
+        head = n_embd // n_head if n_head else 0
+        return cls(
+            n_layer=n_layer,
+            n_embd=n_embd,
+            n_head=n_head,
+            n_head_kv=n_head_kv,
+            head_k=header.int(f"{arch}.attention.key_length", head),
+            head_v=header.int(f"{arch}.attention.value_length", head),
+            n_vocab=_vocab(header),
+        )
+
+    def kv_bytes(self, cells: int, type_k: str, type_v: str, layers: Sequence[int]) -> int:
+        k, v = KV_TYPES[type_k], KV_TYPES[type_v]
+        per_cell = sum(
+            row_bytes(k, self.head_k * self.n_head_kv[i])
+            + row_bytes(v, self.head_v * self.n_head_kv[i])
+            for i in layers
+        )
+        return cells * per_cell
+
+    def compute_bytes(self, n_ubatch: int, cells: int, flash_attn: bool) -> int:
+        """The graph's scratch buffer: the logits, or the attention scores without FA."""
+        logits = _F32 * n_ubatch * (self.n_vocab + 2 * self.n_embd)
+        if flash_attn:
+            return logits
+        scores = _F32 * n_ubatch * (cells * (self.n_head + 1) + 4 * self.n_embd)
+        return max(logits, scores)
+
+
+def _per_layer(value: object, n_layer: int) -> tuple[int, ...]:
+    """A per-layer count given as one number or as one per layer."""
+    if isinstance(value, list) and len(value) == n_layer:
+        return tuple(int(x) for x in value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,) * n_layer
+    raise ValueError(f"GGUF attention head count {value!r} is not a number or one per layer")
+
+
+def _vocab(header: Header) -> int:
+    for t in header.tensors:
+        if t.name in ("token_embd.weight", "output.weight") and len(t.dims) == 2:
+            return t.dims[1]
+    raise ValueError("GGUF has no token_embd.weight tensor")
+
+
+@dataclass(frozen=True)
+class Context:
+    """The context this backend creates for a config (mirrors ``LlamaCppBackend.start``)."""
+
+    cells: int
+    n_seq: int
+    n_ubatch: int
+    flash_attn: bool
+
+    @classmethod
+    def of(cls, config: LlamaCppConfig) -> Context:
+        kv, b = config.kv_cache, config.batching
+        n_seq = b.max_concurrent + (kv.cached_prefixes if kv.prefix_reuse else 0)
+        n_batch = b.prefill_chunk_tokens + b.max_concurrent
+        quantized = "f16" not in (kv.type_k, kv.type_v)
+        return cls(
+            cells=-(-config.n_ctx_total // _CTX_PAD) * _CTX_PAD,
+            n_seq=n_seq,
+            n_ubatch=min(n_batch, _MAX_UBATCH),
+            flash_attn=quantized or config.flash_attn != "off",
+        )
+
+
+def _layer(name: str) -> int | None:
+    if name.startswith("blk."):
+        return int(name.split(".")[1])
+    return None
+
+
+def estimate(config: LlamaCppConfig, gpu_devices: int) -> MemoryEstimate:
+    """The footprint of ``config``'s model on ``gpu_devices`` GPUs (0: on the host)."""
+    header = read_header(config.model_path)
+    shape = ModelShape.of(header)
+    ctx = Context.of(config)
+    kv_cfg = config.kv_cache
+    weights = sum(t.nbytes for t in header.tensors)
+    kv = shape.kv_bytes(ctx.cells, kv_cfg.type_k, kv_cfg.type_v, range(shape.n_layer))
+    graph = shape.compute_bytes(ctx.n_ubatch, ctx.cells, ctx.flash_attn)
+    outputs = _F32 * shape.n_vocab * ctx.n_seq
+    compute = graph + outputs
+    shape_text = (
+        f"{config.batching.max_concurrent} slots x {kv_cfg.n_ctx_per_slot} tokens "
+        f"({ctx.cells} cells), K {kv_cfg.type_k}, V {kv_cfg.type_v}"
+    )
+    options = _options(config, shape, ctx, kv)
+    if gpu_devices == 0 or config.n_gpu_layers == 0:
+        host = weights + kv + compute
+        return MemoryEstimate(weights, kv, compute, (0,) * gpu_devices, host, shape_text, options)
+    gpu, host, weights = _place(config, header, shape, ctx, gpu_devices, graph)
+    inputs = _F32 * ctx.n_ubatch * shape.n_embd  # the host's graph buffer: the embeddings
+    host += outputs + inputs
+    return MemoryEstimate(weights, kv, compute + inputs, gpu, host, shape_text, options)
+
+
+def _place(
+    config: LlamaCppConfig,
+    header: Header,
+    shape: ModelShape,
+    ctx: Context,
+    devices: int,
+    graph: int,
+) -> tuple[tuple[int, ...], int, int]:
+    """Bytes per GPU and on the host for weights, KV and the graph; and the weights' total
+    (a tied output matrix is copied to the GPU)."""
+    n_gpu = shape.n_layer + 1 if config.n_gpu_layers < 0 else config.n_gpu_layers
+    first_gpu_layer = max(0, shape.n_layer - n_gpu)
+    output_on_gpu = n_gpu > shape.n_layer
+    fractions = _fractions(config.tensor_split, devices)
+    offloaded = range(first_gpu_layer, shape.n_layer)
+    layer_device = {il: _device(i, len(offloaded), fractions) for i, il in enumerate(offloaded)}
+    gpu = [0] * devices
+    host = 0
+    kv_cfg = config.kv_cache
+    for il in range(shape.n_layer):
+        kv = shape.kv_bytes(ctx.cells, kv_cfg.type_k, kv_cfg.type_v, [il])
+        if il in layer_device:
+            gpu[layer_device[il]] += kv
+        else:
+            host += kv
+    out_device = devices - 1
+    names = {t.name for t in header.tensors}
+    weights = 0
+    for t in header.tensors:
+        layer = _layer(t.name)
+        weights += t.nbytes
+        if t.name == "token_embd.weight":
+            host += t.nbytes
+            if "output.weight" not in names and output_on_gpu:  # tied: a copy on the GPU
+                gpu[out_device] += t.nbytes
+                weights += t.nbytes
+        elif layer is not None and layer in layer_device:
+            gpu[layer_device[layer]] += t.nbytes
+        elif layer is None and output_on_gpu:
+            gpu[out_device] += t.nbytes
+        else:
+            host += t.nbytes
+    if output_on_gpu:
+        gpu[out_device] += graph
+    else:
+        host += graph
+    return tuple(gpu), host, weights
+
+
+def _fractions(split: tuple[float, ...], devices: int) -> list[float]:
+    parts = list(split[:devices]) + [0.0] * (devices - len(split)) if split else [1.0] * devices
+    total = sum(parts) or 1.0
+    return [p / total for p in parts]
+
+
+def _device(i: int, n: int, fractions: list[float]) -> int:
+    """The device of the ``i``-th of ``n`` offloaded layers under a layer split."""
+    position, edge = (i + 0.5) / n, 0.0
+    for device, fraction in enumerate(fractions):
+        edge += fraction
+        if position < edge:
+            return device
+    return len(fractions) - 1
+
+
+def _options(
+    config: LlamaCppConfig, shape: ModelShape, ctx: Context, kv: int
+) -> tuple[MemoryOption, ...]:
+    kv_cfg, b = config.kv_cache, config.batching
+    options = []
+    if "f16" in (kv_cfg.type_k, kv_cfg.type_v):
+        q8 = shape.kv_bytes(ctx.cells, "q8_0", "q8_0", range(shape.n_layer))
+        options.append(MemoryOption("kv_cache.type_k, kv_cache.type_v", '"q8_0"', kv - q8))
+    if kv_cfg.n_ctx_per_slot >= 1024 and kv_cfg.n_ctx is None:
+        options.append(
+            MemoryOption("kv_cache.n_ctx_per_slot", str(kv_cfg.n_ctx_per_slot // 2), kv // 2)
+        )
+    if b.max_concurrent > 1 and kv_cfg.n_ctx is None:
+        options.append(MemoryOption("batching.max_concurrent", str(b.max_concurrent // 2), kv // 2))
+    if ctx.n_ubatch > 128:
+        smaller = shape.compute_bytes(128, ctx.cells, ctx.flash_attn)
+        saved = shape.compute_bytes(ctx.n_ubatch, ctx.cells, ctx.flash_attn) - smaller
+        options.append(MemoryOption("batching.prefill_chunk_tokens", "128", saved))
+    return tuple(o for o in options if o.saves_bytes > 0)
