@@ -114,17 +114,20 @@ class OpenAIBackend:
             return
         if self._router is None:
             raise FleetConfigError(f"model {self.name!r}: fallback_model needs the model pool")
-        chain: list[object] = [self.config]
+        seen: list[object] = [self.config]
+        path = [self.name]
         while name is not None:
+            path.append(name)
             try:
                 cfg = self._router.model_config(name)
             except ModelNotFound:
                 raise FleetConfigError(
                     f"models.{self.name}.fallback_model: no model {name!r} is configured"
                 ) from None
-            if any(cfg is seen for seen in chain):
-                raise FleetConfigError(f"models.{self.name}.fallback_model: {name!r} loops back")
-            chain.append(cfg)
+            if any(cfg is s for s in seen):
+                loop = " -> ".join(path)
+                raise FleetConfigError(f"models.{self.name}.fallback_model: a loop ({loop})")
+            seen.append(cfg)
             name = cfg.fallback_model if isinstance(cfg, OpenAIConfig) else None
 
     async def _reported_context_length(self) -> int:

@@ -358,3 +358,79 @@ def test_per_replica_api_key_comes_from_the_environment(monkeypatch: pytest.Monk
             r = post(front, chat("bad"))
             assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_error"
             assert "401" in r.json()["error"]["message"]
+
+
+# -- more failure paths ----------------------------------------------------------------------
+
+
+def test_total_time_limit_ends_a_flowing_stream(
+    replicas: tuple[ServerThread, ServerThread],
+) -> None:
+    a, _ = replicas
+    timeouts = {"first_byte_s": 5, "between_chunks_s": 5, "total_s": 1.5}
+    table = {"replicas": [{"url": a.base_url}], "upstream_model": "stall", "timeouts": timeouts}
+    with ServerThread(front_config({"t": {**table, "health": HEALTH}})) as srv:
+        events = sse_payloads(post(srv, chat("t", stream=True)).text)
+    assert '"content":"x"' in events[1] and "total_s=1.5" in events[-1]
+
+
+def test_every_replica_busy_is_503_with_retry_after() -> None:
+    busy = {
+        "busy": {
+            "reply": SLOW["reply"],
+            "token_delay_s": 0.05,
+            "batching": {"max_concurrent": 1, "max_queue": 0},
+        }
+    }
+    with ServerThread(scripted_upstream(busy)) as a, ServerThread(scripted_upstream(busy)) as b:
+        table = {"replicas": [{"url": a.base_url}, {"url": b.base_url}], "upstream_model": "busy"}
+        with ServerThread(front_config({"f": {**table, "health": HEALTH}})) as srv:
+            holds = [
+                httpx.stream(
+                    "POST", s.base_url + "/v1/chat/completions", json=chat("busy", stream=True)
+                )
+                for s in (a, b)
+            ]
+            for hold in holds:
+                hold.__enter__()
+            try:
+                wait_for(
+                    lambda: all(
+                        s.services.pool.resolve("busy").admission.active == 1 for s in (a, b)
+                    )
+                )
+                r = post(srv, chat("f"))
+            finally:
+                for hold in holds:
+                    hold.__exit__(None, None, None)
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+            assert r.json()["error"]["code"] == "server_overloaded"
+            assert fleet(srv, "f").retries == 2
+
+
+async def test_start_refuses_a_missing_key_variable_and_bad_fallbacks() -> None:
+    from backends.openai.backend import FleetConfigError, OpenAIBackend
+    from backends.openai.config import OpenAIConfig
+    from gateway.pool import ModelPool
+
+    replica = {"url": f"http://127.0.0.1:{free_port()}"}
+    keyed = OpenAIConfig.model_validate(
+        {"replicas": [{**replica, "api_key_env": "NO_SUCH_VARIABLE_XYZ"}]}
+    )
+    with pytest.raises(
+        FleetConfigError, match=r"replicas\[0\]\.api_key_env: environment variable NO_SUCH"
+    ):
+        await OpenAIBackend("k", keyed).start()
+    config = front_config(
+        {
+            "a": {"replicas": [replica], "fallback_model": "b"},
+            "b": {"replicas": [replica], "fallback_model": "a"},
+            "c": {"replicas": [replica], "fallback_model": "nowhere"},
+        }
+    )
+    pool = ModelPool(config)
+    for name, problem in [("a", r"a loop \(a -> b -> a\)"), ("c", "no model 'nowhere'")]:
+        backend = OpenAIBackend(name, config.models[name])  # type: ignore[arg-type]
+        backend.bind_router(pool)
+        with pytest.raises(FleetConfigError, match=problem):
+            await backend.start()
