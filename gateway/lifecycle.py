@@ -13,9 +13,12 @@ that needed room fails with a 503. A model idle for its ``idle_unload_after_s`` 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import functools
 import logging
+import sys
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -109,6 +112,28 @@ def estimate_memory(entry: ModelEntry, gpu_devices: int) -> MemoryEstimate | Non
     except (OSError, ValueError) as err:
         log.warning("model %s: no memory estimate (%s); counted as 0 bytes", entry.name, err)
         return None
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    if sys.platform != "linux":
+        return None
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+    return trim
+
+
+def trim_heap() -> None:
+    """Hand the heap pages an unload freed back to the OS.
+
+    glibc keeps freed memory in its arenas; without this an unloaded model's buffers (the
+    engine's allocations) would stay in the process's RSS until reused.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class Lifecycle:
@@ -208,6 +233,7 @@ class Lifecycle:
             await entry.stop_backend()
         finally:
             self._gone(entry)
+        await asyncio.to_thread(trim_heap)
 
     def _gone(self, entry: ModelEntry) -> None:
         self.resident.discard(entry)
