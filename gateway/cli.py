@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -75,6 +76,41 @@ def check_config(
     """Validate a config file; print every problem with its key path."""
     cfg = _load(path)
     typer.echo(f"{path}: OK ({len(cfg.models)} model(s), {len(cfg.plugins)} plugin(s))")
+
+
+@app.command()
+def plan(
+    path: Annotated[
+        Path | None,
+        typer.Argument(help="The config.toml to plan (default: the embedded default model)."),
+    ] = None,
+    gpu: Annotated[
+        str | None,
+        typer.Option(
+            help="Plan for this GPU instead of the ones nvidia-smi finds: H100-80GB, 2xL4, 24GB."
+        ),
+    ] = None,
+    reserve_gib: Annotated[
+        float, typer.Option(help="GiB per GPU kept for the CUDA runtime.", min=0)
+    ] = 1.0,
+) -> None:
+    """Estimate each model's memory (weights, KV cache, compute) against the GPUs.
+
+    Exits 1 if a model does not fit on its own.
+    """
+    from rich.console import Console
+
+    from gateway.planner import detect_gpus, make_plan, parse_gpu_target, render
+
+    cfg = _load(path)
+    try:
+        gpus = parse_gpu_target(gpu) if gpu else detect_gpus()
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    result = make_plan(cfg, gpus, int(reserve_gib * (1 << 30)))
+    render(result, cfg, Console(width=None if sys.stdout.isatty() else 160))
+    raise typer.Exit(0 if result.all_fit else 1)
 
 
 def main() -> None:

@@ -339,7 +339,7 @@ def _options(
     options = []
     if "f16" in (kv_cfg.type_k, kv_cfg.type_v):
         q8 = shape.kv_bytes(ctx.cells, "q8_0", "q8_0", range(shape.n_layer))
-        options.append(MemoryOption("kv_cache.type_k, kv_cache.type_v", '"q8_0"', kv - q8))
+        options.append(MemoryOption("kv_cache.type_k and type_v", '"q8_0"', kv - q8))
     if kv_cfg.n_ctx_per_slot >= 1024 and kv_cfg.n_ctx is None:
         options.append(
             MemoryOption("kv_cache.n_ctx_per_slot", str(kv_cfg.n_ctx_per_slot // 2), kv // 2)
