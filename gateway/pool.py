@@ -126,6 +126,8 @@ class ModelEntry:
     async def _loaded(self) -> Backend:
         while not self.loaded:
             self._check_retired()
+            if self.lifecycle.closed:
+                raise ModelUnavailable("the server is shutting down")
             if self._load is None or self._load.done():
                 self._load = asyncio.create_task(
                     self.lifecycle.load(self), name=f"load {self.name}"

@@ -392,3 +392,18 @@ async def test_ready_stays_ready_while_startup_models_come_and_go() -> None:
         services.pool.drain.start()
         assert (await client.get("/ready")).status_code == 503
     await services.pool.aclose()
+
+
+async def test_loads_queued_at_shutdown_end_with_a_503() -> None:
+    pool = ModelPool(config({"a": {"load_delay_s": 0.2}, "b": {}}))
+    loading = asyncio.ensure_future(pool.resolve("a").acquire())
+    await until(lambda: pool.resolve("a").state is ModelState.LOADING)
+    queued = asyncio.ensure_future(pool.resolve("b").acquire())  # behind a's load
+    await asyncio.sleep(0.01)
+    await pool.aclose()  # waits for a's load, then unloads it; b's load never starts
+    await loading
+    pool.resolve("a").release()
+    with pytest.raises(ModelUnavailable, match="shutting down"):
+        await queued
+    assert states(pool) == {"a": "unloaded", "b": "unloaded"}
+    assert pool.lifecycle.resident == set()
