@@ -16,6 +16,9 @@ from gateway.config import BatchingConfig, KVCacheConfig, ModelConfig
 
 KVType = Literal["f16", "q8_0", "q4_0"]
 
+#: llama.cpp's LLAMA_MAX_SEQ (llama_max_parallel_sequences()).
+MAX_SEQUENCES = 256
+
 #: ggml_type ids of the K/V cache types this backend offers (ggml.h).
 GGML_TYPE_IDS: dict[str, int] = {"f16": 1, "q4_0": 2, "q8_0": 8}
 
@@ -99,6 +102,12 @@ class LlamaCppConfig(ModelConfig):
             raise ValueError(
                 f"kv_cache.n_ctx = {kv.n_ctx} is less than batching.max_concurrent x "
                 f"kv_cache.n_ctx_per_slot = {need}: live sequences could run out of KV cells"
+            )
+        n_seq = self.batching.max_concurrent + (kv.cached_prefixes if kv.prefix_reuse else 0)
+        if n_seq > MAX_SEQUENCES:
+            raise ValueError(
+                f"batching.max_concurrent + kv_cache.cached_prefixes = {n_seq}: llama.cpp runs "
+                f"at most {MAX_SEQUENCES} sequences in one context"
             )
         if any(x < 0 for x in self.tensor_split) or (
             self.tensor_split and sum(self.tensor_split) <= 0

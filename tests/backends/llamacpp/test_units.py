@@ -40,6 +40,10 @@ def test_config_defaults() -> None:
         ({"batching": {"n_thread": 2}}, "models.m.batching.n_thread"),
         ({"tensor_split": [-1.0]}, "tensor_split"),
         ({"n_gpu_layers": -2}, "models.m.n_gpu_layers"),
+        (
+            {"batching": {"max_concurrent": 250}, "kv_cache": {"n_ctx_per_slot": 16}},
+            "cached_prefixes",
+        ),
     ],
 )
 def test_config_errors_name_the_key(table: dict[str, object], key: str) -> None:
