@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 WHEELS=${WHEELS:-.wheels}
-EXTRAS=${EXTRAS:-llamacpp,redis,test}
+EXTRAS=${EXTRAS:-llamacpp,redis,bench,test}
 LLAMA_VERSION=0.3.36
 LLAMA_CMAKE_ARGS=${LLAMA_CMAKE_ARGS:-"-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF"}
 
