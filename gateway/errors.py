@@ -89,9 +89,14 @@ class ModelNotFound(NotFound):
 
 
 class PayloadTooLarge(GatewayError):
+    """413; the connection is closed after it, so the rest of the body is never read."""
+
     status = 413
     type = "invalid_request_error"
     default_code = "request_too_large"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Connection": "close"})
 
 
 class UnsupportedMediaType(GatewayError):

@@ -194,6 +194,8 @@ def chat_request(body: bytes, request_id: str) -> ClientRequest:
 def _prompts(wire: CompletionRequest) -> list[str]:
     if isinstance(wire.prompt, str):
         return [wire.prompt]
+    if not wire.prompt:  # [] passes the schema as an empty token array
+        raise InvalidRequest("'prompt' must not be an empty list", param="prompt")
     if all(isinstance(p, str) for p in wire.prompt):
         return [p for p in wire.prompt if isinstance(p, str)]
     raise UnsupportedParameter("token-array prompts are not supported yet", param="prompt")

@@ -6,12 +6,24 @@ Stream chunks are built from per-request templates: only the text is JSON-escape
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gateway.types import Endpoint, FinishReason, Usage
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+#: Line breaks to ``str.splitlines()`` (and so to httpx's ``iter_lines``) that JSON leaves raw;
+#: escaped in stream chunks so such a client still reads one event per line.
+_SPLITLINES_BREAKS = re.compile("[\x85\u2028\u2029]")
+_ESCAPED_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def _one_line(json_text: str) -> str:
+    if _SPLITLINES_BREAKS.search(json_text):
+        return json_text.translate(_ESCAPED_BREAKS)
+    return json_text
 
 
 def usage_json(usage: Usage) -> dict[str, object]:
@@ -56,7 +68,7 @@ class StreamEncoder:
             if self._chat
             else (',"logprobs":null,"finish_reason":null}]}')
         )
-        return self._prefix(index) + _dumps(text) + close
+        return self._prefix(index) + _one_line(_dumps(text)) + close
 
     def role(self, index: int) -> str | None:
         """The opening chunk of a chat choice (role and empty content); None for completions."""
@@ -78,7 +90,7 @@ class StreamEncoder:
 
 
 def error_event(body: object) -> str:
-    return _dumps(body)
+    return _one_line(_dumps(body))
 
 
 def completion_body(
