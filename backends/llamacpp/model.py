@@ -69,7 +69,7 @@ class LoadedModel:
         self.memory = LlamaMemory(llama, self.ctx)
         self.tokenizer = Tokenizer(llama, self.vocab)
         self.template = self._template()
-        self.prompt_builder = PromptBuilder(self.tokenizer, self.template)
+        self.prompt_builder = PromptBuilder(self.tokenizer, self.template, self.n_ctx_slot)
 
     def _context_params(self, n_seq: int, n_batch: int) -> Any:
         cfg = self.config

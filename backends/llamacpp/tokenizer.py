@@ -55,6 +55,16 @@ class Tokenizer:
         n = self._llama.llama_token_to_piece(self._vocab, token, buf, 256, 0, True)
         return buf.raw[: max(n, 0)].decode("utf-8", errors="replace")
 
+    @cached_property
+    def max_token_bytes(self) -> int:
+        """The most bytes of text one token stands for (control tokens by their text)."""
+        buf = ctypes.create_string_buffer(256)
+        longest = 1
+        for token in range(self.n_vocab):
+            n = self._llama.llama_token_to_piece(self._vocab, token, buf, 256, 0, True)
+            longest = max(longest, abs(n))
+        return longest
+
     def is_eog(self, token: int) -> bool:
         """End of generation (EOS, EOT, ...)."""
         known = self._eog.get(token)
