@@ -194,29 +194,42 @@ step_wheels() {
 }
 
 step_verify() {  # what a CPU can check of the two binary artifacts
-    local w tmp nvlib rc=0
+    local w tmp nvlib rc=0 torch_env f
     w=$(llama_wheel)
     nvlib=$WORK/nvx/nvidia/cu13/lib   # the cu13 wheels torch 2.11.0 depends on = the GPU machine's libs
+    torch_env="LD_LIBRARY_PATH=$WORK/stubs312:$WORK/cuda13/lib"
     nv_unpack
+    [ -f "$WORK/venv312/.ready" ] || venv_torch
     if [ -n "$w" ]; then
         tmp=$(mktemp -d)
-        unzip -q "$w" -d "$tmp"
+        unzip -q "$w" -d "$tmp/whl"
         log "verify: $(basename "$w"): NEEDED of each library"
-        for f in "$tmp"/llama_cpp/lib/*.so*; do
+        for f in "$tmp"/whl/llama_cpp/lib/*.so*; do
             printf '  %-22s %s\n' "$(basename "$f")" \
                 "$(readelf -d "$f" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' | tr '\n' ' ')"
         done
-        readelf -d "$tmp/llama_cpp/lib/libggml-cuda.so.0" 2>/dev/null | grep -q 'libcuda.so.1' ||
+        readelf -d "$tmp/whl/llama_cpp/lib/libggml-cuda.so.0" | grep -q 'libcuda.so.1' ||
             { log "verify: libggml-cuda does not link libcuda.so.1"; rc=1; }
-        log "verify: dlopen(RTLD_NOW) of every library and import llama_cpp, CUDA libs from $nvlib"
-        LD_LIBRARY_PATH=$nvlib:$WORK/cuda13/lib/stubs PYTHONPATH=$tmp "$WORK/venv-build/bin/python" -c "
+        log "verify: the device wheels + CUDA wheel install together (pip --target, --no-deps)"
+        "$WORK/venv312/bin/python" -m pip install -q --no-index --no-deps --no-compile --target "$tmp/site" \
+            "$WORK"/device-wheels/*.whl "$w" || rc=1
+        log "verify: tiny models, then dlopen(RTLD_NOW) each library, import llama_cpp, generate on the CPU"
+        env "$torch_env" "$WORK/venv312/bin/python" "$HERE/make_tiny_models.py" "$tmp/models" > /dev/null 2>&1 || rc=1
+        LD_LIBRARY_PATH=$nvlib:$WORK/cuda13/lib/stubs PYTHONPATH=$tmp/site OMP_WAIT_POLICY=PASSIVE \
+            "$WORK/venv312/bin/python" - "$tmp/site" "$tmp/models/llama-tiny-f16.gguf" <<'PY' || rc=1
 import ctypes, glob, os, sys
-for f in sorted(glob.glob('$tmp/llama_cpp/lib/*.so*')):
+for f in sorted(glob.glob(os.path.join(sys.argv[1], "llama_cpp/lib/*.so*"))):
     ctypes.CDLL(f, mode=os.RTLD_NOW | os.RTLD_GLOBAL)
-    print('  resolved', os.path.basename(f))
+    print("  resolved", os.path.basename(f))
 import llama_cpp
-print('  llama_cpp', llama_cpp.__version__, 'supports_gpu_offload =', llama_cpp.llama_supports_gpu_offload())
-sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else 1)" || rc=1
+info = llama_cpp.llama_print_system_info().decode()
+print("  llama_cpp", llama_cpp.__version__, "|", info.strip()[:60])
+assert "CUDA : ARCHS = 900" in info, info
+llm = llama_cpp.Llama(model_path=sys.argv[2], n_gpu_layers=0, n_ctx=256, n_threads=1, verbose=False)
+text = llm.create_completion("Hello", max_tokens=16, temperature=0.0)["choices"][0]["text"]
+print("  CPU completion through the CUDA build (no GPU here):", repr(text))
+assert text
+PY
         rm -rf "$tmp"
     else
         log "verify: no CUDA llama-cpp-python wheel yet"
@@ -225,17 +238,17 @@ sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else 1)" || rc=1
         tmp=$(mktemp -d)
         gunzip -c "$(exl2_ext)" > "$tmp/exllamav2_ext.so"
         log "verify: prebuilt exllamav2_ext imports under torch $TORCH_VERSION (stub CUDA libs) and is used"
-        (cd "$tmp" && LD_LIBRARY_PATH=$WORK/stubs312:$WORK/cuda13/lib PYTHONPATH=$tmp \
-            TORCH_EXTENSIONS_DIR=$tmp/none "$WORK/venv312/bin/python" -c "
+        (cd "$tmp" && env "$torch_env" PYTHONPATH="$tmp" TORCH_EXTENSIONS_DIR="$tmp/none" \
+            "$WORK/venv312/bin/python" -c "
 import torch, exllamav2_ext, exllamav2.ext as e
 assert e.exllamav2_ext is exllamav2_ext, e.exllamav2_ext
-print('  exllamav2_ext', exllamav2_ext.__file__, len(dir(exllamav2_ext)), 'symbols; torch', torch.__version__)
-" 2>&1 | grep -v 'No CUDA runtime') || rc=1
+print('  exllamav2_ext', exllamav2_ext.__file__, len(dir(exllamav2_ext)), 'names; torch', torch.__version__)
+" 2>&1 | grep -v 'No CUDA runtime'; exit "${PIPESTATUS[0]}") || rc=1
         rm -rf "$tmp"
     else
         log "verify: no prebuilt exllamav2 extension yet"
     fi
-    return $rc
+    [ "$rc" = 0 ] || die "verify failed"
 }
 
 write_manifest() {  # MANIFEST: "path size sha256" per file, then "TOTAL bytes MiB"
