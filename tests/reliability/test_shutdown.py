@@ -1,0 +1,200 @@
+"""SIGTERM on a real ``gateway serve`` process: stop accepting, drain, end what is left with an
+error, exit 0 promptly.
+
+Timeline of each test: requests are started, SIGTERM is sent, the server has
+``[server] drain_timeout_s`` to finish them; streams still running then end with exactly one
+error event (never a silent cut), requests not yet answered get a 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.reliability.helpers import (
+    NO_EOS,
+    GatewayProcess,
+    StreamResult,
+    chat,
+    needs_llamacpp,
+    real_model_table,
+    stream_request,
+)
+
+DRAIN_S = 2.0
+WORDS = " ".join(f"w{i}" for i in range(400))
+
+
+def scripted_models() -> dict[str, Any]:
+    return {
+        # 400 tokens at 20 ms: 8 s, far past the drain deadline
+        "long": {
+            "backend": "scripted",
+            "reply": WORDS,
+            "token_delay_s": 0.02,
+            "batching": {"max_concurrent": 2, "max_queue": 4},
+        },
+        # 15 tokens at 50 ms: ends well within the drain window
+        "short": {
+            "backend": "scripted",
+            "reply": "a b c d e f g h i j k l m n o",
+            "token_delay_s": 0.05,
+        },
+    }
+
+
+async def _ready_or_gone(client: httpx.AsyncClient) -> int | None:
+    """/ready's status on an open connection, or None if the server already closed it."""
+    try:
+        return (await client.get("/ready")).status_code
+    except httpx.TransportError:
+        return None
+
+
+def _assert_ended_by_shutdown(result: StreamResult) -> None:
+    """Exactly one error event, last, saying why; no [DONE]; the stream ended cleanly."""
+    assert result.status == 200
+    assert not result.cut, "the stream was cut without its terminator"
+    assert "[DONE]" not in result.events
+    assert len(result.errors) == 1, result.events[-3:]
+    assert result.events[-1].startswith('{"error"')
+    err = result.errors[0]["error"]
+    assert err["code"] == "model_unavailable"
+    assert "shut" in err["message"]
+
+
+def _assert_503_json(r: httpx.Response | StreamResult) -> None:
+    assert r.status == 503 if isinstance(r, StreamResult) else r.status_code == 503
+    body = r.json()
+    assert body["error"]["code"] == "model_unavailable", body
+    assert "retry-after" in r.headers
+
+
+async def test_sigterm_drains_then_ends_the_rest_with_an_error(tmp_path: Path) -> None:
+    config = {"server": {"drain_timeout_s": DRAIN_S}, "models": scripted_models()}
+    with GatewayProcess(tmp_path, config) as gw:
+        gw.wait_ready()
+        limits = httpx.Limits(max_connections=20, max_keepalive_connections=20)
+        async with (
+            httpx.AsyncClient(base_url=gw.base_url, timeout=30, limits=limits) as client,
+            httpx.AsyncClient(base_url=gw.base_url, timeout=5) as probe,
+        ):
+            assert await _ready_or_gone(probe) == 200  # a warm keep-alive connection
+            first: dict[str, asyncio.Event] = {k: asyncio.Event() for k in ("long", "short")}
+
+            def mark(name: str) -> Any:
+                def seen(event: str) -> bool:
+                    if '"content":"' in event and '"content":""' not in event:
+                        first[name].set()
+                    return False
+
+                return seen
+
+            long_stream = asyncio.create_task(
+                stream_request(client, "/v1/chat/completions", chat("long"), on_event=mark("long"))
+            )
+            short_stream = asyncio.create_task(
+                stream_request(
+                    client, "/v1/chat/completions", chat("short"), on_event=mark("short")
+                )
+            )
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in first.values())), 10)
+            # a non-streaming request running through the deadline ...
+            long_json = asyncio.create_task(
+                client.post("/v1/chat/completions", json=chat("long", stream=False))
+            )
+            # ... and a stream waiting in the queue behind the two running "long" requests
+            queued = asyncio.create_task(
+                stream_request(client, "/v1/chat/completions", chat("long"))
+            )
+            await asyncio.sleep(0.3)
+
+            gw.terminate()
+            signalled = time.monotonic()
+            assert await _ready_or_gone(probe) in (503, None)
+
+            await asyncio.sleep(0.5)  # the listening socket is closed by now
+            try:
+                async with httpx.AsyncClient(base_url=gw.base_url, timeout=5) as fresh:
+                    late = await fresh.post(
+                        "/v1/chat/completions", json=chat("short", stream=False)
+                    )
+                _assert_503_json(late)
+            except httpx.ConnectError:
+                pass  # refused: as good as a 503
+
+            short = await asyncio.wait_for(short_stream, 10)
+            assert short.done and not short.errors, short.events[-2:]
+            assert short.text() == "a b c d e f g h i j k l m n o"
+
+            long = await asyncio.wait_for(long_stream, DRAIN_S + 5)
+            ended = time.monotonic() - signalled
+            _assert_ended_by_shutdown(long)
+            assert DRAIN_S - 0.3 < ended < DRAIN_S + 1.0, ended
+            assert 0 < len(long.text().split()) < 400
+
+            _assert_503_json(await asyncio.wait_for(long_json, 5))
+            _assert_503_json(await asyncio.wait_for(queued, 5))
+        assert gw.wait(timeout=5) == 0, gw.log()
+    log = gw.log()
+    assert "Traceback" not in log, log
+
+
+def test_sigterm_with_nothing_running_exits_at_once(tmp_path: Path) -> None:
+    config = {"server": {"drain_timeout_s": 30}, "models": scripted_models()}
+    with GatewayProcess(tmp_path, config) as gw:
+        gw.wait_ready()
+        assert httpx.post(
+            gw.base_url + "/v1/chat/completions", json=chat("short", stream=False)
+        ).is_success
+        started = time.monotonic()
+        gw.terminate()
+        assert gw.wait(timeout=10) == 0, gw.log()
+        assert time.monotonic() - started < 3  # no waiting for a drain with nothing to drain
+
+
+@needs_llamacpp
+@pytest.mark.slow
+async def test_sigterm_real_model(tmp_path: Path) -> None:
+    """The default model: one stream finishes in the drain window, one is ended with an error,
+    the engine thread is stopped and the process exits 0 promptly."""
+    config = {
+        "server": {"drain_timeout_s": DRAIN_S},
+        "models": {"smol": real_model_table()},
+    }
+    with GatewayProcess(tmp_path, config) as gw:
+        gw.wait_ready()
+        async with httpx.AsyncClient(base_url=gw.base_url, timeout=60) as client:
+            started = {k: asyncio.Event() for k in ("short", "long")}
+
+            def mark(name: str) -> Any:
+                def seen(event: str) -> bool:
+                    if '"content":"' in event and '"content":""' not in event:
+                        started[name].set()
+                    return False
+
+                return seen
+
+            short_body = chat("smol", max_tokens=12, temperature=0)
+            long_body = chat("smol", "Count to 1000.", max_tokens=900, **NO_EOS)
+            short_stream = asyncio.create_task(
+                stream_request(client, "/v1/chat/completions", short_body, on_event=mark("short"))
+            )
+            long_stream = asyncio.create_task(
+                stream_request(client, "/v1/chat/completions", long_body, on_event=mark("long"))
+            )
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started.values())), 30)
+            gw.terminate()
+            signalled = time.monotonic()
+            short = await asyncio.wait_for(short_stream, 30)
+            assert short.done and not short.errors
+            long = await asyncio.wait_for(long_stream, DRAIN_S + 10)
+            _assert_ended_by_shutdown(long)
+            assert time.monotonic() - signalled < DRAIN_S + 1.5
+        assert gw.wait(timeout=10) == 0, gw.log()
+        assert time.monotonic() - signalled < DRAIN_S + 5
