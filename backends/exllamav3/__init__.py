@@ -7,8 +7,10 @@ only when a model loads.
 from __future__ import annotations
 
 from backends._exllama.backend import ExllamaBackend
+from backends._exllama.memory import estimate
 from backends.exllamav3.config import ExLlamaV3ModelConfig
-from backends.exllamav3.model import load
+from backends.exllamav3.model import SPARE_TOKENS, load
+from gateway.backend import MemoryEstimate
 from gateway.config import ModelConfig
 
 
@@ -18,6 +20,19 @@ class ExLlamaV3Factory:
     def create(self, name: str, config: ModelConfig) -> ExllamaBackend:
         assert isinstance(config, ExLlamaV3ModelConfig)
         return ExllamaBackend(name, config, load, library="exllamav3")
+
+    def memory_estimate(self, config: ModelConfig, gpu_devices: int) -> MemoryEstimate:
+        """From config.json and the safetensors headers (see backends._exllama.memory)."""
+        assert isinstance(config, ExLlamaV3ModelConfig)
+        kv = config.kv_cache
+        return estimate(
+            config,
+            gpu_devices,
+            k_bits=kv.k_bits,
+            v_bits=kv.v_bits,
+            paged=True,
+            spare_tokens=SPARE_TOKENS,
+        )
 
 
 factory = ExLlamaV3Factory()

@@ -1,0 +1,115 @@
+"""What an ExLlama model will hold once loaded, from its directory's headers (nothing loaded).
+
+* weights: the bytes of every tensor in the ``*.safetensors`` headers (EXL2/EXL3 quantized
+  tensors are stored as they are loaded). The token embeddings stay in host memory, as both
+  libraries keep them; everything else goes to the GPU (``load_autosplit`` fills the first GPU
+  first: the estimate puts it all on GPU 0).
+* KV cache: the engine plan's cache tokens x layers x K and V (``num_key_value_heads x
+  head_dim`` each), at 2 bytes per value in FP16, or ``bits / 8`` plus one FP16 scale per 32
+  values when quantized.
+* compute: a rough figure, not checked against the libraries' allocations: FP32 logits for the
+  batch plus FP16 activations (hidden x 4 + intermediate x 2) for one prefill chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from backends._exllama.config import ExllamaModelConfig, plan_engine
+from gateway.backend import MemoryEstimate, MemoryOption
+
+_DTYPE_BYTES = {
+    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
+    "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
+_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "tok_embeddings.weight")
+
+
+def safetensors_bytes(path: Path) -> tuple[int, int]:
+    """(all tensor bytes, token-embedding bytes) from one file's header."""
+    with path.open("rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path} is not a safetensors file")
+        (size,) = struct.unpack("<Q", raw)
+        if size > 100 << 20:
+            raise ValueError(f"{path}: implausible safetensors header size {size}")
+        header = json.loads(f.read(size))
+    total = embeddings = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        total += end - start
+        if name.endswith(_EMBEDDINGS):
+            embeddings += end - start
+    return total, embeddings
+
+
+def _kv_value_bytes(bits: int | None) -> float:
+    return 2.0 if bits is None else bits / 8 + 2 / 32
+
+
+def estimate(
+    config: ExllamaModelConfig,
+    gpu_devices: int,
+    *,
+    k_bits: int | None,
+    v_bits: int | None,
+    paged: bool,
+    spare_tokens: int = 0,
+) -> MemoryEstimate:
+    """``k_bits``/``v_bits``: the cache's bits per value (None: FP16)."""
+    model_dir = config.model_dir
+    try:
+        hf = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{model_dir}/config.json: {err}") from None
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{model_dir} has no *.safetensors file")
+    weights = embeddings = 0
+    for path in files:
+        total, embd = safetensors_bytes(path)
+        weights, embeddings = weights + total, embeddings + embd
+    text = hf.get("text_config", hf)
+    layers, hidden = int(text["num_hidden_layers"]), int(text["hidden_size"])
+    heads = int(text["num_attention_heads"])
+    kv_heads = int(text.get("num_key_value_heads") or heads)
+    head_dim = int(text.get("head_dim") or hidden // heads)
+    vocab = int(text["vocab_size"])
+    plan = plan_engine(
+        config, int(text.get("max_position_embeddings", 2048)), paged=paged,
+        spare_tokens=spare_tokens,
+    )  # fmt: skip
+    per_token = layers * kv_heads * head_dim * (_kv_value_bytes(k_bits) + _kv_value_bytes(v_bits))
+    kv = int(plan.cache_tokens * per_token)
+    intermediate = int(text.get("intermediate_size", 4 * hidden))
+    compute = 4 * vocab * plan.max_batch_size + 2 * plan.chunk_tokens * (
+        4 * hidden + 2 * intermediate
+    )
+    total = weights + kv + compute
+    on_gpu = total - embeddings
+    gpu = (on_gpu,) + (0,) * (gpu_devices - 1) if gpu_devices else ()
+    options = []
+    if k_bits is None:
+        saved = kv - int(plan.cache_tokens * layers * kv_heads * head_dim * 2 * _kv_value_bytes(8))
+        options.append(MemoryOption("kv_cache (8-bit cache)", "q8 / k_bits = v_bits = 8", saved))
+    if plan.cache_tokens >= 2 * 256:
+        options.append(
+            MemoryOption("kv_cache.size_tokens", str(plan.cache_tokens // 2 // 256 * 256), kv // 2)
+        )
+    return MemoryEstimate(
+        weights_bytes=weights,
+        kv_cache_bytes=kv,
+        compute_bytes=compute,
+        gpu_bytes=gpu,
+        host_bytes=embeddings if gpu_devices else total,
+        kv_cache_shape=(
+            f"{plan.cache_tokens} tokens shared by {plan.max_batch_size} sequence(s), "
+            f"{'fp16' if k_bits is None else f'K {k_bits}-bit, V {v_bits}-bit'}"
+        ),
+        options=tuple(options),
+    )
