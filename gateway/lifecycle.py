@@ -249,10 +249,10 @@ class Lifecycle:
 
     def on_idle(self, entry: ModelEntry) -> None:
         """``entry`` has no request left: arm its idle timer (if it has one)."""
+        self.cancel_idle(entry)
         after = entry.config.idle_unload_after_s
         if after is None or entry.leases or not entry.loaded or entry.retired:
             return
-        self.cancel_idle(entry)
         loop = asyncio.get_running_loop()
         self._timers[entry] = loop.call_later(after, self._idle_expired, entry)
 

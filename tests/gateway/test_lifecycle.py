@@ -407,3 +407,16 @@ async def test_loads_queued_at_shutdown_end_with_a_503() -> None:
         await queued
     assert states(pool) == {"a": "unloaded", "b": "unloaded"}
     assert pool.lifecycle.resident == set()
+
+
+async def test_reconfigure_applies_an_idle_timer_change_in_place(pools: list[ModelPool]) -> None:
+    pool = make_pool(pools, config({"m": {"idle_unload_after_s": 0.1}}))
+    entry = pool.resolve("m")
+    await use(entry)
+    report = pool.reconfigure(config({"m": {}}))  # no idle unload any more
+    assert report.updated == ["m"] and pool.resolve("m") is entry
+    await asyncio.sleep(0.25)
+    assert entry.state is ModelState.LOADED
+    pool.reconfigure(config({"m": {"idle_unload_after_s": 0.05}}))
+    await until(lambda: entry.state is ModelState.UNLOADED)
+    assert entry.loads == 1
