@@ -196,7 +196,7 @@ fn_exl3_convert() {
     ls -la "$MODELS/llama-tiny-exl3"
 }
 
-fn_smoke() { "$PY" "$KIT_SCRIPTS/smoke.py" "$1" "$2" "$LOGS/smoke-$1.json"; }
+fn_smoke() { "$PY" "$KIT_SCRIPTS/smoke.py" "$2" "$3" "$LOGS/$1.json"; }  # NAME KIND MODEL
 
 fn_pytest() {  # $1 = junit file name, $2 = -k expression
     # The carried pytest shadows the machine's; its other plugins (xdist, cov, benchmark...) may not fit
@@ -207,7 +207,7 @@ fn_pytest() {  # $1 = junit file name, $2 = -k expression
     done
     cd "$REPO" || return 1
     PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 "$PY" -m pytest "${plugins[@]}" -m gpu -k "$2" -rA -v \
-        -p no:cacheprovider --junitxml="$OUTDIR/$1" tests
+        -p no:cacheprovider --continue-on-collection-errors --junitxml="$OUTDIR/$1" tests
 }
 
 fn_bench() {  # $1 = output subfolder
@@ -417,17 +417,17 @@ part_llama_exl2() {
     local exl2=0
     ok exl2-ext || ok exl2-ext-jit && exl2=1
     if ok tiny-models; then
-        step smoke-llama 90 fn_smoke llama "$GATEWAY_TEST_GGUF_MODEL"
+        step smoke-llama 90 fn_smoke smoke-llama llama "$GATEWAY_TEST_GGUF_MODEL"
         if [ $exl2 = 1 ]; then
-            step smoke-exl2-fp16 90 fn_smoke exl2 "$GATEWAY_TEST_HF_MODEL"
+            step smoke-exl2-fp16 90 fn_smoke smoke-exl2-fp16 exl2 "$GATEWAY_TEST_HF_MODEL"
             step exl2-convert 180 fn_exl2_convert && export GATEWAY_TEST_EXL2_MODEL=$MODELS/llama-tiny-exl2 &&
-                step smoke-exl2 90 fn_smoke exl2 "$GATEWAY_TEST_EXL2_MODEL"
+                step smoke-exl2 90 fn_smoke smoke-exl2 exl2 "$GATEWAY_TEST_EXL2_MODEL"
         else
             skip exl2-convert "no exllamav2 extension"
         fi
     fi
-    step pytest-gpu 240 fn_pytest junit-gpu.xml "not exllamav3 and not exl3"
-    if [ -f "$REPO/bench/bench_backends.py" ]; then step bench 120 fn_bench bench; else skip bench "no bench/bench_backends.py"; fi
+    step pytest-gpu 200 fn_pytest junit-gpu.xml "not exllamav3 and not exl3"
+    if [ -f "$REPO/bench/bench_backends.py" ]; then step bench 90 fn_bench bench; else skip bench "no bench/bench_backends.py"; fi
 }
 
 part_exl3() {
@@ -437,7 +437,7 @@ part_exl3() {
     ok tiny-models || return
     step exl3-convert 180 fn_exl3_convert || return
     export GATEWAY_TEST_EXL3_MODEL=$MODELS/llama-tiny-exl3
-    step smoke-exl3 90 fn_smoke exl3 "$GATEWAY_TEST_EXL3_MODEL"
+    step smoke-exl3 90 fn_smoke smoke-exl3 exl3 "$GATEWAY_TEST_EXL3_MODEL"
     step pytest-gpu-exl3 180 fn_pytest junit-gpu-exl3.xml "exllamav3 or exl3"
     if [ -f "$REPO/bench/bench_backends.py" ]; then
         # only the ExLlamaV3 model this time
