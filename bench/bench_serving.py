@@ -205,8 +205,7 @@ def gateway_server(args: argparse.Namespace, workdir: Path) -> Server:
         }
     path = workdir / "gateway.toml"
     path.write_text(_toml(config))
-    gateway = Path(sys.executable).with_name("gateway")
-    command = [str(gateway), "serve", "--config", str(path), "--port", str(port)]
+    command = [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", str(port)]
     return Server("gateway", name, command, f"http://127.0.0.1:{port}/v1", _env())
 
 
