@@ -88,7 +88,7 @@ def test_repeated_prefix_is_served_from_the_cache(gpu_server: ServerThread) -> N
 def test_disconnect_frees_the_sequence(gpu_server: ServerThread) -> None:
     backend = backend_of(gpu_server)
     before = backend.stats()
-    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 400, "stream": True}
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 400, "stream": True}
     with (
         httpx.Client(base_url=gpu_server.base_url, timeout=30) as http,
         http.stream("POST", "/v1/completions", json=body) as response,
