@@ -15,6 +15,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from gateway.config import ServerConfig
 from gateway.drain import shutdown_error
+from gateway.http import error_response
 
 if TYPE_CHECKING:
     from gateway.completions import Job
@@ -34,6 +35,7 @@ class SendWatchdog:
         self.timeout_s = timeout_s
         self._since: float | None = None
         self.timed_out = False
+        self.started = False
         #: Headers sent and the body not yet ended: a last event may still be sent.
         self.open = False
 
@@ -42,6 +44,7 @@ class SendWatchdog:
         # the message is in the transport once send is entered (uvicorn writes, then waits
         # for the buffer to drain): mark it before awaiting
         self.open = message["type"] == "http.response.start" or message.get("more_body", False)
+        self.started = True
         await self._send(message)
         self._since = None
 
@@ -93,7 +96,9 @@ class JobEventStream(EventSourceResponse):
                 finally:
                     unwatch()
                 tg.cancel_scope.cancel()
-            if stopped and watchdog.open:
+            if stopped and not watchdog.started:  # stopped before its headers: a plain 503
+                await error_response(error, self.job.ctx.response_headers)(scope, receive, send)
+            elif stopped and watchdog.open:
                 log.warning("request %s: ended by the shutdown deadline", self.job.ctx.request_id)
                 await self._send_last(send, self.job.error_frame(error))
             if watchdog.timed_out:
