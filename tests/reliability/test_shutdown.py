@@ -9,13 +9,19 @@ error event (never a silent cut), requests not yet answered get a 503.
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 
+from gateway.app import build_services, create_app
+from gateway.server import _Server
+from gateway.testing import ServerThread
+from tests.gateway.helpers import scripted_config
 from tests.reliability.helpers import (
     NO_EOS,
     GatewayProcess,
@@ -145,6 +151,26 @@ async def test_sigterm_drains_then_ends_the_rest_with_an_error(tmp_path: Path) -
     assert "Traceback" not in log, log
 
 
+async def test_the_signal_handler_turns_ready_503_at_once() -> None:
+    """What SIGTERM's handler does, without a process: /ready and new requests are 503 from
+    the moment it runs (the subprocess tests may only see the listener closed)."""
+    config = scripted_config({"m": {}}, server={"drain_timeout_s": 5})
+    services = build_services(config)
+    await services.pool.start()
+    app = create_app(config, services)
+    server = _Server(uvicorn.Config(app), services.pool)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+        assert (await client.get("/ready")).status_code == 200
+        server.handle_exit(signal.SIGTERM, None)
+        ready = await client.get("/ready")
+        assert ready.status_code == 503 and ready.json()["status"] == "draining"
+        late = await client.post("/v1/chat/completions", json=chat("m", stream=False))
+        _assert_503_json(late)
+    assert server.should_exit and not server.force_exit
+    await services.pool.aclose()
+
+
 def test_sigterm_with_nothing_running_exits_at_once(tmp_path: Path) -> None:
     config = {"server": {"drain_timeout_s": 30}, "models": scripted_models()}
     with GatewayProcess(tmp_path, config) as gw:
@@ -198,3 +224,38 @@ async def test_sigterm_real_model(tmp_path: Path) -> None:
             assert time.monotonic() - signalled < DRAIN_S + 1.5
         assert gw.wait(timeout=10) == 0, gw.log()
         assert time.monotonic() - signalled < DRAIN_S + 5
+
+
+async def test_a_stream_starting_after_the_deadline_is_not_a_500() -> None:
+    """A stream accepted before the drain but reaching its headers after the deadline (it
+    waited for its first token) is answered 503 or one error event, never a 500 or a cut."""
+    config = scripted_config(
+        {
+            "fast": {"reply": WORDS, "token_delay_s": 0.01},
+            "slow_start": {"prefill_delay_s": 2.0},
+        },
+        server={"drain_timeout_s": 0, "keepalive_s": 0.3},
+    )
+    with ServerThread(config) as server:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=10) as client:
+            running = asyncio.Event()
+
+            def seen(event: str) -> bool:
+                running.set()
+                return False
+
+            a = asyncio.create_task(
+                stream_request(client, "/v1/chat/completions", chat("fast"), on_event=seen)
+            )
+            await asyncio.wait_for(running.wait(), 5)
+            b = asyncio.create_task(
+                stream_request(client, "/v1/chat/completions", chat("slow_start"))
+            )
+            await asyncio.sleep(0.1)  # b waits for its first token (up to keepalive_s)
+            server.services.pool.drain.start()
+            _assert_ended_by_shutdown(await asyncio.wait_for(a, 5))
+            late = await asyncio.wait_for(b, 5)
+            if late.status == 503:
+                _assert_503_json(late)
+            else:
+                _assert_ended_by_shutdown(late)
