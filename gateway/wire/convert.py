@@ -35,6 +35,10 @@ def _field_names() -> frozenset[str]:
     return frozenset(names)
 
 
+#: Mapping fields: what follows them in an error's location is a client's key, not a field.
+_MAPPINGS = frozenset({"logit_bias"})
+
+
 def _param(loc: tuple[int | str, ...]) -> str | None:
     """``("messages", 0, "TextPart", "text")`` -> ``"messages[0].text"`` (union tags dropped)."""
     out = ""
@@ -43,6 +47,8 @@ def _param(loc: tuple[int | str, ...]) -> str | None:
             out += f"[{part}]"
         elif part in _field_names():
             out += f".{part}" if out else part
+            if part in _MAPPINGS:
+                break
     return out or None
 
 

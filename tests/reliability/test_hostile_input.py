@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gateway.config import parse_config
@@ -137,6 +137,7 @@ def test_chat_any_values_in_any_fields(http: httpx.Client, fields: dict[str, Any
         max_size=4,
     )
 )
+@example(fields={"prompt": []})  # was a 500: a request with no generations
 def test_completion_any_values_in_any_fields(http: httpx.Client, fields: dict[str, Any]) -> None:
     body = {"model": "m", "prompt": "hi", **fields}
     assert_sane(post_raw(http, dumps(body), "/v1/completions"))
@@ -163,6 +164,7 @@ def test_chat_any_messages(http: httpx.Client, msgs: Any, stream: bool) -> None:
 
 @FUZZ
 @given(text=st.text(), stream=st.booleans())
+@example(text="a\u2028b\x85c", stream=True)  # split lines for httpx's iter_lines
 def test_any_unicode_content_round_trips(http: httpx.Client, text: str, stream: bool) -> None:
     """Whatever text goes in (controls, private use, astral planes) comes back intact."""
     body = {"model": "echo", "messages": [{"role": "user", "content": text}], "stream": stream}
@@ -237,6 +239,7 @@ def test_huge_and_negative_integers(http: httpx.Client, field: str, value: int) 
         max_size=5,
     )
 )
+@example(bias={"best_of": 101.0})  # was reported as param 'logit_bias.best_of'
 def test_logit_bias_oracle(http: httpx.Client, bias: dict[str, float]) -> None:
     r = post_raw(
         http,
