@@ -108,7 +108,7 @@ def _messages(wire: ChatCompletionRequest) -> tuple[ChatMessage, ...]:
 def _logit_bias(wire: SamplingFields) -> tuple[tuple[int, float], ...]:
     out = []
     for key, bias in (wire.logit_bias or {}).items():
-        if not key.isdigit() or len(key) > 9:
+        if not (key.isascii() and key.isdigit()) or len(key) > 9:  # "²".isdigit()
             raise InvalidRequest(
                 f"logit_bias keys must be token ids, got {key[:32]!r}", param="logit_bias"
             )

@@ -240,6 +240,8 @@ def test_huge_and_negative_integers(http: httpx.Client, field: str, value: int) 
     )
 )
 @example(bias={"best_of": 101.0})  # was reported as param 'logit_bias.best_of'
+@example(bias={"²": 1.0})  # was a 500: "²".isdigit() but int("²") fails
+@example(bias={"١٢": 1.0})  # Arabic-Indic digits were taken as token id 12
 def test_logit_bias_oracle(http: httpx.Client, bias: dict[str, float]) -> None:
     r = post_raw(
         http,
