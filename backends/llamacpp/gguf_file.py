@@ -1,12 +1,14 @@
-"""Checks a model file before llama.cpp sees it: exists, is GGUF, is not truncated.
+"""The one GGUF header reader: checks a model file before llama.cpp sees it (exists, is GGUF, is
+not truncated) and gives the memory planner its metadata and tensor table.
 
-llama.cpp reports these as a NULL model and a line in its own log; this module reads the GGUF
-header (pure Python, no numpy) so ``start()`` can say which file is wrong and how.
+llama.cpp reports a bad file as a NULL model and a line in its own log; this module reads the
+header in pure Python (no numpy) so ``start()`` can say which file is wrong and how.
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -19,18 +21,71 @@ _SCALARS: dict[int, str] = {
     10: "<Q", 11: "<q", 12: "<d",
 }  # fmt: skip
 _STRING, _ARRAY = 8, 9
+#: Numeric arrays up to this length are kept (per-layer values); longer ones are skipped.
+_KEPT_ARRAY = 4096
 
-# ggml tensor types -> (elements per block, bytes per block), for the common ones.
+#: ggml type -> (elements per block, bytes per block); the types GGUF weights and KV use.
 _BLOCKS: dict[int, tuple[int, int]] = {
     0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
     9: (32, 36), 10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176),
-    14: (256, 210), 15: (256, 292), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8),
-    28: (1, 8), 30: (1, 2),
+    14: (256, 210), 15: (256, 292), 16: (256, 66), 17: (256, 74), 18: (256, 98),
+    19: (256, 50), 20: (32, 18), 21: (256, 110), 22: (256, 56), 23: (256, 136),
+    24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8), 29: (256, 54), 30: (1, 2),
+    34: (256, 54), 35: (256, 66), 39: (32, 17),
 }  # fmt: skip
 
 
-class ModelFileError(Exception):
+class ModelFileError(ValueError):
     """The model file is missing or unusable; the message names the file."""
+
+
+def row_bytes(ggml_type: int, n: int) -> int:
+    if ggml_type not in _BLOCKS:
+        raise ValueError(f"unknown ggml tensor type {ggml_type}")
+    per_block, size = _BLOCKS[ggml_type]
+    return -(-n // per_block) * size
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    dims: tuple[int, ...]
+    ggml_type: int
+    offset: int = 0
+
+    @property
+    def known_type(self) -> bool:
+        return self.ggml_type in _BLOCKS
+
+    @property
+    def nbytes(self) -> int:
+        rows = 1
+        for d in self.dims[1:]:
+            rows *= d
+        return row_bytes(self.ggml_type, self.dims[0] if self.dims else 1) * rows
+
+
+@dataclass(frozen=True)
+class Header:
+    """The metadata (numeric arrays only when short) and the tensor table."""
+
+    metadata: dict[str, object]
+    tensors: list[Tensor] = field(default_factory=list)
+    version: int = 3
+    #: Where the tensor data starts (after the header, aligned).
+    data_start: int = 0
+
+    def integer(self, key: str, default: int | None = None) -> int:
+        value = self.metadata.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"GGUF key {key!r} is missing or not an integer")
+        return value
+
+    @property
+    def data_end(self) -> int:
+        """The file size the tensors need (tensors of unknown types count as empty)."""
+        ends = (t.offset + t.nbytes for t in self.tensors if t.known_type)
+        return self.data_start + max(ends, default=0)
 
 
 class _Reader:
@@ -46,12 +101,12 @@ class _Reader:
             )
         return data
 
-    def unpack(self, fmt: str) -> int | float | bool:
+    def scalar(self, fmt: str) -> int | float | bool:
         value: int | float | bool = struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
         return value
 
     def uint(self, fmt: str = "<Q") -> int:
-        return int(self.unpack(fmt))
+        return int(self.scalar(fmt))
 
     def string(self) -> str:
         n = self.uint()
@@ -61,29 +116,56 @@ class _Reader:
 
     def value(self, vtype: int) -> object:
         if vtype in _SCALARS:
-            return self.unpack(_SCALARS[vtype])
+            return self.scalar(_SCALARS[vtype])
         if vtype == _STRING:
             return self.string()
-        if vtype == _ARRAY:
-            item_type, count = self.uint("<I"), self.uint()
-            if item_type in _SCALARS:  # skip numbers without decoding them
-                self.read(struct.calcsize(_SCALARS[item_type]) * count)
-            else:
-                for _ in range(count):
-                    self.value(item_type)
-            return None
-        raise ModelFileError(f"model file {self.path} has a corrupt GGUF header (type {vtype})")
-
-
-def _tensor_bytes(ggml_type: int, dims: list[int]) -> int | None:
-    block = _BLOCKS.get(ggml_type)
-    if block is None:
+        if vtype != _ARRAY:
+            raise ModelFileError(f"model file {self.path} has a corrupt GGUF header (type {vtype})")
+        item, count = self.uint("<I"), self.uint()
+        if item in _SCALARS and count <= _KEPT_ARRAY:
+            return [self.scalar(_SCALARS[item]) for _ in range(count)]
+        if item in _SCALARS:  # long numeric arrays (token scores): skipped, not decoded
+            self.read(struct.calcsize(_SCALARS[item]) * count)
+        else:
+            for _ in range(count):
+                self.value(item)
         return None
-    n = 1
-    for d in dims:
-        n *= d
-    per_block, size = block
-    return (n + per_block - 1) // per_block * size
+
+
+def _read(r: _Reader) -> Header:
+    magic = r.f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ModelFileError(
+            f"model file {r.path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')"
+        )
+    version = r.uint("<I")
+    if version not in (2, 3):
+        raise ModelFileError(f"model file {r.path} has unsupported GGUF version {version}")
+    n_tensors, n_kv = r.uint(), r.uint()
+    metadata: dict[str, object] = {}
+    for _ in range(n_kv):
+        key, vtype = r.string(), r.uint("<I")
+        metadata[key] = r.value(vtype)
+    tensors = []
+    for _ in range(n_tensors):
+        name = r.string()
+        dims = tuple(r.uint() for _ in range(r.uint("<I")))
+        ggml_type, offset = r.uint("<I"), r.uint()
+        tensors.append(Tensor(name, dims, ggml_type, offset))
+    alignment = metadata.get("general.alignment")
+    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0:
+        alignment = _DEFAULT_ALIGNMENT
+    data_start = -(-r.f.tell() // alignment) * alignment
+    return Header(metadata, tensors, version, data_start)
+
+
+def read_header(path: Path) -> Header:
+    """The header of a GGUF file; :class:`ModelFileError` (naming it) if it is not one."""
+    try:
+        with path.open("rb") as f:
+            return _read(_Reader(f, path))
+    except OSError as err:
+        raise ModelFileError(f"model file {path} cannot be read: {err.strerror}") from err
 
 
 def check_model_file(path: Path) -> None:
@@ -93,40 +175,9 @@ def check_model_file(path: Path) -> None:
     if not path.is_file():
         raise ModelFileError(f"model file {path} is not a regular file")
     size = path.stat().st_size
-    try:
-        with path.open("rb") as f:
-            _check(_Reader(f, path), size)
-    except OSError as err:
-        raise ModelFileError(f"model file {path} cannot be read: {err.strerror}") from err
-
-
-def _check(r: _Reader, size: int) -> None:
-    path = r.path
-    magic = r.f.read(4)
-    if magic != GGUF_MAGIC:
+    header = read_header(path)
+    if header.data_end > size:
         raise ModelFileError(
-            f"model file {path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')"
-        )
-    version = r.uint("<I")
-    if version not in (2, 3):
-        raise ModelFileError(f"model file {path} has unsupported GGUF version {version}")
-    n_tensors, n_kv = r.uint(), r.uint()
-    alignment = _DEFAULT_ALIGNMENT
-    for _ in range(n_kv):
-        key, vtype = r.string(), r.uint("<I")
-        value = r.value(vtype)
-        if key == "general.alignment" and isinstance(value, int) and value > 0:
-            alignment = value
-    end = 0
-    for _ in range(n_tensors):
-        r.string()
-        dims = [r.uint() for _ in range(r.uint("<I"))]
-        ggml_type, offset = r.uint("<I"), r.uint()
-        nbytes = _tensor_bytes(ggml_type, dims)
-        end = max(end, offset + (nbytes or 0))
-    data_start = -(-r.f.tell() // alignment) * alignment
-    if data_start + end > size:
-        raise ModelFileError(
-            f"model file {path} is truncated: its tensors need {data_start + end} bytes, "
+            f"model file {path} is truncated: its tensors need {header.data_end} bytes, "
             f"the file has {size}"
         )

@@ -21,130 +21,17 @@ term within 2.3%, each device's total within 0.4%).
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import BinaryIO
+from dataclasses import dataclass
 
 from backends.llamacpp.config import LlamaCppConfig
+from backends.llamacpp.gguf_file import Header, read_header, row_bytes
 from gateway.backend import MemoryEstimate, MemoryOption
 
-_MAGIC = b"GGUF"
-_SCALARS: dict[int, str] = {
-    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-    10: "<Q", 11: "<q", 12: "<d",
-}  # fmt: skip
-_STRING, _ARRAY = 8, 9
-#: ggml type -> (elements per block, bytes per block); the types GGUF weights and KV use.
-_BLOCKS: dict[int, tuple[int, int]] = {
-    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
-    9: (32, 36), 10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176),
-    14: (256, 210), 15: (256, 292), 16: (256, 66), 17: (256, 74), 18: (256, 98),
-    19: (256, 50), 20: (32, 18), 21: (256, 110), 22: (256, 56), 23: (256, 136),
-    24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8), 29: (256, 54), 30: (1, 2),
-    34: (256, 54), 35: (256, 66), 39: (32, 17),
-}  # fmt: skip
 KV_TYPES: dict[str, int] = {"f16": 1, "q4_0": 2, "q8_0": 8}
 _CTX_PAD = 256
 _MAX_UBATCH = 512
 _F32 = 4
-
-
-def row_bytes(ggml_type: int, n: int) -> int:
-    if ggml_type not in _BLOCKS:
-        raise ValueError(f"unknown ggml tensor type {ggml_type}")
-    per_block, size = _BLOCKS[ggml_type]
-    return -(-n // per_block) * size
-
-
-@dataclass(frozen=True)
-class Tensor:
-    name: str
-    dims: tuple[int, ...]
-    ggml_type: int
-
-    @property
-    def nbytes(self) -> int:
-        rows = 1
-        for d in self.dims[1:]:
-            rows *= d
-        return row_bytes(self.ggml_type, self.dims[0] if self.dims else 1) * rows
-
-
-@dataclass(frozen=True)
-class Header:
-    """The scalar metadata (arrays only as lists of numbers) and the tensor table."""
-
-    metadata: dict[str, object]
-    tensors: list[Tensor] = field(default_factory=list)
-
-    def int(self, key: str, default: int | None = None) -> int:
-        value = self.metadata.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"GGUF key {key!r} is missing or not an integer")
-        return value
-
-
-class _Reader:
-    def __init__(self, f: BinaryIO) -> None:
-        self.f = f
-
-    def scalar(self, fmt: str) -> int | float | bool:
-        size = struct.calcsize(fmt)
-        data = self.f.read(size)
-        if len(data) != size:
-            raise ValueError("the GGUF header is truncated")
-        value: int | float | bool = struct.unpack(fmt, data)[0]
-        return value
-
-    def u64(self) -> int:
-        return int(self.scalar("<Q"))
-
-    def string(self) -> str:
-        n = self.u64()
-        if n > 1 << 30:
-            raise ValueError("corrupt GGUF header (string length)")
-        return self.f.read(n).decode("utf-8", errors="replace")
-
-    def value(self, vtype: int) -> object:
-        if vtype in _SCALARS:
-            return self.scalar(_SCALARS[vtype])
-        if vtype == _STRING:
-            return self.string()
-        if vtype != _ARRAY:
-            raise ValueError(f"corrupt GGUF header (value type {vtype})")
-        item, count = int(self.scalar("<I")), self.u64()
-        if item in _SCALARS and count <= 4096:  # per-layer numbers: keep them
-            return [self.scalar(_SCALARS[item]) for _ in range(count)]
-        if item in _SCALARS:  # long numeric arrays (token scores): skip
-            self.f.seek(struct.calcsize(_SCALARS[item]) * count, 1)
-        else:
-            for _ in range(count):
-                self.value(item)
-        return None
-
-
-def read_header(path: Path) -> Header:
-    """The header of a GGUF file; ``ValueError`` if it is not one, ``OSError`` if unreadable."""
-    with path.open("rb") as f:
-        r = _Reader(f)
-        if f.read(4) != _MAGIC:
-            raise ValueError(f"{path} is not a GGUF file")
-        r.scalar("<I")  # version
-        n_tensors, n_kv = r.u64(), r.u64()
-        metadata = {}
-        for _ in range(n_kv):
-            key, vtype = r.string(), int(r.scalar("<I"))
-            metadata[key] = r.value(vtype)
-        tensors = []
-        for _ in range(n_tensors):
-            name = r.string()
-            dims = tuple(r.u64() for _ in range(int(r.scalar("<I"))))
-            ggml_type = int(r.scalar("<I"))
-            r.u64()  # offset
-            tensors.append(Tensor(name, dims, ggml_type))
-    return Header(metadata, tensors)
 
 
 @dataclass(frozen=True)
@@ -165,8 +52,8 @@ class ModelShape:
         arch = header.metadata.get("general.architecture")
         if not isinstance(arch, str):
             raise ValueError("GGUF has no general.architecture")
-        n_layer = header.int(f"{arch}.block_count")
-        n_embd = header.int(f"{arch}.embedding_length")
+        n_layer = header.integer(f"{arch}.block_count")
+        n_embd = header.integer(f"{arch}.embedding_length")
         n_head = max(_per_layer(header.metadata.get(f"{arch}.attention.head_count"), n_layer))
         kv = header.metadata.get(f"{arch}.attention.head_count_kv", n_head)
         n_head_kv = _per_layer(kv, n_layer)
@@ -176,8 +63,8 @@ class ModelShape:
             n_embd=n_embd,
             n_head=n_head,
             n_head_kv=n_head_kv,
-            head_k=header.int(f"{arch}.attention.key_length", head),
-            head_v=header.int(f"{arch}.attention.value_length", head),
+            head_k=header.integer(f"{arch}.attention.key_length", head),
+            head_v=header.integer(f"{arch}.attention.value_length", head),
             n_vocab=_vocab(header),
         )
 

@@ -113,7 +113,7 @@ def test_not_a_gguf(tmp_path: Path) -> None:
     bad.write_bytes(b"NOPE" + bytes(64))
     with pytest.raises(ValueError, match="not a GGUF file"):
         estimate(llama_config(bad), 0)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match=r"missing\.gguf cannot be read"):
         estimate(llama_config(tmp_path / "missing.gguf"), 0)
     bad.write_bytes(b"GGUF\x03\x00")
     with pytest.raises(ValueError, match="truncated"):
