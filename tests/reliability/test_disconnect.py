@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -223,6 +224,8 @@ def real() -> Iterator[ServerThread]:
     )
     with ServerThread(config) as srv:
         yield srv
+    # the server's shutdown stopped and joined the engine thread
+    assert not [t for t in threading.enumerate() if t.name.startswith("llamacpp")]
 
 
 def _stats(server: ServerThread) -> EngineStats:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -24,8 +25,9 @@ from tests.reliability.helpers import NO_EOS, chat, needs_llamacpp, real_model_t
 
 CAP = 1_000_000
 REPLY = "one two three"
+#: Examples per property; CI runs 150, a deeper local run: FUZZ_EXAMPLES=5000 pytest ...
 FUZZ = settings(
-    max_examples=150,
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "150")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
