@@ -222,10 +222,12 @@ def real() -> Iterator[ServerThread]:
     config = parse_config(
         {"server": {"keepalive_s": 0.2}, "models": {"smol": table}}, "<reliability>"
     )
+    before = set(threading.enumerate())
     with ServerThread(config) as srv:
         yield srv
-    # the server's shutdown stopped and joined the engine thread
-    assert not [t for t in threading.enumerate() if t.name.startswith("llamacpp")]
+    # the server's shutdown stopped and joined its engine thread
+    left = set(threading.enumerate()) - before
+    assert not [t for t in left if t.name.startswith("llamacpp")]
 
 
 def _stats(server: ServerThread) -> EngineStats:
