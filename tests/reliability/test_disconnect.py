@@ -80,7 +80,7 @@ def _next_is_served(server: ServerThread, model: str) -> None:
     r = httpx.post(server.base_url + CHAT, json=chat(model, stream=False, max_tokens=3), timeout=10)
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 3
-    assert time.monotonic() - started < 2  # at once: prefill 0.5 s + 3 tokens
+    assert time.monotonic() - started < 3  # at once: prefill 0.5 s + 3 tokens
 
 
 def _leave_while_queued(server: ServerThread) -> int:

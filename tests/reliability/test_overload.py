@@ -169,7 +169,7 @@ async def test_running_streams_are_not_disturbed_by_a_flood(
         assert r.text() == LONG
     for times in arrivals:
         gaps = [b - a for a, b in itertools.pairwise(times)]
-        assert max(gaps) < 0.5, max(gaps)
+        assert max(gaps) < 1.0, max(gaps)  # 10 ms per token; a stall would be seconds
     assert len(backend.record.cancelled) == cancelled_before
     _assert_idle(server, "tight")
 
@@ -206,7 +206,7 @@ async def test_queue_timeout_is_honoured(
     for seconds, r in waited:
         assert _status(r) == 503 and r.headers["retry-after"] == "1"
         assert "waited 0.5 s" in r.json()["error"]["message"]
-        assert 0.45 <= seconds < 1.0, seconds
+        assert 0.45 <= seconds < 1.5, seconds
     assert server.services.pool.resolve("tight").admission.queued == 0
     for task in holders:
         assert (await asyncio.wait_for(task, 10)).done

@@ -141,7 +141,7 @@ async def test_sigterm_drains_then_ends_the_rest_with_an_error(tmp_path: Path) -
             long = await asyncio.wait_for(long_stream, DRAIN_S + 5)
             ended = time.monotonic() - signalled
             _assert_ended_by_shutdown(long)
-            assert DRAIN_S - 0.3 < ended < DRAIN_S + 1.0, ended
+            assert DRAIN_S - 0.3 < ended < DRAIN_S + 1.5, ended
             assert 0 < len(long.text().split()) < 400
 
             _assert_503_json(await asyncio.wait_for(long_json, 5))
