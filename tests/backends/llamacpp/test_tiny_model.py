@@ -165,20 +165,24 @@ def _backend(tiny_path: Path, **overrides: Any) -> LlamaCppBackend:
 
 async def test_cancel_in_the_engine_queue_and_in_decode(tiny_path: Path) -> None:
     """More streams than slots (no core admission in front): the third waits in the engine."""
-    backend = _backend(tiny_path, batching={"max_concurrent": 2})
+    # long generations keep both slots busy while the third request reaches the engine's queue
+    backend = _backend(tiny_path, batching={"max_concurrent": 2}, kv_cache={"n_ctx_per_slot": 4096})
     await backend.start()
     try:
 
         def req(i: int) -> GenerationRequest:
             return GenerationRequest(
-                f"r{i}", prompt=f"story {i}", max_tokens=1000, sampling=SamplingParams(seed=i)
+                f"r{i}", prompt=f"story {i}", max_tokens=4000, sampling=SamplingParams(seed=i)
             )
 
         streams = [backend.stream(req(i)) for i in range(3)]
         firsts = [asyncio.ensure_future(anext(s)) for s in streams]
         await asyncio.wait(firsts[:2])
-        assert backend.stats().active_sequences == 2
-        assert backend.stats().queued_sequences == 1
+        # the third is tokenized off the event loop before it is queued: wait for it
+        stats = await asyncio.to_thread(
+            wait_for, backend.stats, lambda s: s.queued_sequences == 1, 10
+        )
+        assert stats.active_sequences == 2
         firsts[2].cancel()
         await asyncio.gather(firsts[2], return_exceptions=True)
         await streams[2].aclose()
