@@ -31,6 +31,10 @@ from gateway.errors import EngineError, InvalidRequest
 from gateway.types import ChatMessage
 
 
+#: A content marker (private-use delimiters around a nonce and a message index).
+_MARKER = re.compile("(\ue000[0-9a-f]{12}:\\d+\ue001)")
+
+
 class ChatTemplateError(InvalidRequest):
     """The template rejected the conversation (``raise_exception``) or hit a render limit."""
 
@@ -205,7 +209,7 @@ class ChatTemplate:
             ],
             add_generation_prompt,
         )
-        pieces = re.split(f"(\ue000{nonce}:\\d+\ue001)", marked)
+        pieces = _MARKER.split(marked)  # a marker without this nonce stays text
         for transform in (_identity, str.strip):
             segments = [
                 Segment(transform(messages[markers[p]].content), content=True)
