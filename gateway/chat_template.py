@@ -30,7 +30,6 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from gateway.errors import EngineError, InvalidRequest
 from gateway.types import ChatMessage
 
-
 #: A content marker (private-use delimiters around a nonce and a message index).
 _MARKER = re.compile("(\ue000[0-9a-f]{12}:\\d+\ue001)")
 
