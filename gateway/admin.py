@@ -98,7 +98,7 @@ def describe(entry: ModelEntry) -> dict[str, object]:
     return {
         "id": entry.name,
         "backend": entry.config.backend,
-        "state": entry.state.value,
+        "state": entry.status,
         "retired": entry.retired,
         "load": entry.config.load,
         "leases": entry.leases,

@@ -42,7 +42,7 @@ def _models_routes(pool: ModelPool) -> list[BaseRoute]:
     def describe(model_id: str) -> dict[str, object]:
         entry = pool.resolve(model_id)
         context = entry.backend.info.context_length if entry.loaded else None
-        return model_json(model_id, entry.created, entry.config.backend, entry.state.value, context)
+        return model_json(model_id, entry.created, entry.config.backend, entry.status, context)
 
     async def list_models(request: Request) -> Response:
         data = [describe(model_id) for model_id, _ in pool.names()]
@@ -66,7 +66,7 @@ def _health_routes(pool: ModelPool) -> list[BaseRoute]:
         return JSONResponse({"status": "ok"})
 
     async def ready(request: Request) -> Response:
-        states = {name: entry.state.value for name, entry in pool.entries.items()}
+        states = {name: entry.status for name, entry in pool.entries.items()}
         if pool.ready:
             return JSONResponse({"status": "ready", "models": states})
         status = "draining" if pool.draining else "loading"

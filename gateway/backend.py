@@ -85,6 +85,17 @@ class Delegating(Protocol):
     def bind_router(self, router: ModelRouter) -> None: ...
 
 
+@runtime_checkable
+class ReportsFailure(Protocol):
+    """Optional: a backend whose engine can die after loading says why (``None`` while healthy).
+
+    The pool then reports the model as failed (``/ready`` 503) and the next request reloads it.
+    """
+
+    @property
+    def failure(self) -> str | None: ...
+
+
 class BackendFactory(Protocol):
     """What an entry point in ``gateway.backends`` resolves to."""
 

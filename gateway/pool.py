@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from gateway.admission import Admission
-from gateway.backend import Backend, Delegating, MemoryEstimate, ModelRouter
+from gateway.backend import Backend, Delegating, MemoryEstimate, ModelRouter, ReportsFailure
 from gateway.config import GatewayConfig, ModelConfig
 from gateway.drain import Drain
 from gateway.errors import ModelNotFound, ModelUnavailable
@@ -86,6 +86,18 @@ class ModelEntry:
         return self.state in (ModelState.LOADED, ModelState.DRAINING)
 
     @property
+    def engine_failure(self) -> str | None:
+        """Why a loaded model's engine died (:class:`ReportsFailure` backends), if it did."""
+        if self.loaded and isinstance(self.backend, ReportsFailure):
+            return self.backend.failure
+        return None
+
+    @property
+    def status(self) -> str:
+        """The state clients see: ``failed`` also when a loaded model's engine died."""
+        return ModelState.FAILED.value if self.engine_failure else self.state.value
+
+    @property
     def evicting(self) -> bool:
         return self.state in (ModelState.DRAINING, ModelState.UNLOADING)
 
@@ -93,6 +105,11 @@ class ModelEntry:
 
     async def acquire(self) -> Backend:
         """A lease for one request, once the model is loaded (behind an eviction: reloaded)."""
+        failure = self.engine_failure
+        if failure is not None:  # a dead engine: unload it (after its requests) and load afresh
+            log.error("model %s: its engine failed (%s); reloading it", self.name, failure)
+            self.error = failure
+            await self.lifecycle.unload(self)
         await self._not_evicted()
         self.leases += 1
         self._no_leases.clear()
@@ -356,9 +373,10 @@ class ModelPool:
 
     @property
     def ready(self) -> bool:
-        """The startup models have loaded (later they may be unloaded: requests reload them)
-        and the server is not shutting down."""
-        return self.started and not self.draining
+        """The startup models have loaded (later they may be unloaded: requests reload them),
+        none has a dead engine, and the server is not shutting down."""
+        dead = any(e.engine_failure for e in self.entries.values())
+        return self.started and not self.draining and not dead
 
     async def start(self) -> None:
         """Load every ``load = "startup"`` model; raise if any fails."""

@@ -96,6 +96,12 @@ class LlamaCppBackend:
     def stats(self) -> EngineStats:
         return self._engine.stats() if self._engine is not None else EngineStats()
 
+    @property
+    def failure(self) -> str | None:
+        """Why the engine thread died, if it did (the model must then be reloaded)."""
+        failure = self._engine.failure if self._engine is not None else None
+        return None if failure is None else str(failure)
+
     def _require(self) -> tuple[Engine, LoadedModel]:
         if self._engine is None or self._model is None:
             raise ModelUnavailable(f"model {self.name!r} is not loaded")
