@@ -163,16 +163,23 @@ def _backend(tiny_path: Path, **overrides: Any) -> LlamaCppBackend:
     return LlamaCppBackend("m", cfg)
 
 
-async def test_cancel_in_the_engine_queue_and_in_decode(tiny_path: Path) -> None:
-    """More streams than slots (no core admission in front): the third waits in the engine."""
-    # long generations keep both slots busy while the third request reaches the engine's queue
-    backend = _backend(tiny_path, batching={"max_concurrent": 2}, kv_cache={"n_ctx_per_slot": 4096})
+async def test_cancel_in_the_engine_queue_and_in_decode(smol_path: Path) -> None:
+    """More streams than slots (no core admission in front): the third waits in the engine.
+
+    On SmolLM2, not the tiny model: its decode steps are long enough (and release the GIL)
+    that the first two streams still hold their slots when the third reaches the queue.
+    """
+    backend = _backend(smol_path, batching={"max_concurrent": 2})
     await backend.start()
+    no_eos = ((0, -100.0), (2, -100.0))  # <|endoftext|>, <|im_end|>: the slots stay busy
     try:
 
         def req(i: int) -> GenerationRequest:
             return GenerationRequest(
-                f"r{i}", prompt=f"story {i}", max_tokens=4000, sampling=SamplingParams(seed=i)
+                f"r{i}",
+                prompt=f"story {i}",
+                max_tokens=1000,
+                sampling=SamplingParams(seed=i, logit_bias=no_eos),
             )
 
         streams = [backend.stream(req(i)) for i in range(3)]
@@ -197,7 +204,8 @@ async def test_cancel_in_the_engine_queue_and_in_decode(tiny_path: Path) -> None
         )
         assert stats.tokens_after_cancel <= 2  # at most one decode step per cancelled stream
         assert stats.kv_cells_used == 0
-        async with aclosing(backend.stream(req(9))) as again:
+        short = GenerationRequest("r9", prompt="story", max_tokens=4)
+        async with aclosing(backend.stream(short)) as again:
             texts = [d async for d in again if isinstance(d, TextDelta)]
         assert texts
     finally:
