@@ -11,9 +11,10 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from gateway.backend import EngineStats, HasStats
-from gateway.pool import ModelEntry, ModelPool
+from gateway.pool import ModelEntry, ModelPool, ModelState
 
 log = logging.getLogger("plugins.metrics")
+_STATES = tuple(s.value for s in ModelState)
 
 #: EngineStats field -> (metric name, help, is it a counter)
 _ENGINE: dict[str, tuple[str, str, bool]] = {
@@ -95,19 +96,31 @@ class PoolCollector(Collector):
         load_time = GaugeMetricFamily(
             "gateway_model_load_seconds", "How long the model took to load.", labels=["model"]
         )
+        state = GaugeMetricFamily(
+            "gateway_model_state",
+            "1 for the state the model is in (unloaded, loading, loaded, draining, unloading, "
+            "failed), 0 for the others.",
+            labels=["model", "state"],
+        )
+        loads = CounterMetricFamily(
+            "gateway_model_loads", "Times the model was loaded.", labels=["model"]
+        )
         engine = {f.name: _family(*_spec(f.name)) for f in dataclasses.fields(EngineStats)}
         for name, entry in self._pool.entries.items():
             active.add_metric([name], entry.admission.active)
             queued.add_metric([name], entry.admission.queued)
             capacity.add_metric([name], entry.admission.capacity)
             loaded.add_metric([name], 1.0 if entry.loaded else 0.0)
+            for value in _STATES:
+                state.add_metric([name, value], 1.0 if entry.status == value else 0.0)
+            loads.add_metric([name], entry.loads)
             if entry.load_seconds is not None:
                 load_time.add_metric([name], entry.load_seconds)
             stats = self._stats(entry)
             if stats is not None:
                 for field, family in engine.items():
                     family.add_metric([name], float(getattr(stats, field)))
-        yield from (active, queued, capacity, loaded, load_time, *engine.values())
+        yield from (active, queued, capacity, loaded, load_time, state, loads, *engine.values())
 
     def _stats(self, entry: ModelEntry) -> EngineStats | None:
         backend = entry.backend

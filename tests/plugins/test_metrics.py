@@ -125,6 +125,10 @@ def test_metrics_after_real_requests(server: ServerThread) -> None:
     # model load time and state, read from the pool at scrape time
     assert s.value("gateway_model_load_seconds", model="m") >= 0.05
     assert s.value("gateway_model_loaded", model="m") == 1
+    assert s.value("gateway_model_state", model="m", state="loaded") == 1
+    assert s.value("gateway_model_state", model="m", state="unloaded") == 0
+    assert s.total("gateway_model_state", model="m") == 1
+    assert s.value("gateway_model_loads_total", model="m") == 1
     assert s.value("gateway_max_concurrent_sequences", model="slow") == 1
 
 
