@@ -85,6 +85,7 @@ class ScriptedBackend:
         self.config = config
         self.record = Record()
         self.started = False
+        self._failure: str | None = None
         self._info = BackendInfo(
             context_length=config.context_length,
             max_concurrent=config.engine_slots,
@@ -104,6 +105,15 @@ class ScriptedBackend:
     async def aclose(self) -> None:
         await asyncio.sleep(self.config.unload_delay_s)
         self.started = False
+
+    @property
+    def failure(self) -> str | None:
+        """Set by :meth:`kill_engine`: the pool then reports the model failed and reloads it."""
+        return self._failure
+
+    def kill_engine(self, reason: str = "the scripted engine was killed") -> None:
+        """Simulate an engine that died after loading."""
+        self._failure = reason
 
     async def validate(self, request: GenerationRequest) -> int:
         prompt_tokens = count_tokens(prompt_text(request))

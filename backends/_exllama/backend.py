@@ -169,6 +169,11 @@ class ExllamaBackend:
     def stats(self) -> EngineStats:
         return EngineStats() if self._loaded is None else self._loaded.engine.stats()
 
+    @property
+    def failure(self) -> str | None:
+        """Why the engine loop crashed, if it did (the pool then reloads the model)."""
+        return None if self._loaded is None else self._loaded.engine.failure
+
     def _require(self) -> _Loaded:
         if self._loaded is None:
             raise ModelUnavailable(f"model {self.name!r} is not loaded")

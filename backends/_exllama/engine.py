@@ -155,6 +155,8 @@ class EngineLoop:
         self._counters = _Counters()
         self._thread: threading.Thread | None = None
         self._stopped = False
+        #: Why the loop crashed, if it did (the model must then be reloaded).
+        self.failure: str | None = None
 
     # ---- the requesters' side (any thread) ----
 
@@ -225,10 +227,10 @@ class EngineLoop:
         try:
             while self._step():
                 pass
-        except BaseException as err:  # the thread must never die silently
+        except BaseException as err:  # logged, recorded, every ticket failed: never silent
             log.exception("engine %s: loop crashed", self.name)
+            self.failure = f"{type(err).__name__}: {err}"
             self._fail_all(EngineError(f"the engine loop crashed: {type(err).__name__}: {err}"))
-            raise
         finally:
             with self._cond:
                 self._stopped = True

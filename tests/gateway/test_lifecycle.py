@@ -16,7 +16,8 @@ from gateway.completions import Services
 from gateway.config import GatewayConfig, parse_config
 from gateway.errors import ModelUnavailable
 from gateway.pool import ModelEntry, ModelPool, ModelState
-from tests.gateway.helpers import scripted, sse_json
+from gateway.testing import ServerThread
+from tests.gateway.helpers import CHAT, scripted, scripted_config, sse_json
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -420,3 +421,20 @@ async def test_reconfigure_applies_an_idle_timer_change_in_place(pools: list[Mod
     pool.reconfigure(config({"m": {"idle_unload_after_s": 0.05}}))
     await until(lambda: entry.state is ModelState.UNLOADED)
     assert entry.loads == 1
+
+
+def test_a_dead_engine_is_reported_and_the_next_request_reloads_it() -> None:
+    config = scripted_config({"m": {"reply": "fine"}})
+    with ServerThread(config) as server:
+        entry = server.services.pool.resolve("m")
+        old = scripted(entry.backend)
+        old.kill_engine("segfault in the kernel")
+        assert httpx.get(server.base_url + "/ready").status_code == 503
+        models = httpx.get(server.base_url + "/v1/models").json()["data"]
+        assert {m["id"]: m["state"] for m in models} == {"m": "failed"}
+        r = httpx.post(server.base_url + "/v1/chat/completions", json=CHAT)
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["message"]["content"] == "fine"
+        assert entry.loads == 2
+        assert entry.backend is not old and not old.started
+        assert httpx.get(server.base_url + "/ready").status_code == 200

@@ -266,6 +266,26 @@ def test_generator_failure_fails_running_and_engine_recovers(
     assert sink.text == "back"
 
 
+def test_a_crashed_loop_reports_its_failure(engine_factory: Factory) -> None:
+    """A bug outside the generator's own calls ends the loop: open tickets fail, and the
+    engine says why (the pool then marks the model failed and reloads it)."""
+    engine, _model = engine_factory(endless(), step_delay_s=0.002)
+    _, sink = submit(engine, spec(max_new=10_000))
+    wait_until(lambda: len(sink.items) >= 2)
+    assert engine.failure is None
+
+    def broken() -> bool:
+        raise RuntimeError("a bug in the loop")
+
+    engine._step = broken  # type: ignore[method-assign]
+    err = sink.wait()[-1]
+    assert isinstance(err, EngineError) and "a bug in the loop" in err.message
+    wait_until(lambda: engine.failure is not None)
+    assert engine.failure == "RuntimeError: a bug in the loop"
+    with pytest.raises(EngineStopped):
+        submit(engine, spec())
+
+
 def test_error_result_fails_only_its_job(
     engine_factory: Factory,
 ) -> None:
