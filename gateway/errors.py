@@ -23,6 +23,11 @@ class ErrorBody(TypedDict):
     error: ErrorDetail
 
 
+def retry_after(seconds: float) -> dict[str, str]:
+    """The Retry-After header: whole seconds, rounded up (never sooner than meant), at least 1."""
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
 class GatewayError(Exception):
     status: ClassVar[int] = 500
     type: ClassVar[str] = "server_error"
@@ -115,7 +120,7 @@ class RateLimited(GatewayError):
     def __init__(
         self, message: str, *, retry_after_s: float, headers: dict[str, str] | None = None
     ) -> None:
-        all_headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))}
+        all_headers = retry_after(retry_after_s)
         all_headers.update(headers or {})
         super().__init__(message, headers=all_headers)
         self.retry_after_s = retry_after_s
@@ -129,7 +134,7 @@ class Overloaded(GatewayError):
     default_code = "server_overloaded"
 
     def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
-        super().__init__(message, headers={"Retry-After": str(max(1, round(retry_after_s)))})
+        super().__init__(message, headers=retry_after(retry_after_s))
 
 
 class ModelUnavailable(GatewayError):
@@ -140,7 +145,7 @@ class ModelUnavailable(GatewayError):
     default_code = "model_unavailable"
 
     def __init__(self, message: str, *, retry_after_s: float = 5.0) -> None:
-        super().__init__(message, headers={"Retry-After": str(max(1, round(retry_after_s)))})
+        super().__init__(message, headers=retry_after(retry_after_s))
 
 
 class EngineError(GatewayError):
