@@ -164,10 +164,10 @@ def _backend(tiny_path: Path, **overrides: Any) -> LlamaCppBackend:
 
 
 async def test_cancel_in_the_engine_queue_and_in_decode(smol_path: Path) -> None:
-    """More streams than slots (no core admission in front): the third waits in the engine.
+    """More streams than slots (no core admission in front): one of three waits in the engine.
 
     On SmolLM2, not the tiny model: its decode steps are long enough (and release the GIL)
-    that the first two streams still hold their slots when the third reaches the queue.
+    that the two running streams still hold their slots while the third is queued.
     """
     backend = _backend(smol_path, batching={"max_concurrent": 2})
     await backend.start()
@@ -184,21 +184,29 @@ async def test_cancel_in_the_engine_queue_and_in_decode(smol_path: Path) -> None
 
         streams = [backend.stream(req(i)) for i in range(3)]
         firsts = [asyncio.ensure_future(anext(s)) for s in streams]
-        await asyncio.wait(firsts[:2])
-        # the third is tokenized off the event loop before it is queued: wait for it
+        # Prompts are tokenized off the event loop, so they reach the engine in any order:
+        # the two that stream first hold the slots, the other one waits in the engine queue.
+        running: set[asyncio.Future[Any]] = set()
+        while len(running) < 2:
+            done, _ = await asyncio.wait(
+                [f for f in firsts if f not in running], return_when=asyncio.FIRST_COMPLETED
+            )
+            running |= done
+        waiting = next(i for i, f in enumerate(firsts) if f not in running)
         stats = await asyncio.to_thread(
             wait_for, backend.stats, lambda s: s.queued_sequences == 1, 10
         )
         assert stats.active_sequences == 2
-        firsts[2].cancel()
-        await asyncio.gather(firsts[2], return_exceptions=True)
-        await streams[2].aclose()
+        firsts[waiting].cancel()
+        await asyncio.gather(firsts[waiting], return_exceptions=True)
+        await streams[waiting].aclose()
         stats = await asyncio.to_thread(
             wait_for, backend.stats, lambda s: s.cancelled == 1 and s.queued_sequences == 0
         )
         assert stats.active_sequences == 2
-        for s in streams[:2]:
-            await s.aclose()
+        for i, s in enumerate(streams):
+            if i != waiting:
+                await s.aclose()
         stats = await asyncio.to_thread(
             wait_for, backend.stats, lambda s: s.cancelled == 3 and s.active_sequences == 0
         )
