@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -18,9 +19,16 @@ from starlette.routing import BaseRoute, Route
 from gateway.admin import admin_routes
 from gateway.completions import Services, endpoint_handler
 from gateway.config import GatewayConfig
-from gateway.errors import EngineError, InvalidRequest, MethodNotAllowed, ModelNotFound, NotFound
+from gateway.errors import (
+    EngineError,
+    GatewayError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    PermissionDenied,
+)
 from gateway.http import error_response
-from gateway.plugins import PluginChain
+from gateway.plugins import PluginChain, RequestContext
 from gateway.pool import ModelPool
 from gateway.registry import plugin_factory
 from gateway.wire.responses import model_json
@@ -38,21 +46,49 @@ def build_services(config: GatewayConfig) -> Services:
     return Services(config=config, pool=pool, plugins=PluginChain(plugins))
 
 
-def _models_routes(pool: ModelPool) -> list[BaseRoute]:
+def _models_routes(services: Services) -> list[BaseRoute]:
+    """``/v1/models``: behind the authentication plugins, like the completion endpoints; a
+    caller limited to some models (``ctx.models``) sees only those."""
+    pool = services.pool
+
     def describe(model_id: str) -> dict[str, object]:
         entry = pool.resolve(model_id)
         context = entry.backend.info.context_length if entry.loaded else None
         return model_json(model_id, entry.created, entry.config.backend, entry.status, context)
 
+    async def caller(request: Request) -> RequestContext:
+        ctx = RequestContext(
+            request_id="models-" + uuid.uuid4().hex,
+            path=request.url.path,
+            headers=request.headers,
+            client_host=request.client.host if request.client else None,
+        )
+        await services.plugins.on_request_headers(ctx)
+        return ctx
+
     async def list_models(request: Request) -> Response:
-        data = [describe(model_id) for model_id, _ in pool.names()]
+        try:
+            allowed = (await caller(request)).models
+        except GatewayError as err:
+            return error_response(err)
+        data = [
+            describe(model_id)
+            for model_id, entry in pool.names()
+            if allowed is None or entry.name in allowed
+        ]
         return JSONResponse({"object": "list", "data": data})
 
     async def get_model(request: Request) -> Response:
         model_id = request.path_params["model_id"]
         try:
+            ctx = await caller(request)
+            entry = pool.resolve(model_id)
+            if ctx.models is not None and entry.name not in ctx.models:
+                raise PermissionDenied(
+                    f"API key {ctx.principal!r} may not use model {model_id!r}", param="model"
+                )
             return JSONResponse(describe(model_id))
-        except ModelNotFound as err:
+        except GatewayError as err:
             return error_response(err)
 
     return [
@@ -121,7 +157,7 @@ def create_app(
     routes: list[BaseRoute] = [
         Route("/v1/chat/completions", endpoint_handler(services, "chat"), methods=["POST"]),
         Route("/v1/completions", endpoint_handler(services, "completion"), methods=["POST"]),
-        *_models_routes(services.pool),
+        *_models_routes(services),
         *_health_routes(services.pool),
         *admin_routes(services),
         *services.plugins.routes(),

@@ -57,6 +57,9 @@ class RequestContext:
     #: Once a plugin has set ``principal``, only ``admin`` callers pass; with no authentication
     #: plugin, ``/admin/`` is served to loopback clients only.
     admin: bool = False
+    #: The configured model names the caller may use, set by an authentication plugin; ``None``:
+    #: every model. ``/v1/models`` lists only these; requests for others are refused.
+    models: frozenset[str] | None = None
     #: The model as configured (not the alias), once resolved.
     model: str | None = None
     request: ClientRequest | None = None

@@ -89,6 +89,7 @@ class ApiKeysPlugin(Plugin):
         ctx.principal = key.name
         ctx.limits = key.limits
         ctx.admin = key.admin
+        ctx.models = key.models
 
     async def on_request(self, ctx: RequestContext, request: ClientRequest) -> None:
         key = self._by_name.get(ctx.principal or "")

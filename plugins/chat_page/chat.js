@@ -42,6 +42,12 @@ async function errorText(resp) {
 async function loadModels() {
   try {
     const resp = await fetch(api + "/models", { headers: headers() });
+    if (resp.status === 401) {
+      ui.model.replaceChildren();
+      ui.key.focus();
+      setStatus(await errorText(resp) + " (enter an API key above to list the models)");
+      return;
+    }
     if (!resp.ok) throw new Error(await errorText(resp));
     const body = await resp.json();
     ui.model.replaceChildren();

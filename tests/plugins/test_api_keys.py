@@ -141,6 +141,32 @@ def test_unknown_model_is_still_404_for_a_valid_key(server: ServerThread) -> Non
     assert post(server, chat("nope"), key=ALICE).status_code == 404
 
 
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/models/big"])
+@pytest.mark.parametrize("key", [None, "sk-wrong"])
+def test_model_list_needs_a_key(server: ServerThread, path: str, key: str | None) -> None:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    r = httpx.get(server.base_url + path, headers=headers)
+    assert r.status_code == 401
+    assert r.headers["www-authenticate"].startswith("Bearer")
+    assert error_of(r)["type"] == "authentication_error"
+
+
+def test_model_list_shows_what_the_key_may_use(server: ServerThread) -> None:
+    def listed(key: str) -> set[str]:
+        with client(server, key) as c:
+            return {m.id for m in c.models.list()}
+
+    assert listed(ALICE) == {"big", "big-alias", "small"}  # no list: every model
+    assert listed(BOB) == {"small"}
+    assert listed(CAROL) == {"big", "big-alias"}  # the alias allows the model by every name
+    with client(server, BOB) as c:
+        assert c.models.retrieve("small").id == "small"
+        with pytest.raises(openai.PermissionDeniedError):
+            c.models.retrieve("big")
+        with pytest.raises(openai.NotFoundError):
+            c.models.retrieve("nope")
+
+
 def test_keys_never_reach_logs_or_errors(
     server: ServerThread, caplog: pytest.LogCaptureFixture
 ) -> None:

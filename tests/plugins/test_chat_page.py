@@ -182,14 +182,17 @@ def test_the_page_asks_for_a_key_then_streams_with_it(
 ) -> None:
     """Uses the scripted double: the point is the page's handling of a 401."""
     page.goto(keyed_server.base_url + "/")
-    page.locator("#model option").first.wait_for(state="attached")
+    page.locator("#status", has_text="enter an API key").wait_for()
+    assert page.locator("#model option").count() == 0  # the model list needs a key too
     send(page, "hello")
-    error = page.wait_for_selector(".message.error")
-    assert error is not None
-    assert "API key" in error.inner_text()
-    assert page.locator(".message.assistant").count() == 0
+    page.locator("#status", has_text="Pick a model first").wait_for()
+    assert page.locator(".message").count() == 0  # nothing was sent
+    page.fill("#api-key", "sk-wrong")
+    page.dispatch_event("#api-key", "change")
+    page.locator("#status", has_text="Incorrect API key").wait_for()
     page.fill("#api-key", KEY)
     page.dispatch_event("#api-key", "change")
+    page.locator("#model option").first.wait_for(state="attached")
     page.fill("#max-tokens", "12")
     send(page, "hello again")
     page.locator(".message.assistant", has_text="w0 w1").wait_for()
