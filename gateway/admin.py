@@ -10,8 +10,9 @@ plugin, only loopback clients pass.
 - ``POST /admin/models/{model}/unload``: unload after its running requests (409 if they run
   past ``[lifecycle].drain_timeout_s``; nothing is cut off).
 - ``POST /admin/reload``: read the config file again, validate it (400 listing the problems,
-  nothing changed), apply its models and ``[lifecycle]``; ``[server]`` and plugin changes are
-  reported as needing a restart.
+  nothing changed), apply its models, ``[lifecycle]`` and the plugin tables whose plugin can
+  change in place (``api_keys``: keys added, removed, re-read from their env/file, their models
+  and limits); other ``[server]`` and plugin changes are reported as needing a restart.
 """
 
 from __future__ import annotations
@@ -131,15 +132,12 @@ def _budget(services: Services) -> dict[str, object]:
     }
 
 
-def _restart_needed(running: GatewayConfig, new: GatewayConfig) -> list[str]:
-    keys = [
+def _server_changes(running: GatewayConfig, new: GatewayConfig) -> list[str]:
+    return [
         f"server.{k}"
         for k in type(running.server).model_fields
         if getattr(running.server, k) != getattr(new.server, k)
     ]
-    names = sorted(set(running.plugins) | set(new.plugins))
-    keys += [f"plugins.{n}" for n in names if running.plugins.get(n) != new.plugins.get(n)]
-    return keys
 
 
 def admin_routes(services: Services) -> list[BaseRoute]:
@@ -175,13 +173,18 @@ def admin_routes(services: Services) -> list[BaseRoute]:
         async with reloading:
             try:
                 config = await asyncio.to_thread(load_config, source)
+                plugins = services.plugins.plan_reload(config)
             except ConfigError as err:
                 log.error("config reload rejected: %s", err)
                 raise InvalidRequest(str(err), code="invalid_config") from None
             report = pool.reconfigure(config)
-        restart = _restart_needed(services.config, config)
-        log.info("config reloaded from %s: %s; restart needed for %s", source, report, restart)
-        body = {**asdict(report), "restart_required": restart}
+            plugins.apply()
+        restart = _server_changes(services.config, config) + plugins.restart_required
+        log.info(
+            "config reloaded from %s: %s; plugins reloaded: %s; restart needed for %s",
+            source, report, plugins.reloaded, restart,
+        )  # fmt: skip
+        body = {**asdict(report), "plugins_reloaded": plugins.reloaded, "restart_required": restart}
         return JSONResponse(body)
 
     return [

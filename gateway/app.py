@@ -38,12 +38,13 @@ log = logging.getLogger("gateway.app")
 
 def build_services(config: GatewayConfig) -> Services:
     pool = ModelPool(config)
-    plugins = [
-        plugin_factory(name).create(cfg, pool)
+    named = {
+        name: plugin_factory(name).create(cfg, pool)
         for name, cfg in config.plugins.items()
         if cfg.enabled
-    ]
-    return Services(config=config, pool=pool, plugins=PluginChain(plugins))
+    }
+    chain = PluginChain(list(named.values()), named=named, configs=config.plugins)
+    return Services(config=config, pool=pool, plugins=chain)
 
 
 def _models_routes(services: Services) -> list[BaseRoute]:

@@ -135,6 +135,10 @@ class GatewayConfig:
     def model_names(self) -> list[str]:
         return list(self.models)
 
+    def model_ids(self) -> dict[str, str]:
+        """Every id clients may use (names and aliases) -> the configured model name."""
+        return {alias: name for name, cfg in self.models.items() for alias in (name, *cfg.aliases)}
+
 
 def _format(prefix: str, err: ValidationError) -> list[str]:
     out = []

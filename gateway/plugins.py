@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from starlette.routing import BaseRoute
 
-from gateway.config import PluginConfig
+from gateway.config import GatewayConfig, PluginConfig
 from gateway.errors import GatewayError
 from gateway.types import ClientRequest, Usage
 
@@ -102,6 +102,14 @@ class Plugin:
     def routes(self) -> Sequence[BaseRoute]:
         return ()
 
+    def prepare_reconfigure(
+        self, config: PluginConfig, gateway: GatewayConfig
+    ) -> Callable[[], None] | None:
+        """A config reload changed this plugin's table: check it (raise
+        :class:`gateway.errors.ConfigError` if it cannot apply, and nothing changes) and return
+        what applies it in place, or ``None`` if the change needs a restart (the default)."""
+        return None
+
 
 class PluginFactory(Protocol):
     config_type: type[PluginConfig]
@@ -109,11 +117,68 @@ class PluginFactory(Protocol):
     def create(self, config: PluginConfig, pool: ModelPool) -> Plugin: ...
 
 
-class PluginChain:
-    """Runs every plugin's hook in configured order."""
+@dataclass
+class PluginReload:
+    """What a config reload does to the plugins: ``apply`` them once the rest has applied."""
 
-    def __init__(self, plugins: Sequence[Plugin]) -> None:
+    applies: list[Callable[[], None]] = field(default_factory=list)
+    reloaded: list[str] = field(default_factory=list)
+    restart_required: list[str] = field(default_factory=list)
+
+    def apply(self) -> None:
+        for apply in self.applies:
+            apply()
+
+
+class PluginChain:
+    """Runs every plugin's hook in configured order.
+
+    ``named`` (plugin name -> instance) and ``configs`` (every plugin table, enabled or not, as
+    it runs now) let a config reload apply a changed table in place where the plugin can.
+    """
+
+    def __init__(
+        self,
+        plugins: Sequence[Plugin],
+        *,
+        named: Mapping[str, Plugin] | None = None,
+        configs: Mapping[str, PluginConfig] | None = None,
+    ) -> None:
         self.plugins = tuple(plugins)
+        self._named = dict(named or {})
+        self.configs = dict(configs or {})
+
+    def plan_reload(self, gateway: GatewayConfig) -> PluginReload:
+        """Check every plugin table of a new config against it (a ConfigError leaves everything
+        as it was). Unchanged tables are checked too: the models they name may have changed.
+        Adding, removing, enabling or disabling a plugin needs a restart."""
+        plan = PluginReload()
+        for name in sorted(set(self.configs) | set(gateway.plugins)):
+            old, new = self.configs.get(name), gateway.plugins.get(name)
+            plugin = self._named.get(name)
+            apply = None
+            if plugin is not None and new is not None and new.enabled:
+                apply = plugin.prepare_reconfigure(new, gateway)
+            if new is not None and apply is not None:
+                plan.applies.append(self._applier(name, new, apply, changed=old != new))
+            if old == new:
+                continue
+            if apply is None:
+                plan.restart_required.append(f"plugins.{name}")
+            else:
+                plan.reloaded.append(name)
+        return plan
+
+    def _applier(
+        self, name: str, config: PluginConfig, apply: Callable[[], None], *, changed: bool
+    ) -> Callable[[], None]:
+        def run() -> None:
+            apply()
+            self.configs[name] = config
+            if changed:
+                log.info("plugin %s reconfigured", name)
+
+        return run
 
     async def on_request_headers(self, ctx: RequestContext) -> None:
         for p in self.plugins:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
 
 from pydantic import Field, PrivateAttr, model_validator
 
-from gateway.config import PluginConfig, StrictModel
+from gateway.config import FilePath, PluginConfig, StrictModel
 from gateway.plugins import RateLimits
 
 #: Key names show up in logs, metrics and ``ctx.principal``: keep them plain.
@@ -25,10 +24,11 @@ class KeyConfig(StrictModel):
     name: str = Field(pattern=NAME_PATTERN)
     #: The hex SHA-256 of the key (``printf %s "$KEY" | sha256sum``).
     sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
-    #: An environment variable holding the key, read at startup.
+    #: An environment variable holding the key, read at startup (and on a config reload).
     env: str | None = Field(None, min_length=1)
-    #: A file holding the key (surrounding whitespace ignored), read at startup.
-    file: Path | None = None
+    #: A file holding the key (surrounding whitespace ignored; a relative path is taken from the
+    #: config file's folder), read at startup and on each config reload.
+    file: FilePath | None = None
     #: Models (names or aliases) this key may use; empty: every model.
     models: tuple[str, ...] = ()
     #: May use ``/admin/`` (load and unload models, reload the config).

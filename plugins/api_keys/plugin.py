@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from gateway.config import PluginConfig
-from gateway.errors import AuthenticationError, ConfigError, ModelNotFound, PermissionDenied
+from gateway.config import GatewayConfig, PluginConfig
+from gateway.errors import AuthenticationError, ConfigError, PermissionDenied
 from gateway.plugins import Plugin, RateLimits, RequestContext
 from gateway.pool import ModelPool
 from gateway.types import ClientRequest
@@ -36,11 +36,12 @@ def _bearer(header: str | None) -> str | None:
     return token
 
 
-def _keys(config: ApiKeysConfig, pool: ModelPool) -> list[Key]:
+def _keys(config: ApiKeysConfig, model_ids: Mapping[str, str]) -> list[Key]:
+    """The keys of a config; ``model_ids`` maps every model name and alias to its name."""
     keys: list[Key] = []
     problems: list[str] = []
     for i, cfg in enumerate(config.keys):
-        models = _allowed_models(cfg, pool, f"plugins.api_keys.keys.{i}.models", problems)
+        models = _allowed_models(cfg, model_ids, f"plugins.api_keys.keys.{i}.models", problems)
         keys.append(Key(cfg.name, cfg.digest, models, cfg.limits, cfg.admin))
     if problems:
         raise ConfigError("plugins.api_keys", problems)
@@ -48,23 +49,35 @@ def _keys(config: ApiKeysConfig, pool: ModelPool) -> list[Key]:
 
 
 def _allowed_models(
-    cfg: KeyConfig, pool: ModelPool, where: str, problems: list[str]
+    cfg: KeyConfig, model_ids: Mapping[str, str], where: str, problems: list[str]
 ) -> frozenset[str] | None:
     if not cfg.models:
         return None
     names = set()
     for model in cfg.models:
-        try:
-            names.add(pool.resolve(model).name)
-        except ModelNotFound:
+        if model in model_ids:
+            names.add(model_ids[model])
+        else:
             problems.append(f"{where}: unknown model {model!r}")
     return frozenset(names)
 
 
 class ApiKeysPlugin(Plugin):
     def __init__(self, keys: Sequence[Key]) -> None:
+        self._set_keys(keys)
+
+    def _set_keys(self, keys: Sequence[Key]) -> None:
         self._keys = tuple(keys)
         self._by_name = {k.name: k for k in keys}
+
+    def prepare_reconfigure(
+        self, config: PluginConfig, gateway: GatewayConfig
+    ) -> Callable[[], None]:
+        """Keys change in place on a config reload (a new key works at once, a removed one is
+        refused from the next request on); the new config's models are checked first."""
+        assert isinstance(config, ApiKeysConfig)
+        keys = _keys(config, gateway.model_ids())
+        return lambda: self._set_keys(keys)
 
     def _match(self, presented: str) -> Key | None:
         """The key whose hash matches; every key is compared, each in constant time."""
@@ -106,4 +119,4 @@ class ApiKeysFactory:
 
     def create(self, config: PluginConfig, pool: ModelPool) -> ApiKeysPlugin:
         assert isinstance(config, ApiKeysConfig)
-        return ApiKeysPlugin(_keys(config, pool))
+        return ApiKeysPlugin(_keys(config, pool.config.model_ids()))

@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from gateway.app import build_services
+from gateway.config import load_config
 from gateway.errors import ConfigError
 from gateway.testing import ServerThread
 from tests.plugins.helpers import chat, client, config, post, scripted, sha256
@@ -260,3 +261,75 @@ def test_only_admin_keys_reach_admin_routes(tmp_path: Path) -> None:
         assert httpx.get(url).status_code == 401  # loopback, but keys are configured
         assert httpx.get(url, headers={"Authorization": f"Bearer {ALICE}"}).status_code == 403
         assert httpx.get(url, headers={"Authorization": f"Bearer {admin}"}).status_code == 200
+
+
+RELOAD_CONFIG = """
+[models.big]
+backend = "scripted"
+aliases = ["big-alias"]
+
+[models.small]
+backend = "scripted"
+
+[[plugins.api_keys.keys]]
+name = "ops"
+sha256 = "{ops}"
+admin = true
+
+[[plugins.api_keys.keys]]
+name = "dave"
+file = "dave.key"
+models = [{dave_models}]
+"""
+
+OPS = "sk-ops-1111111111111111"
+DAVE = "sk-dave-2222222222222222"
+
+
+def test_reload_rotates_keys_in_place(tmp_path: Path) -> None:
+    """Keys change on /admin/reload without a restart: a new secret in the key's file, a new
+    key, a changed model list; a bad keys table changes nothing."""
+    path = tmp_path / "config.toml"
+    (tmp_path / "dave.key").write_text(DAVE)
+
+    def write(dave_models: str, extra: str = "") -> None:
+        path.write_text(RELOAD_CONFIG.format(ops=sha256(OPS), dave_models=dave_models) + extra)
+
+    def status(key: str, model: str) -> int:
+        return post(server, chat(model), key=key).status_code
+
+    def reload() -> httpx.Response:
+        return httpx.post(
+            server.base_url + "/admin/reload", headers={"Authorization": f"Bearer {OPS}"}
+        )
+
+    write('"small"')
+    with ServerThread(load_config(path)) as server:
+        assert (status(DAVE, "small"), status(DAVE, "big")) == (200, 403)
+        write(
+            '"big-alias"',
+            f'\n[[plugins.api_keys.keys]]\nname = "erin"\nsha256 = "{sha256(CAROL)}"\n',
+        )
+        (tmp_path / "dave.key").write_text(BOB)  # dave's secret rotated in its file
+        r = reload()
+        assert r.status_code == 200, r.text
+        assert r.json()["plugins_reloaded"] == ["api_keys"]
+        assert r.json()["restart_required"] == []
+        assert status(DAVE, "big") == 401  # the old secret is refused from now on
+        assert (status(BOB, "big"), status(BOB, "small")) == (200, 403)
+        assert status(CAROL, "small") == 200  # a new key, all models
+        with client(server, BOB) as c:
+            assert {m.id for m in c.models.list()} == {"big", "big-alias"}
+        write('"nope"')  # an unknown model: the whole reload is refused
+        r = reload()
+        assert r.status_code == 400
+        assert (
+            "plugins.api_keys.keys.1.models: unknown model 'nope'" in r.json()["error"]["message"]
+        )
+        assert (status(BOB, "big"), status(CAROL, "small")) == (200, 200)
+        write('"big-alias"', "\n[plugins.metrics]\n")
+        r = reload()
+        assert r.status_code == 200
+        assert r.json()["restart_required"] == ["plugins.metrics"]  # a new plugin: restart
+        assert r.json()["plugins_reloaded"] == ["api_keys"]  # erin's table was removed
+        assert status(CAROL, "small") == 401
