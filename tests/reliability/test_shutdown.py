@@ -62,6 +62,18 @@ async def _ready_or_gone(client: httpx.AsyncClient) -> int | None:
         return None
 
 
+async def _until_long(client: httpx.AsyncClient, *, active: int, queued: int) -> None:
+    """Wait until model "long" runs ``active`` requests with ``queued`` waiting (requests sent
+    at once reach admission in any order: the test orders them by watching /admin/models)."""
+    for _ in range(500):
+        models = (await client.get("/admin/models")).json()["data"]
+        long = next(m for m in models if m["id"] == "long")
+        if (long["active_sequences"], long["queued"]) == (active, queued):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"model long never had {active} active and {queued} queued: {long}")
+
+
 def _assert_ended_by_shutdown(result: StreamResult) -> None:
     """Exactly one error event, last, saying why; no [DONE]; the stream ended cleanly."""
     assert result.status == 200
@@ -114,11 +126,12 @@ async def test_sigterm_drains_then_ends_the_rest_with_an_error(tmp_path: Path) -
             long_json = asyncio.create_task(
                 client.post("/v1/chat/completions", json=chat("long", stream=False))
             )
+            await _until_long(probe, active=2, queued=0)
             # ... and a stream waiting in the queue behind the two running "long" requests
             queued = asyncio.create_task(
                 stream_request(client, "/v1/chat/completions", chat("long"))
             )
-            await asyncio.sleep(0.3)
+            await _until_long(probe, active=2, queued=1)
 
             gw.terminate()
             signalled = time.monotonic()
