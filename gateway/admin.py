@@ -60,20 +60,14 @@ def is_loopback(host: str | None) -> bool:
 
 async def authorize(services: Services, request: Request) -> None:
     """Raise unless the caller may use ``/admin/`` (see the module docstring)."""
-    client = request.client.host if request.client else None
-    ctx = RequestContext(
-        request_id="admin-" + uuid.uuid4().hex,
-        path=request.url.path,
-        headers=request.headers,
-        client_host=client,
-    )
+    ctx = RequestContext.of(request, "admin-" + uuid.uuid4().hex)
     await services.plugins.on_request_headers(ctx)
     if ctx.principal is not None:
         if not ctx.admin:
             raise PermissionDenied(
                 f"API key {ctx.principal!r} is not an admin key", code="admin_key_required"
             )
-    elif not is_loopback(client):
+    elif not is_loopback(ctx.client_host):
         raise PermissionDenied(
             "/admin/ is served to loopback clients only (configure an API key with "
             "admin = true to use it from elsewhere)",

@@ -58,12 +58,7 @@ def _models_routes(services: Services) -> list[BaseRoute]:
         return model_json(model_id, entry.created, entry.config.backend, entry.status, context)
 
     async def caller(request: Request) -> RequestContext:
-        ctx = RequestContext(
-            request_id="models-" + uuid.uuid4().hex,
-            path=request.url.path,
-            headers=request.headers,
-            client_host=request.client.host if request.client else None,
-        )
+        ctx = RequestContext.of(request, "models-" + uuid.uuid4().hex)
         await services.plugins.on_request_headers(ctx)
         return ctx
 

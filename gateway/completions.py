@@ -248,13 +248,7 @@ class Job:
 
 def _new_context(request: Request, endpoint: Endpoint) -> RequestContext:
     request_id = _ID_PREFIX[endpoint] + uuid.uuid4().hex
-    return RequestContext(
-        request_id=request_id,
-        path=request.url.path,
-        headers=request.headers,
-        client_host=request.client.host if request.client else None,
-        response_headers={"x-request-id": request_id},
-    )
+    return RequestContext.of(request, request_id, response_headers={"x-request-id": request_id})
 
 
 async def _validate(backend: Backend, request: ClientRequest) -> None:

@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from starlette.routing import BaseRoute
 
@@ -19,6 +19,8 @@ from gateway.errors import GatewayError
 from gateway.types import ClientRequest, Usage
 
 if TYPE_CHECKING:
+    from starlette.requests import Request
+
     from gateway.pool import ModelPool
 
 log = logging.getLogger("gateway.plugins")
@@ -63,6 +65,12 @@ class RequestContext:
     #: The model as configured (not the alias), once resolved.
     model: str | None = None
     request: ClientRequest | None = None
+
+    @classmethod
+    def of(cls, request: Request, request_id: str, **fields: Any) -> RequestContext:
+        """The context of an HTTP request, before any plugin has run."""
+        client = request.client.host if request.client else None
+        return cls(request_id, request.url.path, request.headers, client, **fields)
 
 
 @dataclass(frozen=True)
