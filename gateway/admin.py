@@ -12,7 +12,8 @@ plugin, only loopback clients pass.
 - ``POST /admin/reload``: read the config file again, validate it (400 listing the problems,
   nothing changed), apply its models, ``[lifecycle]`` and the plugin tables whose plugin can
   change in place (``api_keys``: keys added, removed, re-read from their env/file, their models
-  and limits); other ``[server]`` and plugin changes are reported as needing a restart.
+  and limits; ``rate_limit``: default limits); other ``[server]`` and plugin changes are
+  reported as needing a restart.
 """
 
 from __future__ import annotations

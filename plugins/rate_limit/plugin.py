@@ -8,9 +8,10 @@ import logging
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway.config import PluginConfig
+from gateway.config import GatewayConfig, PluginConfig
 from gateway.errors import GatewayError, RateLimited
 from gateway.plugins import Plugin, RateLimits, RequestContext, ResponseEnd
 from gateway.pool import ModelPool
@@ -51,6 +52,10 @@ class RateLimiterUnavailable(GatewayError):
             "Rate limiting is unavailable, so requests are refused; try again shortly.",
             headers={"Retry-After": "1"},
         )
+
+
+#: Where the buckets live: changing any of these needs a restart.
+_STORE_FIELDS = ("redis_url", "redis_timeout_s", "redis_key_prefix", "redis_lease_s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +104,20 @@ class RateLimitPlugin(Plugin):
         self._healthy = True
         self._skip_store_until = 0.0
         self._renewer: asyncio.Task[None] | None = None
+
+    def prepare_reconfigure(
+        self, config: PluginConfig, gateway: GatewayConfig
+    ) -> Callable[[], None] | None:
+        """New default limits and ``on_redis_error`` apply in place (requests already admitted
+        settle with the limits they were admitted under); a different store needs a restart."""
+        assert isinstance(config, RateLimitConfig)
+        if any(getattr(config, f) != getattr(self.config, f) for f in _STORE_FIELDS):
+            return None
+
+        def apply() -> None:
+            self.config = config
+
+        return apply
 
     def limits_for(self, granted: RateLimits | None) -> Limits:
         g, c = granted or RateLimits(), self.config

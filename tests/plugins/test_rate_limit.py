@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
+from gateway.config import load_config
 from gateway.errors import RateLimited
 from gateway.plugins import Plugin, PluginChain, RequestContext, ResponseEnd
 from gateway.testing import ServerThread
@@ -223,3 +225,31 @@ async def test_a_failing_end_hook_before_it_does_not_keep_the_slot(
     await chain.on_response_end(first, ResponseEnd("completed", 200, Usage(), 0.1))
     await chain.on_request(ctx("r3"), request)  # the slot came back
     assert "Broken failed in on_response_end" in caplog.text
+
+
+def test_reload_changes_default_limits_in_place(tmp_path: Path) -> None:
+    """New defaults apply from the next request on, without a restart; a different store is
+    reported as needing one (and the running limits stay)."""
+    path = tmp_path / "config.toml"
+    table = '[models.m]\nbackend = "scripted"\n\n[plugins.rate_limit]\n'
+    path.write_text(table + "requests_per_minute = 2\n")
+
+    def reload() -> dict[str, Any]:
+        r = httpx.post(server.base_url + "/admin/reload")  # loopback: no admin key needed
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    with ServerThread(load_config(path)) as server:
+        assert [post(server, chat()).status_code for _ in range(3)] == [200, 200, 429]
+        path.write_text(table + "requests_per_minute = 5\n")
+        body = reload()
+        assert (body["plugins_reloaded"], body["restart_required"]) == (["rate_limit"], [])
+        # the bucket keeps its level (empty) and now refills at 5 per minute: one every 12 s
+        refused = post(server, chat())
+        assert refused.status_code == 429
+        assert refused.headers["x-ratelimit-limit-requests"] == "5"
+        assert 1 <= int(refused.headers["retry-after"]) <= 12  # at 2 per minute it was 30 s
+        path.write_text(table + 'requests_per_minute = 1\nredis_url = "redis://127.0.0.1:1/0"\n')
+        body = reload()
+        assert (body["plugins_reloaded"], body["restart_required"]) == ([], ["plugins.rate_limit"])
+        assert post(server, chat()).headers["x-ratelimit-limit-requests"] == "5"  # unchanged
