@@ -31,13 +31,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from gateway.completions import Services
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import ConfigError, GatewayError, InvalidRequest, PermissionDenied
-from gateway.http import error_response
 from gateway.lifecycle import NoRoom
 from gateway.plugins import RequestContext
 from gateway.pool import ModelEntry
+from gateway.services import Services
 
 log = logging.getLogger("gateway.admin")
 
@@ -78,11 +77,8 @@ async def authorize(services: Services, request: Request) -> None:
 
 def _guarded(services: Services, handler: Handler) -> Handler:
     async def guarded(request: Request) -> Response:
-        try:
-            await authorize(services, request)
-            return await handler(request)
-        except GatewayError as err:
-            return error_response(err)
+        await authorize(services, request)
+        return await handler(request)
 
     return guarded
 

@@ -17,34 +17,23 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from gateway.admin import admin_routes
-from gateway.completions import Services, endpoint_handler
 from gateway.config import GatewayConfig
+from gateway.endpoints import ENDPOINTS
 from gateway.errors import (
-    EngineError,
     GatewayError,
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
     PermissionDenied,
 )
-from gateway.http import error_response
-from gateway.plugins import PluginChain, RequestContext
+from gateway.flow.route import endpoint_route
+from gateway.http import UnexpectedErrors, error_response, gateway_error_handler
+from gateway.plugins import RequestContext
 from gateway.pool import ModelPool
-from gateway.registry import plugin_factory
+from gateway.services import Services, build_services
 from gateway.wire.responses import model_json
 
 log = logging.getLogger("gateway.app")
-
-
-def build_services(config: GatewayConfig) -> Services:
-    pool = ModelPool(config)
-    named = {
-        name: plugin_factory(name).create(cfg, pool)
-        for name, cfg in config.plugins.items()
-        if cfg.enabled
-    }
-    chain = PluginChain(list(named.values()), named=named, configs=config.plugins)
-    return Services(config=config, pool=pool, plugins=chain)
 
 
 def _models_routes(services: Services) -> list[BaseRoute]:
@@ -63,10 +52,7 @@ def _models_routes(services: Services) -> list[BaseRoute]:
         return ctx
 
     async def list_models(request: Request) -> Response:
-        try:
-            allowed = (await caller(request)).models
-        except GatewayError as err:
-            return error_response(err)
+        allowed = (await caller(request)).models
         data = [
             describe(model_id)
             for model_id, entry in pool.names()
@@ -76,16 +62,13 @@ def _models_routes(services: Services) -> list[BaseRoute]:
 
     async def get_model(request: Request) -> Response:
         model_id = request.path_params["model_id"]
-        try:
-            ctx = await caller(request)
-            entry = pool.resolve(model_id)
-            if ctx.models is not None and entry.name not in ctx.models:
-                raise PermissionDenied(
-                    f"API key {ctx.principal!r} may not use model {model_id!r}", param="model"
-                )
-            return JSONResponse(describe(model_id))
-        except GatewayError as err:
-            return error_response(err)
+        ctx = await caller(request)
+        entry = pool.resolve(model_id)
+        if ctx.models is not None and entry.name not in ctx.models:
+            raise PermissionDenied(
+                f"API key {ctx.principal!r} may not use model {model_id!r}", param="model"
+            )
+        return JSONResponse(describe(model_id))
 
     return [
         Route("/v1/models", list_models, methods=["GET"]),
@@ -114,11 +97,6 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 405:
         return error_response(MethodNotAllowed(f"method {request.method} not allowed here"))
     return error_response(InvalidRequest(str(exc.detail)))
-
-
-async def _unexpected_error(request: Request, exc: Exception) -> Response:
-    log.exception("unexpected error on %s", request.url.path, exc_info=exc)
-    return error_response(EngineError("internal error"))
 
 
 def create_app(
@@ -151,8 +129,7 @@ def create_app(
             await services.pool.aclose()
 
     routes: list[BaseRoute] = [
-        Route("/v1/chat/completions", endpoint_handler(services, "chat"), methods=["POST"]),
-        Route("/v1/completions", endpoint_handler(services, "completion"), methods=["POST"]),
+        *(endpoint_route(services, endpoint) for endpoint in ENDPOINTS),
         *_models_routes(services),
         *_health_routes(services.pool),
         *admin_routes(services),
@@ -169,11 +146,12 @@ def create_app(
                 expose_headers=["x-request-id", "retry-after"],
             )
         )
+    middleware.append(Middleware(UnexpectedErrors))  # inside CORS: its 500 gets CORS headers
     app = Starlette(
         routes=routes,
         middleware=middleware,
         lifespan=lifespan,
-        exception_handlers={HTTPException: _http_error, Exception: _unexpected_error},
+        exception_handlers={HTTPException: _http_error, GatewayError: gateway_error_handler},
     )
     app.state.services = services
     return app

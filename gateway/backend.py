@@ -8,23 +8,29 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
+from gateway import registry
 from gateway.config import ModelConfig
-from gateway.types import BackendInfo, Delta, GenerationRequest
+from gateway.types import BackendInfo, Delta, GenerationRequest, TokenizedPrompt
 
 
 @runtime_checkable
 class Backend(Protocol):
     """One loaded (or loadable) model.
 
-    ``start`` and ``aclose`` load and free the model off the event loop. ``validate``
-    runs before any response byte is sent and raises a :class:`gateway.errors.GatewayError`
-    (context overflow: ``ContextLengthExceeded``); it returns the prompt's token count.
-    ``stream`` yields :class:`TextDelta` items and ends with one :class:`Finish`. Closing the
-    iterator early (client gone) must free the sequence's slot and KV cells at once. The core
-    may resume a stream from another task than the one that started it (it awaits the first
-    delta before the response headers): hold no cancel scope or timeout across a ``yield``.
+    ``start`` and ``aclose`` load and free the model off the event loop. ``info`` says what
+    it can do (the core refuses requests needing a capability it lacks). ``validate`` runs
+    before any response byte is sent and raises a :class:`gateway.errors.GatewayError`
+    (context overflow: :func:`gateway.errors.context_length_exceeded`); it returns what it
+    learned of the prompt, which the core hands back to ``stream`` as
+    ``request.tokenized`` (generations of one prompt share one validation).
+    ``stream`` yields deltas (:data:`gateway.types.Delta`: text or tool-call pieces, or an
+    embedding for a request with ``embed`` set) and ends with one :class:`Finish`. Closing
+    the iterator early (client gone) must free the sequence's slot and KV cells at once. The
+    core may resume a stream from another task than the one that started it (it awaits the
+    first delta before the response headers): hold no cancel scope or timeout across a
+    ``yield``.
     """
 
     @property
@@ -34,7 +40,7 @@ class Backend(Protocol):
 
     async def aclose(self) -> None: ...
 
-    async def validate(self, request: GenerationRequest) -> int: ...
+    async def validate(self, request: GenerationRequest) -> TokenizedPrompt: ...
 
     def stream(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]: ...
 
@@ -103,6 +109,11 @@ class BackendFactory(Protocol):
     config_type: type[ModelConfig]
 
     def create(self, name: str, config: ModelConfig) -> Backend: ...
+
+
+def backend_factory(name: str) -> BackendFactory:
+    """The factory registered as ``name`` in ``gateway.backends`` (``LookupError`` if none)."""
+    return cast(BackendFactory, registry.load(registry.BACKENDS_GROUP, "backend", name))
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from pydantic import (
     field_validator,
 )
 
+from gateway import registry
 from gateway.errors import ConfigError
 
 
@@ -140,6 +141,14 @@ class GatewayConfig:
         return {alias: name for name, cfg in self.models.items() for alias in (name, *cfg.aliases)}
 
 
+def _table_type(group: str, kind: str, name: str) -> type[BaseModel]:
+    factory = registry.load(group, kind, name)
+    config_type = getattr(factory, "config_type", None)
+    if not (isinstance(config_type, type) and issubclass(config_type, BaseModel)):
+        raise LookupError(f"{kind} {name!r} declares no config_type")
+    return config_type
+
+
 def _format(prefix: str, err: ValidationError) -> list[str]:
     out = []
     for e in err.errors():
@@ -169,8 +178,6 @@ def _validate(
 def _parse_models(
     raw: object, problems: list[str], context: dict[str, object]
 ) -> dict[str, ModelConfig]:
-    from gateway.registry import backend_factory
-
     models: dict[str, ModelConfig] = {}
     if not isinstance(raw, dict):
         problems.append("models: must be a table of model tables")
@@ -185,11 +192,11 @@ def _parse_models(
             problems.append(f"{prefix}.backend: required (a backend name such as 'llamacpp')")
             continue
         try:
-            factory = backend_factory(backend)
+            table_type = _table_type(registry.BACKENDS_GROUP, "backend", backend)
         except LookupError as err:
             problems.append(f"{prefix}.backend: {err}")
             continue
-        cfg = _validate(factory.config_type, table, prefix, problems, context)
+        cfg = _validate(table_type, table, prefix, problems, context)
         if isinstance(cfg, ModelConfig):
             models[name] = cfg
     return models
@@ -198,8 +205,6 @@ def _parse_models(
 def _parse_plugins(
     raw: object, problems: list[str], context: dict[str, object]
 ) -> dict[str, PluginConfig]:
-    from gateway.registry import plugin_factory
-
     plugins: dict[str, PluginConfig] = {}
     if not isinstance(raw, dict):
         problems.append("plugins: must be a table of plugin tables")
@@ -207,11 +212,11 @@ def _parse_plugins(
     for name, table in raw.items():
         prefix = f"plugins.{name}"
         try:
-            factory = plugin_factory(name)
+            table_type = _table_type(registry.PLUGINS_GROUP, "plugin", name)
         except LookupError as err:
             problems.append(f"{prefix}: {err}")
             continue
-        cfg = _validate(factory.config_type, table, prefix, problems, context)
+        cfg = _validate(table_type, table, prefix, problems, context)
         if isinstance(cfg, PluginConfig):
             plugins[name] = cfg
     return plugins

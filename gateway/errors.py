@@ -156,6 +156,49 @@ class EngineError(GatewayError):
     default_code = "engine_error"
 
 
+class InternalError(GatewayError):
+    """A bug: the client learns the request id to report, nothing of the exception."""
+
+    status = 500
+    type = "server_error"
+    default_code = "internal_error"
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(
+            f"internal error while serving request {request_id}; the server log has the details"
+        )
+        self.request_id = request_id
+
+
+def context_length_exceeded(
+    limit: int,
+    prompt_tokens: int,
+    max_tokens: int | None,
+    param: str,
+    *,
+    at_least: bool = False,
+) -> ContextLengthExceeded:
+    """The one way to say a prompt (plus ``max_tokens``) does not fit the context (OpenAI's
+    wording). ``param`` is the field holding the prompt (``messages``, ``prompt``, ``input``);
+    ``max_tokens`` None: only the prompt was counted; ``at_least``: ``prompt_tokens`` is a lower
+    bound (the prompt was refused before it was tokenized)."""
+    where = param
+    if max_tokens is None:
+        more = "more than " if at_least else ""
+        detail = f"your {where} resulted in {more}{prompt_tokens} tokens"
+    else:
+        least = "at least " if at_least else ""
+        detail = (
+            f"you requested {least}{prompt_tokens + max_tokens} tokens ({least}{prompt_tokens} "
+            f"in the {where}, {max_tokens} in the completion)"
+        )
+    return ContextLengthExceeded(
+        f"This model's maximum context length is {limit} tokens. However, {detail}. "
+        f"Please reduce the length of the {where} or completion.",
+        param=param,
+    )
+
+
 class ConfigError(Exception):
     """A config file is wrong. ``problems`` lists each with its key path."""
 

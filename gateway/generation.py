@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from array import array
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from typing import assert_never
 
 from gateway.backend import Backend
-from gateway.errors import EngineError, GatewayError
-from gateway.types import Delta, Finish, GenerationRequest, TextDelta, Usage
+from gateway.errors import EngineError, GatewayError, InternalError
+from gateway.types import (
+    Delta,
+    EmbeddingDelta,
+    Finish,
+    GenerationRequest,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+)
 
-_END = object()
+log = logging.getLogger("gateway.generation")
 
 
 async def merge(
@@ -29,7 +39,8 @@ async def merge(
             async for delta in stream:
                 yield gen.index, delta
         return
-    queue: asyncio.Queue[tuple[int, Delta | BaseException | object]] = asyncio.Queue()
+    #: a delta, the error that ended a generation, or None when a generation is over
+    queue: asyncio.Queue[tuple[int, Delta | Exception | None]] = asyncio.Queue()
 
     async def pump(gen: GenerationRequest) -> None:
         try:
@@ -38,18 +49,18 @@ async def merge(
                     queue.put_nowait((gen.index, delta))
         except Exception as err:  # handed to the consumer, which raises it
             queue.put_nowait((gen.index, err))
-        queue.put_nowait((gen.index, _END))
+        queue.put_nowait((gen.index, None))
 
     tasks = [asyncio.create_task(pump(g), name=f"generate {g.request_id}") for g in generations]
     try:
         running = len(tasks)
         while running:
             index, item = await queue.get()
-            if item is _END:
+            if item is None:
                 running -= 1
-            elif isinstance(item, BaseException):
+            elif isinstance(item, Exception):
                 raise item
-            elif isinstance(item, TextDelta | Finish):
+            else:
                 yield index, item
     finally:
         for t in tasks:
@@ -62,19 +73,32 @@ class Progress:
     """What a request has produced so far, for the end hook and usage."""
 
     choices_per_prompt: int
+    #: When the request started (``time.perf_counter()``), for the time to first token.
+    started: float = field(default_factory=time.perf_counter)
     finishes: dict[int, Finish] = field(default_factory=dict)
     streamed_tokens: int = 0
+    ttft_s: float | None = None
     #: Seconds between consecutive tokens of each choice (a piece of k tokens adds k values).
     token_gaps: array[float] = field(default_factory=lambda: array("d"))
     _last_token_at: dict[int, float] = field(default_factory=dict, init=False, repr=False)
 
     def record(self, index: int, delta: Delta) -> None:
-        if isinstance(delta, TextDelta):
-            self.streamed_tokens += delta.tokens
-            if delta.tokens:
-                self._time_tokens(index, delta.tokens)
-        else:
-            self.finishes[index] = delta
+        match delta:
+            case TextDelta(tokens=tokens) | ToolCallDelta(tokens=tokens):
+                self._first_output()
+                self.streamed_tokens += tokens
+                if tokens:
+                    self._time_tokens(index, tokens)
+            case EmbeddingDelta():
+                self._first_output()
+            case Finish():
+                self.finishes[index] = delta
+            case _:
+                assert_never(delta)
+
+    def _first_output(self) -> None:
+        if self.ttft_s is None:
+            self.ttft_s = time.perf_counter() - self.started
 
     def _time_tokens(self, index: int, tokens: int) -> None:
         now = time.perf_counter()
@@ -107,7 +131,10 @@ def check_complete(generations: Sequence[GenerationRequest], progress: Progress)
         raise EngineError(f"the backend ended choices {missing} without a finish")
 
 
-def as_gateway_error(err: Exception) -> GatewayError:
+def as_gateway_error(err: Exception, request_id: str) -> GatewayError:
+    """A :class:`GatewayError` as it is; anything else is a bug: logged here, once, with its
+    traceback, and answered with an :class:`InternalError` that shows nothing of it."""
     if isinstance(err, GatewayError):
         return err
-    return EngineError(f"the engine failed: {type(err).__name__}: {err}")
+    log.error("request %s: unexpected error", request_id, exc_info=err)
+    return InternalError(request_id)

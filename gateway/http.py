@@ -1,12 +1,19 @@
-"""HTTP edge helpers: reading a bounded JSON body, and the one place errors become responses."""
+"""HTTP edge helpers: reading a bounded JSON body, and the one place errors become responses
+(:func:`error_response`, used by the exception handler and the middleware for bugs)."""
 
 from __future__ import annotations
 
+import logging
+import uuid
+
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import GatewayError, PayloadTooLarge, UnsupportedMediaType
+from gateway.errors import GatewayError, InternalError, PayloadTooLarge, UnsupportedMediaType
 from gateway.wire.responses import error_event
+
+log = logging.getLogger("gateway.http")
 
 JSON_TYPES = ("application/json",)
 
@@ -39,3 +46,41 @@ async def read_json_body(request: Request, max_bytes: int) -> bytes:
             raise PayloadTooLarge(f"request body exceeds {max_bytes} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def gateway_error_handler(request: Request, exc: Exception) -> Response:
+    """Every :class:`GatewayError` a route raises, as OpenAI's error body with its status."""
+    assert isinstance(exc, GatewayError)
+    return error_response(exc)
+
+
+class UnexpectedErrors:
+    """ASGI middleware: an exception no route handled is a bug. It is logged once, with its
+    traceback and the request id; the client gets a 500 ``internal_error`` naming that id and
+    nothing of the exception (unless the response had started: then the connection ends)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking)
+        except Exception as exc:
+            request_id = scope.get("state", {}).get("request_id") or "req-" + uuid.uuid4().hex
+            log.error(
+                "request %s: unexpected error on %s", request_id, scope.get("path"), exc_info=exc
+            )
+            if not started:
+                error = InternalError(request_id)
+                headers = {"x-request-id": request_id}
+                await error_response(error, headers)(scope, receive, send)

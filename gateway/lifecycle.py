@@ -20,16 +20,51 @@ import sys
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Generic, Protocol, TypeVar
 
-from gateway.backend import EstimatesMemory, MemoryEstimate
-from gateway.config import LifecycleConfig
-from gateway.registry import backend_factory
-
-if TYPE_CHECKING:
-    from gateway.pool import ModelEntry
+from gateway.backend import EstimatesMemory, MemoryEstimate, backend_factory
+from gateway.config import LifecycleConfig, ModelConfig
 
 log = logging.getLogger("gateway.lifecycle")
+
+
+class Resident(Protocol):
+    """What the lifecycle needs of a model it loads and unloads (the pool's ``ModelEntry``)."""
+
+    name: str
+    config: ModelConfig
+    footprint: MemoryEstimate | None
+    retired: bool
+    leases: int
+    last_used: float
+
+    @property
+    def loaded(self) -> bool: ...
+
+    def mark_queued(self) -> None: ...
+
+    def mark_loading(self) -> None: ...
+
+    def mark_no_room(self, message: str, retry_after_s: float) -> None: ...
+
+    def mark_not_queued(self) -> None: ...
+
+    async def start_backend(self) -> bool: ...
+
+    async def stop_backend(self) -> None: ...
+
+    def begin_drain(self) -> None: ...
+
+    def cancel_drain(self) -> None: ...
+
+    async def drained(self) -> None: ...
+
+    async def settled(self) -> None: ...
+
+    def retire(self) -> None: ...
+
+
+ModelEntry = TypeVar("ModelEntry", bound=Resident)
 
 
 class NoRoom(Exception):
@@ -102,7 +137,7 @@ def _host(estimate: MemoryEstimate | None, gpu_devices: int) -> int:
     return estimate.host_bytes + sum(estimate.gpu_bytes[gpu_devices:])
 
 
-def estimate_memory(entry: ModelEntry, gpu_devices: int) -> MemoryEstimate | None:
+def estimate_memory(entry: Resident, gpu_devices: int) -> MemoryEstimate | None:
     """The backend's estimate for a model, or None if it gives none (logged if it fails)."""
     factory = backend_factory(entry.config.backend)
     if not isinstance(factory, EstimatesMemory):
@@ -136,7 +171,7 @@ def trim_heap() -> None:
         trim(0)
 
 
-class Lifecycle:
+class Lifecycle(Generic[ModelEntry]):
     """One per pool: the load lock, the resident models and their footprints, idle timers."""
 
     def __init__(self, config: LifecycleConfig) -> None:

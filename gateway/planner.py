@@ -19,10 +19,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gateway.backend import EstimatesMemory, MemoryEstimate, MemoryOption
+from gateway.backend import EstimatesMemory, MemoryEstimate, MemoryOption, backend_factory
 from gateway.config import GatewayConfig, ModelConfig
 from gateway.lifecycle import format_bytes
-from gateway.registry import backend_factory
 
 GiB = 1 << 30
 MiB = 1 << 20

@@ -10,10 +10,11 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 from starlette.routing import BaseRoute
 
+from gateway import registry
 from gateway.config import GatewayConfig, PluginConfig
 from gateway.errors import GatewayError
 from gateway.types import ClientRequest, Usage
@@ -123,6 +124,11 @@ class PluginFactory(Protocol):
     config_type: type[PluginConfig]
 
     def create(self, config: PluginConfig, pool: ModelPool) -> Plugin: ...
+
+
+def plugin_factory(name: str) -> PluginFactory:
+    """The factory registered as ``name`` in ``gateway.plugins`` (``LookupError`` if none)."""
+    return cast(PluginFactory, registry.load(registry.PLUGINS_GROUP, "plugin", name))
 
 
 @dataclass

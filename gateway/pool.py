@@ -7,16 +7,22 @@ import logging
 import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from gateway.admission import Admission
-from gateway.backend import Backend, Delegating, MemoryEstimate, ModelRouter, ReportsFailure
+from gateway.backend import (
+    Backend,
+    Delegating,
+    MemoryEstimate,
+    ModelRouter,
+    ReportsFailure,
+    backend_factory,
+)
 from gateway.config import GatewayConfig, ModelConfig
 from gateway.drain import Drain
 from gateway.errors import ModelNotFound, ModelUnavailable
 from gateway.lifecycle import Lifecycle
-from gateway.registry import backend_factory
 from gateway.types import Delta, GenerationRequest
 
 log = logging.getLogger("gateway.pool")
@@ -45,7 +51,7 @@ class ModelEntry:
         self,
         name: str,
         config: ModelConfig,
-        lifecycle: Lifecycle,
+        lifecycle: Lifecycle[ModelEntry],
         router: ModelRouter | None = None,
     ) -> None:
         self.name = name
@@ -281,7 +287,7 @@ class Reconfigured:
 class ModelPool:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.lifecycle = Lifecycle(config.lifecycle)
+        self.lifecycle: Lifecycle[ModelEntry] = Lifecycle(config.lifecycle)
         self.entries = {name: self._entry(name, cfg) for name, cfg in config.models.items()}
         self._by_name = _names(self.entries)
         #: Set once the ``load = "startup"`` models have loaded (``/ready``).
@@ -360,7 +366,7 @@ class ModelPool:
         entry = self.resolve(model)
         backend = await entry.acquire()
         try:
-            await backend.validate(request)
+            request = replace(request, tokenized=await backend.validate(request))
             async with entry.admission.admit(1), aclosing(backend.stream(request)) as deltas:
                 async for delta in deltas:
                     yield delta

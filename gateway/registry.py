@@ -1,14 +1,14 @@
-"""Finds backends and plugins through their entry-point groups."""
+"""Finds what is installed under an entry-point group (backends, plugins).
+
+It knows nothing of what it loads: :func:`gateway.backend.backend_factory` and
+:func:`gateway.plugins.plugin_factory` give the loaded objects their types, so this module sits
+below everything else in ``gateway/`` and is part of no import circle.
+"""
 
 from __future__ import annotations
 
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
-from typing import TYPE_CHECKING, cast
-
-if TYPE_CHECKING:
-    from gateway.backend import BackendFactory
-    from gateway.plugins import PluginFactory
 
 BACKENDS_GROUP = "gateway.backends"
 PLUGINS_GROUP = "gateway.plugins"
@@ -19,7 +19,8 @@ def _entry_points(group: str) -> dict[str, EntryPoint]:
     return {ep.name: ep for ep in entry_points(group=group)}
 
 
-def _load(group: str, kind: str, name: str) -> object:
+def load(group: str, kind: str, name: str) -> object:
+    """The object registered as ``name`` in ``group``; ``LookupError`` naming the known ones."""
     eps = _entry_points(group)
     if name not in eps:
         known = ", ".join(sorted(eps)) or "none installed"
@@ -27,13 +28,9 @@ def _load(group: str, kind: str, name: str) -> object:
     return eps[name].load()
 
 
-def backend_factory(name: str) -> BackendFactory:
-    return cast("BackendFactory", _load(BACKENDS_GROUP, "backend", name))
-
-
-def plugin_factory(name: str) -> PluginFactory:
-    return cast("PluginFactory", _load(PLUGINS_GROUP, "plugin", name))
+def names(group: str) -> list[str]:
+    return sorted(_entry_points(group))
 
 
 def backend_names() -> list[str]:
-    return sorted(_entry_points(BACKENDS_GROUP))
+    return names(BACKENDS_GROUP)

@@ -10,9 +10,10 @@ from types import FrameType
 
 import uvicorn
 
-from gateway.app import build_services, create_app
+from gateway.app import create_app
 from gateway.config import GatewayConfig
 from gateway.pool import ModelPool
+from gateway.services import build_services
 
 log = logging.getLogger("gateway.server")
 

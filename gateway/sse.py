@@ -1,26 +1,47 @@
-"""The SSE response of a streaming job: keep-alive pings, a send timeout, the drain deadline, a
-job that always ends."""
+"""Server-sent events: framing, and the streaming response every SSE endpoint uses.
+
+Framing is :func:`frame`. :class:`EventStream` adds keep-alive pings, a send timeout, the
+shutdown drain deadline, and an owner that always hears how the stream ended. It knows no
+endpoint and no job: an owner is anything with the three methods of :class:`StreamOwner`.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
 import time
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator
+from typing import Protocol
 
 import anyio
 import anyio.abc
 from sse_starlette import EventSourceResponse
 from starlette.types import Message, Receive, Scope, Send
 
-from gateway.config import ServerConfig
-from gateway.drain import shutdown_error
+from gateway.drain import Drain, shutdown_error
+from gateway.errors import GatewayError
 from gateway.http import error_response
 
-if TYPE_CHECKING:
-    from gateway.completions import Job
-
 log = logging.getLogger("gateway.sse")
+
+
+def frame(data: str, event: str | None = None) -> bytes:
+    """One SSE event: ``data`` must be one line (JSON from :mod:`gateway.wire.json`)."""
+    head = b"" if event is None else b"event: " + event.encode() + b"\n"
+    return head + b"data: " + data.encode() + b"\n\n"
+
+
+class StreamOwner(Protocol):
+    """What an :class:`EventStream` needs of whoever owns the work behind it."""
+
+    def interrupt(self, error: GatewayError) -> bytes | None:
+        """The server ends the stream early (the drain deadline): the last event to send, or
+        None if the stream has already ended or sent its last event."""
+        ...
+
+    async def close(self) -> None:
+        """The response is over, however it ended (idempotent: the owner reports it once)."""
+        ...
 
 
 class SendWatchdog:
@@ -58,57 +79,68 @@ class SendWatchdog:
                 scope.cancel()
 
 
-class JobEventStream(EventSourceResponse):
-    """An SSE response that ends its job however the response ends, even if never iterated.
+class EventStream(EventSourceResponse):
+    """An SSE response whose owner hears of its end however it ends, even if never iterated.
 
-    On shutdown the job has until the pool's drain deadline; a stream still running then is
-    stopped and ends with one error event and a proper end of the body (never a silent cut).
+    On shutdown the owner has until the drain deadline; a stream still running then is stopped
+    and ends with the owner's last event and a proper end of the body (never a silent cut).
     """
 
-    def __init__(self, job: Job, server: ServerConfig) -> None:
+    def __init__(
+        self,
+        events: AsyncIterator[bytes],
+        owner: StreamOwner,
+        *,
+        request_id: str,
+        headers: dict[str, str],
+        drain: Drain,
+        keepalive_s: float,
+        send_timeout_s: float,
+    ) -> None:
         super().__init__(
-            job.events(),
-            headers=job.ctx.response_headers,
-            ping=server.keepalive_s,
+            events,
+            headers=headers,
+            ping=keepalive_s,
             # sse-starlette must never cut a stream on shutdown itself: the drain deadline does
             shutdown_grace_period=math.inf,
         )
-        self.job = job
-        self.send_timeout_s = server.send_timeout_s
+        self.owner = owner
+        self.request_id = request_id
+        self.extra_headers = headers
+        self.drain = drain
+        self.send_timeout_s = send_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         watchdog = SendWatchdog(send, self.send_timeout_s)
         error = shutdown_error()
-        stopped = False
+        last: bytes | None = None
 
         def stop(tg: anyio.abc.TaskGroup) -> None:
-            nonlocal stopped
-            if self.job.interrupt(error):
-                stopped = True
+            nonlocal last
+            last = self.owner.interrupt(error)
+            if last is not None:
                 tg.cancel_scope.cancel()
 
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(watchdog.watch, tg.cancel_scope)
-                unwatch = self.job.services.pool.drain.at_deadline(lambda: stop(tg))
+                unwatch = self.drain.at_deadline(lambda: stop(tg))
                 try:
                     await super().__call__(scope, receive, watchdog.send)
                 finally:
                     unwatch()
                 tg.cancel_scope.cancel()
-            if stopped and not watchdog.started:  # stopped before its headers: a plain 503
-                await error_response(error, self.job.ctx.response_headers)(scope, receive, send)
-            elif stopped and watchdog.open:
-                log.warning("request %s: ended by the shutdown deadline", self.job.ctx.request_id)
-                await self._send_last(send, self.job.error_frame(error))
+            if last is not None and not watchdog.started:  # stopped before its headers: a 503
+                await error_response(error, self.extra_headers)(scope, receive, send)
+            elif last is not None and watchdog.open:
+                log.warning("request %s: ended by the shutdown deadline", self.request_id)
+                await self._send_last(send, last)
             if watchdog.timed_out:
-                log.warning(
-                    "request %s: client stopped reading; stream ended", self.job.ctx.request_id
-                )
+                log.warning("request %s: client stopped reading; stream ended", self.request_id)
         finally:
-            await self.job.end("cancelled", 499)
+            await self.owner.close()
 
-    async def _send_last(self, send: Send, frame: bytes) -> None:
+    async def _send_last(self, send: Send, event: bytes) -> None:
         with anyio.move_on_after(self.send_timeout_s):
-            await send({"type": "http.response.body", "body": frame, "more_body": True})
+            await send({"type": "http.response.body", "body": event, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -8,32 +8,47 @@ keeps a record of what happened to each request so tests can assert on cancellat
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import math
 import re
 import threading
 import time
+import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
 import httpx
 import uvicorn
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.backend import Backend, MemoryEstimate
 from gateway.config import BatchingConfig, GatewayConfig, ModelConfig
-from gateway.errors import ContextLengthExceeded, EngineError
+from gateway.errors import EngineError, context_length_exceeded
 from gateway.stops import StopMatcher
 from gateway.types import (
     BackendInfo,
     BatchingKind,
+    Capability,
     Delta,
+    EmbeddingDelta,
     Finish,
     GenerationRequest,
     TextDelta,
+    TokenizedPrompt,
+    ToolCallDelta,
     Usage,
 )
 
 _WORD = re.compile(r"\s*\S+")
+
+
+class ScriptedToolCall(BaseModel):
+    """A tool call the scripted backend makes instead of replying with text."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    arguments: str = "{}"
 
 
 class ScriptedConfig(ModelConfig):
@@ -52,6 +67,12 @@ class ScriptedConfig(ModelConfig):
     kv_cache_bytes: int = Field(0, ge=0)
     compute_bytes: int = Field(0, ge=0)
     fail_after_tokens: int | None = Field(None, ge=0)
+    #: What it declares it can do (the core refuses requests needing anything else).
+    capabilities: tuple[Capability, ...] = (Capability.STREAMING, Capability.COMPLETIONS)
+    #: Calls it makes instead of a text reply (streamed as argument pieces of 3 characters).
+    tool_calls: tuple[ScriptedToolCall, ...] = ()
+    #: The size of the embeddings it makes (a deterministic function of the input).
+    embedding_size: int = Field(8, ge=1, le=4096)
     batching: BatchingConfig = BatchingConfig()
 
 
@@ -62,8 +83,22 @@ def count_tokens(text: str) -> int:
 def prompt_text(request: GenerationRequest) -> str:
     if request.prompt is not None:
         return request.prompt
+    if request.prompt_tokens is not None:
+        return " ".join(str(t) for t in request.prompt_tokens)
     assert request.messages is not None
     return "\n".join(f"{m.role}: {m.content}" for m in request.messages)
+
+
+def scripted_embedding(text: str, size: int) -> tuple[float, ...]:
+    """A deterministic unit vector for ``text``: equal inputs, equal vectors."""
+    digest = hashlib.sha256(text.encode()).digest()
+    raw = [digest[i % len(digest)] - 127.5 + i for i in range(size)]
+    return unit(tuple(raw))
+
+
+def unit(vector: tuple[float, ...]) -> tuple[float, ...]:
+    norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+    return tuple(x / norm for x in vector)
 
 
 @dataclass
@@ -90,6 +125,7 @@ class ScriptedBackend:
             context_length=config.context_length,
             max_concurrent=config.engine_slots,
             batching=BatchingKind.CONTINUOUS,
+            capabilities=frozenset(config.capabilities),
         )
 
     @property
@@ -115,17 +151,14 @@ class ScriptedBackend:
         """Simulate an engine that died after loading."""
         self._failure = reason
 
-    async def validate(self, request: GenerationRequest) -> int:
+    async def validate(self, request: GenerationRequest) -> TokenizedPrompt:
         prompt_tokens = count_tokens(prompt_text(request))
         limit = self.config.context_length
         if prompt_tokens + (request.max_tokens or 0) > limit:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{prompt_tokens + (request.max_tokens or 0)} tokens "
-                f"({prompt_tokens} in the messages, {request.max_tokens} in the completion).",
-                param="messages" if request.is_chat else "prompt",
+            raise context_length_exceeded(
+                limit, prompt_tokens, request.max_tokens, request.prompt_param
             )
-        return prompt_tokens
+        return TokenizedPrompt(count=prompt_tokens)
 
     def _reply(self, request: GenerationRequest) -> str:
         if not self.config.echo:
@@ -154,10 +187,21 @@ class ScriptedBackend:
 
     async def _generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         cfg = self.config
-        prompt_tokens = await self.validate(request)
+        tokenized = request.tokenized or await self.validate(request)
+        prompt_tokens = tokenized.count
         if cfg.prefill_delay_s:
             await asyncio.sleep(cfg.prefill_delay_s)
+        if request.embed is not None:
+            vector = scripted_embedding(prompt_text(request), cfg.embedding_size)
+            dims = request.embed.dimensions
+            yield EmbeddingDelta(unit(vector[:dims] if dims else vector))
+            yield Finish("stop", Usage(prompt_tokens=prompt_tokens))
+            return
         limit = request.max_tokens or cfg.context_length - prompt_tokens
+        if cfg.tool_calls:
+            async for delta in self._calls(prompt_tokens):
+                yield delta
+            return
         matcher = StopMatcher(request.stop)
         produced = 0
         reason: str = "stop"
@@ -181,6 +225,24 @@ class ScriptedBackend:
             yield TextDelta(tail, tokens=0)
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=produced)
         yield Finish("length" if reason == "length" else "stop", usage)
+
+    async def _calls(self, prompt_tokens: int) -> AsyncGenerator[Delta, None]:
+        produced = 0
+        for n, call in enumerate(self.config.tool_calls):
+            pieces = [call.arguments[i : i + 3] for i in range(0, len(call.arguments), 3)]
+            for i, piece in enumerate(pieces or [""]):
+                if self.config.token_delay_s:
+                    await asyncio.sleep(self.config.token_delay_s)
+                produced += 1
+                first = i == 0
+                yield ToolCallDelta(
+                    n,
+                    piece,
+                    id=f"call_{n}_{uuid.uuid4().hex[:8]}" if first else None,
+                    name=call.name if first else None,
+                    tokens=1,
+                )
+        yield Finish("tool_calls", Usage(prompt_tokens=prompt_tokens, completion_tokens=produced))
 
 
 class ScriptedFactory:
@@ -213,7 +275,8 @@ class ServerThread:
     """
 
     def __init__(self, config: GatewayConfig, *, wait_ready: bool = True) -> None:
-        from gateway.app import build_services, create_app
+        from gateway.app import create_app
+        from gateway.services import build_services
 
         self.config = config
         self.services = build_services(config)

@@ -11,7 +11,16 @@ from enum import StrEnum
 from typing import Literal
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallRef:
+    """A tool call an assistant message made earlier in the conversation."""
+
+    id: str
+    name: str
+    arguments: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +28,10 @@ class ChatMessage:
     role: Role
     content: str
     name: str | None = None
+    #: An assistant message's tool calls.
+    tool_calls: tuple[ToolCallRef, ...] = ()
+    #: A tool message: the call it answers.
+    tool_call_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,28 +54,70 @@ class SamplingParams:
 
 
 @dataclass(frozen=True, slots=True)
-class GenerationRequest:
-    """One sequence to generate. A client request with ``n`` = k becomes k of these.
+class TokenizedPrompt:
+    """What a backend's ``validate`` learned of a prompt, handed to its ``stream`` (the core
+    sets it as :attr:`GenerationRequest.tokenized`): nothing is tokenized twice.
 
-    Exactly one of ``messages`` (chat) and ``prompt`` (raw text completion) is set.
-    ``max_tokens`` None means "up to the context limit".
+    ``tokens`` is empty where the backend cannot know them (a remote replica tokenizes)."""
+
+    tokens: tuple[int, ...] = ()
+    count: int = 0
+
+    @classmethod
+    def of(cls, tokens: tuple[int, ...] | list[int]) -> TokenizedPrompt:
+        return cls(tuple(tokens), len(tokens))
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedParams:
+    """Set on a :class:`GenerationRequest` that asks for an embedding instead of text."""
+
+    #: Truncate the vector to this many dimensions and renormalize (None: the model's size).
+    dimensions: int | None = None
+
+
+#: A request field passed through unchanged to a backend that declares its capability (a
+#: remote replica): the field's name and its JSON text, exactly as the client sent it.
+Passthrough = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One sequence to generate (or one input to embed). A client request with ``n`` = k
+    becomes k of these; an embeddings request one per input.
+
+    Exactly one of ``messages`` (chat), ``prompt`` (raw text) and ``prompt_tokens`` (a token
+    array) is set. ``max_tokens`` None means "up to the context limit".
     """
 
     request_id: str
     messages: tuple[ChatMessage, ...] | None = None
     prompt: str | None = None
+    prompt_tokens: tuple[int, ...] | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
     index: int = 0
+    embed: EmbedParams | None = None
+    passthrough: Passthrough = ()
+    #: Set by the core from the backend's ``validate`` before ``stream`` is called.
+    tokenized: TokenizedPrompt | None = None
 
     def __post_init__(self) -> None:
-        if (self.messages is None) == (self.prompt is None):
-            raise ValueError("exactly one of messages and prompt must be set")
+        given = (self.messages, self.prompt, self.prompt_tokens)
+        if sum(x is not None for x in given) != 1:
+            raise ValueError("exactly one of messages, prompt and prompt_tokens must be set")
 
     @property
     def is_chat(self) -> bool:
         return self.messages is not None
+
+    @property
+    def prompt_param(self) -> str:
+        """The request field that holds the prompt (for errors that name it)."""
+        if self.embed is not None:
+            return "input"
+        return "messages" if self.is_chat else "prompt"
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +151,25 @@ class TextDelta:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A piece of one tool call: its first piece carries ``id`` and ``name``, later pieces
+    only more ``arguments`` text. ``call`` numbers the calls of one choice from 0."""
+
+    call: int
+    arguments: str = ""
+    id: str | None = None
+    name: str | None = None
+    tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingDelta:
+    """The embedding of one input (unit length unless the model's config says otherwise)."""
+
+    vector: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Finish:
     """The last delta of every successful stream."""
 
@@ -103,9 +177,33 @@ class Finish:
     usage: Usage
 
 
-Delta = TextDelta | Finish
+#: Every kind of delta a backend yields. Each consumer matches them exhaustively
+#: (``match`` + ``assert_never``), so mypy names every place a new kind must be handled.
+Delta = TextDelta | ToolCallDelta | EmbeddingDelta | Finish
 
-Endpoint = Literal["chat", "completion"]
+Endpoint = Literal["chat", "completion", "embeddings"]
+
+
+class Capability(StrEnum):
+    """What a backend can do; a request needing one its model's backend lacks is a 400."""
+
+    STREAMING = "streaming"
+    #: Text generation: chat and text completions (an embedding-only model lacks it).
+    COMPLETIONS = "completions"
+    EMBEDDINGS = "embeddings"
+    LOGPROBS = "logprobs"
+    TOOLS = "tools"
+    JSON_SCHEMA = "json_schema"
+    IMAGES = "images"
+    TOKEN_PROMPTS = "token_prompts"
+
+
+@dataclass(frozen=True, slots=True)
+class Requirement:
+    """A capability a request needs, and the request field that needs it (named in the 400)."""
+
+    capability: Capability
+    param: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,19 +216,23 @@ class ClientRequest:
     stream: bool = False
     include_usage: bool = False
     echo: bool = False
+    #: What the request needs of the model's backend (checked after the model lookup).
+    requires: tuple[Requirement, ...] = ()
+    #: The generations take turns on the model's sequences (the inputs of an embeddings
+    #: request): admission grants at most the model's capacity, the engine queues the rest.
+    take_turns: bool = False
+    #: Choices per prompt (``n``): generations ``k * n .. k * n + n - 1`` share prompt ``k``.
+    choices_per_prompt: int = 1
+    #: How an embeddings response encodes its vectors.
+    encoding_format: Literal["float", "base64"] = "float"
 
     @property
     def n(self) -> int:
         return len(self.generations)
 
-
-class Capability(StrEnum):
-    STREAMING = "streaming"
-    LOGPROBS = "logprobs"
-    TOOLS = "tools"
-    JSON_SCHEMA = "json_schema"
-    IMAGES = "images"
-    TOKEN_PROMPTS = "token_prompts"
+    def sequences(self, capacity: int) -> int:
+        """How many of the model's sequences admission must grant this request at once."""
+        return min(self.n, capacity) if self.take_turns else self.n
 
 
 class BatchingKind(StrEnum):
@@ -146,5 +248,5 @@ class BackendInfo:
     context_length: int
     max_concurrent: int
     batching: BatchingKind
-    capabilities: frozenset[Capability] = frozenset({Capability.STREAMING})
+    capabilities: frozenset[Capability] = frozenset({Capability.STREAMING, Capability.COMPLETIONS})
     owned_by: str = "gateway"

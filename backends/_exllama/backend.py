@@ -21,13 +21,20 @@ from backends._exllama.modeldir import ModelDirError, TokenizerFacts
 from backends._exllama.prompt import PromptBuilder, Tokenizer
 from gateway.backend import EngineStats
 from gateway.errors import (
-    ContextLengthExceeded,
     EngineError,
     GatewayError,
     InvalidRequest,
     ModelUnavailable,
+    context_length_exceeded,
 )
-from gateway.types import BackendInfo, BatchingKind, Delta, Finish, GenerationRequest
+from gateway.types import (
+    BackendInfo,
+    BatchingKind,
+    Delta,
+    Finish,
+    GenerationRequest,
+    TokenizedPrompt,
+)
 
 log = logging.getLogger("backends.exllama")
 
@@ -179,13 +186,17 @@ class ExllamaBackend:
             raise ModelUnavailable(f"model {self.name!r} is not loaded")
         return self._loaded
 
-    async def validate(self, request: GenerationRequest) -> int:
+    async def validate(self, request: GenerationRequest) -> TokenizedPrompt:
         spec = await self._job_spec(request)
-        return len(spec.input_ids)
+        return TokenizedPrompt.of(spec.input_ids)
 
     async def _job_spec(self, request: GenerationRequest) -> JobSpec:
         loaded = self._require()
-        ids = await asyncio.to_thread(loaded.prompts.token_ids, request)
+        tokenized = request.tokenized
+        if tokenized is not None and tokenized.tokens:  # what validate found
+            ids = list(tokenized.tokens)
+        else:
+            ids = await asyncio.to_thread(loaded.prompts.token_ids, request)
         return job_spec(request, ids, loaded.model)
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
@@ -227,24 +238,12 @@ def job_spec(request: GenerationRequest, ids: list[int], model: _Limits) -> JobS
     alone, leaving no room) exceeds the context, and :class:`InvalidRequest` for an empty
     prompt or a ``logit_bias`` token outside the vocabulary.
     """
-    param = "messages" if request.is_chat else "prompt"
+    param = request.prompt_param
     if not ids:
         raise InvalidRequest("the prompt is empty (it tokenizes to no tokens)", param=param)
     limit, n = model.plan.max_seq_len, len(ids)
-    wanted = n + (request.max_tokens or 1)
-    if wanted > limit:
-        where = "messages" if request.is_chat else "prompt"
-        asked = (
-            f"you requested {wanted} tokens ({n} in the {where}, {request.max_tokens} in the "
-            "completion)"
-            if request.max_tokens is not None
-            else f"your {where} resulted in {n} tokens, leaving no room for a completion"
-        )
-        raise ContextLengthExceeded(
-            f"This model's maximum context length is {limit} tokens. However, {asked}. "
-            f"Please reduce the length of the {where} or completion.",
-            param=param,
-        )
+    if n + (request.max_tokens or 1) > limit:
+        raise context_length_exceeded(limit, n, request.max_tokens, param)
     bad = [t for t, _ in request.sampling.logit_bias if not 0 <= t < model.vocab_size]
     if bad:
         raise InvalidRequest(

@@ -13,29 +13,34 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING
 
 from backends.llamacpp.config import LlamaCppConfig
 from gateway.backend import EngineStats
-from gateway.errors import ContextLengthExceeded, InvalidRequest, ModelUnavailable
+from gateway.errors import InvalidRequest, ModelUnavailable, context_length_exceeded
 from gateway.types import (
     BackendInfo,
     BatchingKind,
-    ChatMessage,
+    Capability,
     Delta,
     Finish,
     GenerationRequest,
+    TokenizedPrompt,
 )
 
 if TYPE_CHECKING:
+    from backends.llamacpp.embeddings import EmbedSpec
     from backends.llamacpp.engine import Engine, Item
     from backends.llamacpp.model import LoadedModel
 
 log = logging.getLogger("backends.llamacpp")
 
-_PromptKey = tuple[tuple[ChatMessage, ...] | None, str | None]
+
+def capabilities(config: LlamaCppConfig) -> frozenset[Capability]:
+    if config.embeddings:
+        return frozenset({Capability.EMBEDDINGS})
+    return frozenset({Capability.STREAMING, Capability.COMPLETIONS, Capability.EMBEDDINGS})
 
 
 class LlamaCppBackend:
@@ -45,14 +50,16 @@ class LlamaCppBackend:
         self.n_live = config.batching.max_concurrent
         self._engine: Engine | None = None
         self._model: LoadedModel | None = None
-        self._info = BackendInfo(
-            context_length=config.kv_cache.n_ctx_per_slot,
+        self._info = self._describe(config.kv_cache.n_ctx_per_slot)
+
+    def _describe(self, context_length: int) -> BackendInfo:
+        return BackendInfo(
+            context_length=context_length,
             max_concurrent=self.n_live,
             batching=BatchingKind.CONTINUOUS,
+            capabilities=capabilities(self.config),
             owned_by="llama.cpp",
         )
-        #: Prompt tokens from ``validate``, reused by ``stream`` (n > 1 shares one entry).
-        self._prompts: OrderedDict[_PromptKey, list[int]] = OrderedDict()
 
     @property
     def info(self) -> BackendInfo:
@@ -65,16 +72,13 @@ class LlamaCppBackend:
         cfg = self.config
         n_seq = self.n_live + (cfg.kv_cache.cached_prefixes if cfg.kv_cache.prefix_reuse else 0)
         n_batch = cfg.batching.prefill_chunk_tokens + self.n_live
+        if cfg.embeddings:  # an encoder reads its whole input in one batch
+            n_batch = max(n_batch, cfg.kv_cache.n_ctx_per_slot)
         log.info("model %s: loading %s", self.name, describe(cfg.model_path))
         started = time.perf_counter()
         model = await asyncio.to_thread(LoadedModel, cfg, n_seq, n_batch)
         self._model = model
-        self._info = BackendInfo(
-            context_length=model.n_ctx_slot,
-            max_concurrent=self.n_live,
-            batching=BatchingKind.CONTINUOUS,
-            owned_by="llama.cpp",
-        )
+        self._info = self._describe(model.n_ctx_slot)
         self._engine = Engine(self.name, model, n_live=self.n_live)
         self._engine.start()
         log.info(
@@ -109,26 +113,22 @@ class LlamaCppBackend:
             raise ModelUnavailable(f"model {self.name!r} failed: {self._engine.failure}")
         return self._engine, self._model
 
-    async def validate(self, request: GenerationRequest) -> int:
+    async def validate(self, request: GenerationRequest) -> TokenizedPrompt:
         _, model = self._require()
-        self._check_params(request, model.tokenizer.n_vocab)
-        prompt = await self._prompt(request, model)
-        self._check_length(request, len(prompt), model.n_ctx_slot)
-        return len(prompt)
+        self._check_params(request, model)
+        tokens = await asyncio.to_thread(model.prompt_builder.tokens, request)
+        self._check_length(request, len(tokens), model.n_ctx_slot)
+        return TokenizedPrompt.of(tokens)
 
-    async def _prompt(self, request: GenerationRequest, model: LoadedModel) -> list[int]:
-        key: _PromptKey = (request.messages, request.prompt)
-        tokens = self._prompts.get(key)
-        if tokens is None:
-            tokens = await asyncio.to_thread(model.prompt_builder.tokens, request)
-            self._prompts[key] = tokens
-            while len(self._prompts) > 64:
-                self._prompts.popitem(last=False)
-        else:
-            self._prompts.move_to_end(key)
-        return tokens
+    async def _tokens(self, request: GenerationRequest, model: LoadedModel) -> list[int]:
+        """The prompt's tokens: what ``validate`` found, or (a direct caller) validated now."""
+        tokenized = request.tokenized
+        if tokenized is None or not tokenized.tokens:
+            tokenized = await self.validate(request)
+        return list(tokenized.tokens)
 
-    def _check_params(self, request: GenerationRequest, n_vocab: int) -> None:
+    def _check_params(self, request: GenerationRequest, model: LoadedModel) -> None:
+        n_vocab = model.tokenizer.n_vocab
         for token, _ in request.sampling.logit_bias:
             if not 0 <= token < n_vocab:
                 raise InvalidRequest(
@@ -136,32 +136,36 @@ class LlamaCppBackend:
                     f"(0..{n_vocab - 1})",
                     param="logit_bias",
                 )
+        dimensions = request.embed.dimensions if request.embed is not None else None
+        if dimensions is not None and dimensions > model.n_embd:
+            raise InvalidRequest(
+                f"dimensions = {dimensions}: model {self.name!r} makes {model.n_embd}-dimensional "
+                "embeddings (it can only shorten them)",
+                param="dimensions",
+            )
 
     def _check_length(self, request: GenerationRequest, n_prompt: int, limit: int) -> None:
-        where = "messages" if request.is_chat else "prompt"
-        wanted = n_prompt + (request.max_tokens or 1)
-        if wanted <= limit:
-            return
-        if request.max_tokens is None:
-            detail = f"your {where} resulted in {n_prompt} tokens"
-        else:
-            detail = (
-                f"you requested {n_prompt + request.max_tokens} tokens ({n_prompt} in the "
-                f"{where}, {request.max_tokens} in the completion)"
-            )
-        raise ContextLengthExceeded(
-            f"This model's maximum context length is {limit} tokens. However, {detail}. "
-            f"Please reduce the length of the {where} or completion.",
-            param=where,
+        max_tokens = None if request.embed is not None else request.max_tokens
+        if n_prompt + (max_tokens or (0 if request.embed is not None else 1)) > limit:
+            raise context_length_exceeded(limit, n_prompt, max_tokens, request.prompt_param)
+
+    def _embedding(self, request: GenerationRequest) -> EmbedSpec | None:
+        from backends.llamacpp.embeddings import EmbedSpec
+
+        if request.embed is None:
+            return None
+        assert self._model is not None
+        return EmbedSpec(
+            pooling=self._model.pooling,
+            dimensions=request.embed.dimensions,
+            normalize=self.config.normalize_embeddings,
         )
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         from backends.llamacpp.engine import Job
 
         engine, model = self._require()
-        self._check_params(request, model.tokenizer.n_vocab)
-        prompt = await self._prompt(request, model)
-        self._check_length(request, len(prompt), model.n_ctx_slot)
+        prompt = await self._tokens(request, model)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[list[Item]] = asyncio.Queue()
 
@@ -176,6 +180,7 @@ class LlamaCppBackend:
             params=request.sampling,
             stop=request.stop,
             deliver=deliver,
+            embed=self._embedding(request),
         )
         engine.submit(job)
         finished = False

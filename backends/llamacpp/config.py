@@ -86,6 +86,14 @@ class LlamaCppConfig(ModelConfig):
     main_gpu: int = Field(0, ge=0)
     #: Fraction of the model per GPU, e.g. [0.5, 0.5]; empty = llama.cpp's default split.
     tensor_split: tuple[float, ...] = ()
+    #: An embedding model: serves ``/v1/embeddings`` only (every model serves it; this one
+    #: serves nothing else, and its whole input is run in one batch, as encoders need).
+    embeddings: bool = False
+    #: How token vectors become one embedding; default: the GGUF's ``<arch>.pooling_type``,
+    #: else "mean".
+    pooling: Literal["mean", "cls", "last"] | None = None
+    #: Scale embeddings to unit length (as OpenAI's are).
+    normalize_embeddings: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> LlamaCppConfig:

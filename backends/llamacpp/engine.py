@@ -18,13 +18,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from backends.llamacpp.detokenize import Detokenizer
+from backends.llamacpp.embeddings import EmbedSpec, Pooler, token_vector
 from backends.llamacpp.model import LoadedModel
 from backends.llamacpp.sampling import SamplerChain
 from backends.llamacpp.slots import SlotManager
 from gateway.backend import EngineStats
 from gateway.errors import EngineError, ModelUnavailable
 from gateway.stops import StopMatcher
-from gateway.types import Delta, Finish, FinishReason, SamplingParams, TextDelta, Usage
+from gateway.types import (
+    Delta,
+    EmbeddingDelta,
+    Finish,
+    FinishReason,
+    SamplingParams,
+    TextDelta,
+    Usage,
+)
 
 log = logging.getLogger("backends.llamacpp.engine")
 
@@ -44,6 +53,8 @@ class Job:
     stop: tuple[str, ...]
     #: Called on the engine thread with the deltas of one step (thread-safe hand-off).
     deliver: Deliver
+    #: Set for an input to embed (no tokens are generated).
+    embed: EmbedSpec | None = None
     #: Set from the event loop when the client is gone.
     cancel_requested: bool = False
     seq_id: int = -1
@@ -54,6 +65,7 @@ class Job:
     next_token: int | None = None
     done: bool = False
     sampler: SamplerChain | None = None
+    pooler: Pooler | None = None
     detok: Detokenizer = field(default_factory=Detokenizer)
     stops: StopMatcher = field(init=False)
 
@@ -92,6 +104,9 @@ class Engine:
         self.model = model
         self.n_live = n_live
         self.chunk = cfg.batching.prefill_chunk_tokens
+        #: An embedding model reads each input whole, in one batch (encoders need it).
+        self.whole_inputs = cfg.embeddings
+        self.embed_chunk = model.n_ctx_slot if cfg.embeddings else self.chunk
         self.slots = SlotManager(
             model.memory,
             n_live=n_live,
@@ -211,28 +226,37 @@ class Engine:
         model = self.model
         while self._waiting and self.slots.can_admit():
             job = self._waiting.popleft()
-            placement = self.slots.acquire(job.prompt)
+            # an embedding needs every token's vector: nothing of it may come from the cache
+            placement = self.slots.acquire(job.prompt, reuse=job.embed is None)
             job.seq_id, job.n_past, job.cached = (
                 placement.seq_id,
                 placement.reused,
                 placement.reused,
             )
             self.counters.cached_prompt_tokens += placement.reused
-            job.sampler = SamplerChain(
-                model.llama, model.tokenizer.n_vocab, job.params, model.n_ctx_slot
-            )
+            if job.embed is None:
+                job.sampler = SamplerChain(
+                    model.llama, model.tokenizer.n_vocab, job.params, model.n_ctx_slot
+                )
+            else:
+                job.pooler = Pooler(job.embed, model.n_embd)
             self._running.append(job)
 
-    def _build(self) -> list[_Row]:
-        rows = [_Row(j, [j.next_token], None) for j in self._running if j.next_token is not None]
+    def _build(self, jobs: list[Job]) -> list[_Row]:
+        rows = [_Row(j, [j.next_token], None) for j in jobs if j.next_token is not None]
         budget = self.chunk
-        for job in self._running:
+        for job in jobs:
             if budget <= 0:
                 break
             if job.prefilling:
                 take = job.prompt[job.n_past : job.n_past + budget]
                 rows.append(_Row(job, take, None))
                 budget -= len(take)
+        self._fill(rows, every_output=False)
+        return rows
+
+    def _fill(self, rows: list[_Row], *, every_output: bool) -> None:
+        """Write ``rows`` into the batch; logits for the last prompt token (or every token)."""
         batch = self.model.batch
         n = 0
         for row in rows:
@@ -244,17 +268,22 @@ class Engine:
                 batch.n_seq_id[n] = 1
                 batch.seq_id[n][0] = job.seq_id
                 wants = i == last and job.n_past + len(row.tokens) >= len(job.prompt)
-                batch.logits[n] = wants
+                batch.logits[n] = wants or every_output
                 if wants:
                     row.output = n
                 n += 1
         batch.n_tokens = n
-        return rows
 
     def _step(self) -> None:
-        rows = self._build()
-        if not rows:
-            return
+        generating = [j for j in self._running if j.embed is None]
+        embedding = [j for j in self._running if j.embed is not None]
+        if generating:
+            self._generate_step(generating)
+        if embedding:
+            self._embed_step(embedding)
+
+    def _decode(self, rows: list[_Row]) -> bool:
+        """One ``llama_decode`` of the filled batch (room made first); False if it failed."""
         n_tokens = sum(len(r.tokens) for r in rows)
         if not self.slots.make_room(n_tokens):
             log.warning("model %s: KV cache full with live sequences only", self.name)
@@ -264,10 +293,17 @@ class Engine:
             rc = llama.llama_decode(model.ctx, model.batch)
         if rc != 0:
             self._fail_rows(rows, rc)
-            return
+            return False
         c = self.counters
         c.decode_steps += 1
         c.max_batch_sequences = max(c.max_batch_sequences, len(rows))
+        return True
+
+    def _generate_step(self, jobs: list[Job]) -> None:
+        rows = self._build(jobs)
+        if not rows or not self._decode(rows):
+            return
+        c = self.counters
         for row in rows:
             job = row.job
             self.slots.extend(job.seq_id, row.tokens)
@@ -280,6 +316,56 @@ class Engine:
                 continue
             if row.output is not None:
                 self._deliver(job, self._sample(job, row.output))
+
+    def _embed_rows(self, jobs: list[Job]) -> list[_Row]:
+        rows: list[_Row] = []
+        budget = self.embed_chunk
+        for job in jobs:
+            rest = job.prompt[job.n_past :]
+            if budget <= 0 or (self.whole_inputs and len(rest) > budget):
+                break
+            take = rest[:budget]
+            rows.append(_Row(job, take, None))
+            budget -= len(take)
+        return rows
+
+    def _embed_step(self, jobs: list[Job]) -> None:
+        """Read the next chunk of each input to embed, in a decode call of their own with
+        embeddings on (every token is an output), and pool each token's vector."""
+        rows = self._embed_rows(jobs)
+        if not rows:
+            return
+        self._fill(rows, every_output=True)
+        llama, model = self.model.llama, self.model
+        llama.llama_set_embeddings(model.ctx, True)
+        try:
+            if not self._decode(rows):
+                return
+        finally:
+            llama.llama_set_embeddings(model.ctx, model.config.embeddings)
+        n = 0
+        for row in rows:
+            job = row.job
+            assert job.pooler is not None
+            self.slots.extend(job.seq_id, row.tokens)
+            last = len(job.prompt) - 1
+            for i in range(len(row.tokens)):
+                position = job.n_past + i
+                vector = token_vector(llama, model.ctx, n, model.n_embd)
+                job.pooler.add(vector, position, last=position == last)
+                n += 1
+            job.n_past += len(row.tokens)
+            self.counters.prompt_tokens_processed += len(row.tokens)
+            if not job.cancel_requested and not job.prefilling:
+                self._deliver(job, self._finish_embedding(job))
+
+    def _finish_embedding(self, job: Job) -> list[Item]:
+        assert job.pooler is not None
+        vector = job.pooler.result()
+        job.done = True
+        self._running.remove(job)
+        self.slots.release(job.seq_id, keep=False)
+        return [EmbeddingDelta(vector), Finish("stop", Usage(prompt_tokens=len(job.prompt)))]
 
     def _sample(self, job: Job, output: int) -> list[Item]:
         assert job.sampler is not None

@@ -10,6 +10,7 @@ from typing import Any
 
 from backends.llamacpp import native
 from backends.llamacpp.config import GGML_TYPE_IDS, LlamaCppConfig
+from backends.llamacpp.embeddings import GGUF_POOLING, Pooling
 from backends.llamacpp.gguf_file import ModelFileError, check_model_file
 from backends.llamacpp.prompt import CHATML, PromptBuilder
 from backends.llamacpp.tokenizer import Tokenizer
@@ -65,6 +66,8 @@ class LoadedModel:
         if not self.ctx:
             llama.llama_model_free(self.model)
             raise ModelFileError(f"llama.cpp could not create a context for {path}: {_why()}")
+        self.n_embd: int = llama.llama_model_n_embd_out(self.model)
+        self.pooling: Pooling = config.pooling or self._gguf_pooling()
         self.batch = llama.llama_batch_init(n_batch, 0, 1)
         self.memory = LlamaMemory(llama, self.ctx)
         self.tokenizer = Tokenizer(llama, self.vocab)
@@ -86,7 +89,22 @@ class LoadedModel:
         quantized = "f16" not in (cfg.kv_cache.type_k, cfg.kv_cache.type_v)
         cp.flash_attn_type = 1 if quantized and cfg.flash_attn == "auto" else cfg.flash_attn_type
         cp.no_perf = True
+        cp.embeddings = cfg.embeddings
+        cp.pooling_type = 0  # LLAMA_POOLING_TYPE_NONE: the engine pools token vectors itself
+        if cfg.embeddings:  # an encoder reads its whole input in one micro-batch
+            cp.n_ubatch = n_batch
         return cp
+
+    def meta(self, key: str) -> str | None:
+        """A GGUF metadata value as text (None if the file has no such key)."""
+        buf = ctypes.create_string_buffer(256)
+        n = self.llama.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    def _gguf_pooling(self) -> Pooling:
+        arch = self.meta("general.architecture") or ""
+        value = self.meta(f"{arch}.pooling_type")
+        return GGUF_POOLING.get(int(value), "mean") if value and value.isdigit() else "mean"
 
     def _template(self) -> ChatTemplate:
         cfg = self.config

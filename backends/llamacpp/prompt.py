@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from backends.llamacpp.tokenizer import Tokenizer
 from gateway.chat_template import ChatTemplate
-from gateway.errors import ContextLengthExceeded, InvalidRequest
+from gateway.errors import InvalidRequest, context_length_exceeded
 from gateway.types import GenerationRequest
 
 #: Used (with a warning at load) when a GGUF has no ``tokenizer.chat_template``.
@@ -37,9 +37,12 @@ class PromptBuilder:
                 request.messages, content_is_safe=lambda text: not tok.has_special_text(text)
             )
             parts = [(seg.text, not seg.content) for seg in segments]
+        elif request.prompt_tokens is not None:
+            return self._given_tokens(request, request.prompt_tokens)
         else:
             assert request.prompt is not None
-            # A raw completion prompt is the client's own full prompt, template tokens included.
+            # A raw prompt (completions, embeddings input) is the client's own full text,
+            # template tokens included.
             parts = [(request.prompt, True)]
         self._check_size(request, parts)
         tokens: list[int] = []
@@ -48,10 +51,18 @@ class PromptBuilder:
         if tok.add_bos and (not tokens or tokens[0] != tok.bos):
             tokens.insert(0, tok.bos)
         if not tokens:
-            raise InvalidRequest(
-                "the prompt is empty", param="messages" if request.is_chat else "prompt"
-            )
+            raise InvalidRequest("the prompt is empty", param=request.prompt_param)
         return tokens
+
+    def _given_tokens(self, request: GenerationRequest, tokens: tuple[int, ...]) -> list[int]:
+        n_vocab = self.tokenizer.n_vocab
+        bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise InvalidRequest(
+                f"token id {bad} is not in this model's vocabulary (0..{n_vocab - 1})",
+                param=request.prompt_param,
+            )
+        return list(tokens)
 
     def _check_size(self, request: GenerationRequest, parts: list[tuple[str, bool]]) -> None:
         limit = self.max_tokens
@@ -60,10 +71,6 @@ class PromptBuilder:
         size = sum(len(text.encode("utf-8")) for text, _ in parts)
         at_least = size // self.tokenizer.max_token_bytes
         if at_least > limit:
-            where = "messages" if request.is_chat else "prompt"
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {limit} tokens. However, your {where} "
-                f"resulted in more than {at_least} tokens. Please reduce the length of the "
-                f"{where}.",
-                param=where,
+            raise context_length_exceeded(
+                limit, at_least, None, request.prompt_param, at_least=True
             )

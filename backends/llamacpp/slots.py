@@ -82,11 +82,12 @@ class SlotManager:
     def can_admit(self) -> bool:
         return self.live < self.n_live
 
-    def acquire(self, prompt: Sequence[int]) -> Placement:
-        """A sequence id for ``prompt`` with as much of it cached there as possible."""
+    def acquire(self, prompt: Sequence[int], *, reuse: bool = True) -> Placement:
+        """A sequence id for ``prompt`` with as much of it cached there as possible (nothing
+        with ``reuse`` False: a fresh sequence, e.g. for an input to embed)."""
         assert self.can_admit(), "no free slot"
         self._clock += 1
-        best, reused = self._best_prefix(prompt)
+        best, reused = self._best_prefix(prompt) if reuse else (None, 0)
         if best is not None and not best.live and reused == len(best.tokens):
             target = best  # continue the cached sequence in place: nothing is lost
         else:

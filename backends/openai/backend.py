@@ -9,6 +9,7 @@ import logging
 import os
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
+from typing import assert_never
 
 from backends.openai.balance import make_balancer
 from backends.openai.client import ReplicaClient, request_body
@@ -17,8 +18,24 @@ from backends.openai.errors import ReplicaFailed
 from backends.openai.health import HealthMonitor
 from backends.openai.replicas import Replica
 from gateway.backend import EngineStats, ModelRouter
-from gateway.errors import ContextLengthExceeded, GatewayError, ModelNotFound, ModelUnavailable
-from gateway.types import BackendInfo, BatchingKind, Delta, Finish, GenerationRequest
+from gateway.errors import (
+    GatewayError,
+    ModelNotFound,
+    ModelUnavailable,
+    context_length_exceeded,
+)
+from gateway.types import (
+    BackendInfo,
+    BatchingKind,
+    Capability,
+    Delta,
+    EmbeddingDelta,
+    Finish,
+    GenerationRequest,
+    TextDelta,
+    TokenizedPrompt,
+    ToolCallDelta,
+)
 
 log = logging.getLogger("backends.openai")
 
@@ -78,10 +95,12 @@ class OpenAIBackend:
             await self.aclose()
             raise
         self.health.start()
+        declared = {Capability(c) for c in self.config.capabilities}
         self._info = BackendInfo(
             context_length=context_length,
             max_concurrent=self.config.batching.max_concurrent,
             batching=BatchingKind.REMOTE,
+            capabilities=frozenset({Capability.STREAMING, Capability.COMPLETIONS, *declared}),
         )
         up = sum(r.up for r in self.replicas)
         log.info("model %s: %d of %d replicas up", self.name, up, len(self.replicas))
@@ -149,19 +168,17 @@ class OpenAIBackend:
             retry_after_s=self.config.health.interval_s,
         )
 
-    async def validate(self, request: GenerationRequest) -> int:
+    async def validate(self, request: GenerationRequest) -> TokenizedPrompt:
         """Only what is knowable here: the prompt is tokenized by the replica, which answers a
         too-long prompt with its own 400 (passed on before any byte is sent)."""
         limit = self.info.context_length
         if request.max_tokens is not None and request.max_tokens >= limit:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {limit} tokens; max_tokens "
-                f"{request.max_tokens} leaves no room for the prompt.",
-                param="max_tokens",
+            raise context_length_exceeded(
+                limit, 1, request.max_tokens, request.prompt_param, at_least=True
             )
         if self.config.fallback_model is None and not any(r.up for r in self.replicas):
             raise self._down()
-        return 0  # unknown until the replica reports usage
+        return TokenizedPrompt()  # unknown until the replica reports usage
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         body = request_body(request, self.upstream_model)
@@ -228,10 +245,15 @@ class OpenAIBackend:
             replica.request_succeeded()
 
     def _count(self, delta: Delta) -> None:
-        if isinstance(delta, Finish):
-            self.cached_prompt_tokens += delta.usage.cached_tokens
-        else:
-            self.tokens_generated += delta.tokens
+        match delta:
+            case Finish(usage=usage):
+                self.cached_prompt_tokens += usage.cached_tokens
+            case TextDelta(tokens=tokens) | ToolCallDelta(tokens=tokens):
+                self.tokens_generated += tokens
+            case EmbeddingDelta():
+                pass
+            case _:
+                assert_never(delta)
 
     def stats(self) -> EngineStats:
         return EngineStats(

@@ -18,25 +18,52 @@ import httpx
 from backends.openai.config import OpenAIConfig, TimeoutsConfig
 from backends.openai.errors import ReplicaFailed, UpstreamError, UpstreamTimeout, upstream_error
 from backends.openai.stream import ChunkDecoder, sse_data
-from gateway.types import Delta, GenerationRequest
+from gateway.types import ChatMessage, Delta, EmbeddingDelta, Finish, GenerationRequest, Usage
 
 T = TypeVar("T")
 _ERROR_BODY_LIMIT = 64 * 1024
 
 
+def _message_json(m: ChatMessage) -> dict[str, object]:
+    out: dict[str, object] = {"role": m.role, "content": m.content}
+    if m.name:
+        out["name"] = m.name
+    if m.tool_calls:
+        out["content"] = m.content or None
+        out["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in m.tool_calls
+        ]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def embeddings_body(request: GenerationRequest, model: str) -> bytes:
+    """One input to embed, as floats (the core encodes the client's ``encoding_format``)."""
+    assert request.embed is not None
+    body: dict[str, object] = {"model": model, "encoding_format": "float"}
+    body["input"] = request.prompt if request.prompt is not None else request.prompt_tokens
+    if request.embed.dimensions is not None:
+        body["dimensions"] = request.embed.dimensions
+    return json.dumps(body, ensure_ascii=False).encode()
+
+
 def request_body(request: GenerationRequest, model: str) -> bytes:
     """The upstream JSON body: one choice, streamed, usage included; neutral samplers omitted
-    (a replica that does not know ``top_k`` then never sees it)."""
+    (a replica that does not know ``top_k`` then never sees it). Fields the model's declared
+    capabilities let through (``tools``, ``response_format``...) go as the client sent them."""
+    if request.embed is not None:
+        return embeddings_body(request, model)
     body: dict[str, object] = {
         "model": model,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
     if request.messages is not None:
-        body["messages"] = [
-            {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
-            for m in request.messages
-        ]
+        body["messages"] = [_message_json(m) for m in request.messages]
+    elif request.prompt_tokens is not None:
+        body["prompt"] = list(request.prompt_tokens)
     else:
         body["prompt"] = request.prompt
     s = request.sampling
@@ -54,6 +81,7 @@ def request_body(request: GenerationRequest, model: str) -> bytes:
         "stop": list(request.stop) or None,
     }
     body.update({k: v for k, v in optional.items() if v is not None})
+    body.update({name: json.loads(raw) for name, raw in request.passthrough})
     return json.dumps(body, ensure_ascii=False).encode()
 
 
@@ -122,6 +150,10 @@ class ReplicaClient:
         """The deltas of one upstream request. Raises :class:`ReplicaFailed` when this replica
         failed, or the client's :class:`GatewayError` when the replica rejected the request.
         Closing the generator closes the upstream connection at once."""
+        if request.embed is not None:
+            for delta in await self.embed(request, body):
+                yield delta
+            return
         clock = _Clock(self.config.timeouts)
         path = "/v1/chat/completions" if request.is_chat else "/v1/completions"
         upstream = self.http.build_request(
@@ -143,8 +175,7 @@ class ReplicaClient:
                 data = await self._within(deadline, why, anext(events, None))
                 if data is None:
                     break
-                delta = decoder.feed(data)
-                if delta is not None:
+                for delta in decoder.feed(data):
                     yield delta
                 if decoder.pieces:
                     deadline = clock.next_chunk_at()
@@ -156,6 +187,22 @@ class ReplicaClient:
             yield decoder.finish()
         finally:
             await response.aclose()
+
+    async def embed(self, request: GenerationRequest, body: bytes) -> list[Delta]:
+        """One input's embedding, from the replica's ``/v1/embeddings``."""
+        clock = _Clock(self.config.timeouts)
+        why = clock.why(clock.first_byte_at, False)
+        post = self.http.post(
+            "/v1/embeddings", content=body, headers={"content-type": "application/json"}
+        )
+        response = await self._within(clock.first_byte_at, why, post)
+        if response.status_code != 200:
+            raw = response.content[:_ERROR_BODY_LIMIT]
+            raise upstream_error(response.status_code, raw, response.headers.get("retry-after"))
+        vector, usage = _embedding(response.content)
+        if vector is None:
+            raise ReplicaFailed(UpstreamError(f"replica {self.url} sent no embedding"))
+        return [EmbeddingDelta(vector), Finish("stop", usage)]
 
     async def context_length(self, model: str, timeout_s: float) -> int | None:
         """What the replica's ``/v1/models`` reports for ``model`` (``max_model_len``: vLLM and
@@ -173,6 +220,18 @@ class ReplicaClient:
                     if isinstance(value, int) and value > 0:
                         return value
         return None
+
+
+def _embedding(raw: bytes) -> tuple[tuple[float, ...] | None, Usage]:
+    try:
+        body = json.loads(raw)
+        data = body["data"][0]["embedding"]
+        vector = tuple(float(x) for x in data)
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None, Usage()
+    usage = body.get("usage") if isinstance(body, dict) else None
+    prompt = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+    return vector, Usage(prompt_tokens=prompt if isinstance(prompt, int) and prompt >= 0 else 0)
 
 
 async def _drain(events: AsyncIterator[str]) -> None:

@@ -110,6 +110,9 @@ class OpenAIConfig(ModelConfig):
     #: Another configured model that serves requests when every replica is down.
     fallback_model: str | None = Field(None, min_length=1)
     batching: OpenAIBatchingConfig = OpenAIBatchingConfig()
+    #: What the replicas serve beyond streamed chat and text completions; requests that use
+    #: these fields get them passed through unchanged (default: none, a 400 naming the field).
+    capabilities: tuple[Literal["tools", "json_schema", "embeddings"], ...] = ()
 
     @model_validator(mode="after")
     def _check(self) -> OpenAIConfig:

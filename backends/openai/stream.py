@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from backends.openai.errors import ReplicaFailed, UpstreamError, stream_error
-from gateway.types import Finish, FinishReason, TextDelta, Usage
+from gateway.types import Delta, Finish, FinishReason, TextDelta, ToolCallDelta, Usage
 
 DONE = "[DONE]"
 
@@ -57,12 +57,14 @@ class ChunkDecoder:
     usage: Usage | None = None
     pieces: int = 0
     done: bool = False
+    #: Upstream tool-call index -> (our call number, whether its name has been sent).
+    _calls: dict[int, int] = field(default_factory=dict)
 
-    def feed(self, data: str) -> TextDelta | None:
-        """One event's data; the text it carries, if any. Raises on an upstream error event."""
+    def feed(self, data: str) -> list[Delta]:
+        """One event's data; the deltas it carries. Raises on an upstream error event."""
         if data == DONE:
             self.done = True
-            return None
+            return []
         try:
             chunk = json.loads(data)
         except ValueError:
@@ -73,17 +75,47 @@ class ChunkDecoder:
             raise stream_error(chunk)
         self.usage = _usage(chunk.get("usage")) or self.usage
         text = ""
+        calls: list[Delta] = []
         for choice in chunk.get("choices") or ():
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
             text += self._text(choice)
+            calls += self._tool_calls(choice)
             reason = choice.get("finish_reason")
             if reason is not None:
-                self.reason = "length" if reason == "length" else "stop"
-        if not text:
-            return None
-        self.pieces += 1
-        return TextDelta(text)
+                self.reason = reason if reason in ("length", "tool_calls") else "stop"
+        out: list[Delta] = [TextDelta(text)] if text else []
+        out += calls
+        self.pieces += len(out)
+        return out
+
+    def _tool_calls(self, choice: dict[str, object]) -> list[Delta]:
+        delta = choice.get("delta") if self.chat else None
+        raw = delta.get("tool_calls") if isinstance(delta, dict) else None
+        out: list[Delta] = []
+        for item in raw if isinstance(raw, list) else ():
+            if not isinstance(item, dict):
+                continue
+            upstream = item.get("index", 0)
+            function = item.get("function")
+            function = function if isinstance(function, dict) else {}
+            args = function.get("arguments")
+            args = args if isinstance(args, str) else ""
+            if upstream not in self._calls:
+                self._calls[upstream] = len(self._calls)
+                call_id, name = item.get("id"), function.get("name")
+                out.append(
+                    ToolCallDelta(
+                        self._calls[upstream],
+                        args,
+                        id=call_id if isinstance(call_id, str) else f"call_{upstream}",
+                        name=name if isinstance(name, str) else "",
+                        tokens=1,
+                    )
+                )
+            elif args:
+                out.append(ToolCallDelta(self._calls[upstream], args, tokens=1))
+        return out
 
     def _text(self, choice: dict[str, object]) -> str:
         if self.chat:

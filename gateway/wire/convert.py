@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from collections import OrderedDict
 from dataclasses import replace
 from functools import cache
 
 from pydantic import BaseModel, ValidationError
 
 from gateway.errors import InvalidRequest, UnsupportedParameter
-from gateway.types import ChatMessage, ClientRequest, Endpoint, GenerationRequest, SamplingParams
+from gateway.types import (
+    Capability,
+    ChatMessage,
+    ClientRequest,
+    EmbedParams,
+    Endpoint,
+    GenerationRequest,
+    Passthrough,
+    Requirement,
+    SamplingParams,
+    ToolCallRef,
+)
 from gateway.wire.requests import (
     FORBIDDEN_FIELDS,
     ChatCompletionRequest,
     CompletionRequest,
+    EmbeddingsRequest,
     Message,
     SamplingFields,
     TextPart,
@@ -21,7 +35,30 @@ from gateway.wire.requests import (
 )
 
 log = logging.getLogger("gateway.wire")
-_ignored_logged: set[str] = set()
+
+
+class LoggedOnce:
+    """Names already logged, bounded: clients choose the names, so at most ``limit`` are kept
+    (oldest forgotten first; a forgotten name is logged again)."""
+
+    def __init__(self, limit: int = 1024) -> None:
+        self.limit = limit
+        self._seen: OrderedDict[str, None] = OrderedDict()
+
+    def first_time(self, name: str) -> bool:
+        if name in self._seen:
+            return False
+        self._seen[name] = None
+        if len(self._seen) > self.limit:
+            self._seen.popitem(last=False)
+        return True
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+
+#: Unknown request field names logged so far (process-wide, bounded).
+ignored_fields = LoggedOnce()
 
 
 @cache
@@ -70,19 +107,13 @@ def _check_extra(wire: WireModel) -> None:
     for name in wire.model_extra or {}:
         if name in FORBIDDEN_FIELDS:
             raise InvalidRequest(f"'{name}' may not be set by a request", param=name)
-        if name not in _ignored_logged:
-            _ignored_logged.add(name)
-            log.info("ignoring unknown request field %r (logged once)", name)
+        if ignored_fields.first_time(name):
+            log.info("ignoring unknown request field %r (logged once)", name[:64])
 
 
 def _content(msg: Message, i: int) -> str:
     if msg.content is None:
         if msg.role == "assistant":
-            if msg.tool_calls:
-                raise UnsupportedParameter(
-                    "assistant tool_calls are not supported by this server",
-                    param=f"messages[{i}].tool_calls",
-                )
             return ""
         raise InvalidRequest(f"messages[{i}].content is required", param=f"messages[{i}].content")
     if isinstance(msg.content, str):
@@ -98,11 +129,28 @@ def _content(msg: Message, i: int) -> str:
     return "".join(texts)
 
 
-def _messages(wire: ChatCompletionRequest) -> tuple[ChatMessage, ...]:
+def _tool_calls(msg: Message, i: int) -> tuple[ToolCallRef, ...]:
+    if msg.role != "assistant" and msg.tool_calls:
+        raise InvalidRequest(
+            "only assistant messages carry tool_calls", param=f"messages[{i}].tool_calls"
+        )
     return tuple(
-        ChatMessage(role=m.role, content=_content(m, i), name=m.name)
-        for i, m in enumerate(wire.messages)
+        ToolCallRef(c.id, c.function.name, c.function.arguments) for c in msg.tool_calls or ()
     )
+
+
+def _message(msg: Message, i: int) -> ChatMessage:
+    return ChatMessage(
+        role=msg.role,
+        content=_content(msg, i),
+        name=msg.name,
+        tool_calls=_tool_calls(msg, i),
+        tool_call_id=msg.tool_call_id if msg.role == "tool" else None,
+    )
+
+
+def _messages(wire: ChatCompletionRequest) -> tuple[ChatMessage, ...]:
+    return tuple(_message(m, i) for i, m in enumerate(wire.messages))
 
 
 def _logit_bias(wire: SamplingFields) -> tuple[tuple[int, float], ...]:
@@ -151,20 +199,38 @@ def _fan_out(base: GenerationRequest, n: int, offset: int) -> list[GenerationReq
 
 
 def _check_chat_unsupported(wire: ChatCompletionRequest) -> None:
-    if wire.tools:
-        raise UnsupportedParameter("'tools' is not supported by this server yet", param="tools")
     if wire.functions:
         raise UnsupportedParameter("'functions' is not supported by this server", param="functions")
-    if wire.tool_choice not in (None, "none", "auto"):
-        raise UnsupportedParameter("'tool_choice' is not supported", param="tool_choice")
     if wire.logprobs or wire.top_logprobs:
         param = "logprobs" if wire.logprobs else "top_logprobs"
         raise UnsupportedParameter(f"'{param}' is not supported by this server yet", param=param)
+    if wire.tool_choice is not None and not wire.tools:
+        raise InvalidRequest("'tool_choice' is set but 'tools' is not", param="tool_choice")
+
+
+#: Chat fields that need a capability, and the fields passed through with them unchanged to a
+#: backend that has it (a remote replica).
+_TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")
+
+
+def _chat_features(
+    wire: ChatCompletionRequest, messages: tuple[ChatMessage, ...]
+) -> tuple[tuple[Requirement, ...], Passthrough]:
+    requires: list[Requirement] = list(_GENERATES)
+    fields: list[str] = []
+    if wire.tools:
+        requires.append(Requirement(Capability.TOOLS, "tools"))
+        fields += [f for f in _TOOL_FIELDS if getattr(wire, f) is not None]
+    for i, m in enumerate(messages):
+        if m.tool_calls:  # rendering a call back to the model takes its tool-call format
+            requires.append(Requirement(Capability.TOOLS, f"messages[{i}].tool_calls"))
+            break
     if wire.response_format is not None and wire.response_format.type != "text":
-        raise UnsupportedParameter(
-            f"response_format {wire.response_format.type!r} is not supported by this server yet",
-            param="response_format",
-        )
+        requires.append(Requirement(Capability.JSON_SCHEMA, "response_format"))
+        fields.append("response_format")
+    dump = wire.model_dump(mode="json", include=set(fields), exclude_none=True)
+    passthrough = tuple((k, json.dumps(dump[k], ensure_ascii=False)) for k in fields if k in dump)
+    return tuple(dict.fromkeys(requires)), passthrough
 
 
 def _include_usage(wire: SamplingFields) -> bool:
@@ -187,14 +253,18 @@ def chat_request(body: bytes, request_id: str) -> ClientRequest:
         raise InvalidRequest(
             "set max_tokens or max_completion_tokens, not both", param="max_tokens"
         )
+    messages = _messages(wire)
+    requires, passthrough = _chat_features(wire, messages)
     base = GenerationRequest(
         request_id=request_id,
-        messages=_messages(wire),
+        messages=messages,
         sampling=_sampling(wire),
         max_tokens=wire.max_completion_tokens or wire.max_tokens,
         stop=_stop(wire),
+        passthrough=passthrough,
     )
-    return _client_request("chat", wire, _fan_out(base, wire.n, 0))
+    request = _client_request("chat", wire, _fan_out(base, wire.n, 0))
+    return replace(request, requires=requires)
 
 
 def _prompts(wire: CompletionRequest) -> list[str]:
@@ -241,6 +311,9 @@ def completion_request(body: bytes, request_id: str) -> ClientRequest:
     return _client_request("completion", wire, generations, echo=wire.echo)
 
 
+_GENERATES = (Requirement(Capability.COMPLETIONS, "model"),)
+
+
 def _client_request(
     endpoint: Endpoint,
     wire: SamplingFields,
@@ -254,4 +327,46 @@ def _client_request(
         stream=wire.stream,
         include_usage=_include_usage(wire),
         echo=echo,
+        requires=_GENERATES,
+        choices_per_prompt=wire.n,
+    )
+
+
+def _embedding_inputs(wire: EmbeddingsRequest) -> list[str | tuple[int, ...]]:
+    value = wire.input
+    if isinstance(value, str):
+        return [value]
+    if all(isinstance(v, str) for v in value):
+        return [v for v in value if isinstance(v, str)]
+    if all(isinstance(v, int) for v in value):
+        return [tuple(v for v in value if isinstance(v, int))]
+    return [tuple(v) for v in value if isinstance(v, list)]
+
+
+def embeddings_request(body: bytes, request_id: str) -> ClientRequest:
+    try:
+        wire = EmbeddingsRequest.model_validate_json(body)
+    except ValidationError as err:
+        raise _validation_error(err) from None
+    _check_extra(wire)
+    embed = EmbedParams(dimensions=wire.dimensions)
+    generations = []
+    for i, item in enumerate(_embedding_inputs(wire)):
+        text, tokens = (item, None) if isinstance(item, str) else (None, item)
+        generations.append(
+            GenerationRequest(
+                request_id=f"{request_id}-{i}",
+                prompt=text,
+                prompt_tokens=tokens,
+                index=i,
+                embed=embed,
+            )
+        )
+    return ClientRequest(
+        endpoint="embeddings",
+        model=wire.model,
+        generations=tuple(generations),
+        requires=(Requirement(Capability.EMBEDDINGS, "model"),),
+        take_turns=True,
+        encoding_format=wire.encoding_format,
     )

@@ -34,11 +34,22 @@ class OtherPart(WireModel):
     type: StrictStr
 
 
+class CalledFunction(WireModel):
+    name: Annotated[str, Field(min_length=1, max_length=256)]
+    arguments: StrictStr
+
+
+class MessageToolCall(WireModel):
+    id: Annotated[str, Field(min_length=1, max_length=256)]
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class Message(WireModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextPart | OtherPart] | None = None
     name: StrictStr | None = None
-    tool_calls: list[dict[str, object]] | None = None
+    tool_calls: list[MessageToolCall] | None = None
     tool_call_id: StrictStr | None = None
 
 
@@ -48,6 +59,7 @@ class StreamOptions(WireModel):
 
 class ResponseFormat(WireModel):
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, object] | None = None
 
 
 class SamplingFields(WireModel):
@@ -79,6 +91,7 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: StrictInt | None = None
     tools: list[dict[str, object]] | None = None
     tool_choice: StrictStr | dict[str, object] | None = None
+    parallel_tool_calls: StrictBool | None = None
     functions: list[dict[str, object]] | None = None
     response_format: ResponseFormat | None = None
 
@@ -94,6 +107,24 @@ class CompletionRequest(SamplingFields):
     suffix: StrictStr | None = None
     logprobs: StrictInt | None = None
     best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
+
+
+MAX_EMBEDDING_INPUTS = 2048
+NonEmptyText = Annotated[str, Field(min_length=1)]
+TokenArray = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
+class EmbeddingsRequest(WireModel):
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    input: (
+        NonEmptyText
+        | Annotated[list[NonEmptyText], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+        | TokenArray
+        | Annotated[list[TokenArray], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+    )
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Field(ge=1)] | None = None
+    user: StrictStr | None = None
 
 
 #: Fields that could redirect or reprogram the server: always a 400.

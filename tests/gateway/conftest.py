@@ -5,8 +5,8 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from gateway.app import build_services, create_app
-from gateway.completions import Services
+from gateway.app import create_app
+from gateway.services import Services, build_services
 from tests.gateway.helpers import scripted_config
 
 

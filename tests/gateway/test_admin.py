@@ -11,10 +11,10 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.app import build_services, create_app
-from gateway.completions import Services
+from gateway.app import create_app
 from gateway.config import load_config, parse_config
 from gateway.pool import ModelState
+from gateway.services import Services, build_services
 
 pytestmark = pytest.mark.timeout(20)
 

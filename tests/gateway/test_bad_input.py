@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.completions import Services
+from gateway.services import Services
 from tests.gateway.helpers import scripted
 
 MSG = [{"role": "user", "content": "hi"}]

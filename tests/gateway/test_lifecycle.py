@@ -11,11 +11,11 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.app import build_services, create_app
-from gateway.completions import Services
+from gateway.app import create_app
 from gateway.config import GatewayConfig, parse_config
 from gateway.errors import ModelUnavailable
 from gateway.pool import ModelEntry, ModelPool, ModelState
+from gateway.services import Services, build_services
 from gateway.testing import ServerThread
 from tests.gateway.helpers import CHAT, scripted, scripted_config, sse_json
 

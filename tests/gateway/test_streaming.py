@@ -12,7 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.app import build_services, create_app
+from gateway.app import create_app
+from gateway.services import build_services
 from gateway.testing import ScriptedBackend, ServerThread
 from tests.gateway.helpers import scripted, scripted_config, sse_events
 

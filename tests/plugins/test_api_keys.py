@@ -11,9 +11,9 @@ import httpx
 import openai
 import pytest
 
-from gateway.app import build_services
 from gateway.config import load_config
 from gateway.errors import ConfigError
+from gateway.services import build_services
 from gateway.testing import ServerThread
 from tests.plugins.helpers import chat, client, config, post, scripted, sha256
 

@@ -18,8 +18,9 @@ import httpx
 import pytest
 import uvicorn
 
-from gateway.app import build_services, create_app
+from gateway.app import create_app
 from gateway.server import _Server
+from gateway.services import build_services
 from gateway.testing import ServerThread
 from tests.gateway.helpers import scripted_config
 from tests.reliability.helpers import (

@@ -137,7 +137,7 @@ async def test_stream_chat(model_dir: Path) -> None:
         prompt = "<s>user: hello</s><s>assistant: "
         assert finish.usage.prompt_tokens == len(char_tokens(prompt, special=True)) == 25
         assert finish.usage.completion_tokens == len("Hi there") + 1
-        assert await backend.validate(chat("hello")) == finish.usage.prompt_tokens
+        assert (await backend.validate(chat("hello"))).count == finish.usage.prompt_tokens
     finally:
         await backend.aclose()
 
@@ -161,8 +161,10 @@ async def test_limits(model_dir: Path) -> None:
         with pytest.raises(ContextLengthExceeded, match="maximum context length is 300") as info:
             await backend.validate(GenerationRequest("r", prompt="y" * 200, max_tokens=101))
         assert info.value.param == "prompt" and info.value.code == "context_length_exceeded"
-        assert await backend.validate(GenerationRequest("r", prompt="y" * 200, max_tokens=100))
-        with pytest.raises(ContextLengthExceeded, match="no room"):
+        assert (
+            await backend.validate(GenerationRequest("r", prompt="y" * 200, max_tokens=100))
+        ).count
+        with pytest.raises(ContextLengthExceeded, match="prompt resulted in 300 tokens"):
             await backend.validate(GenerationRequest("r", prompt="y" * 300))
         with pytest.raises(ContextLengthExceeded) as chat_info:
             await backend.validate(chat("z" * 400))

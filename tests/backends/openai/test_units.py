@@ -28,7 +28,14 @@ from gateway.errors import (
     Overloaded,
     PayloadTooLarge,
 )
-from gateway.types import ChatMessage, GenerationRequest, SamplingParams, TextDelta, Usage
+from gateway.types import (
+    ChatMessage,
+    GenerationRequest,
+    SamplingParams,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+)
 
 
 def replicas(*weights: float) -> list[Replica]:
@@ -233,17 +240,17 @@ def chunk(**fields: object) -> str:
 def test_chunk_decoder_maps_text_finish_and_usage_with_cached_tokens() -> None:
     d = ChunkDecoder(chat=True)
     assert (
-        d.feed(chunk(choices=[{"index": 0, "delta": {"role": "assistant", "content": ""}}])) is None
+        d.feed(chunk(choices=[{"index": 0, "delta": {"role": "assistant", "content": ""}}])) == []
     )
-    assert d.feed(chunk(choices=[{"index": 0, "delta": {"content": "Hel"}}])) == TextDelta("Hel")
-    assert d.feed(chunk(choices=[{"index": 0, "delta": {}, "finish_reason": "length"}])) is None
+    assert d.feed(chunk(choices=[{"index": 0, "delta": {"content": "Hel"}}])) == [TextDelta("Hel")]
+    assert d.feed(chunk(choices=[{"index": 0, "delta": {}, "finish_reason": "length"}])) == []
     usage = {
         "prompt_tokens": 9,
         "completion_tokens": 1,
         "prompt_tokens_details": {"cached_tokens": 8},
     }
-    assert d.feed(chunk(choices=[], usage=usage)) is None
-    assert d.feed("[DONE]") is None and d.done
+    assert d.feed(chunk(choices=[], usage=usage)) == []
+    assert d.feed("[DONE]") == [] and d.done
     fin = d.finish()
     assert fin.reason == "length" and fin.usage == Usage(9, 1, 8)
 
@@ -252,8 +259,26 @@ def test_chunk_decoder_without_upstream_usage_counts_pieces() -> None:
     d = ChunkDecoder(chat=False)
     for t in ("a", "b", "c"):
         d.feed(chunk(choices=[{"index": 0, "text": t, "finish_reason": None}]))
-    d.feed(chunk(choices=[{"index": 0, "text": "", "finish_reason": "tool_calls"}]))
+    d.feed(chunk(choices=[{"index": 0, "text": "", "finish_reason": "content_filter"}]))
     assert d.finish().reason == "stop" and d.finish().usage == Usage(0, 3, 0)
+
+
+def test_chunk_decoder_maps_tool_call_pieces() -> None:
+    d = ChunkDecoder(chat=True)
+    first = {"index": 0, "id": "call_a", "type": "function",
+             "function": {"name": "f", "arguments": '{"x"'}}  # fmt: skip
+    assert d.feed(chunk(choices=[{"index": 0, "delta": {"tool_calls": [first]}}])) == [
+        ToolCallDelta(0, '{"x"', id="call_a", name="f", tokens=1)
+    ]
+    more = {"index": 0, "function": {"arguments": ": 1}"}}
+    second = {"index": 3, "id": "call_b", "function": {"name": "g", "arguments": ""}}
+    got = d.feed(chunk(choices=[{"index": 0, "delta": {"tool_calls": [more, second]}}]))
+    assert got == [
+        ToolCallDelta(0, ": 1}", tokens=1),
+        ToolCallDelta(1, "", id="call_b", name="g", tokens=1),
+    ]
+    d.feed(chunk(choices=[{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]))
+    assert d.finish().reason == "tool_calls"
 
 
 def test_chunk_decoder_raises_on_error_events_and_garbage() -> None:

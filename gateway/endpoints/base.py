@@ -1,0 +1,117 @@
+"""What an endpoint is: a parser (bytes -> :class:`ClientRequest`) and encoders (deltas -> a
+JSON body, or SSE events). The request flow (:mod:`gateway.flow`) does everything else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, assert_never
+
+from gateway.errors import GatewayError
+from gateway.types import (
+    ClientRequest,
+    Delta,
+    EmbeddingDelta,
+    Endpoint,
+    Finish,
+    FinishReason,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+)
+
+
+@dataclass
+class ToolCall:
+    """One tool call of a choice, reassembled from its :class:`ToolCallDelta` pieces."""
+
+    id: str
+    name: str
+    arguments: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ChoiceResult:
+    """Everything one choice produced, for a non-streaming body."""
+
+    text: list[str] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    embedding: tuple[float, ...] | None = None
+    finish: Finish | None = None
+
+    def add(self, delta: Delta) -> None:
+        match delta:
+            case TextDelta(text=text):
+                self.text.append(text)
+            case ToolCallDelta():
+                self._add_call(delta)
+            case EmbeddingDelta(vector=vector):
+                self.embedding = vector
+            case Finish():
+                self.finish = delta
+            case _:
+                assert_never(delta)
+
+    def _add_call(self, delta: ToolCallDelta) -> None:
+        if delta.call == len(self.tool_calls):
+            self.tool_calls.append(ToolCall(delta.id or "", delta.name or ""))
+        self.tool_calls[delta.call].arguments.append(delta.arguments)
+
+    @property
+    def finish_reason(self) -> FinishReason:
+        assert self.finish is not None, "the flow checks every choice finished"
+        return self.finish.reason
+
+
+@dataclass
+class Result:
+    """A whole non-streaming response: each choice by index, and the request's usage."""
+
+    choices: dict[int, ChoiceResult] = field(default_factory=dict)
+    usage: Usage = field(default_factory=Usage)
+
+    def add(self, index: int, delta: Delta) -> None:
+        self.choices.setdefault(index, ChoiceResult()).add(delta)
+
+    def choice(self, index: int) -> ChoiceResult:
+        return self.choices.get(index) or ChoiceResult()
+
+
+class StreamEncoder(Protocol):
+    """One streaming response's SSE events (framed bytes)."""
+
+    def start(self) -> list[bytes]:
+        """Events before the first delta (e.g. each chat choice's role)."""
+        ...
+
+    def delta(self, index: int, delta: Delta) -> list[bytes]: ...
+
+    def end(self, usage: Usage) -> list[bytes]:
+        """The events after every choice finished (usage if asked, ``[DONE]``)."""
+        ...
+
+    def error(self, error: GatewayError) -> bytes:
+        """The one event a stream that fails after its headers ends with."""
+        ...
+
+
+class EndpointSpec(Protocol):
+    """A registered endpoint (see :mod:`gateway.endpoints`)."""
+
+    @property
+    def name(self) -> Endpoint: ...
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def id_prefix(self) -> str: ...
+
+    def parse(self, body: bytes, request_id: str) -> ClientRequest: ...
+
+    def stream_encoder(
+        self, request: ClientRequest, response_id: str, created: int
+    ) -> StreamEncoder: ...
+
+    def body(
+        self, request: ClientRequest, response_id: str, created: int, result: Result
+    ) -> bytes: ...

@@ -1,0 +1,136 @@
+"""``POST /v1/chat/completions``: messages in, ``chat.completion`` (or its chunks) out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import assert_never
+
+from gateway.endpoints.base import ChoiceResult, Result
+from gateway.endpoints.chunks import DONE, ChunkHead, error_frame, json_string
+from gateway.errors import GatewayError
+from gateway.sse import frame
+from gateway.types import (
+    ClientRequest,
+    Delta,
+    EmbeddingDelta,
+    Endpoint,
+    Finish,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+)
+from gateway.wire.convert import chat_request
+from gateway.wire.responses import dumps, usage_json
+
+_OPEN = '},"logprobs":null,"finish_reason":null}]}'
+
+
+class ChatStreamEncoder:
+    def __init__(self, request: ClientRequest, response_id: str, created: int) -> None:
+        self.request = request
+        self.head = ChunkHead("chat.completion.chunk", response_id, created, request.model)
+        self._prefixes: dict[int, str] = {}
+
+    def _prefix(self, index: int) -> str:
+        prefix = self._prefixes.get(index)
+        if prefix is None:
+            prefix = f'{self.head.text}[{{"index":{index},"delta":{{'
+            self._prefixes[index] = prefix
+        return prefix
+
+    def start(self) -> list[bytes]:
+        return [
+            frame(f'{self._prefix(g.index)}"role":"assistant","content":""{_OPEN}')
+            for g in self.request.generations
+        ]
+
+    def delta(self, index: int, delta: Delta) -> list[bytes]:
+        match delta:
+            case TextDelta(text=text):
+                return [frame(f'{self._prefix(index)}"content":{json_string(text)}{_OPEN}')]
+            case ToolCallDelta():
+                call = dumps(_tool_call_piece(delta))
+                return [frame(f'{self._prefix(index)}"tool_calls":[{call}]{_OPEN}')]
+            case Finish(reason=reason):
+                return [
+                    frame(
+                        f'{self.head.text}[{{"index":{index},"delta":{{}},"logprobs":null,'
+                        f'"finish_reason":"{reason}"}}]}}'
+                    )
+                ]
+            case EmbeddingDelta():
+                raise TypeError("a chat completion carries no embedding")
+            case _:
+                assert_never(delta)
+
+    def end(self, usage: Usage) -> list[bytes]:
+        events = [self.head.usage(usage)] if self.request.include_usage else []
+        return [*events, DONE]
+
+    def error(self, error: GatewayError) -> bytes:
+        return error_frame(error)
+
+
+def _tool_call_piece(delta: ToolCallDelta) -> dict[str, object]:
+    """The first piece names the call (``id``, ``type``, ``function.name``); later pieces carry
+    only the index and more of the arguments, as OpenAI streams them."""
+    if delta.id is None:
+        return {"index": delta.call, "function": {"arguments": delta.arguments}}
+    function = {"name": delta.name, "arguments": delta.arguments}
+    return {"index": delta.call, "id": delta.id, "type": "function", "function": function}
+
+
+def _message(choice: ChoiceResult) -> dict[str, object]:
+    message: dict[str, object] = {
+        "role": "assistant",
+        "content": "".join(choice.text) if choice.text or not choice.tool_calls else None,
+        "refusal": None,
+    }
+    if choice.tool_calls:
+        message["tool_calls"] = [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": "".join(call.arguments)},
+            }
+            for call in choice.tool_calls
+        ]
+    return message
+
+
+@dataclass(frozen=True)
+class ChatEndpoint:
+    name: Endpoint = "chat"
+    path: str = "/v1/chat/completions"
+    id_prefix: str = "chatcmpl-"
+
+    def parse(self, body: bytes, request_id: str) -> ClientRequest:
+        return chat_request(body, request_id)
+
+    def stream_encoder(
+        self, request: ClientRequest, response_id: str, created: int
+    ) -> ChatStreamEncoder:
+        return ChatStreamEncoder(request, response_id, created)
+
+    def body(self, request: ClientRequest, response_id: str, created: int, result: Result) -> bytes:
+        choices = []
+        for g in request.generations:
+            choice = result.choice(g.index)
+            choices.append(
+                {
+                    "index": g.index,
+                    "message": _message(choice),
+                    "logprobs": None,
+                    "finish_reason": choice.finish_reason,
+                }
+            )
+        body = {
+            "id": response_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": request.model,
+            "system_fingerprint": None,
+            "choices": choices,
+            "usage": usage_json(result.usage),
+        }
+        return dumps(body).encode()

@@ -1,0 +1,90 @@
+"""Everything that can fail because of the request, before any response byte is sent."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+from starlette.requests import Request
+
+from gateway.backend import Backend
+from gateway.disconnect import unless_disconnected
+from gateway.endpoints.base import EndpointSpec
+from gateway.errors import InvalidRequest, ModelUnavailable
+from gateway.flow.lease import Lease
+from gateway.http import read_json_body
+from gateway.plugins import RequestContext
+from gateway.services import Services
+from gateway.types import BackendInfo, ClientRequest
+
+
+class CapabilityMissing(InvalidRequest):
+    default_code = "unsupported_parameter"
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A request that passed every check and holds its sequences (``request`` now carries
+    what the backend's validation learned of each prompt)."""
+
+    request: ClientRequest
+    lease: Lease
+    queue_wait_s: float
+
+
+def check_capabilities(model: str, info: BackendInfo, request: ClientRequest) -> None:
+    """A 400 naming the first field the model's backend cannot serve."""
+    for need in request.requires:
+        if need.capability in info.capabilities:
+            continue
+        if need.param == "model":
+            raise CapabilityMissing(
+                f"model {model!r} does not serve {request.endpoint} requests "
+                f"(it lacks the {need.capability.value!r} capability)",
+                param="model",
+                code="model_not_supported",
+            )
+        raise CapabilityMissing(
+            f"'{need.param}' is not supported by model {model!r} (its backend lacks the "
+            f"{need.capability.value!r} capability)",
+            param=need.param,
+        )
+
+
+async def validate(backend: Backend, request: ClientRequest) -> ClientRequest:
+    """Each prompt validated (tokenized) once; its generations carry what the backend learned."""
+    gens = list(request.generations)
+    per = max(1, request.choices_per_prompt)
+    for first in range(0, len(gens), per):
+        tokenized = await backend.validate(gens[first])
+        for i in range(first, min(first + per, len(gens))):
+            gens[i] = replace(gens[i], tokenized=tokenized)
+    return replace(request, generations=tuple(gens))
+
+
+async def prepare(
+    services: Services, ctx: RequestContext, http: Request, endpoint: EndpointSpec
+) -> Admitted:
+    await services.plugins.on_request_headers(ctx)
+    body = await read_json_body(http, services.config.server.max_body_bytes)
+    request = endpoint.parse(body, ctx.request_id)
+    entry = services.pool.resolve(request.model)
+    ctx.model, ctx.request = entry.name, request
+    await services.plugins.on_request(ctx, request)
+    if services.pool.draining:
+        raise ModelUnavailable("the server is shutting down")
+    drain = services.pool.drain  # accepted before a shutdown: waits no longer than its deadline
+    # the model's lease: held from before its load (if it needs one) until the request ends
+    backend = await unless_disconnected(drain.bounded(entry.acquire()), http.receive)
+    try:
+        check_capabilities(request.model, backend.info, request)
+        request = await validate(backend, request)
+        sequences = request.sequences(entry.admission.capacity)
+        queued = time.perf_counter()
+        admitted = drain.bounded(entry.admission.acquire(sequences))
+        await unless_disconnected(admitted, http.receive)
+    except BaseException:
+        entry.release()
+        raise
+    lease = Lease(entry, backend, sequences)
+    return Admitted(request, lease, time.perf_counter() - queued)

@@ -1,0 +1,85 @@
+"""An endpoint as a Starlette route: prepare, then stream or collect, however it ends."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.disconnect import ClientDisconnected, unless_disconnected
+from gateway.endpoints.base import EndpointSpec
+from gateway.errors import GatewayError
+from gateway.flow.exchange import Exchange
+from gateway.flow.prepare import prepare
+from gateway.flow.report import report_unadmitted
+from gateway.generation import as_gateway_error
+from gateway.http import error_response
+from gateway.plugins import Outcome, RequestContext
+from gateway.services import Services
+from gateway.sse import EventStream
+
+log = logging.getLogger("gateway.flow")
+
+
+def new_context(request: Request, endpoint: EndpointSpec) -> RequestContext:
+    request_id = endpoint.id_prefix + uuid.uuid4().hex
+    request.state.request_id = request_id  # for the unexpected-error handler
+    return RequestContext.of(request, request_id, response_headers={"x-request-id": request_id})
+
+
+def endpoint_route(services: Services, endpoint: EndpointSpec) -> Route:
+    return Route(endpoint.path, _handler(services, endpoint), methods=["POST"])
+
+
+def _handler(
+    services: Services, endpoint: EndpointSpec
+) -> Callable[[Request], Awaitable[Response]]:
+    server = services.config.server
+    plugins = services.plugins
+
+    async def handle(request: Request) -> Response:
+        ctx = new_context(request, endpoint)
+        try:
+            admitted = await prepare(services, ctx, request, endpoint)
+        except GatewayError as err:
+            await report_unadmitted(plugins, ctx, "failed", err.status, err)
+            return error_response(err, ctx.response_headers)
+        except (ClientDisconnected, ClientDisconnect):
+            await report_unadmitted(plugins, ctx, "cancelled", 499)
+            return Response(status_code=499)
+        except BaseException as exc:  # a bug or a shutdown: the end hook still runs (frees limits)
+            outcome: Outcome = "failed" if isinstance(exc, Exception) else "cancelled"
+            await report_unadmitted(plugins, ctx, outcome, 500 if outcome == "failed" else 499)
+            raise
+        exchange = Exchange(endpoint, admitted, ctx, plugins, services.pool.drain)
+        if not admitted.request.stream:
+            try:
+                return await unless_disconnected(exchange.collect(), request.receive)
+            except ClientDisconnected:
+                await exchange.end("cancelled", 499)
+                return Response(status_code=499)
+        try:
+            await unless_disconnected(exchange.open_stream(server.keepalive_s), request.receive)
+        except ClientDisconnected:
+            await exchange.end("cancelled", 499)
+            return Response(status_code=499)
+        except Exception as exc:  # before the headers: the error's own status
+            error = as_gateway_error(exc, ctx.request_id)
+            log.error("request %s failed: %s", ctx.request_id, error.message)
+            await exchange.end("failed", error.status, error)
+            return error_response(error, ctx.response_headers)
+        return EventStream(
+            exchange.events(),
+            exchange,
+            request_id=ctx.request_id,
+            headers=ctx.response_headers,
+            drain=services.pool.drain,
+            keepalive_s=server.keepalive_s,
+            send_timeout_s=server.send_timeout_s,
+        )
+
+    return handle

@@ -1,0 +1,27 @@
+"""What every route is built from: the config, the model pool and the plugin chain."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.config import GatewayConfig
+from gateway.plugins import PluginChain, plugin_factory
+from gateway.pool import ModelPool
+
+
+@dataclass(frozen=True)
+class Services:
+    config: GatewayConfig
+    pool: ModelPool
+    plugins: PluginChain
+
+
+def build_services(config: GatewayConfig) -> Services:
+    pool = ModelPool(config)
+    named = {
+        name: plugin_factory(name).create(cfg, pool)
+        for name, cfg in config.plugins.items()
+        if cfg.enabled
+    }
+    chain = PluginChain(list(named.values()), named=named, configs=config.plugins)
+    return Services(config=config, pool=pool, plugins=chain)
