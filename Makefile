@@ -21,7 +21,10 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+# The coverage gate: what the suite reached when it was set (94.7%), never lower.
+COVERAGE := --cov=gateway --cov=backends --cov=plugins --cov-report=term:skip-covered --cov-fail-under=94
+
 pytest: install
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q $(PYTEST_ARGS)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q $(COVERAGE) $(PYTEST_ARGS)
 
 test: lint typecheck pytest

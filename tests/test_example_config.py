@@ -27,5 +27,5 @@ def test_config_toml_serves_both_models() -> None:
             assert r.model == model
             assert r.usage is not None
             assert r.usage.completion_tokens >= 1
-        states = {m.id: m.model_extra["state"] for m in client.models.list()}
+        states = {m.id: (m.model_extra or {})["state"] for m in client.models.list()}
         assert states["smollm2-q8kv"] == "loaded"

@@ -34,6 +34,7 @@ async def test_start_from_another_thread_wakes_the_loop() -> None:
     drain.at_deadline(done.set)
     threading.Thread(target=drain.start).start()
     await asyncio.wait_for(done.wait(), 2)
+    assert done.is_set() and drain.started and drain.passed
 
 
 async def test_start_is_idempotent_and_keeps_the_first_deadline() -> None:

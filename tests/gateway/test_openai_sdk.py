@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import openai
 import pytest
@@ -92,13 +93,20 @@ def test_stream_without_usage_has_no_usage_chunk(client: OpenAI) -> None:
             model="m", messages=[{"role": "user", "content": "hi"}], stream=True
         )
     )
+    assert len(chunks) >= 3  # role, text..., finish
     assert all(c.choices for c in chunks)
     assert all(c.usage is None for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == REPLY
+    assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_max_tokens_gives_length(client: OpenAI, stream: bool) -> None:
-    kwargs = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    kwargs: dict[str, Any] = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 3,
+    }
     if stream:
         chunks = list(
             client.chat.completions.create(

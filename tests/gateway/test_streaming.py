@@ -6,7 +6,7 @@ import asyncio
 import json
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
 import httpx
@@ -150,7 +150,7 @@ async def test_disconnect_at_asgi_level_runs_backend_finally() -> None:
     assert isinstance(backend, ScriptedBackend)
     payload = json.dumps(body("m")).encode()
     got_chunk = asyncio.Event()
-    sent: list[dict[str, Any]] = []
+    sent: list[MutableMapping[str, Any]] = []
     messages = [{"type": "http.request", "body": payload, "more_body": False}]
 
     async def receive() -> dict[str, Any]:
@@ -159,7 +159,7 @@ async def test_disconnect_at_asgi_level_runs_backend_finally() -> None:
         await got_chunk.wait()
         return {"type": "http.disconnect"}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         sent.append(message)
         if message["type"] == "http.response.body" and message.get("body"):
             got_chunk.set()

@@ -11,7 +11,7 @@ import pytest
 from gateway.wire.convert import LoggedOnce, chat_request, ignored_fields
 
 
-def _body(names: range) -> bytes:
+def _body(names: range) -> str:
     extra = {f"x_unknown_{i}": 1 for i in names}
     return json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], **extra})
 

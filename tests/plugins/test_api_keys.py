@@ -295,16 +295,19 @@ def test_reload_rotates_keys_in_place(tmp_path: Path) -> None:
     def write(dave_models: str, extra: str = "") -> None:
         path.write_text(RELOAD_CONFIG.format(ops=sha256(OPS), dave_models=dave_models) + extra)
 
+    running: list[ServerThread] = []
+
     def status(key: str, model: str) -> int:
-        return post(server, chat(model), key=key).status_code
+        return post(running[0], chat(model), key=key).status_code
 
     def reload() -> httpx.Response:
         return httpx.post(
-            server.base_url + "/admin/reload", headers={"Authorization": f"Bearer {OPS}"}
+            running[0].base_url + "/admin/reload", headers={"Authorization": f"Bearer {OPS}"}
         )
 
     write('"small"')
     with ServerThread(load_config(path)) as server:
+        running.append(server)
         assert (status(DAVE, "small"), status(DAVE, "big")) == (200, 403)
         write(
             '"big-alias"',

@@ -535,7 +535,12 @@ def test_real_huge_prompts_are_refused_quickly(
     started = time.monotonic()
     r = real_http.post(path, json={"model": "smol", "max_tokens": 2, **body})
     assert_400(r)
-    assert r.json()["error"]["code"] == "context_length_exceeded"
+    # 40k messages render for ~0.8 s on an idle 2-core machine: a slower run (coverage
+    # tracing, a loaded CI machine) hits the template's 1 s render limit first, also a 400
+    codes = {"context_length_exceeded"}
+    if len(body.get("messages", ())) > 1:
+        codes.add("invalid_chat_template_input")
+    assert r.json()["error"]["code"] in codes
     assert time.monotonic() - started < 5
 
 

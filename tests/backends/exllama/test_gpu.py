@@ -205,7 +205,7 @@ def test_concurrent_streams(server: ServerThread) -> None:
 
 
 def test_n_choices(server: ServerThread) -> None:
-    kwargs = {"model": "m", "prompt": PROMPT, "n": 3, "max_tokens": 8, "seed": 7}
+    kwargs: dict[str, Any] = {"model": "m", "prompt": PROMPT, "n": 3, "max_tokens": 8, "seed": 7}
     if backend_of(server).info.max_concurrent < 3:  # exllamav2 unpaged: one sequence at a time
         with pytest.raises(openai.BadRequestError) as err:
             client(server).completions.create(**kwargs, logit_bias=no_eos(server))
@@ -242,7 +242,9 @@ def test_seed_repeats_a_sampled_completion(
     if backend_of(server).info.max_concurrent == 1:
         # Seen on an H200: exllamav2's unpaged generator, same seed, texts diverged after ~10
         # tokens (a near-uniform random model makes any numeric difference flip a sample).
-        request.applymarker(pytest.mark.xfail(reason="exllamav2 unpaged: seeded text diverges"))
+        request.applymarker(
+            pytest.mark.xfail(reason="exllamav2 unpaged: seeded text diverges", strict=True)
+        )
     c, bias = client(server), no_eos(server)
 
     def sampled(seed: int) -> str:

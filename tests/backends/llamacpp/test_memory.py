@@ -15,7 +15,8 @@ import pytest
 
 from backends.llamacpp import LlamaCppBackend, factory
 from backends.llamacpp.config import LlamaCppConfig
-from backends.llamacpp.memory import ModelShape, estimate, read_header
+from backends.llamacpp.gguf_file import read_header
+from backends.llamacpp.memory import ModelShape, estimate
 from gateway.backend import EstimatesMemory
 from gateway.config import parse_config
 

@@ -70,9 +70,10 @@ def test_concurrent_streams_complete_with_correct_usage(smol_server: ServerThrea
         results = list(pool.map(lambda q: _stream(smol_server, q, 12), QUESTIONS))
     for q, r in zip(QUESTIONS, results, strict=True):
         usage = r["usage"]
-        assert usage is not None and alone[q] is not None
+        single = alone[q]
+        assert usage is not None and single is not None
         assert r["text"] and r["finish"] in ("stop", "length")
-        assert usage.prompt_tokens == alone[q].prompt_tokens
+        assert usage.prompt_tokens == single.prompt_tokens
         assert 1 <= usage.completion_tokens <= 12
         if r["finish"] == "length":
             assert usage.completion_tokens == 12
@@ -106,7 +107,10 @@ def test_prefix_reuse_users_a_b_c_a_on_two_slots(smol_server: ServerThread) -> N
     usages = {}
     for user, text in (("a", "I like green apples."), ("b", "Tell me about rain."),
                        ("c", "Count to three."), ("a", "What fruit do I like?")):  # fmt: skip
-        messages = [*history.get(user, []), {"role": "user", "content": text}]
+        messages: list[ChatCompletionMessageParam] = [
+            *history.get(user, []),
+            {"role": "user", "content": text},
+        ]
         before = backend.stats()
         r = client.chat.completions.create(
             model=SMOL, messages=messages, max_tokens=8, temperature=0

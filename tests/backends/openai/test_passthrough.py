@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -96,13 +97,12 @@ def test_fields_reach_the_replica_unchanged(
 
     hook.app = spy  # type: ignore[attr-defined]
     try:
+        extra: dict[str, Any] = {"messages": history, "tools": TOOLS, "response_format": fmt}
         client.chat.completions.create(
             model="echo",
-            messages=history,  # type: ignore[arg-type]
-            tools=TOOLS,  # type: ignore[arg-type]
             tool_choice={"type": "function", "function": {"name": "lookup"}},
             parallel_tool_calls=False,
-            response_format=fmt,  # type: ignore[arg-type]
+            **extra,
         )
     finally:
         hook.app = original  # type: ignore[attr-defined]

@@ -67,7 +67,7 @@ def llamacpp_gateway(
         "batching": {"max_concurrent": 2, "n_threads": 1},
         "kv_cache": {"n_ctx_per_slot": 1024},
     }
-    config = {"models": {"smol": table}, "plugins": {"metrics": {}}}
+    config: dict[str, Any] = {"models": {"smol": table}, "plugins": {"metrics": {}}}
     server = gateway_process(tmp_path_factory.mktemp("gw"), "llamacpp", config)
     try:
         yield server.start()

@@ -99,7 +99,7 @@ def test_least_outstanding_honours_weights_and_shares_ties() -> None:
     a, b = replicas(1, 3)
     lo = LeastOutstanding()
     req = conversation(0)
-    picks = Counter()
+    picks: Counter[str] = Counter()
     for _ in range(8):  # held requests: b takes 3 per 1 of a
         r = lo.pick([a, b], req)
         r.outstanding += 1
@@ -150,7 +150,7 @@ def test_affinity_bounded_load_overflows_to_the_next_replica_in_key_order() -> N
     aff = Affinity(AffinityConfig(load_factor=1.25))
     req = conversation(7)
     home, second = rendezvous_order(affinity_key(req, 256), rs)
-    placed = Counter()
+    placed: Counter[str] = Counter()
     for _ in range(8):  # the same hot conversation, requests held open
         r = aff.pick(rs, req)
         r.outstanding += 1
