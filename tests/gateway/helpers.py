@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from gateway.config import GatewayConfig, parse_config
 from gateway.testing import ScriptedBackend
+from tests.support import sse_events, sse_json
+
+__all__ = ["sse_events", "sse_json"]
 
 
 def scripted_config(
@@ -26,15 +28,6 @@ def scripted_config(
 def scripted(backend: object) -> ScriptedBackend:
     assert isinstance(backend, ScriptedBackend)
     return backend
-
-
-def sse_events(body: str) -> list[str]:
-    """The ``data:`` payloads of an SSE body, in order."""
-    return [line[len("data: ") :] for line in body.splitlines() if line.startswith("data: ")]
-
-
-def sse_json(body: str) -> list[dict[str, Any]]:
-    return [json.loads(e) for e in sse_events(body) if e != "[DONE]"]
 
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello there"}]}

@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import time
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Iterator, MutableMapping
 from typing import Any
 
 import httpx
@@ -16,15 +15,9 @@ from gateway.app import create_app
 from gateway.services import build_services
 from gateway.testing import ScriptedBackend, ServerThread
 from tests.gateway.helpers import scripted, scripted_config, sse_events
+from tests.support import wait_for
 
 SLOW = {"reply": " ".join(f"w{i}" for i in range(200)), "token_delay_s": 0.02}
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")

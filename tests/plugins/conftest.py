@@ -12,12 +12,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.plugins.helpers import need_program
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.support import free_port
 
 
 def _ping(port: int) -> bool:

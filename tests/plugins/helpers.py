@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
-import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -16,6 +13,9 @@ from openai import OpenAI
 
 from gateway.config import GatewayConfig, parse_config
 from gateway.testing import ScriptedBackend, ServerThread
+from tests.support import sse_json, wait_for
+
+__all__ = ["sse_json", "wait_for"]
 
 SLOW_REPLY = " ".join(f"w{i}" for i in range(60))
 
@@ -57,21 +57,6 @@ def post(server: ServerThread, body: dict[str, Any], key: str | None = None) -> 
     return httpx.post(
         server.base_url + "/v1/chat/completions", json=body, headers=headers, timeout=30
     )
-
-
-def sse_json(body: str) -> list[dict[str, Any]]:
-    return [
-        json.loads(line[6:])
-        for line in body.splitlines()
-        if line.startswith("data: ") and line != "data: [DONE]"
-    ]
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 def scripted(server: ServerThread, model: str = "m") -> ScriptedBackend:

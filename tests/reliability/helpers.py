@@ -5,12 +5,7 @@ waiting for conditions, and the embedded default model when it is installed.
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,15 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
-_LISTENING = re.compile(r"Uvicorn running on http://([\d.]+):(\d+)")
+from tests.support import gateway_process, sse_events, to_toml, wait_for
 
-
-def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout} s")
-        time.sleep(0.01)
+__all__ = ["gateway_process", "to_toml", "wait_for"]
 
 
 # --- the default model ------------------------------------------------------------------------
@@ -114,11 +103,6 @@ class StreamResult:
         return json.loads(self.body)
 
 
-def parse_events(raw: bytes) -> list[str]:
-    text = raw.decode("utf-8")
-    return [line[6:] for line in text.splitlines() if line.startswith("data: ")]
-
-
 async def stream_request(
     client: httpx.AsyncClient,
     path: str,
@@ -139,7 +123,7 @@ async def stream_request(
                 buf += chunk
                 while b"\n\n" in buf:
                     frame, buf = buf.split(b"\n\n", 1)
-                    for event in parse_events(frame + b"\n"):
+                    for event in sse_events(frame + b"\n"):
                         result.events.append(event)
                         if on_event is not None and on_event(event):
                             return result
@@ -158,99 +142,6 @@ def chat(model: str, content: str = "go", *, stream: bool = True, **extra: Any) 
 
 
 # --- a real server process ----------------------------------------------------------------------
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str | Path):
-        return json.dumps(str(value))
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return repr(value)
-
-
-def to_toml(tables: dict[str, Any], prefix: str = "") -> str:
-    """Enough TOML for test configs: nested tables of scalars and lists."""
-    scalars = {k: v for k, v in tables.items() if not isinstance(v, dict)}
-    nested = {k: v for k, v in tables.items() if isinstance(v, dict)}
-    out = []
-    if prefix and (scalars or not nested):
-        out.append(f"[{prefix}]")
-    out += [f"{k} = {toml_value(v)}" for k, v in scalars.items()]
-    for key, table in nested.items():
-        out.append(to_toml(table, f"{prefix}.{key}" if prefix else key))
-    return "\n".join(out) + "\n"
-
-
-class GatewayProcess:
-    """``python -m gateway serve --config <tmp> --port 0`` in a subprocess; the port is read
-    from uvicorn's log line."""
-
-    def __init__(self, tmp_path: Path, config: dict[str, Any]) -> None:
-        server = {"log_level": "info", **config.get("server", {})}
-        self.config_path = tmp_path / "gateway.toml"
-        self.config_path.write_text(to_toml({**config, "server": server}))
-        self.log_path = tmp_path / "gateway.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.base_url = ""
-
-    command = (sys.executable, "-m", "gateway", "serve")
-
-    def start(self, *, wait_listening: bool = True, timeout: float = 60) -> GatewayProcess:
-        env = {
-            **os.environ,
-            "OMP_WAIT_POLICY": "PASSIVE",
-            "PYTHONUNBUFFERED": "1",
-            "_TYPER_STANDARD_TRACEBACK": "1",
-        }
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [*self.command, "--config", str(self.config_path), "--port", "0"],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        if wait_listening:
-            deadline = time.monotonic() + timeout
-            while not (m := _LISTENING.search(self.log())):
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"gateway did not start:\n{self.log()}")
-                time.sleep(0.02)
-            self.base_url = f"http://{m.group(1)}:{m.group(2)}"
-        return self
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        def ready() -> bool:
-            try:
-                return httpx.get(self.base_url + "/ready", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for(ready, timeout, f"/ready 200\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def terminate(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-
-    def wait(self, timeout: float) -> int:
-        assert self.proc is not None
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log = self.log()
-            raise AssertionError(f"gateway still running after {timeout} s:\n{log}") from None
-
-    def __enter__(self) -> GatewayProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 # --- a raw HTTP/1.1 client: leaves exactly when a test says ------------------------------------

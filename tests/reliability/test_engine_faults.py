@@ -18,9 +18,9 @@ from gateway.testing import ServerThread
 from tests.gateway.helpers import scripted, scripted_config, sse_events
 from tests.reliability.helpers import (
     NO_EOS,
-    GatewayProcess,
     chat,
     default_model_path,
+    gateway_process,
     needs_llamacpp,
     real_model_table,
     wait_for,
@@ -150,7 +150,7 @@ def _model_file(tmp_path: Path, kind: str) -> Path:
 def test_bad_model_file_fails_startup_naming_the_file(tmp_path: Path, kind: str) -> None:
     path = _model_file(tmp_path, kind)
     table = {"backend": "llamacpp", "model_path": str(path), "batching": {"n_threads": 1}}
-    gw = GatewayProcess(tmp_path, {"models": {"x": table}}).start(wait_listening=False)
+    gw = gateway_process(tmp_path, "gateway", {"models": {"x": table}}).start(wait="no")
     code = gw.wait(timeout=30)
     log = gw.log()
     assert code != 0, log
@@ -161,6 +161,6 @@ def test_bad_model_file_fails_startup_naming_the_file(tmp_path: Path, kind: str)
 
 def test_backend_failing_to_start_exits_non_zero(tmp_path: Path) -> None:
     config = {"models": {"x": {"backend": "scripted", "fail_on_start": True}}}
-    gw = GatewayProcess(tmp_path, config).start(wait_listening=False)
+    gw = gateway_process(tmp_path, "gateway", config).start(wait="no")
     assert gw.wait(timeout=30) == 1
     assert "error: model 'x' failed to load" in gw.log()

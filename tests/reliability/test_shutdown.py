@@ -25,9 +25,9 @@ from gateway.testing import ServerThread
 from tests.gateway.helpers import scripted_config
 from tests.reliability.helpers import (
     NO_EOS,
-    GatewayProcess,
     StreamResult,
     chat,
+    gateway_process,
     needs_llamacpp,
     real_model_table,
     stream_request,
@@ -96,7 +96,7 @@ def _assert_503_json(r: httpx.Response | StreamResult) -> None:
 
 async def test_sigterm_drains_then_ends_the_rest_with_an_error(tmp_path: Path) -> None:
     config = {"server": {"drain_timeout_s": DRAIN_S}, "models": scripted_models()}
-    with GatewayProcess(tmp_path, config) as gw:
+    with gateway_process(tmp_path, "gateway", config) as gw:
         gw.wait_ready()
         limits = httpx.Limits(max_connections=20, max_keepalive_connections=20)
         async with (
@@ -187,7 +187,7 @@ async def test_the_signal_handler_turns_ready_503_at_once() -> None:
 
 def test_sigterm_with_nothing_running_exits_at_once(tmp_path: Path) -> None:
     config = {"server": {"drain_timeout_s": 30}, "models": scripted_models()}
-    with GatewayProcess(tmp_path, config) as gw:
+    with gateway_process(tmp_path, "gateway", config) as gw:
         gw.wait_ready()
         assert httpx.post(
             gw.base_url + "/v1/chat/completions", json=chat("short", stream=False)
@@ -207,7 +207,7 @@ async def test_sigterm_real_model(tmp_path: Path) -> None:
         "server": {"drain_timeout_s": DRAIN_S},
         "models": {"smol": real_model_table()},
     }
-    with GatewayProcess(tmp_path, config) as gw:
+    with gateway_process(tmp_path, "gateway", config) as gw:
         gw.wait_ready()
         async with httpx.AsyncClient(base_url=gw.base_url, timeout=60) as client:
             started = {k: asyncio.Event() for k in ("short", "long")}

@@ -11,7 +11,7 @@ import asyncio
 import importlib.util
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ from tests.backends.exllama.fakes import (
     plan,
     words,
 )
+from tests.support import wait_for
 
 TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
@@ -381,10 +382,3 @@ def test_http_disconnect_cancels_the_job(served: tuple[ServerThread, FakeLoader]
     assert stats.cancelled == 1 and stats.kv_cells_used == 0
     job = model.request_jobs[0]
     assert job in model.generator.cancelled and job.new_tokens < 3000
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,6 +30,7 @@ from openai import OpenAI
 from backends._exllama.backend import ExllamaBackend
 from gateway.config import parse_config
 from gateway.testing import ServerThread
+from tests.support import wait_for
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300)]
 
@@ -119,13 +120,6 @@ def no_eos(server: ServerThread) -> dict[str, int]:
     model = backend_of(server).loaded_model
     assert model is not None
     return {str(t): -100 for t in model.stop_token_ids}
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
 
 
 def test_loaded_as_configured(server: ServerThread) -> None:

@@ -6,7 +6,6 @@ sets OMP_WAIT_POLICY=PASSIVE).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from gateway.config import parse_config
 from gateway.defaults import default_model_path
 from gateway.testing import ServerThread
 from tests.backends.llamacpp.tiny_gguf import write_tiny_gguf
+from tests.support import wait_for
 
 pytest.importorskip("llama_cpp")
 
@@ -87,15 +87,15 @@ def backend_of(server: ServerThread, model: str) -> LlamaCppBackend:
     return backend
 
 
-def wait_for(
+def wait_for_stats(
     get: Callable[[], EngineStats], ok: Callable[[EngineStats], bool], timeout: float = 20
 ) -> EngineStats:
     """Poll engine stats until ``ok`` (engine state changes between decode steps)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = get()
-        if ok(stats):
-            return stats
-        if time.monotonic() > deadline:
-            raise AssertionError(f"engine did not reach the expected state: {stats}")
-        time.sleep(0.01)
+    seen: list[EngineStats] = []
+
+    def reached() -> bool:
+        seen.append(get())
+        return ok(seen[-1])
+
+    wait_for(reached, timeout, "the expected engine state")
+    return seen[-1]

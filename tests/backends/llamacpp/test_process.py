@@ -4,7 +4,6 @@ config serving the embedded default model end to end."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import httpx
 from openai import OpenAI
 
 from gateway.defaults import DEFAULT_MODEL_NAME
+from tests.support import free_port
 
 _NO_LLAMA_CPP = """
 import asyncio, sys
@@ -39,15 +39,8 @@ def test_missing_extra_is_one_line_naming_it(tiny_path: Path) -> None:
     assert "pip install 'llm-gateway[llamacpp]'" in lines[0]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def test_gateway_serve_without_config_serves_the_default_model(smol_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     gateway = Path(sys.executable).with_name("gateway")
     proc = subprocess.Popen(

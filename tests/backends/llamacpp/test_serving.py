@@ -13,7 +13,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.testing import ServerThread
-from tests.backends.llamacpp.conftest import SMOL, backend_of, client_for, wait_for
+from tests.backends.llamacpp.conftest import SMOL, backend_of, client_for, wait_for_stats
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -78,7 +78,7 @@ def test_concurrent_streams_complete_with_correct_usage(smol_server: ServerThrea
         if r["finish"] == "length":
             assert usage.completion_tokens == 12
         assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
-    stats = wait_for(backend_of(smol_server, SMOL).stats, lambda s: s.active_sequences == 0)
+    stats = wait_for_stats(backend_of(smol_server, SMOL).stats, lambda s: s.active_sequences == 0)
     assert stats.queued_sequences == 0
 
 
@@ -191,7 +191,7 @@ def test_disconnect_while_decoding_frees_the_slot(smol_server: ServerThread) -> 
             if seen == 3:
                 break
     stream.close()
-    stats = wait_for(
+    stats = wait_for_stats(
         backend.stats, lambda s: s.cancelled > before.cancelled and s.active_sequences == 0
     )
     assert stats.tokens_after_cancel - before.tokens_after_cancel <= 1  # at most one step
@@ -210,9 +210,11 @@ def test_disconnect_during_prefill_frees_the_slot(smol_server: ServerThread) -> 
     )
     first = next(iter(stream))  # the role chunk comes before prefill ends
     assert first.choices[0].delta.role == "assistant"
-    wait_for(backend.stats, lambda s: s.prompt_tokens_processed > before.prompt_tokens_processed)
+    wait_for_stats(
+        backend.stats, lambda s: s.prompt_tokens_processed > before.prompt_tokens_processed
+    )
     stream.close()
-    stats = wait_for(
+    stats = wait_for_stats(
         backend.stats, lambda s: s.cancelled > before.cancelled and s.active_sequences == 0
     )
     assert stats.tokens_generated == before.tokens_generated  # never reached a first token
@@ -237,7 +239,7 @@ def test_disconnect_while_queued_frees_its_place(smol_server: ServerThread) -> N
     ]
     for s in streams:  # both slots busy decoding
         next(iter(s))
-    wait_for(backend.stats, lambda s: s.active_sequences == 2)
+    wait_for_stats(backend.stats, lambda s: s.active_sequences == 2)
     # a third request waits for a slot; its client gives up after 0.5 s
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(
@@ -248,7 +250,7 @@ def test_disconnect_while_queued_frees_its_place(smol_server: ServerThread) -> N
     before = backend.stats()
     for s in streams:
         s.close()
-    stats = wait_for(
+    stats = wait_for_stats(
         backend.stats, lambda s: s.cancelled >= before.cancelled + 2 and s.active_sequences == 0
     )
     assert stats.queued_sequences == 0

@@ -18,7 +18,7 @@ from backends.llamacpp.config import LlamaCppConfig
 from gateway.config import parse_config
 from gateway.testing import ServerThread
 from gateway.types import ChatMessage, GenerationRequest, SamplingParams, TextDelta
-from tests.backends.llamacpp.conftest import TINY, client_for, model_table, serve, wait_for
+from tests.backends.llamacpp.conftest import TINY, client_for, model_table, serve, wait_for_stats
 from tests.backends.llamacpp.tiny_gguf import MULTIBYTE_CHARS
 
 PROMPT = "Hello 😀 中文 café"
@@ -194,21 +194,21 @@ async def test_cancel_in_the_engine_queue_and_in_decode(smol_path: Path) -> None
             running |= done
         waiting = next(i for i, f in enumerate(firsts) if f not in running)
         stats = await asyncio.to_thread(
-            wait_for, backend.stats, lambda s: s.queued_sequences == 1, 10
+            wait_for_stats, backend.stats, lambda s: s.queued_sequences == 1, 10
         )
         assert stats.active_sequences == 2
         firsts[waiting].cancel()
         await asyncio.gather(firsts[waiting], return_exceptions=True)
         await streams[waiting].aclose()
         stats = await asyncio.to_thread(
-            wait_for, backend.stats, lambda s: s.cancelled == 1 and s.queued_sequences == 0
+            wait_for_stats, backend.stats, lambda s: s.cancelled == 1 and s.queued_sequences == 0
         )
         assert stats.active_sequences == 2
         for i, s in enumerate(streams):
             if i != waiting:
                 await s.aclose()
         stats = await asyncio.to_thread(
-            wait_for, backend.stats, lambda s: s.cancelled == 3 and s.active_sequences == 0
+            wait_for_stats, backend.stats, lambda s: s.cancelled == 3 and s.active_sequences == 0
         )
         assert stats.tokens_after_cancel <= 2  # at most one decode step per cancelled stream
         assert stats.kv_cells_used == 0
