@@ -2,7 +2,7 @@
 not truncated) and gives the memory planner its metadata and tensor table.
 
 llama.cpp reports a bad file as a NULL model and a line in its own log; this module reads the
-header in pure Python (no numpy) so ``start()`` can say which file is wrong and how.
+header in pure Python so ``start()`` can say which file is wrong and how.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
+
+from gguf.constants import GGML_QUANT_SIZES
 
 GGUF_MAGIC = b"GGUF"
 _DEFAULT_ALIGNMENT = 32
@@ -24,15 +26,11 @@ _STRING, _ARRAY = 8, 9
 #: Numeric arrays up to this length are kept (per-layer values); longer ones are skipped.
 _KEPT_ARRAY = 4096
 
-#: ggml type -> (elements per block, bytes per block); the types GGUF weights and KV use.
-_BLOCKS: dict[int, tuple[int, int]] = {
-    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
-    9: (32, 36), 10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176),
-    14: (256, 210), 15: (256, 292), 16: (256, 66), 17: (256, 74), 18: (256, 98),
-    19: (256, 50), 20: (32, 18), 21: (256, 110), 22: (256, 56), 23: (256, 136),
-    24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8), 29: (256, 54), 30: (1, 2),
-    34: (256, 54), 35: (256, 66), 39: (32, 17),
-}  # fmt: skip
+#: ggml type -> (elements per block, bytes per block), from ggml-org's own ``gguf`` package.
+#: (The table once written here by hand had IQ2_S and IQ1_M wrong.) Its reader is not used:
+#: ``gguf.GGUFReader`` parses the whole vocabulary into numpy fields, 5.2 s on SmolLM2 against
+#: 0.18 s for this header reader, which skips long arrays.
+_BLOCKS: dict[int, tuple[int, int]] = {int(t): size for t, size in GGML_QUANT_SIZES.items()}
 
 
 class ModelFileError(ValueError):

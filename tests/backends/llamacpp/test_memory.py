@@ -194,3 +194,15 @@ async def test_each_term_against_llama_cpp(
         error = (mine - theirs) / theirs
         print(f"  {term:8} estimate {mine:8.2f} MiB  llama.cpp {theirs:8.2f} MiB  {error:+.2%}")
         assert abs(mine - theirs) <= 0.01 + 0.05 * theirs, term
+
+
+def test_block_sizes_are_ggml_s() -> None:
+    """From ggml-common.h's static_asserts (the hand-written table had IQ2_S and IQ1_M wrong)."""
+    from backends.llamacpp.gguf_file import row_bytes
+
+    assert row_bytes(2, 4096) == 128 * 18  # Q4_0: half + 16 bytes per 32
+    assert row_bytes(12, 4096) == 16 * 144  # Q4_K
+    assert row_bytes(22, 256) == 2 + 64 + 8 + 8  # IQ2_S: d, qs[QK_K/4], qh[QK_K/32], scales
+    assert row_bytes(29, 256) == 32 + 16 + 8  # IQ1_M: qs[QK_K/8], qh[QK_K/16], scales
+    with pytest.raises(ValueError, match="unknown ggml tensor type"):
+        row_bytes(999, 1)
