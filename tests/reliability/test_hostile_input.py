@@ -36,7 +36,12 @@ FUZZ = settings(
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerThread]:
     config = scripted_config(
-        {"m": {"reply": REPLY, "batching": {"max_concurrent": 8}}, "echo": {"echo": True}},
+        {
+            "m": {"reply": REPLY, "batching": {"max_concurrent": 8}},
+            "echo": {"echo": True},
+            "emb": {"capabilities": ["embeddings"], "batching": {"max_concurrent": 4}},
+            "agent": {"capabilities": ["streaming", "completions", "tools", "json_schema"]},
+        },
         server={"max_body_bytes": CAP},
     )
     with ServerThread(config) as srv:
@@ -72,6 +77,10 @@ def assert_sane(r: httpx.Response) -> None:
         events = sse_events(r.text)
         assert events[-1] == "[DONE]", events[-2:]
         assert not any(e.startswith('{"error"') for e in events)
+    elif r.json().get("object") == "list":  # embeddings
+        data = r.json()["data"]
+        assert data and all(d["embedding"] for d in data)
+        assert [d["index"] for d in data] == list(range(len(data)))
     else:
         body = r.json()
         assert body["choices"] and all(c["finish_reason"] for c in body["choices"])
@@ -143,6 +152,60 @@ def test_chat_any_values_in_any_fields(http: httpx.Client, fields: dict[str, Any
 def test_completion_any_values_in_any_fields(http: httpx.Client, fields: dict[str, Any]) -> None:
     body = {"model": "m", "prompt": "hi", **fields}
     assert_sane(post_raw(http, dumps(body), "/v1/completions"))
+
+
+EMBEDDING_FIELDS = ["model", "input", "encoding_format", "dimensions", "user"]
+embedding_inputs = (
+    st.text(max_size=20)
+    | st.lists(st.text(max_size=10), max_size=6)
+    | st.lists(st.integers(-5, 2**40), max_size=6)
+    | st.lists(st.lists(st.integers(-5, 2**40), max_size=4), max_size=4)
+    | json_values
+)
+
+
+@FUZZ
+@given(
+    fields=st.dictionaries(
+        st.sampled_from(EMBEDDING_FIELDS) | st.text(max_size=12),
+        json_values | embedding_inputs,
+        min_size=1,
+        max_size=4,
+    ),
+    model=st.sampled_from(["emb", "m", "nope"]),
+)
+def test_embeddings_any_values_in_any_fields(
+    http: httpx.Client, fields: dict[str, Any], model: str
+) -> None:
+    body = {"model": model, "input": "hi", **fields}
+    assert_sane(post_raw(http, dumps(body), "/v1/embeddings"))
+
+
+@FUZZ
+@given(
+    tools=json_values,
+    tool_choice=json_values,
+    response_format=json_values,
+    model=st.sampled_from(["agent", "m"]),
+    stream=st.booleans(),
+)
+def test_tool_and_format_fields_never_5xx(
+    http: httpx.Client,
+    tools: Any,
+    tool_choice: Any,
+    response_format: Any,
+    model: str,
+    stream: bool,
+) -> None:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "hi"}],
+        "tools": tools,
+        "tool_choice": tool_choice,
+        "response_format": response_format,
+        "stream": stream,
+    }
+    assert_sane(post_raw(http, dumps(body)))
 
 
 messages = st.lists(
