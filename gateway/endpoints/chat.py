@@ -6,8 +6,7 @@ from dataclasses import dataclass
 from typing import assert_never
 
 from gateway.endpoints.base import ChoiceResult, Result
-from gateway.endpoints.chunks import DONE, ChunkHead, error_frame, json_string
-from gateway.errors import GatewayError
+from gateway.endpoints.chunks import ChunkStream, completion_body, json_string
 from gateway.sse import frame
 from gateway.types import (
     ClientRequest,
@@ -17,18 +16,16 @@ from gateway.types import (
     Finish,
     TextDelta,
     ToolCallDelta,
-    Usage,
 )
 from gateway.wire.convert import chat_request
-from gateway.wire.responses import dumps, usage_json
+from gateway.wire.responses import dumps
 
 _OPEN = '},"logprobs":null,"finish_reason":null}]}'
 
 
-class ChatStreamEncoder:
+class ChatStreamEncoder(ChunkStream):
     def __init__(self, request: ClientRequest, response_id: str, created: int) -> None:
-        self.request = request
-        self.head = ChunkHead("chat.completion.chunk", response_id, created, request.model)
+        super().__init__("chat.completion.chunk", request, response_id, created)
         self._prefixes: dict[int, str] = {}
 
     def _prefix(self, index: int) -> str:
@@ -62,13 +59,6 @@ class ChatStreamEncoder:
                 raise TypeError("a chat completion carries no embedding")
             case _:
                 assert_never(delta)
-
-    def end(self, usage: Usage) -> list[bytes]:
-        events = [self.head.usage(usage)] if self.request.include_usage else []
-        return [*events, DONE]
-
-    def error(self, error: GatewayError) -> bytes:
-        return error_frame(error)
 
 
 def _tool_call_piece(delta: ToolCallDelta) -> dict[str, object]:
@@ -113,7 +103,7 @@ class ChatEndpoint:
         return ChatStreamEncoder(request, response_id, created)
 
     def body(self, request: ClientRequest, response_id: str, created: int, result: Result) -> bytes:
-        choices = []
+        choices: list[object] = []
         for g in request.generations:
             choice = result.choice(g.index)
             choices.append(
@@ -124,13 +114,6 @@ class ChatEndpoint:
                     "finish_reason": choice.finish_reason,
                 }
             )
-        body = {
-            "id": response_id,
-            "object": "chat.completion",
-            "created": created,
-            "model": request.model,
-            "system_fingerprint": None,
-            "choices": choices,
-            "usage": usage_json(result.usage),
-        }
-        return dumps(body).encode()
+        return completion_body(
+            "chat.completion", request, response_id, created, choices, result.usage
+        )

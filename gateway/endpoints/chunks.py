@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from gateway.errors import GatewayError
 from gateway.sse import frame
-from gateway.types import Usage
+from gateway.types import ClientRequest, Usage
 from gateway.wire.responses import dumps, error_event, one_line, usage_json
 
 DONE = frame("[DONE]")
@@ -25,6 +25,42 @@ class ChunkHead:
 
     def usage(self, usage: Usage) -> bytes:
         return frame(f'{self.text}[],"usage":{dumps(usage_json(usage))}}}')
+
+
+class ChunkStream:
+    """What chat and text completion streams share: the head, the usage chunk, ``[DONE]``."""
+
+    def __init__(self, obj: str, request: ClientRequest, response_id: str, created: int) -> None:
+        self.request = request
+        self.head = ChunkHead(obj, response_id, created, request.model)
+
+    def end(self, usage: Usage) -> list[bytes]:
+        events = [self.head.usage(usage)] if self.request.include_usage else []
+        return [*events, DONE]
+
+    def error(self, error: GatewayError) -> bytes:
+        return error_frame(error)
+
+
+def completion_body(
+    obj: str,
+    request: ClientRequest,
+    response_id: str,
+    created: int,
+    choices: list[object],
+    usage: Usage,
+) -> bytes:
+    """A whole (non-streamed) chat or text completion."""
+    body = {
+        "id": response_id,
+        "object": obj,
+        "created": created,
+        "model": request.model,
+        "system_fingerprint": None,
+        "choices": choices,
+        "usage": usage_json(usage),
+    }
+    return dumps(body).encode()
 
 
 def json_string(text: str) -> str:

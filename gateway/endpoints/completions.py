@@ -6,8 +6,7 @@ from dataclasses import dataclass
 from typing import assert_never
 
 from gateway.endpoints.base import Result
-from gateway.endpoints.chunks import DONE, ChunkHead, error_frame, json_string
-from gateway.errors import GatewayError
+from gateway.endpoints.chunks import ChunkStream, completion_body, json_string
 from gateway.sse import frame
 from gateway.types import (
     ClientRequest,
@@ -18,10 +17,8 @@ from gateway.types import (
     GenerationRequest,
     TextDelta,
     ToolCallDelta,
-    Usage,
 )
 from gateway.wire.convert import completion_request
-from gateway.wire.responses import dumps, usage_json
 
 _OPEN = ',"logprobs":null,"finish_reason":null}]}'
 
@@ -30,10 +27,9 @@ def _echo(request: ClientRequest, gen: GenerationRequest) -> str:
     return gen.prompt if request.echo and gen.prompt else ""
 
 
-class CompletionStreamEncoder:
+class CompletionStreamEncoder(ChunkStream):
     def __init__(self, request: ClientRequest, response_id: str, created: int) -> None:
-        self.request = request
-        self.head = ChunkHead("text_completion", response_id, created, request.model)
+        super().__init__("text_completion", request, response_id, created)
 
     def _text(self, index: int, text: str) -> bytes:
         return frame(f'{self.head.text}[{{"index":{index},"text":{json_string(text)}{_OPEN}')
@@ -61,13 +57,6 @@ class CompletionStreamEncoder:
             case _:
                 assert_never(delta)
 
-    def end(self, usage: Usage) -> list[bytes]:
-        events = [self.head.usage(usage)] if self.request.include_usage else []
-        return [*events, DONE]
-
-    def error(self, error: GatewayError) -> bytes:
-        return error_frame(error)
-
 
 @dataclass(frozen=True)
 class CompletionsEndpoint:
@@ -84,7 +73,7 @@ class CompletionsEndpoint:
         return CompletionStreamEncoder(request, response_id, created)
 
     def body(self, request: ClientRequest, response_id: str, created: int, result: Result) -> bytes:
-        choices = []
+        choices: list[object] = []
         for g in request.generations:
             choice = result.choice(g.index)
             text = _echo(request, g) + "".join(choice.text)
@@ -96,13 +85,6 @@ class CompletionsEndpoint:
                     "finish_reason": choice.finish_reason,
                 }
             )
-        body = {
-            "id": response_id,
-            "object": "text_completion",
-            "created": created,
-            "model": request.model,
-            "system_fingerprint": None,
-            "choices": choices,
-            "usage": usage_json(result.usage),
-        }
-        return dumps(body).encode()
+        return completion_body(
+            "text_completion", request, response_id, created, choices, result.usage
+        )
