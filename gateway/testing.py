@@ -197,11 +197,11 @@ class ScriptedBackend:
             yield EmbeddingDelta(unit(vector[:dims] if dims else vector))
             yield Finish("stop", Usage(prompt_tokens=prompt_tokens))
             return
-        limit = request.max_tokens or cfg.context_length - prompt_tokens
         if cfg.tool_calls:
             async for delta in self._calls(prompt_tokens):
                 yield delta
             return
+        limit = request.max_tokens or cfg.context_length - prompt_tokens
         matcher = StopMatcher(request.stop)
         produced = 0
         reason: str = "stop"

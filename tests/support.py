@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import httpx
+from openai import OpenAI
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
@@ -23,6 +24,12 @@ def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condi
     while not cond():
         assert time.monotonic() < deadline, f"{what} not met within {timeout} s"
         time.sleep(0.01)
+
+
+def openai_client(base_url: str) -> OpenAI:
+    """The official SDK pointed at a gateway (no retries: a test sees every status); close it
+    (``with``) so no socket outlives the test."""
+    return OpenAI(base_url=base_url + "/v1", api_key="x", max_retries=0, timeout=60)
 
 
 def free_port() -> int:

@@ -145,18 +145,21 @@ class LlamaCppBackend:
             )
 
     def _check_length(self, request: GenerationRequest, n_prompt: int, limit: int) -> None:
-        max_tokens = None if request.embed is not None else request.max_tokens
-        if n_prompt + (max_tokens or (0 if request.embed is not None else 1)) > limit:
-            raise context_length_exceeded(limit, n_prompt, max_tokens, request.prompt_param)
+        if request.embed is not None:  # an input to embed: nothing is generated
+            if n_prompt > limit:
+                raise context_length_exceeded(limit, n_prompt, None, "input")
+        elif n_prompt + (request.max_tokens or 1) > limit:
+            raise context_length_exceeded(
+                limit, n_prompt, request.max_tokens, request.prompt_param
+            )
 
-    def _embedding(self, request: GenerationRequest) -> EmbedSpec | None:
+    def _embedding(self, request: GenerationRequest, model: LoadedModel) -> EmbedSpec | None:
         from backends.llamacpp.embeddings import EmbedSpec
 
         if request.embed is None:
             return None
-        assert self._model is not None
         return EmbedSpec(
-            pooling=self._model.pooling,
+            pooling=model.pooling,
             dimensions=request.embed.dimensions,
             normalize=self.config.normalize_embeddings,
         )
@@ -180,7 +183,7 @@ class LlamaCppBackend:
             params=request.sampling,
             stop=request.stop,
             deliver=deliver,
-            embed=self._embedding(request),
+            embed=self._embedding(request, model),
         )
         engine.submit(job)
         finished = False

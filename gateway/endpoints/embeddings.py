@@ -4,7 +4,7 @@ base64 of little-endian float32, as OpenAI encodes them)."""
 from __future__ import annotations
 
 import base64
-from array import array
+import struct
 from dataclasses import dataclass
 
 from gateway.endpoints.base import Result, StreamEncoder
@@ -17,10 +17,8 @@ from gateway.wire.responses import dumps
 def encode_vector(vector: tuple[float, ...], encoding: str) -> list[float] | str:
     if encoding == "float":
         return list(vector)
-    packed = array("f", vector)
-    if packed.itemsize != 4:  # pragma: no cover - every platform CPython runs on has it
-        raise EngineError("float32 is not 4 bytes on this platform")
-    return base64.b64encode(packed.tobytes()).decode("ascii")
+    packed = struct.pack(f"<{len(vector)}f", *vector)  # little-endian float32, whatever the host
+    return base64.b64encode(packed).decode("ascii")
 
 
 @dataclass(frozen=True)

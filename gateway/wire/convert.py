@@ -7,6 +7,7 @@ import logging
 from collections import OrderedDict
 from dataclasses import replace
 from functools import cache
+from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -35,6 +36,7 @@ from gateway.wire.requests import (
 )
 
 log = logging.getLogger("gateway.wire")
+W = TypeVar("W", bound=WireModel)
 
 
 class LoggedOnce:
@@ -109,6 +111,16 @@ def _check_extra(wire: WireModel) -> None:
             raise InvalidRequest(f"'{name}' may not be set by a request", param=name)
         if ignored_fields.first_time(name):
             log.info("ignoring unknown request field %r (logged once)", name[:64])
+
+
+def _parse(schema: type[W], body: bytes) -> W:
+    """The body as ``schema`` (a 400 naming the field otherwise); unknown fields checked."""
+    try:
+        wire = schema.model_validate_json(body)
+    except ValidationError as err:
+        raise _validation_error(err) from None
+    _check_extra(wire)
+    return wire
 
 
 def _content(msg: Message, i: int) -> str:
@@ -242,11 +254,7 @@ def _include_usage(wire: SamplingFields) -> bool:
 
 
 def chat_request(body: bytes, request_id: str) -> ClientRequest:
-    try:
-        wire = ChatCompletionRequest.model_validate_json(body)
-    except ValidationError as err:
-        raise _validation_error(err) from None
-    _check_extra(wire)
+    wire = _parse(ChatCompletionRequest, body)
     _check_chat_unsupported(wire)
     both = wire.max_tokens is not None and wire.max_completion_tokens is not None
     if both and wire.max_tokens != wire.max_completion_tokens:
@@ -289,11 +297,7 @@ def _check_completion_unsupported(wire: CompletionRequest) -> None:
 
 
 def completion_request(body: bytes, request_id: str) -> ClientRequest:
-    try:
-        wire = CompletionRequest.model_validate_json(body)
-    except ValidationError as err:
-        raise _validation_error(err) from None
-    _check_extra(wire)
+    wire = _parse(CompletionRequest, body)
     _check_completion_unsupported(wire)
     prompts = _prompts(wire)
     if len(prompts) * wire.n > 128:
@@ -344,11 +348,7 @@ def _embedding_inputs(wire: EmbeddingsRequest) -> list[str | tuple[int, ...]]:
 
 
 def embeddings_request(body: bytes, request_id: str) -> ClientRequest:
-    try:
-        wire = EmbeddingsRequest.model_validate_json(body)
-    except ValidationError as err:
-        raise _validation_error(err) from None
-    _check_extra(wire)
+    wire = _parse(EmbeddingsRequest, body)
     embed = EmbedParams(dimensions=wire.dimensions)
     generations = []
     for i, item in enumerate(_embedding_inputs(wire)):

@@ -14,6 +14,7 @@ import pytest
 
 from gateway.testing import ServerThread, scripted_embedding
 from tests.gateway.helpers import scripted_config
+from tests.support import openai_client
 
 EMBEDS = {"capabilities": ["embeddings"], "embedding_size": 16}
 
@@ -27,7 +28,7 @@ def server() -> Iterator[ServerThread]:
 
 @pytest.fixture
 def client(server: ServerThread) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0) as c:
+    with openai_client(server.base_url) as c:
         yield c
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from gateway.testing import ServerThread
 from tests.gateway.helpers import scripted_config, sse_json
+from tests.support import openai_client
 
 CALLS = [
     {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'},
@@ -34,7 +35,7 @@ def server() -> Iterator[ServerThread]:
 
 @pytest.fixture
 def client(server: ServerThread) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0) as c:
+    with openai_client(server.base_url) as c:
         yield c
 
 

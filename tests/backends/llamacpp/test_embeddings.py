@@ -13,7 +13,8 @@ import pytest
 from openai import OpenAI
 
 from gateway.testing import ServerThread
-from tests.backends.llamacpp.conftest import backend_of, model_table, serve
+from tests.backends.llamacpp.conftest import backend_of, model_table, serve, wait_for_stats
+from tests.support import openai_client, wait_for
 
 EMB = "smol-emb"
 
@@ -28,7 +29,7 @@ def server(smol_path: Path) -> Iterator[ServerThread]:
 
 @pytest.fixture
 def client(server: ServerThread) -> Iterator[OpenAI]:
-    with OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=60) as c:
+    with openai_client(server.base_url) as c:
         yield c
 
 
@@ -146,3 +147,23 @@ def test_langchain_openai_embeddings(server: ServerThread) -> None:
     query = emb.embed_query("first document")
     assert len(docs) == 2 and len(docs[0]) == 576
     assert query == pytest.approx(docs[0], abs=1e-4)
+
+
+def test_a_client_leaving_mid_batch_frees_every_slot(client: OpenAI, server: ServerThread) -> None:
+    """64 inputs of ~200 tokens take seconds on 2 slots; the client gives up after 0.3 s: the
+    queued and running inputs are dropped, the cells freed, and the model serves on."""
+    backend = backend_of(server, "smol")
+    before = backend.stats()
+    body = {"model": "smol", "input": [f"{i} " + "words and more words " * 40 for i in range(64)]}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.base_url + "/v1/embeddings", json=body, timeout=0.3)
+    stats = wait_for_stats(
+        backend.stats, lambda s: s.active_sequences == 0 and s.queued_sequences == 0
+    )
+    assert stats.cancelled > before.cancelled  # dropped, not run to the end
+    # finished embeddings keep no cells; the dropped ones gave theirs back
+    assert stats.kv_cells_used <= before.kv_cells_used
+    adm = server.services.pool.resolve("smol").admission
+    wait_for(lambda: adm.active == 0, what="admission released")
+    r = client.embeddings.create(model="smol", input="still here", encoding_format="float")
+    assert norm(r.data[0].embedding) == pytest.approx(1.0)

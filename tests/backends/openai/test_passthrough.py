@@ -13,6 +13,7 @@ from openai import OpenAI
 
 from gateway.testing import ServerThread, scripted_embedding
 from tests.backends.openai.fleet import fleet, front_config, scripted_upstream
+from tests.support import openai_client
 
 CALL = {"name": "lookup", "arguments": '{"query": "llama.cpp", "limit": 3}'}
 TOOLS = [
@@ -54,7 +55,7 @@ def servers() -> Iterator[tuple[ServerThread, ServerThread]]:
 
 @pytest.fixture
 def client(servers: tuple[ServerThread, ServerThread]) -> Iterator[OpenAI]:
-    with OpenAI(base_url=servers[1].base_url + "/v1", api_key="x", max_retries=0) as c:
+    with openai_client(servers[1].base_url) as c:
         yield c
 
 
