@@ -149,9 +149,7 @@ class LlamaCppBackend:
             if n_prompt > limit:
                 raise context_length_exceeded(limit, n_prompt, None, "input")
         elif n_prompt + (request.max_tokens or 1) > limit:
-            raise context_length_exceeded(
-                limit, n_prompt, request.max_tokens, request.prompt_param
-            )
+            raise context_length_exceeded(limit, n_prompt, request.max_tokens, request.prompt_param)
 
     def _embedding(self, request: GenerationRequest, model: LoadedModel) -> EmbedSpec | None:
         from backends.llamacpp.embeddings import EmbedSpec
