@@ -12,6 +12,7 @@ from typing import Protocol, cast, runtime_checkable
 
 from gateway import registry
 from gateway.config import ModelConfig
+from gateway.output.formats import ChatFormat
 from gateway.types import BackendInfo, Delta, GenerationRequest, TokenizedPrompt
 
 
@@ -63,6 +64,19 @@ class EngineStats:
     cached_prompt_tokens: int = 0
     #: Prompt tokens actually run through the model (not taken from a cached prefix).
     prompt_tokens_processed: int = 0
+
+
+@runtime_checkable
+class HasChatFormat(Protocol):
+    """Optional: an in-process backend whose text the core parses (tool calls, reasoning) and
+    constrains (grammars it applies): its model's chat format, once loaded."""
+
+    @property
+    def chat_format(self) -> ChatFormat | None: ...
+
+
+def chat_format_of(backend: Backend) -> ChatFormat | None:
+    return backend.chat_format if isinstance(backend, HasChatFormat) else None
 
 
 @runtime_checkable

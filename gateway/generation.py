@@ -13,17 +13,35 @@ from typing import assert_never
 
 from gateway.backend import Backend
 from gateway.errors import EngineError, GatewayError, InternalError
+from gateway.output.parser import OutputParser
 from gateway.types import (
     Delta,
     EmbeddingDelta,
     Finish,
     GenerationRequest,
+    ReasoningDelta,
     TextDelta,
     ToolCallDelta,
     Usage,
 )
 
 log = logging.getLogger("gateway.generation")
+
+
+async def generate(backend: Backend, gen: GenerationRequest) -> AsyncGenerator[Delta, None]:
+    """One generation's deltas; text parsed into content, reasoning and tool calls where the
+    core parses this model's output."""
+    plan = gen.output
+    fmt = plan.format if plan is not None else None
+    async with aclosing(backend.stream(gen)) as stream:
+        if plan is None or fmt is None:
+            async for delta in stream:
+                yield delta
+            return
+        parser = OutputParser(fmt, parse_tools=plan.parse_tools)
+        async for delta in stream:
+            for out in parser.feed(delta):
+                yield out
 
 
 async def merge(
@@ -35,7 +53,7 @@ async def merge(
     """
     if len(generations) == 1:
         gen = generations[0]
-        async with aclosing(backend.stream(gen)) as stream:
+        async with aclosing(generate(backend, gen)) as stream:
             async for delta in stream:
                 yield gen.index, delta
         return
@@ -44,7 +62,7 @@ async def merge(
 
     async def pump(gen: GenerationRequest) -> None:
         try:
-            async with aclosing(backend.stream(gen)) as stream:
+            async with aclosing(generate(backend, gen)) as stream:
                 async for delta in stream:
                     queue.put_nowait((gen.index, delta))
         except Exception as err:  # handed to the consumer, which raises it
@@ -84,7 +102,11 @@ class Progress:
 
     def record(self, index: int, delta: Delta) -> None:
         match delta:
-            case TextDelta(tokens=tokens) | ToolCallDelta(tokens=tokens):
+            case (
+                TextDelta(tokens=tokens)
+                | ReasoningDelta(tokens=tokens)
+                | ToolCallDelta(tokens=tokens)
+            ):
                 self._first_output()
                 self.streamed_tokens += tokens
                 if tokens:

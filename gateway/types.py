@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from gateway.output.formats import ChatFormat
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length", "tool_calls"]
@@ -32,6 +35,50 @@ class ChatMessage:
     tool_calls: tuple[ToolCallRef, ...] = ()
     #: A tool message: the call it answers.
     tool_call_id: str | None = None
+    #: An assistant message's reasoning (``reasoning_content`` / ``reasoning``), fed back to
+    #: templates that render it.
+    reasoning: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """A function the model may call. ``parameters`` is its JSON schema as JSON text."""
+
+    name: str
+    description: str = ""
+    parameters: str = '{"type": "object", "properties": {}}'
+    strict: bool = False
+
+
+ToolChoiceMode = Literal["auto", "none", "required", "named"]
+
+
+@dataclass(frozen=True, slots=True)
+class Tools:
+    """A request's tools and how the model must use them (``name`` for a named choice)."""
+
+    specs: tuple[ToolSpec, ...]
+    choice: ToolChoiceMode = "auto"
+    name: str | None = None
+    parallel: bool = True
+
+    @property
+    def offered(self) -> tuple[ToolSpec, ...]:
+        """The tools the model may call under the choice."""
+        if self.choice == "none":
+            return ()
+        if self.choice == "named":
+            return tuple(t for t in self.specs if t.name == self.name)
+        return self.specs
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseFormat:
+    """``response_format`` json_object (``schema`` None) or json_schema (JSON text)."""
+
+    schema: str | None = None
+    name: str = "response"
+    strict: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +129,24 @@ Passthrough = tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True, slots=True)
+class OutputPlan:
+    """How an in-process backend renders and constrains one generation (built by the core
+    from the request and the model's chat format).
+
+    ``grammar`` is a Lark grammar for llguidance (None: unconstrained). ``template_tools`` are
+    the tools as Hugging Face templates expect them (JSON text of the ``tools`` list; None:
+    no tools for the template).
+    """
+
+    grammar: str | None = None
+    template_tools: str | None = None
+    #: Parse tool calls out of the text (off for tool_choice none).
+    parse_tools: bool = False
+    #: The model's chat format the output is parsed with.
+    format: ChatFormat | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationRequest:
     """One sequence to generate (or one input to embed). A client request with ``n`` = k
     becomes k of these; an embeddings request one per input.
@@ -102,6 +167,14 @@ class GenerationRequest:
     passthrough: Passthrough = ()
     #: Set by the core from the backend's ``validate`` before ``stream`` is called.
     tokenized: TokenizedPrompt | None = None
+    tools: Tools | None = None
+    response_format: ResponseFormat | None = None
+    #: Log probabilities of each generated token and this many alternatives (None: none).
+    logprobs: int | None = None
+    reasoning_effort: str | None = None
+    #: Set by the core for a model whose output it parses (:mod:`gateway.output`): what the
+    #: backend must enforce and how the prompt renders the tools.
+    output: OutputPlan | None = None
 
     def __post_init__(self) -> None:
         given = (self.messages, self.prompt, self.prompt_tokens)
@@ -148,6 +221,34 @@ class TextDelta:
 
     text: str
     tokens: int = 1
+    #: One entry per token of this piece, when the request asked for logprobs.
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TopLogprob:
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A generated token's log probability (the model's, before sampling settings and any
+    grammar), with the ``top`` most likely alternatives."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningDelta:
+    """A piece of the model's thinking (never part of the content)."""
+
+    text: str
+    tokens: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +280,7 @@ class Finish:
 
 #: Every kind of delta a backend yields. Each consumer matches them exhaustively
 #: (``match`` + ``assert_never``), so mypy names every place a new kind must be handled.
-Delta = TextDelta | ToolCallDelta | EmbeddingDelta | Finish
+Delta = TextDelta | ReasoningDelta | ToolCallDelta | EmbeddingDelta | Finish
 
 Endpoint = Literal["chat", "completion", "embeddings"]
 

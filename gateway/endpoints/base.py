@@ -14,7 +14,9 @@ from gateway.types import (
     Endpoint,
     Finish,
     FinishReason,
+    ReasoningDelta,
     TextDelta,
+    TokenLogprob,
     ToolCallDelta,
     Usage,
 )
@@ -34,14 +36,19 @@ class ChoiceResult:
     """Everything one choice produced, for a non-streaming body."""
 
     text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     tool_calls: list[ToolCall] = field(default_factory=list)
     embedding: tuple[float, ...] | None = None
     finish: Finish | None = None
 
     def add(self, delta: Delta) -> None:
         match delta:
-            case TextDelta(text=text):
+            case TextDelta(text=text, logprobs=logprobs):
                 self.text.append(text)
+                self.logprobs.extend(logprobs)
+            case ReasoningDelta(text=text):
+                self.reasoning.append(text)
             case ToolCallDelta():
                 self._add_call(delta)
             case EmbeddingDelta(vector=vector):

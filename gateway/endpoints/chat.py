@@ -7,6 +7,7 @@ from typing import assert_never
 
 from gateway.endpoints.base import ChoiceResult, Result
 from gateway.endpoints.chunks import ChunkStream, completion_body, json_string
+from gateway.endpoints.logprobs import chat_logprobs
 from gateway.sse import frame
 from gateway.types import (
     ClientRequest,
@@ -14,6 +15,7 @@ from gateway.types import (
     EmbeddingDelta,
     Endpoint,
     Finish,
+    ReasoningDelta,
     TextDelta,
     ToolCallDelta,
 )
@@ -43,8 +45,18 @@ class ChatStreamEncoder(ChunkStream):
 
     def delta(self, index: int, delta: Delta) -> list[bytes]:
         match delta:
-            case TextDelta(text=text):
+            case TextDelta(text=text, logprobs=()):
                 return [frame(f'{self._prefix(index)}"content":{json_string(text)}{_OPEN}')]
+            case TextDelta(text=text, logprobs=logprobs):
+                tail = f'}},"logprobs":{dumps(chat_logprobs(logprobs))},"finish_reason":null}}]}}'
+                return [frame(f'{self._prefix(index)}"content":{json_string(text)}{tail}')]
+            case ReasoningDelta(text=text):
+                piece = json_string(text)
+                return [
+                    frame(
+                        f'{self._prefix(index)}"reasoning_content":{piece},"reasoning":{piece}{_OPEN}'
+                    )
+                ]
             case ToolCallDelta():
                 call = dumps(_tool_call_piece(delta))
                 return [frame(f'{self._prefix(index)}"tool_calls":[{call}]{_OPEN}')]
@@ -76,6 +88,8 @@ def _message(choice: ChoiceResult) -> dict[str, object]:
         "content": "".join(choice.text) if choice.text or not choice.tool_calls else None,
         "refusal": None,
     }
+    if choice.reasoning:
+        message["reasoning_content"] = message["reasoning"] = "".join(choice.reasoning)
     if choice.tool_calls:
         message["tool_calls"] = [
             {
@@ -110,7 +124,7 @@ class ChatEndpoint:
                 {
                     "index": g.index,
                     "message": _message(choice),
-                    "logprobs": None,
+                    "logprobs": chat_logprobs(choice.logprobs) if g.logprobs is not None else None,
                     "finish_reason": choice.finish_reason,
                 }
             )

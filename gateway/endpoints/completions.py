@@ -7,6 +7,7 @@ from typing import assert_never
 
 from gateway.endpoints.base import Result
 from gateway.endpoints.chunks import ChunkStream, completion_body, json_string
+from gateway.endpoints.logprobs import completion_logprobs
 from gateway.sse import frame
 from gateway.types import (
     ClientRequest,
@@ -15,10 +16,13 @@ from gateway.types import (
     Endpoint,
     Finish,
     GenerationRequest,
+    ReasoningDelta,
     TextDelta,
+    TokenLogprob,
     ToolCallDelta,
 )
 from gateway.wire.convert import completion_request
+from gateway.wire.responses import dumps
 
 _OPEN = ',"logprobs":null,"finish_reason":null}]}'
 
@@ -30,9 +34,19 @@ def _echo(request: ClientRequest, gen: GenerationRequest) -> str:
 class CompletionStreamEncoder(ChunkStream):
     def __init__(self, request: ClientRequest, response_id: str, created: int) -> None:
         super().__init__("text_completion", request, response_id, created)
+        self._offsets = {g.index: len(_echo(request, g)) for g in request.generations}
+        self._top = {g.index: g.logprobs or 0 for g in request.generations}
 
-    def _text(self, index: int, text: str) -> bytes:
-        return frame(f'{self.head.text}[{{"index":{index},"text":{json_string(text)}{_OPEN}')
+    def _text(self, index: int, text: str, logprobs: tuple[TokenLogprob, ...] = ()) -> bytes:
+        offset = self._offsets.get(index, 0)
+        self._offsets[index] = offset + len(text)
+        if not logprobs:
+            return frame(f'{self.head.text}[{{"index":{index},"text":{json_string(text)}{_OPEN}')
+        lp = dumps(completion_logprobs(logprobs, offset, self._top.get(index, 0)))
+        return frame(
+            f'{self.head.text}[{{"index":{index},"text":{json_string(text)},'
+            f'"logprobs":{lp},"finish_reason":null}}]}}'
+        )
 
     def start(self) -> list[bytes]:
         return [
@@ -43,8 +57,10 @@ class CompletionStreamEncoder(ChunkStream):
 
     def delta(self, index: int, delta: Delta) -> list[bytes]:
         match delta:
-            case TextDelta(text=text):
-                return [self._text(index, text)]
+            case TextDelta(text=text, logprobs=logprobs):
+                return [self._text(index, text, logprobs)]
+            case ReasoningDelta():
+                return []  # a raw completion is never parsed: no backend sends one
             case Finish(reason=reason):
                 return [
                     frame(
@@ -76,12 +92,18 @@ class CompletionsEndpoint:
         choices: list[object] = []
         for g in request.generations:
             choice = result.choice(g.index)
-            text = _echo(request, g) + "".join(choice.text)
+            echo = _echo(request, g)
+            text = echo + "".join(choice.text)
+            logprobs = (
+                completion_logprobs(choice.logprobs, len(echo), g.logprobs)
+                if g.logprobs is not None
+                else None
+            )
             choices.append(
                 {
                     "index": g.index,
                     "text": text,
-                    "logprobs": None,
+                    "logprobs": logprobs,
                     "finish_reason": choice.finish_reason,
                 }
             )

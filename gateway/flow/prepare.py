@@ -7,12 +7,13 @@ from dataclasses import dataclass, replace
 
 from starlette.requests import Request
 
-from gateway.backend import Backend
+from gateway.backend import Backend, chat_format_of
 from gateway.disconnect import unless_disconnected
 from gateway.endpoints.base import EndpointSpec
 from gateway.errors import InvalidRequest, ModelUnavailable
 from gateway.flow.lease import Lease
 from gateway.http import read_json_body
+from gateway.output.plan import plan_request
 from gateway.plugins import RequestContext
 from gateway.services import Services
 from gateway.types import BackendInfo, ClientRequest
@@ -78,6 +79,7 @@ async def prepare(
     backend = await unless_disconnected(drain.bounded(entry.acquire()), http.receive)
     try:
         check_capabilities(request.model, backend.info, request)
+        request = await plan_request(request, chat_format_of(backend))
         request = await validate(backend, request)
         sequences = request.sequences(entry.admission.capacity)
         queued = time.perf_counter()

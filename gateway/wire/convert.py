@@ -12,6 +12,7 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 
 from gateway.errors import InvalidRequest, UnsupportedParameter
+from gateway.output.schemas import schema_text
 from gateway.types import (
     Capability,
     ChatMessage,
@@ -21,8 +22,11 @@ from gateway.types import (
     GenerationRequest,
     Passthrough,
     Requirement,
+    ResponseFormat,
     SamplingParams,
     ToolCallRef,
+    Tools,
+    ToolSpec,
 )
 from gateway.wire.requests import (
     FORBIDDEN_FIELDS,
@@ -30,6 +34,7 @@ from gateway.wire.requests import (
     CompletionRequest,
     EmbeddingsRequest,
     Message,
+    NamedToolChoice,
     SamplingFields,
     TextPart,
     WireModel,
@@ -152,12 +157,14 @@ def _tool_calls(msg: Message, i: int) -> tuple[ToolCallRef, ...]:
 
 
 def _message(msg: Message, i: int) -> ChatMessage:
+    reasoning = msg.reasoning_content if msg.reasoning_content is not None else msg.reasoning
     return ChatMessage(
         role=msg.role,
         content=_content(msg, i),
         name=msg.name,
         tool_calls=_tool_calls(msg, i),
         tool_call_id=msg.tool_call_id if msg.role == "tool" else None,
+        reasoning=reasoning if msg.role == "assistant" else None,
     )
 
 
@@ -213,9 +220,8 @@ def _fan_out(base: GenerationRequest, n: int, offset: int) -> list[GenerationReq
 def _check_chat_unsupported(wire: ChatCompletionRequest) -> None:
     if wire.functions:
         raise UnsupportedParameter("'functions' is not supported by this server", param="functions")
-    if wire.logprobs or wire.top_logprobs:
-        param = "logprobs" if wire.logprobs else "top_logprobs"
-        raise UnsupportedParameter(f"'{param}' is not supported by this server yet", param=param)
+    if wire.top_logprobs is not None and not wire.logprobs:
+        raise InvalidRequest("'top_logprobs' requires 'logprobs' to be true", param="top_logprobs")
     if wire.tool_choice is not None and not wire.tools:
         raise InvalidRequest("'tool_choice' is set but 'tools' is not", param="tool_choice")
 
@@ -223,6 +229,7 @@ def _check_chat_unsupported(wire: ChatCompletionRequest) -> None:
 #: Chat fields that need a capability, and the fields passed through with them unchanged to a
 #: backend that has it (a remote replica).
 _TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")
+_LOGPROB_FIELDS = ("logprobs", "top_logprobs")
 
 
 def _chat_features(
@@ -240,9 +247,55 @@ def _chat_features(
     if wire.response_format is not None and wire.response_format.type != "text":
         requires.append(Requirement(Capability.JSON_SCHEMA, "response_format"))
         fields.append("response_format")
-    dump = wire.model_dump(mode="json", include=set(fields), exclude_none=True)
+    if wire.logprobs:
+        requires.append(Requirement(Capability.LOGPROBS, "logprobs"))
+        fields += [f for f in _LOGPROB_FIELDS if getattr(wire, f) is not None]
+    dump = wire.model_dump(mode="json", include=set(fields), exclude_none=True, by_alias=True)
     passthrough = tuple((k, json.dumps(dump[k], ensure_ascii=False)) for k in fields if k in dump)
     return tuple(dict.fromkeys(requires)), passthrough
+
+
+def _tools(wire: ChatCompletionRequest) -> Tools | None:
+    if not wire.tools:
+        return None
+    specs = []
+    for i, tool in enumerate(wire.tools):
+        fn = tool.function
+        param = f"tools[{i}].function.parameters"
+        parameters = schema_text(fn.parameters or _NO_PARAMETERS, param)
+        specs.append(ToolSpec(fn.name, fn.description or "", parameters, bool(fn.strict)))
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise InvalidRequest("tool names must be unique", param="tools")
+    choice = wire.tool_choice
+    parallel = wire.parallel_tool_calls is not False
+    if isinstance(choice, NamedToolChoice):
+        if choice.function.name not in names:
+            raise InvalidRequest(
+                f"tool_choice names {choice.function.name[:64]!r}, which is not in 'tools'",
+                param="tool_choice",
+            )
+        return Tools(tuple(specs), "named", choice.function.name, parallel)
+    return Tools(tuple(specs), choice or "auto", None, parallel)
+
+
+_NO_PARAMETERS: dict[str, object] = {"type": "object", "properties": {}}
+
+
+def _response_format(wire: SamplingFields) -> ResponseFormat | None:
+    fmt = wire.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return ResponseFormat()
+    spec = fmt.json_schema
+    if spec is None or spec.schema_ is None:
+        raise InvalidRequest(
+            "response_format json_schema needs 'json_schema.schema'",
+            param="response_format.json_schema",
+        )
+    schema = schema_text(spec.schema_, "response_format.json_schema.schema")
+    return ResponseFormat(schema, spec.name, bool(spec.strict))
 
 
 def _include_usage(wire: SamplingFields) -> bool:
@@ -270,6 +323,10 @@ def chat_request(body: bytes, request_id: str) -> ClientRequest:
         max_tokens=wire.max_completion_tokens or wire.max_tokens,
         stop=_stop(wire),
         passthrough=passthrough,
+        tools=_tools(wire),
+        response_format=_response_format(wire),
+        logprobs=(wire.top_logprobs or 0) if wire.logprobs else None,
+        reasoning_effort=wire.reasoning_effort,
     )
     request = _client_request("chat", wire, _fan_out(base, wire.n, 0))
     return replace(request, requires=requires)
@@ -288,10 +345,6 @@ def _prompts(wire: CompletionRequest) -> list[str]:
 def _check_completion_unsupported(wire: CompletionRequest) -> None:
     if wire.suffix:
         raise UnsupportedParameter("'suffix' is not supported by this server", param="suffix")
-    if wire.logprobs is not None:
-        raise UnsupportedParameter(
-            "'logprobs' is not supported by this server yet", param="logprobs"
-        )
     if wire.best_of is not None and wire.best_of != wire.n:
         raise UnsupportedParameter("'best_of' other than n is not supported", param="best_of")
 
@@ -310,9 +363,17 @@ def completion_request(body: bytes, request_id: str) -> ClientRequest:
             sampling=_sampling(wire),
             max_tokens=wire.max_tokens or 16,
             stop=_stop(wire),
+            response_format=_response_format(wire),
+            logprobs=wire.logprobs,
         )
         generations.extend(_fan_out(base, wire.n, p * wire.n))
-    return _client_request("completion", wire, generations, echo=wire.echo)
+    request = _client_request("completion", wire, generations, echo=wire.echo)
+    requires = list(request.requires)
+    if wire.response_format is not None and wire.response_format.type != "text":
+        requires.append(Requirement(Capability.JSON_SCHEMA, "response_format"))
+    if wire.logprobs is not None:
+        requires.append(Requirement(Capability.LOGPROBS, "logprobs"))
+    return replace(request, requires=tuple(requires))
 
 
 _GENERATES = (Requirement(Capability.COMPLETIONS, "model"),)

@@ -51,15 +51,51 @@ class Message(WireModel):
     name: StrictStr | None = None
     tool_calls: list[MessageToolCall] | None = None
     tool_call_id: StrictStr | None = None
+    #: An assistant's earlier reasoning, under vLLM's new name and the older one.
+    reasoning: StrictStr | None = None
+    reasoning_content: StrictStr | None = None
 
 
 class StreamOptions(WireModel):
     include_usage: StrictBool = False
 
 
+ToolName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+
+
+class FunctionDefinition(WireModel):
+    name: ToolName
+    description: StrictStr | None = None
+    parameters: dict[str, object] | None = None
+    strict: StrictBool | None = None
+
+
+class FunctionTool(WireModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(WireModel):
+    name: StrictStr
+
+
+class NamedToolChoice(WireModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(WireModel):
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True, populate_by_name=True)
+
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")] = "response"
+    description: StrictStr | None = None
+    schema_: dict[str, object] | None = Field(default=None, alias="schema")
+    strict: StrictBool | None = None
+
+
 class ResponseFormat(WireModel):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, object] | None = None
+    json_schema: JsonSchemaFormat | None = None
 
 
 class SamplingFields(WireModel):
@@ -82,18 +118,19 @@ class SamplingFields(WireModel):
     top_k: Annotated[int, Field(ge=-1)] | None = None
     min_p: Probability | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0, le=2.0, allow_inf_nan=False)] | None = None
+    response_format: ResponseFormat | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: MaxTokens = None
     logprobs: StrictBool | None = None
-    top_logprobs: StrictInt | None = None
-    tools: list[dict[str, object]] | None = None
-    tool_choice: StrictStr | dict[str, object] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    tools: Annotated[list[FunctionTool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool | None = None
     functions: list[dict[str, object]] | None = None
-    response_format: ResponseFormat | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -105,7 +142,7 @@ class CompletionRequest(SamplingFields):
     )
     echo: StrictBool = False
     suffix: StrictStr | None = None
-    logprobs: StrictInt | None = None
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
 
 

@@ -43,11 +43,11 @@ CHAT_CASES: list[tuple[dict[str, Any], str | None]] = [
     ({"model": "m", "messages": MSG, "base_url": "http://evil"}, "base_url"),
     ({"model": "m", "messages": MSG, "api_base": "http://evil"}, "api_base"),
     ({"model": "m", "messages": MSG, "chat_template": "{{ x }}"}, "chat_template"),
-    ({"model": "m", "messages": MSG, "tools": [{"type": "function"}]}, "tools"),
+    ({"model": "m", "messages": MSG, "tools": [{"type": "function"}]}, "tools[0].function"),
     ({"model": "m", "messages": MSG, "logprobs": True}, "logprobs"),
     (
         {"model": "m", "messages": MSG, "response_format": {"type": "json_schema"}},
-        "response_format",
+        "response_format.json_schema",
     ),
     (
         {

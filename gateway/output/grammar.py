@@ -1,0 +1,136 @@
+"""Grammars (llguidance's Lark) for what a request forces: a JSON schema for the content, tool
+calls in the model's own format with each tool's parameters schema, or both.
+
+Backends only apply the grammar they are handed (:attr:`OutputPlan.grammar`). The text around
+a call (``<tool_call>{"name": "f", "arguments": `` ... ``}</tool_call>``) is literal, the
+arguments are ``%json{schema}`` with the tool's schema as given (its ``$ref``s intact).
+Markers that are single control tokens of the model are named as tokens (``<[id]>``): they
+never match text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from gateway.output.formats import ChatFormat, ToolFormat
+from gateway.types import ResponseFormat, Tools, ToolSpec
+
+#: How many calls one answer may make when parallel calls are allowed.
+MAX_PARALLEL_CALLS = 8
+#: JSON written the way models write it (and never endless white space).
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+OBJECT_SCHEMA = '{"type": "object"}'
+
+
+def json_rule(schema: str) -> str:
+    """``%json{...}`` for a schema's JSON text, written in the house JSON style."""
+    doc = json.loads(schema)
+    if isinstance(doc, dict) and "x-guidance" not in doc:
+        doc = {**doc, "x-guidance": JSON_STYLE}
+    return "%json" + json.dumps(doc, ensure_ascii=False)
+
+
+class GrammarBuilder:
+    def __init__(self, fmt: ChatFormat) -> None:
+        self.fmt = fmt
+        self.rules: list[str] = []
+
+    def lit(self, text: str) -> str:
+        """A marker as a token (a control token of the model) or as literal text."""
+        token = self.fmt.special.get(text)
+        return f"<[{token}]>" if token is not None else json.dumps(text, ensure_ascii=False)
+
+    def until(self, marker: str) -> str:
+        """Any text up to and including the first ``marker``."""
+        token = self.fmt.special.get(marker)
+        if token is not None:
+            return f"ANY <[{token}]>"  # text never holds a control token
+        name = f"upto{len(self.rules)}"
+        regex = re.escape(marker).replace("/", "\\/")
+        self.rules.append(f"{name}[lazy]: /(?s:.*){regex}/")
+        return name
+
+    def free_text(self, marker: str) -> str:
+        """Any text that never holds ``marker``."""
+        if marker in self.fmt.special:
+            return "ANY"
+        regex = re.escape(marker).replace("/", "\\/")
+        name = f"TEXT{len(self.rules)}"
+        self.rules.append(f"{name}: /(?s:.*)/ & ~/(?s:.*){regex}(?s:.*)/")
+        return name
+
+    def reasoning(self) -> str:
+        """An optional reasoning part before the answer."""
+        r = self.fmt.reasoning
+        if r is None:
+            return ""
+        self.rules.append(f"think: {self.lit(r.start)} {self.until(r.end)} WS?")
+        return "think? "
+
+    def build(self, start: str) -> str:
+        head = f"start: {self.reasoning()}{start}"
+        base = ["ANY: /(?s:.*)/", "WS: /[ \\t\\r\\n]+/"]
+        return "\n".join([head, *self.rules, *base]) + "\n"
+
+
+def _call(b: GrammarBuilder, fmt: ToolFormat, tool: ToolSpec) -> str:
+    args = json_rule(tool.parameters)
+    if fmt.name == "mistral_args":
+        return f"{b.lit(fmt.start)} {json.dumps(tool.name + '[ARGS]')} {args}"
+    head = json.dumps(f'{{"name": {json.dumps(tool.name)}, "{fmt.arguments_key}": ')
+    return f'{head} {args} "}}"'
+
+
+def _repeat(expr: str, times: int) -> str:
+    return f" {expr}{{0,{times}}}" if times > 0 else ""
+
+
+def _calls(b: GrammarBuilder, tools: Tools, *, started: bool) -> str:
+    """The calls; ``started``: the first call's opening marker is already written."""
+    fmt = b.fmt.tools
+    b.rules.append("call: " + " | ".join(_call(b, fmt, t) for t in tools.offered))
+    more = (MAX_PARALLEL_CALLS if tools.parallel else 1) - 1
+    if fmt.name in ("hermes", "generic"):
+        close = b.lit(fmt.call_close)
+        b.rules.append(f"block: {b.lit(fmt.call_open)} WS? call WS? {close}")
+        first = f"WS? call WS? {close}" if started else "block"
+        return first + _repeat("(WS? block)", more)
+    if fmt.name == "llama3":
+        return "call" + _repeat('(";" WS? call)', more)
+    if fmt.name == "mistral":
+        opener = "" if started else f"{b.lit(fmt.start)} "
+        rest = _repeat('("," WS? call)', more)
+        return f'{opener}"[" call{rest} "]"'
+    # mistral_args: every call carries its own marker
+    if not started:
+        return "call" + _repeat("(WS? call)", more)
+    b.rules.append(
+        "first: "
+        + " | ".join(
+            f"{json.dumps(t.name + '[ARGS]')} {json_rule(t.parameters)}" for t in tools.offered
+        )
+    )
+    return "first" + _repeat("(WS? call)", more)
+
+
+def grammar_for(
+    fmt: ChatFormat, tools: Tools | None, response_format: ResponseFormat | None
+) -> str | None:
+    """The Lark grammar a generation must follow (None: free text)."""
+    b = GrammarBuilder(fmt)
+    content = None
+    if response_format is not None:
+        content = json_rule(response_format.schema or OBJECT_SCHEMA)
+    if tools is None or not tools.offered:
+        return b.build(content) if content is not None else None
+    start = fmt.tools.start
+    if tools.choice in ("required", "named"):
+        return b.build(_calls(b, tools, started=False))
+    # auto: free text (or the content's schema), or calls once the model starts one
+    if fmt.tools.name == "llama3":  # bare JSON or after <|python_tag|>
+        return b.build(f"{content or 'ANY'} | {b.lit(start)}? {_calls(b, tools, started=False)}")
+    after = _calls(b, tools, started=True)
+    if content is not None:
+        return b.build(f"{content} | {b.lit(start)} {after}")
+    return b.build(f"{b.free_text(start)} | {b.until(start)} {after}")

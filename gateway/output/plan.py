@@ -1,0 +1,126 @@
+"""From a request and the model's chat format to what the backend renders and enforces.
+
+For a model whose template knows tools, the tools go to the template (``tools=``); for one
+that does not (``generic``), they are described in the system prompt, earlier calls are
+written back as the model would write them, and tool results become user turns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from dataclasses import replace
+
+from gateway.output.formats import ChatFormat
+from gateway.output.grammar import grammar_for
+from gateway.output.schemas import check_schema
+from gateway.types import ChatMessage, ClientRequest, GenerationRequest, OutputPlan, ToolSpec
+
+
+def template_tools(tools: Sequence[ToolSpec]) -> str:
+    """The tools as Hugging Face chat templates take them (JSON text)."""
+    return json.dumps([_tool_dict(t) for t in tools], ensure_ascii=False)
+
+
+def _tool_dict(tool: ToolSpec) -> dict[str, object]:
+    function: dict[str, object] = {"name": tool.name, "parameters": json.loads(tool.parameters)}
+    if tool.description:
+        function["description"] = tool.description
+    return {"type": "function", "function": function}
+
+
+def check_schemas(request: GenerationRequest) -> None:
+    """Every schema of the request compiles (run in a worker thread: up to ~50 ms each)."""
+    if request.tools is not None:
+        for i, tool in enumerate(request.tools.specs):
+            check_schema(tool.parameters, f"tools[{i}].function.parameters")
+    fmt = request.response_format
+    if fmt is not None and fmt.schema is not None:
+        check_schema(fmt.schema, "response_format.json_schema.schema")
+
+
+def plan_output(request: GenerationRequest, fmt: ChatFormat) -> GenerationRequest:
+    tools = request.tools
+    offered = tools.offered if tools is not None else ()
+    messages = request.messages
+    if messages is not None and not fmt.tools.native:
+        messages = generic_messages(messages, offered)
+    needed = offered or request.response_format is not None or fmt.reasoning is not None
+    if not needed and messages == request.messages:
+        return request
+    plan = OutputPlan(
+        grammar=grammar_for(fmt, tools, request.response_format),
+        template_tools=template_tools(offered) if offered and fmt.tools.native else None,
+        parse_tools=bool(offered),
+        format=fmt,
+    )
+    return replace(request, messages=messages, output=plan)
+
+
+GENERIC_INSTRUCTIONS = (
+    "You can call functions. These are the functions, as JSON schemas:\n{tools}\n"
+    "To call a function, answer with nothing but "
+    '<tool_call>{{"name": "<function name>", "arguments": <arguments as a JSON object>}}'
+    "</tool_call>"
+)
+
+
+def call_text(name: str, arguments: str) -> str:
+    return (
+        f'<tool_call>{{"name": {json.dumps(name)}, "arguments": {arguments or "{}"}}}</tool_call>'
+    )
+
+
+def generic_messages(
+    messages: Sequence[ChatMessage], tools: Sequence[ToolSpec]
+) -> tuple[ChatMessage, ...]:
+    """The conversation for a template that knows no tools."""
+    out: list[ChatMessage] = []
+    for m in messages:
+        if m.tool_calls:
+            calls = "".join(call_text(c.name, c.arguments) for c in m.tool_calls)
+            out.append(replace(m, content=m.content + calls, tool_calls=()))
+        elif m.role == "tool":
+            result = f"<tool_response>\n{m.content}\n</tool_response>"
+            if out and out[-1].role == "user" and out[-1].content.endswith("</tool_response>"):
+                out[-1] = replace(out[-1], content=out[-1].content + "\n" + result)
+            else:
+                out.append(ChatMessage("user", result))
+        else:
+            out.append(m)
+    if tools:
+        described = "\n".join(json.dumps(_tool_dict(t)["function"]) for t in tools)
+        instructions = GENERIC_INSTRUCTIONS.format(tools=described)
+        if out and out[0].role in ("system", "developer"):
+            out[0] = replace(out[0], content=f"{out[0].content}\n\n{instructions}")
+        else:
+            out.insert(0, ChatMessage("system", instructions))
+    return tuple(out)
+
+
+def _needs_schema_check(request: GenerationRequest) -> bool:
+    fmt = request.response_format
+    return request.tools is not None or (fmt is not None and fmt.schema is not None)
+
+
+async def plan_request(request: ClientRequest, fmt: ChatFormat | None) -> ClientRequest:
+    """Each generation's :class:`OutputPlan` for a backend that parses nothing itself (one
+    with a chat format); requests for other backends pass unchanged."""
+    if fmt is None or request.endpoint == "embeddings" or not request.generations:
+        return request
+    first = request.generations[0]
+    if _needs_schema_check(first):  # the generations share their tools and formats
+        await asyncio.to_thread(check_schemas, first)
+    if request.endpoint == "chat":
+        gens = tuple(plan_output(g, fmt) for g in request.generations)
+    else:  # a raw completion: constrained if asked, never parsed
+        gens = tuple(_completion_plan(g, fmt) for g in request.generations)
+    return replace(request, generations=gens)
+
+
+def _completion_plan(request: GenerationRequest, fmt: ChatFormat) -> GenerationRequest:
+    if request.response_format is None:
+        return request
+    grammar = grammar_for(replace(fmt, reasoning=None), None, request.response_format)
+    return replace(request, output=OutputPlan(grammar=grammar))
