@@ -66,6 +66,7 @@ class CallObject:
         self.saw_arguments = False
         self._whole = _Value("", "container") if self.args_only else None
         self._opened = False
+        self._key_name = ""
 
     @property
     def done(self) -> bool:
@@ -104,6 +105,7 @@ class CallObject:
             return
         if self._key is not None:
             if self._key.feed(c):
+                self._key_name = self._key_text()
                 self.phase = "colon"
             return
         if c in _WS:
@@ -120,7 +122,7 @@ class CallObject:
             self.phase = "done"
 
     def _start_value(self, c: str) -> None:
-        key = self._key_text()
+        key = self._key_name
         kind: Literal["string", "container", "primitive"] = (
             "string" if c == '"' else "container" if c in "{[" else "primitive"
         )

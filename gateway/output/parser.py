@@ -173,11 +173,15 @@ class OutputParser:
         self._think(buf[: len(buf) - keep])
         self._buf = buf[len(buf) - keep :]
 
+    def _feed_call(self) -> None:
+        assert self._call is not None
+        used = self._call.feed(self._buf)
+        self._buf = self._buf[used:]
+        self._call_progress()
+
     def _calls_text(self, final: bool) -> None:
         if self._call is not None:
-            used = self._call.feed(self._buf)
-            self._buf = self._buf[used:]
-            self._call_progress()
+            self._feed_call()
             return
         buf = self._buf.lstrip()
         if buf != self._buf:
@@ -189,6 +193,7 @@ class OutputParser:
                 return
         if buf.startswith("{"):
             self._call = CallObject(self._keys)
+            self._feed_call()
             return
         if self.tools.name == "mistral_args":
             match = _NAME_ARGS.match(buf)
@@ -196,6 +201,8 @@ class OutputParser:
                 self._buf = buf[match.end() :].lstrip()
                 self._call = CallObject(self._keys, name=match.group(1))
                 self._call_progress()
+                if self._buf:
+                    self._feed_call()
                 return
             if not final and _NAME_ARGS_PREFIX.fullmatch(buf):
                 return

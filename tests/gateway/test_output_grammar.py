@@ -1,0 +1,160 @@
+"""The grammars a request forces, checked with llguidance over a byte-level vocabulary: what a
+model may write under each tool choice and format, and what it may not."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import llguidance
+import pytest
+
+from gateway.output.formats import FORMATS, ChatFormat, Reasoning
+from gateway.output.grammar import grammar_for
+from gateway.types import ResponseFormat, Tools, ToolSpec
+
+
+class _Bytes:
+    """One token per byte, plus EOS (256)."""
+
+    eos_token_id = 256
+    bos_token_id = None
+    tokens = [bytes([i]) for i in range(256)] + [b"\xff<eos>"]
+
+    def __call__(self, text: Any) -> list[int]:
+        data = text if isinstance(text, bytes) else text.encode()
+        return list(data)
+
+
+TOKENIZER = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Bytes()))
+WEATHER = ToolSpec(
+    "get_weather",
+    parameters=json.dumps(
+        {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    ),
+)
+ADD = ToolSpec(
+    "add",
+    parameters=json.dumps(
+        {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    ),
+)
+BOTH = (WEATHER, ADD)
+CALL_W = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+CALL_A = '<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>'
+
+
+def accepts(grammar: str | None, text: str) -> bool:
+    assert grammar is not None
+    compiled = llguidance.LLMatcher.grammar_from_lark(grammar)
+    assert not llguidance.LLMatcher.validate_grammar(compiled, TOKENIZER), grammar
+    matcher = llguidance.LLMatcher(TOKENIZER, compiled, log_level=0)
+    tokens = TOKENIZER.tokenize_str(text)
+    return matcher.try_consume_tokens(tokens) == len(tokens) and matcher.is_accepting()
+
+
+HERMES_CASES = [
+    (Tools(BOTH, "required"), None, CALL_W, True),
+    (Tools(BOTH, "required"), None, CALL_W + CALL_A, True),
+    (Tools(BOTH, "required"), None, "I will not call.", False),
+    (
+        Tools(BOTH, "required"),
+        None,
+        '<tool_call>{"name": "nope", "arguments": {}}</tool_call>',
+        False,
+    ),
+    (
+        Tools(BOTH, "required"),
+        None,
+        '<tool_call>{"name": "add", "arguments": {"a": "x"}}</tool_call>',
+        False,
+    ),
+    (Tools(BOTH, "required", parallel=False), None, CALL_W, True),
+    (Tools(BOTH, "required", parallel=False), None, CALL_W + CALL_A, False),
+    (Tools(BOTH, "named", "add"), None, CALL_A, True),
+    (Tools(BOTH, "named", "add"), None, CALL_W, False),
+    (Tools(BOTH, "auto"), None, "Plain words.", True),
+    (Tools(BOTH, "auto"), None, "First " + CALL_W, True),
+    (
+        Tools(BOTH, "auto"),
+        None,
+        'Hi <tool_call>{"name": "zzz", "arguments": {}}</tool_call>',
+        False,
+    ),
+    (Tools(BOTH, "auto"), ResponseFormat(), '{"x": 1}', True),
+    (Tools(BOTH, "auto"), ResponseFormat(), CALL_A, True),
+    (Tools(BOTH, "auto"), ResponseFormat(), "words", False),
+    (Tools(BOTH, "none"), None, CALL_A, True),  # nothing forced: free text
+]
+
+
+@pytest.mark.parametrize("name", ["hermes", "generic"])
+@pytest.mark.parametrize(("tools", "rf", "text", "ok"), HERMES_CASES)
+def test_hermes_style(
+    name: str, tools: Tools, rf: ResponseFormat | None, text: str, ok: bool
+) -> None:
+    grammar = grammar_for(ChatFormat(FORMATS[name]), tools, rf)  # type: ignore[index]
+    if grammar is None:
+        assert ok and tools.choice == "none"
+        return
+    assert accepts(grammar, text) is ok
+
+
+OTHER_CASES = [
+    ("llama3", "required", '{"name": "add", "parameters": {"a": 1}}', True),
+    (
+        "llama3",
+        "required",
+        '{"name": "add", "parameters": {"a": 1}}; {"name": "add", "parameters": {"a": 2}}',
+        True,
+    ),
+    ("llama3", "required", '{"name": "add", "arguments": {"a": 1}}', False),
+    ("llama3", "auto", "Just text.", True),
+    ("llama3", "auto", '<|python_tag|>{"name": "add", "parameters": {"a": 1}}', True),
+    (
+        "mistral",
+        "required",
+        '[TOOL_CALLS][{"name": "add", "arguments": {"a": 1}}, {"name": "add", "arguments": {"a": 2}}]',
+        True,
+    ),
+    ("mistral", "auto", "Just text.", True),
+    ("mistral", "auto", '[TOOL_CALLS][{"name": "add", "arguments": {"a": 1}}]', True),
+    ("mistral", "auto", '[TOOL_CALLS][{"name": "ad"}]', False),
+    ("mistral_args", "required", '[TOOL_CALLS]add[ARGS]{"a": 1}', True),
+    (
+        "mistral_args",
+        "required",
+        '[TOOL_CALLS]add[ARGS]{"a": 1}[TOOL_CALLS]get_weather[ARGS]{"city": "P"}',
+        True,
+    ),
+    ("mistral_args", "auto", 'Sure. [TOOL_CALLS]add[ARGS]{"a": 1}', True),
+    ("mistral_args", "auto", '[TOOL_CALLS]add[ARGS]{"a": "q"}', False),
+]
+
+
+@pytest.mark.parametrize(("name", "choice", "text", "ok"), OTHER_CASES)
+def test_other_formats(name: str, choice: str, text: str, ok: bool) -> None:
+    tools = Tools(BOTH, choice)  # type: ignore[arg-type]
+    assert accepts(grammar_for(ChatFormat(FORMATS[name]), tools, None), text) is ok  # type: ignore[index]
+
+
+SCHEMA = ResponseFormat(
+    json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]})
+)
+
+
+def test_response_format_and_reasoning() -> None:
+    plain = grammar_for(ChatFormat(FORMATS["generic"]), None, SCHEMA)
+    assert accepts(plain, '{"a": 1}') and not accepts(plain, '{"a": "x"}')
+    assert grammar_for(ChatFormat(FORMATS["generic"]), None, None) is None
+    thinking = grammar_for(ChatFormat(FORMATS["hermes"], Reasoning()), None, SCHEMA)
+    assert accepts(thinking, '<think>maybe {"a": "x"}</think>\n{"a": 1}')
+    assert accepts(thinking, '{"a": 2}')
+    assert not accepts(thinking, '<think>no end {"a": 1}')
+
+
+def test_control_token_markers_are_named_as_tokens() -> None:
+    fmt = ChatFormat(FORMATS["hermes"], special={"<tool_call>": 7, "</tool_call>": 8})
+    grammar = grammar_for(fmt, Tools(BOTH, "required"), None)
+    assert grammar is not None and "<[7]>" in grammar and "<[8]>" in grammar
+    assert "<tool_call>" not in grammar
