@@ -32,6 +32,7 @@ from gateway.types import (
     EmbeddingDelta,
     Finish,
     GenerationRequest,
+    ReasoningDelta,
     TextDelta,
     TokenizedPrompt,
     ToolCallDelta,
@@ -248,7 +249,11 @@ class OpenAIBackend:
         match delta:
             case Finish(usage=usage):
                 self.cached_prompt_tokens += usage.cached_tokens
-            case TextDelta(tokens=tokens) | ToolCallDelta(tokens=tokens):
+            case (
+                TextDelta(tokens=tokens)
+                | ReasoningDelta(tokens=tokens)
+                | ToolCallDelta(tokens=tokens)
+            ):
                 self.tokens_generated += tokens
             case EmbeddingDelta():
                 pass

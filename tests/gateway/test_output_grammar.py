@@ -114,7 +114,8 @@ OTHER_CASES = [
     (
         "mistral",
         "required",
-        '[TOOL_CALLS][{"name": "add", "arguments": {"a": 1}}, {"name": "add", "arguments": {"a": 2}}]',
+        '[TOOL_CALLS][{"name": "add", "arguments": {"a": 1}}, '
+        '{"name": "add", "arguments": {"a": 2}}]',
         True,
     ),
     ("mistral", "auto", "Just text.", True),
