@@ -110,7 +110,8 @@ def test_calls_reassemble_in_the_sdk_and_langchain(name: ToolFormatName, how: st
     firsts = [d for d in deltas if isinstance(d, ToolCallDelta) and d.id is not None]
     assert [d.name for d in firsts] == ["get_weather", "add"]
     assert [d.call for d in firsts] == [0, 1]
-    assert len({d.id for d in firsts}) == 2 and all((d.id or "").startswith("call_") for d in firsts)
+    ids = [d.id or "" for d in firsts]
+    assert len(set(ids)) == 2 and all(i.startswith("call_") for i in ids)
 
     state = ChatCompletionStreamState()
     for chunk in sse_chunks(deltas):
