@@ -178,9 +178,18 @@ class ChatTemplate:
         except JinjaTemplateError as err:
             raise ValueError(f"invalid chat template: {err}") from err
 
-    def render(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> str:
-        """The prompt text, or :class:`ChatTemplateError` / :class:`UnsafeTemplate`."""
-        return self._render([_as_dict(m, m.content) for m in messages], add_generation_prompt)
+    def render(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        add_generation_prompt: bool = True,
+        tools: str | None = None,
+    ) -> str:
+        """The prompt text, or :class:`ChatTemplateError` / :class:`UnsafeTemplate`.
+        ``tools``: the JSON text of the ``tools`` list templates take."""
+        return self._render(
+            [_as_dict(m, m.content) for m in messages], add_generation_prompt, _tools(tools)
+        )
 
     def render_segments(
         self,
@@ -188,6 +197,7 @@ class ChatTemplate:
         *,
         add_generation_prompt: bool = True,
         content_is_safe: Callable[[str], bool] = lambda _: False,
+        tools: str | None = None,
     ) -> list[Segment]:
         """The prompt as template text and message content, in order.
 
@@ -198,7 +208,8 @@ class ChatTemplate:
         prompt is returned as one template segment if every content is safe by
         ``content_is_safe`` (e.g. holds no control-token text), and a 400 is raised if not.
         """
-        real = self.render(messages, add_generation_prompt=add_generation_prompt)
+        _check_tool_texts(messages, tools, content_is_safe)
+        real = self.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
         nonce = secrets.token_hex(6)
         markers = {f"\ue000{nonce}:{i}\ue001": i for i, m in enumerate(messages) if m.content}
         marked = self._render(
@@ -207,6 +218,7 @@ class ChatTemplate:
                 for i, m in enumerate(messages)
             ],
             add_generation_prompt,
+            _tools(tools),
         )
         pieces = _MARKER.split(marked)  # a marker without this nonce stays text
         for transform in (_identity, str.strip):
@@ -226,11 +238,16 @@ class ChatTemplate:
             "a message cannot be kept as plain text; remove it from the messages"
         )
 
-    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    def _render(
+        self,
+        messages: list[dict[str, object]],
+        add_generation_prompt: bool,
+        tools: list[object] | None = None,
+    ) -> str:
         budget = _Budget(time.monotonic() + self.timeout_s, self.max_output_chars, self.timeout_s)
         token = _budget.set(budget)
         try:
-            return "".join(self._chunks(budget, messages, add_generation_prompt))
+            return "".join(self._chunks(budget, messages, add_generation_prompt, tools))
         except SecurityError as err:
             raise UnsafeTemplate(f"the chat template tried an unsafe operation: {err}") from err
         except JinjaTemplateError as err:
@@ -243,7 +260,11 @@ class ChatTemplate:
             _budget.reset(token)
 
     def _chunks(
-        self, budget: _Budget, messages: list[dict[str, str]], add_generation_prompt: bool
+        self,
+        budget: _Budget,
+        messages: list[dict[str, object]],
+        add_generation_prompt: bool,
+        tools: list[object] | None,
     ) -> Iterator[str]:
         size = 0
         for chunk in self._template.generate(
@@ -251,7 +272,7 @@ class ChatTemplate:
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token,
             eos_token=self.eos_token,
-            tools=None,
+            tools=tools,
         ):
             size += len(chunk)
             if size > budget.max_chars:
@@ -266,8 +287,52 @@ def _identity(text: str) -> str:
     return text
 
 
-def _as_dict(message: ChatMessage, content: str) -> dict[str, str]:
-    out = {"role": message.role, "content": content}
+def _tools(tools: str | None) -> list[object] | None:
+    if tools is None:
+        return None
+    parsed = json.loads(tools)
+    return parsed if isinstance(parsed, list) else None
+
+
+def _arguments(text: str) -> object:
+    """A call's arguments as templates expect them: the parsed object (text if not JSON)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _check_tool_texts(
+    messages: Sequence[ChatMessage], tools: str | None, is_safe: Callable[[str], bool]
+) -> None:
+    """Tool definitions and earlier calls render as template text: none may hold control-token
+    text (it would become a control token)."""
+    texts = [tools or ""]
+    for m in messages:
+        texts += [t for c in m.tool_calls for t in (c.name, c.arguments, c.id)]
+        texts += [m.tool_call_id or "", m.reasoning or ""]
+    if not all(is_safe(t) for t in texts if t):
+        raise ChatTemplateError(
+            "tool definitions, tool calls and reasoning may not contain this model's "
+            "control-token text"
+        )
+
+
+def _as_dict(message: ChatMessage, content: str) -> dict[str, object]:
+    out: dict[str, object] = {"role": message.role, "content": content}
     if message.name is not None:
         out["name"] = message.name
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.name, "arguments": _arguments(c.arguments)},
+            }
+            for c in message.tool_calls
+        ]
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    if message.reasoning is not None:
+        out["reasoning_content"] = message.reasoning
     return out

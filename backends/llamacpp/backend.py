@@ -14,11 +14,12 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from backends.llamacpp.config import LlamaCppConfig
 from gateway.backend import EngineStats
 from gateway.errors import InvalidRequest, ModelUnavailable, context_length_exceeded
+from gateway.output.formats import ChatFormat
 from gateway.types import (
     BackendInfo,
     BatchingKind,
@@ -37,10 +38,26 @@ if TYPE_CHECKING:
 log = logging.getLogger("backends.llamacpp")
 
 
+def _matcher(model: LoadedModel, request: GenerationRequest) -> Any:
+    """A fresh llguidance matcher for the request's grammar (a 400 if it cannot compile)."""
+    assert request.output is not None and request.output.grammar is not None
+    param = "response_format" if request.response_format is not None else "tools"
+    return model.grammars.matcher(request.output.grammar, param)
+
+
 def capabilities(config: LlamaCppConfig) -> frozenset[Capability]:
     if config.embeddings:
         return frozenset({Capability.EMBEDDINGS})
-    return frozenset({Capability.STREAMING, Capability.COMPLETIONS, Capability.EMBEDDINGS})
+    return frozenset(
+        {
+            Capability.STREAMING,
+            Capability.COMPLETIONS,
+            Capability.EMBEDDINGS,
+            Capability.TOOLS,
+            Capability.JSON_SCHEMA,
+            Capability.LOGPROBS,
+        }
+    )
 
 
 class LlamaCppBackend:
@@ -64,6 +81,11 @@ class LlamaCppBackend:
     @property
     def info(self) -> BackendInfo:
         return self._info
+
+    @property
+    def chat_format(self) -> ChatFormat | None:
+        """The loaded model's chat format: the core parses and constrains its output."""
+        return self._model.chat_format if self._model is not None else None
 
     async def start(self) -> None:
         from backends.llamacpp.engine import Engine
@@ -118,6 +140,8 @@ class LlamaCppBackend:
         self._check_params(request, model)
         tokens = await asyncio.to_thread(model.prompt_builder.tokens, request)
         self._check_length(request, len(tokens), model.n_ctx_slot)
+        if request.output is not None and request.output.grammar is not None:
+            await asyncio.to_thread(_matcher, model, request)  # compiled (and cached) now
         return TokenizedPrompt.of(tokens)
 
     async def _tokens(self, request: GenerationRequest, model: LoadedModel) -> list[int]:
@@ -174,6 +198,9 @@ class LlamaCppBackend:
             loop.call_soon_threadsafe(queue.put_nowait, items)
 
         limit = model.n_ctx_slot - len(prompt)
+        matcher = None
+        if request.output is not None and request.output.grammar is not None:
+            matcher = await asyncio.to_thread(_matcher, model, request)
         job = Job(
             request_id=request.request_id,
             prompt=prompt,
@@ -182,6 +209,8 @@ class LlamaCppBackend:
             stop=request.stop,
             deliver=deliver,
             embed=self._embedding(request, model),
+            matcher=matcher,
+            logprobs=request.logprobs,
         )
         engine.submit(job)
         finished = False

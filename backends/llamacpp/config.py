@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from gateway.config import BatchingConfig, FilePath, KVCacheConfig, ModelConfig
+from gateway.output.formats import ToolFormatName
 
 KVType = Literal["f16", "q8_0", "q4_0"]
 
@@ -74,6 +75,8 @@ class LlamaCppConfig(ModelConfig):
     model_path: FilePath
     #: A Jinja chat template file overriding the GGUF's ``tokenizer.chat_template``.
     chat_template_file: FilePath | None = None
+    #: How the model writes tool calls (default: detected from the chat template).
+    tool_format: ToolFormatName | None = None
     #: Limits for rendering the chat template.
     template_render_timeout_s: float = Field(1.0, gt=0, le=60)
     template_max_output_bytes: int = Field(4_000_000, ge=1024)

@@ -16,9 +16,12 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from backends.llamacpp.detokenize import Detokenizer
 from backends.llamacpp.embeddings import EmbedSpec, Pooler, token_vector
+from backends.llamacpp.grammar import GrammarStage
+from backends.llamacpp.logprobs import token_logprob
 from backends.llamacpp.model import LoadedModel
 from backends.llamacpp.sampling import SamplerChain
 from backends.llamacpp.slots import SlotManager
@@ -32,6 +35,7 @@ from gateway.types import (
     FinishReason,
     SamplingParams,
     TextDelta,
+    TokenLogprob,
     Usage,
 )
 
@@ -55,6 +59,11 @@ class Job:
     deliver: Deliver
     #: Set for an input to embed (no tokens are generated).
     embed: EmbedSpec | None = None
+    #: The llguidance matcher of a constrained sequence (its own copy).
+    matcher: Any = None
+    #: Report each token's logprob and this many alternatives (None: no logprobs).
+    logprobs: int | None = None
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     #: Set from the event loop when the client is gone.
     cancel_requested: bool = False
     seq_id: int = -1
@@ -235,8 +244,14 @@ class Engine:
             )
             self.counters.cached_prompt_tokens += placement.reused
             if job.embed is None:
+                n_vocab = model.tokenizer.n_vocab
+                stage = (
+                    GrammarStage(model.llama, job.matcher, n_vocab)
+                    if job.matcher is not None
+                    else None
+                )
                 job.sampler = SamplerChain(
-                    model.llama, model.tokenizer.n_vocab, job.params, model.n_ctx_slot
+                    model.llama, n_vocab, job.params, model.n_ctx_slot, grammar=stage
                 )
             else:
                 job.pooler = Pooler(job.embed, model.n_embd)
@@ -375,10 +390,16 @@ class Engine:
         job.unreported += 1
         self.counters.tokens_generated += 1
         tok = model.tokenizer
+        if job.logprobs is not None:
+            entry = token_logprob(model.llama, model.ctx, output, tok, token, job.logprobs)
+            job.pending_logprobs.append(entry)
+        grammar = job.sampler.grammar
+        if grammar is not None and grammar.failed:
+            return self._fail_job(job, f"the output grammar failed: {grammar.failed}")
         if tok.is_eog(token):
             return self._finish(job, "stop", "")
         text = job.stops.feed(job.detok.feed(tok.piece(token)))
-        if job.stops.stopped:
+        if job.stops.stopped or (grammar is not None and grammar.complete):
             return self._finish(job, "stop", text)
         if job.generated >= job.max_new:
             return self._finish(job, "length", text)
@@ -386,9 +407,19 @@ class Engine:
         return [self._text(job, text)] if text else []
 
     def _text(self, job: Job, text: str) -> TextDelta:
-        delta = TextDelta(text, tokens=job.unreported)
+        logprobs, job.pending_logprobs = tuple(job.pending_logprobs), []
+        delta = TextDelta(text, tokens=job.unreported, logprobs=logprobs)
         job.unreported = 0
         return delta
+
+    def _fail_job(self, job: Job, reason: str) -> list[Item]:
+        """This sequence cannot go on (its grammar failed): it alone ends, with an error."""
+        log.error("model %s: request %s: %s", self.name, job.request_id, reason)
+        job.done = True
+        self._running.remove(job)
+        self.slots.release(job.seq_id, keep=False)
+        self._close(job)
+        return [EngineError(reason)]
 
     def _finish(self, job: Job, reason: FinishReason, text: str) -> list[Item]:
         if not job.stops.stopped:

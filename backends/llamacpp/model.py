@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -12,9 +13,11 @@ from backends.llamacpp import native
 from backends.llamacpp.config import GGML_TYPE_IDS, LlamaCppConfig
 from backends.llamacpp.embeddings import GGUF_POOLING, Pooling
 from backends.llamacpp.gguf_file import ModelFileError, check_model_file
+from backends.llamacpp.grammar import Grammars
 from backends.llamacpp.prompt import CHATML, PromptBuilder
 from backends.llamacpp.tokenizer import Tokenizer
 from gateway.chat_template import ChatTemplate
+from gateway.output.formats import ChatFormat, chat_format
 
 log = logging.getLogger("backends.llamacpp")
 
@@ -72,6 +75,9 @@ class LoadedModel:
         self.memory = LlamaMemory(llama, self.ctx)
         self.tokenizer = Tokenizer(llama, self.vocab)
         self.template = self._template()
+        self.chat_format = self._chat_format()
+        self.tokenizer.visible = frozenset(self.chat_format.special.values())
+        self.grammars = Grammars(llama, self.vocab)
         self.prompt_builder = PromptBuilder(self.tokenizer, self.template, self.n_ctx_slot)
 
     def _context_params(self, n_seq: int, n_batch: int) -> Any:
@@ -131,6 +137,15 @@ class LoadedModel:
             )
         except ValueError as err:
             raise ModelFileError(f"{cfg.chat_template_file or cfg.model_path}: {err}") from err
+
+    def _chat_format(self) -> ChatFormat:
+        fmt = chat_format(self.template.source, self.config.tool_format)
+        special = {}
+        for marker in fmt.markers:
+            token = self.tokenizer.special_token(marker)
+            if token is not None:
+                special[marker] = token
+        return replace(fmt, special=special)
 
     def close(self) -> None:
         llama = self.llama

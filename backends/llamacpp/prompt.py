@@ -34,7 +34,9 @@ class PromptBuilder:
         tok = self.tokenizer
         if request.messages is not None:
             segments = self.template.render_segments(
-                request.messages, content_is_safe=lambda text: not tok.has_special_text(text)
+                request.messages,
+                content_is_safe=lambda text: not tok.has_special_text(text),
+                tools=request.output.template_tools if request.output is not None else None,
             )
             parts = [(seg.text, not seg.content) for seg in segments]
         elif request.prompt_tokens is not None:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import secrets
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.types import SamplingParams
+
+if TYPE_CHECKING:
+    from backends.llamacpp.grammar import GrammarStage
 
 _DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: "pick a random seed"
 
@@ -27,13 +30,21 @@ class SamplerChain:
     """One sequence's sampler. Owned by the engine thread; :meth:`close` frees it."""
 
     def __init__(
-        self, llama: ModuleType, n_vocab: int, params: SamplingParams, penalty_window: int
+        self,
+        llama: ModuleType,
+        n_vocab: int,
+        params: SamplingParams,
+        penalty_window: int,
+        grammar: GrammarStage | None = None,
     ) -> None:
         self._llama = llama
+        #: First in the chain: every later stage sees only what the grammar allows.
+        self.grammar = grammar
         chain_params = llama.llama_sampler_chain_default_params()
         chain_params.no_perf = True
         self._chain: Any = llama.llama_sampler_chain_init(chain_params)
-        for stage in self._stages(n_vocab, params, penalty_window):
+        first = [grammar.sampler] if grammar is not None else []
+        for stage in first + self._stages(n_vocab, params, penalty_window):
             llama.llama_sampler_chain_add(self._chain, stage)
 
     def _stages(self, n_vocab: int, p: SamplingParams, window: int) -> list[Any]:

@@ -20,6 +20,9 @@ class Tokenizer:
         self.eos: int = llama.llama_vocab_eos(vocab)
         self._pieces: dict[int, bytes] = {}
         self._eog: dict[int, bool] = {}
+        #: Control tokens shown as their text (the tool-call and reasoning markers the core
+        #: parses); every other control token stands for no text.
+        self.visible: frozenset[int] = frozenset()
 
     def encode(self, text: str, *, special: bool) -> list[int]:
         """Tokens of ``text``; ``special`` parses control-token text (``<|im_start|>``)."""
@@ -42,10 +45,11 @@ class Tokenizer:
         cached = self._pieces.get(token)
         if cached is None:
             buf = ctypes.create_string_buffer(64)
-            n = self._llama.llama_token_to_piece(self._vocab, token, buf, 64, 0, False)
+            special = token in self.visible
+            n = self._llama.llama_token_to_piece(self._vocab, token, buf, 64, 0, special)
             if n < 0:
                 buf = ctypes.create_string_buffer(-n)
-                n = self._llama.llama_token_to_piece(self._vocab, token, buf, -n, 0, False)
+                n = self._llama.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
             cached = self._pieces[token] = buf.raw[:n]
         return cached
 
@@ -85,6 +89,19 @@ class Tokenizer:
                 if text:
                     texts.add(text)
         return frozenset(texts)
+
+    def special_token(self, text: str) -> int | None:
+        """The id of the control token spelled ``text``, if it is one (as llguidance sees
+        control tokens: CONTROL, or USER_DEFINED written ``<...>``)."""
+        tokens = self.encode(text, special=True)
+        if len(tokens) != 1:
+            return None
+        attr = self._llama.llama_vocab_get_attr(self._vocab, tokens[0])
+        control = attr & self._llama.LLAMA_TOKEN_ATTR_CONTROL
+        user = attr & self._llama.LLAMA_TOKEN_ATTR_USER_DEFINED
+        if control or (user and text.startswith("<") and text.endswith(">")):
+            return tokens[0]
+        return None
 
     def has_special_text(self, text: str) -> bool:
         return any(s in text for s in self.special_texts)
