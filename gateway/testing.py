@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gateway.backend import Backend, MemoryEstimate
 from gateway.config import BatchingConfig, GatewayConfig, ModelConfig
 from gateway.errors import EngineError, context_length_exceeded
+from gateway.output.formats import FORMATS, ChatFormat, Reasoning, ToolFormatName
 from gateway.stops import StopMatcher
 from gateway.types import (
     BackendInfo,
@@ -73,6 +74,10 @@ class ScriptedConfig(ModelConfig):
     tool_calls: tuple[ScriptedToolCall, ...] = ()
     #: The size of the embeddings it makes (a deterministic function of the input).
     embedding_size: int = Field(8, ge=1, le=4096)
+    #: Act as an in-process model whose text the core parses (tool calls written in this
+    #: format, reasoning in ``<think>``) and constrains (the grammar is ignored: a double).
+    #: None: the core parses nothing, as for a remote replica.
+    tool_format: ToolFormatName | None = None
     batching: BatchingConfig = BatchingConfig()
 
 
@@ -131,6 +136,11 @@ class ScriptedBackend:
     @property
     def info(self) -> BackendInfo:
         return self._info
+
+    @property
+    def chat_format(self) -> ChatFormat | None:
+        fmt = self.config.tool_format
+        return ChatFormat(FORMATS[fmt], Reasoning()) if fmt is not None else None
 
     async def start(self) -> None:
         await asyncio.sleep(self.config.load_delay_s)

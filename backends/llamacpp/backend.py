@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from backends.llamacpp.config import LlamaCppConfig
 from gateway.backend import EngineStats
@@ -38,11 +38,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("backends.llamacpp")
 
 
-def _matcher(model: LoadedModel, request: GenerationRequest) -> Any:
-    """A fresh llguidance matcher for the request's grammar (a 400 if it cannot compile)."""
-    assert request.output is not None and request.output.grammar is not None
+def _grammar(request: GenerationRequest) -> tuple[str, str] | None:
+    """The request's grammar and the field it comes from (named if it cannot compile)."""
+    if request.output is None or request.output.grammar is None:
+        return None
     param = "response_format" if request.response_format is not None else "tools"
-    return model.grammars.matcher(request.output.grammar, param)
+    return request.output.grammar, param
 
 
 def capabilities(config: LlamaCppConfig) -> frozenset[Capability]:
@@ -140,8 +141,9 @@ class LlamaCppBackend:
         self._check_params(request, model)
         tokens = await asyncio.to_thread(model.prompt_builder.tokens, request)
         self._check_length(request, len(tokens), model.n_ctx_slot)
-        if request.output is not None and request.output.grammar is not None:
-            await asyncio.to_thread(_matcher, model, request)  # compiled (and cached) now
+        grammar = _grammar(request)
+        if grammar is not None:  # compiled and cached now: a 400 before the request queues
+            await asyncio.to_thread(model.grammars.compile, *grammar)
         return TokenizedPrompt.of(tokens)
 
     async def _tokens(self, request: GenerationRequest, model: LoadedModel) -> list[int]:
@@ -198,9 +200,10 @@ class LlamaCppBackend:
             loop.call_soon_threadsafe(queue.put_nowait, items)
 
         limit = model.n_ctx_slot - len(prompt)
+        grammar = _grammar(request)
         matcher = None
-        if request.output is not None and request.output.grammar is not None:
-            matcher = await asyncio.to_thread(_matcher, model, request)
+        if grammar is not None:
+            matcher = await asyncio.to_thread(model.grammars.matcher, *grammar)
         job = Job(
             request_id=request.request_id,
             prompt=prompt,

@@ -47,11 +47,16 @@ class Grammars:
 
     def matcher(self, grammar: str, param: str) -> llguidance.LLMatcher:
         """A fresh matcher for ``grammar`` (a 400 naming ``param`` if it does not compile)."""
+        return self.compile(grammar, param).deep_copy()
+
+    def compile(self, grammar: str, param: str) -> llguidance.LLMatcher:
+        """The cached pristine matcher for ``grammar`` (compiled now if new); never consume
+        tokens with it: :meth:`matcher` copies it."""
         with self._lock:
             pristine = self._compiled.get(grammar)
             if pristine is not None:
                 self._compiled.move_to_end(grammar)
-                return pristine.deep_copy()
+                return pristine
         tokenizer = self.tokenizer()
         compiled = llguidance.LLMatcher.grammar_from_lark(grammar)
         error = llguidance.LLMatcher.validate_grammar(compiled, tokenizer, limits=LIMITS)
@@ -67,7 +72,7 @@ class Grammars:
             self._compiled[grammar] = pristine
             while len(self._compiled) > self.cache_size:
                 self._compiled.popitem(last=False)
-        return pristine.deep_copy()
+        return pristine
 
 
 def _tokenizer(llama: ModuleType, vocab: Any) -> llguidance.LLTokenizer:

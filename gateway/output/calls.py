@@ -57,14 +57,13 @@ class CallObject:
     def __init__(self, arguments_keys: tuple[str, ...], name: str | None = None) -> None:
         self.arguments_keys = arguments_keys
         self.name = name
-        self.args_only = name is not None
         self.phase: Phase = "key"
-        self.raw: list[str] = []
         self._key: _Value | None = None
         self._value: _Value | None = None
         self._pending: list[str] = []
         self.saw_arguments = False
-        self._whole = _Value("", "container") if self.args_only else None
+        #: An arguments object alone: every character is arguments text.
+        self._whole = _Value("", "container") if name is not None else None
         self._opened = False
         self._key_name = ""
 
@@ -86,7 +85,6 @@ class CallObject:
         for i, c in enumerate(text):
             if self.done:
                 return i
-            self.raw.append(c)
             if self._whole is not None:
                 self._pending.append(c)
                 self.saw_arguments = True

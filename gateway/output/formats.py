@@ -51,8 +51,6 @@ class ToolFormat:
         """Marker texts a backend must show in the text it hands the parser (control tokens
         are otherwise invisible)."""
         out = [self.start, self.call_open, self.call_close]
-        if self.name == "llama3":
-            out.append("<|python_tag|>")
         if self.name == "mistral_args":
             out.append("[ARGS]")
         return tuple(dict.fromkeys(m for m in out if m))

@@ -31,6 +31,16 @@ def json_rule(schema: str) -> str:
     return "%json" + json.dumps(doc, ensure_ascii=False)
 
 
+def _regex(text: str) -> str:
+    """``text`` matched literally inside a Lark ``/regex/``."""
+    return re.escape(text).replace("/", "\\/")
+
+
+def _name_args(tool: ToolSpec) -> str:
+    """Mistral's ``name[ARGS]{...}`` call, after its marker."""
+    return f"{json.dumps(tool.name + '[ARGS]')} {json_rule(tool.parameters)}"
+
+
 class GrammarBuilder:
     def __init__(self, fmt: ChatFormat) -> None:
         self.fmt = fmt
@@ -47,17 +57,15 @@ class GrammarBuilder:
         if token is not None:
             return f"ANY <[{token}]>"  # text never holds a control token
         name = f"upto{len(self.rules)}"
-        regex = re.escape(marker).replace("/", "\\/")
-        self.rules.append(f"{name}[lazy]: /(?s:.*){regex}/")
+        self.rules.append(f"{name}[lazy]: /(?s:.*){_regex(marker)}/")
         return name
 
     def free_text(self, marker: str) -> str:
         """Any text that never holds ``marker``."""
         if marker in self.fmt.special:
             return "ANY"
-        regex = re.escape(marker).replace("/", "\\/")
         name = f"TEXT{len(self.rules)}"
-        self.rules.append(f"{name}: /(?s:.*)/ & ~/(?s:.*){regex}(?s:.*)/")
+        self.rules.append(f"{name}: /(?s:.*)/ & ~/(?s:.*){_regex(marker)}(?s:.*)/")
         return name
 
     def reasoning(self) -> str:
@@ -75,9 +83,9 @@ class GrammarBuilder:
 
 
 def _call(b: GrammarBuilder, fmt: ToolFormat, tool: ToolSpec) -> str:
-    args = json_rule(tool.parameters)
     if fmt.name == "mistral_args":
-        return f"{b.lit(fmt.start)} {json.dumps(tool.name + '[ARGS]')} {args}"
+        return f"{b.lit(fmt.start)} {_name_args(tool)}"
+    args = json_rule(tool.parameters)
     head = json.dumps(f'{{"name": {json.dumps(tool.name)}, "{fmt.arguments_key}": ')
     return f'{head} {args} "}}"'
 
@@ -105,12 +113,7 @@ def _calls(b: GrammarBuilder, tools: Tools, *, started: bool) -> str:
     # mistral_args: every call carries its own marker
     if not started:
         return "call" + _repeat("(WS? call)", more)
-    b.rules.append(
-        "first: "
-        + " | ".join(
-            f"{json.dumps(t.name + '[ARGS]')} {json_rule(t.parameters)}" for t in tools.offered
-        )
-    )
+    b.rules.append("first: " + " | ".join(_name_args(t) for t in tools.offered))
     return "first" + _repeat("(WS? call)", more)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import secrets
 import string
+from dataclasses import replace
 from typing import Literal, assert_never
 
 from gateway.output.calls import CallObject
@@ -30,6 +31,8 @@ Mode = Literal["content", "reasoning", "calls"]
 _ALPHABET = string.ascii_letters + string.digits
 _NAME_ARGS = re.compile(r"([A-Za-z0-9_.\-]+)\[ARGS\]")
 _NAME_ARGS_PREFIX = re.compile(r"[A-Za-z0-9_.\-]*(\[(A(R(G(S)?)?)?)?)?")
+#: Where a call object holds its arguments (Llama 3 says ``parameters``).
+ARGUMENT_KEYS = ("arguments", "parameters")
 
 
 def call_id() -> str:
@@ -48,25 +51,22 @@ def _held_back(text: str, markers: tuple[str, ...]) -> int:
 
 
 class OutputParser:
-    """One generation's parser. ``in_reasoning``: the prompt opened the reasoning already."""
+    """One generation's parser."""
 
-    def __init__(self, fmt: ChatFormat, *, parse_tools: bool, in_reasoning: bool = False) -> None:
+    def __init__(self, fmt: ChatFormat, *, parse_tools: bool) -> None:
         self.fmt = fmt
         self.tools = fmt.tools
         self.parse_tools = parse_tools
-        self.mode: Mode = "reasoning" if in_reasoning and fmt.reasoning else "content"
+        self.mode: Mode = "content"
         self._buf = ""
         self._out: list[Delta] = []
         self._tokens = 0
         self._logprobs: list[TokenLogprob] = []
-        self._calls = 0
         self._call: CallObject | None = None
         self._call_index = 0
         self._named = False
         self._started = False  # any non-space content emitted
         self._after_reasoning = False
-        keys = ("arguments", "parameters")
-        self._keys = keys
 
     # -- entry points ---------------------------------------------------------------------
 
@@ -81,7 +81,7 @@ class OutputParser:
                 self._run(final=True)
                 self._flush_call()
                 reason = delta.reason
-                if self._calls and reason == "stop":
+                if self._call_index and reason == "stop":
                     reason = "tool_calls"
                 self._emit(Finish(reason, delta.usage))
             case ReasoningDelta() | ToolCallDelta() | EmbeddingDelta():
@@ -112,8 +112,6 @@ class OutputParser:
             out.append(self.fmt.reasoning.start)
         if self.parse_tools:
             out.append(self.tools.start)
-            if self.tools.name == "llama3":
-                out.append(self.tools.start)
         return tuple(m for m in out if m)
 
     def _content(self, final: bool) -> None:
@@ -192,17 +190,15 @@ class OutputParser:
                 self._buf = buf[len(glue) :]
                 return
         if buf.startswith("{"):
-            self._call = CallObject(self._keys)
+            self._call = CallObject(ARGUMENT_KEYS)
             self._feed_call()
             return
         if self.tools.name == "mistral_args":
             match = _NAME_ARGS.match(buf)
             if match:
                 self._buf = buf[match.end() :].lstrip()
-                self._call = CallObject(self._keys, name=match.group(1))
-                self._call_progress()
-                if self._buf:
-                    self._feed_call()
+                self._call = CallObject(ARGUMENT_KEYS, name=match.group(1))
+                self._feed_call()
                 return
             if not final and _NAME_ARGS_PREFIX.fullmatch(buf):
                 return
@@ -235,7 +231,6 @@ class OutputParser:
             if not call.saw_arguments:
                 self._emit(ToolCallDelta(self._call_index, "{}"))
             self._call_index += 1
-            self._calls += 1
         self._call = None
         self._named = False
 
@@ -253,13 +248,8 @@ class OutputParser:
         return tokens
 
     def _emit(self, delta: Delta) -> None:
-        match delta:
-            case ToolCallDelta() if self._tokens:
-                delta = ToolCallDelta(
-                    delta.call, delta.arguments, delta.id, delta.name, tokens=self._owed()
-                )
-            case _:
-                pass
+        if isinstance(delta, ToolCallDelta) and self._tokens:
+            delta = replace(delta, tokens=self._owed())
         self._out.append(delta)
 
     def _text(self, text: str) -> None:

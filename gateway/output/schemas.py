@@ -8,6 +8,7 @@ request is queued, so a schema the grammar engine cannot enforce is a 400 naming
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 
 import llguidance
 
@@ -48,8 +49,14 @@ def schema_text(schema: dict[str, object], param: str) -> str:
 def check_schema(text: str, param: str) -> None:
     """A 400 naming ``param`` if llguidance cannot compile the schema (invalid or unsupported
     keywords, unsatisfiable, over the engine's size limits)."""
+    reason = _schema_error(text)
+    if reason:
+        raise InvalidRequest(f"invalid JSON schema in '{param}': {reason}", param=param)
+
+
+@lru_cache(maxsize=256)
+def _schema_error(text: str) -> str:
+    """Why a schema does not compile ("" if it does); agents send the same tools every turn."""
     grammar = llguidance.LLMatcher.grammar_from_lark("start: %json" + text)
     error = llguidance.LLMatcher.validate_grammar(grammar)
-    if error:
-        reason = error.splitlines()[0].split("JSON schema: ", 1)[-1]
-        raise InvalidRequest(f"invalid JSON schema in '{param}': {reason}", param=param)
+    return error.splitlines()[0].split("JSON schema: ", 1)[-1] if error else ""

@@ -232,11 +232,30 @@ _TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")
 _LOGPROB_FIELDS = ("logprobs", "top_logprobs")
 
 
+def _shared_features(
+    wire: SamplingFields, wants_logprobs: bool
+) -> tuple[list[Requirement], list[str]]:
+    """What both completion APIs may need: a JSON response format, logprobs."""
+    requires: list[Requirement] = list(_GENERATES)
+    fields: list[str] = []
+    if wire.response_format is not None and wire.response_format.type != "text":
+        requires.append(Requirement(Capability.JSON_SCHEMA, "response_format"))
+        fields.append("response_format")
+    if wants_logprobs:
+        requires.append(Requirement(Capability.LOGPROBS, "logprobs"))
+        fields += [f for f in _LOGPROB_FIELDS if getattr(wire, f, None) is not None]
+    return requires, fields
+
+
+def _passthrough(wire: SamplingFields, fields: list[str]) -> Passthrough:
+    dump = wire.model_dump(mode="json", include=set(fields), exclude_none=True, by_alias=True)
+    return tuple((k, json.dumps(dump[k], ensure_ascii=False)) for k in fields if k in dump)
+
+
 def _chat_features(
     wire: ChatCompletionRequest, messages: tuple[ChatMessage, ...]
 ) -> tuple[tuple[Requirement, ...], Passthrough]:
-    requires: list[Requirement] = list(_GENERATES)
-    fields: list[str] = []
+    requires, fields = _shared_features(wire, bool(wire.logprobs))
     if wire.tools:
         requires.append(Requirement(Capability.TOOLS, "tools"))
         fields += [f for f in _TOOL_FIELDS if getattr(wire, f) is not None]
@@ -244,15 +263,7 @@ def _chat_features(
         if m.tool_calls:  # rendering a call back to the model takes its tool-call format
             requires.append(Requirement(Capability.TOOLS, f"messages[{i}].tool_calls"))
             break
-    if wire.response_format is not None and wire.response_format.type != "text":
-        requires.append(Requirement(Capability.JSON_SCHEMA, "response_format"))
-        fields.append("response_format")
-    if wire.logprobs:
-        requires.append(Requirement(Capability.LOGPROBS, "logprobs"))
-        fields += [f for f in _LOGPROB_FIELDS if getattr(wire, f) is not None]
-    dump = wire.model_dump(mode="json", include=set(fields), exclude_none=True, by_alias=True)
-    passthrough = tuple((k, json.dumps(dump[k], ensure_ascii=False)) for k in fields if k in dump)
-    return tuple(dict.fromkeys(requires)), passthrough
+    return tuple(dict.fromkeys(requires)), _passthrough(wire, fields)
 
 
 def _tools(wire: ChatCompletionRequest) -> Tools | None:
@@ -355,6 +366,7 @@ def completion_request(body: bytes, request_id: str) -> ClientRequest:
     prompts = _prompts(wire)
     if len(prompts) * wire.n > 128:
         raise InvalidRequest("at most 128 choices per request (prompts x n)", param="n")
+    requires, fields = _shared_features(wire, wire.logprobs is not None)
     generations: list[GenerationRequest] = []
     for p, prompt in enumerate(prompts):
         base = GenerationRequest(
@@ -365,14 +377,10 @@ def completion_request(body: bytes, request_id: str) -> ClientRequest:
             stop=_stop(wire),
             response_format=_response_format(wire),
             logprobs=wire.logprobs,
+            passthrough=_passthrough(wire, fields),
         )
         generations.extend(_fan_out(base, wire.n, p * wire.n))
     request = _client_request("completion", wire, generations, echo=wire.echo)
-    requires = list(request.requires)
-    if wire.response_format is not None and wire.response_format.type != "text":
-        requires.append(Requirement(Capability.JSON_SCHEMA, "response_format"))
-    if wire.logprobs is not None:
-        requires.append(Requirement(Capability.LOGPROBS, "logprobs"))
     return replace(request, requires=tuple(requires))
 
 

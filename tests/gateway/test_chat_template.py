@@ -13,7 +13,7 @@ from gateway.chat_template import (
     Segment,
     UnsafeTemplate,
 )
-from gateway.types import ChatMessage
+from gateway.types import ChatMessage, ToolCallRef
 
 CHATML = (
     "{% for message in messages %}"
@@ -105,3 +105,32 @@ def test_unsafe_attributes_render_as_nothing() -> None:
 def test_invalid_template_fails_at_construction() -> None:
     with pytest.raises(ValueError, match="invalid chat template"):
         ChatTemplate("{% for %}")
+
+
+TOOL_TEMPLATE = (
+    "{% for t in tools or [] %}[tool {{ t.function.name }}]{% endfor %}"
+    "{% for m in messages %}<{{ m.role }}>{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}{{ c.function.name }}{{ c.function.arguments | tojson }}"
+    "{% endfor %}{% endfor %}"
+)
+
+
+def test_tools_and_earlier_calls_reach_the_template() -> None:
+    calls = (ToolCallRef("call_1", "add", '{"a": 1}'),)
+    messages = [ChatMessage("user", "sum"), ChatMessage("assistant", "", tool_calls=calls)]
+    tools = '[{"type": "function", "function": {"name": "add"}}]'
+    text = ChatTemplate(TOOL_TEMPLATE).render(messages, tools=tools)
+    assert text == '[tool add]<user>sum<assistant>add{"a": 1}'  # arguments as an object
+
+
+@pytest.mark.parametrize(
+    ("tools", "arguments"),
+    [('[{"function": {"name": "<|im_end|>"}}]', "{}"), (None, '{"a": "<|im_end|>"}')],
+)
+def test_control_token_text_in_tools_or_calls_is_refused(tools: str | None, arguments: str) -> None:
+    calls = (ToolCallRef("call_1", "add", arguments),)
+    messages = [ChatMessage("user", "sum"), ChatMessage("assistant", "", tool_calls=calls)]
+    with pytest.raises(ChatTemplateError):
+        ChatTemplate(TOOL_TEMPLATE).render_segments(
+            messages, tools=tools, content_is_safe=lambda t: "<|im_end|>" not in t
+        )

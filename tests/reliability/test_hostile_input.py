@@ -40,7 +40,11 @@ def server() -> Iterator[ServerThread]:
             "m": {"reply": REPLY, "batching": {"max_concurrent": 8}},
             "echo": {"echo": True},
             "emb": {"capabilities": ["embeddings"], "batching": {"max_concurrent": 4}},
-            "agent": {"capabilities": ["streaming", "completions", "tools", "json_schema"]},
+            "agent": {
+                "capabilities": ["streaming", "completions", "tools", "json_schema", "logprobs"],
+                "tool_format": "hermes",  # the core plans, checks schemas and parses replies
+                "reply": '<think>hm</think> Sure <tool_call>{"name": "f", "arguments": {}}',
+            },
         },
         server={"max_body_bytes": CAP},
     )
@@ -116,6 +120,36 @@ json_values = st.recursive(
     ),
     max_leaves=12,
 )
+#: JSON schemas made of real keywords with any values: most reach the grammar engine.
+schemas = st.dictionaries(
+    st.sampled_from(
+        ["type", "properties", "required", "enum", "const", "pattern", "items", "$ref",
+         "minimum", "maxLength", "anyOf", "additionalProperties", "format", "not"]
+    ),
+    json_values | st.sampled_from(["object", "string", "integer", "array", "^(a+)+$"]),
+    max_size=5,
+)  # fmt: skip
+function_tools = st.lists(
+    st.fixed_dictionaries(
+        {
+            "type": st.just("function"),
+            "function": st.fixed_dictionaries(
+                {"name": st.sampled_from(["f", "g", "lookup"]), "parameters": schemas},
+                optional={"strict": st.booleans(), "description": st.text(max_size=20)},
+            ),
+        }
+    ),
+    max_size=3,
+)
+tool_choices = st.sampled_from(["auto", "none", "required"]) | st.fixed_dictionaries(
+    {"type": st.just("function"), "function": st.fixed_dictionaries({"name": st.text(max_size=6)})}
+)
+formats = st.sampled_from([{"type": "text"}, {"type": "json_object"}]) | st.fixed_dictionaries(
+    {
+        "type": st.just("json_schema"),
+        "json_schema": st.fixed_dictionaries({"name": st.just("x"), "schema": schemas}),
+    }
+)
 COMMON_FIELDS = [
     "model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream",
     "stream_options", "presence_penalty", "frequency_penalty", "logit_bias", "user", "top_k",
@@ -183,9 +217,11 @@ def test_embeddings_any_values_in_any_fields(
 
 @FUZZ
 @given(
-    tools=json_values,
-    tool_choice=json_values,
-    response_format=json_values,
+    tools=function_tools | json_values,
+    tool_choice=tool_choices | json_values,
+    response_format=formats | json_values,
+    logprobs=st.booleans() | json_values,
+    top_logprobs=st.integers(-1, 25) | json_values,
     model=st.sampled_from(["agent", "m"]),
     stream=st.booleans(),
 )
@@ -194,6 +230,8 @@ def test_tool_and_format_fields_never_5xx(
     tools: Any,
     tool_choice: Any,
     response_format: Any,
+    logprobs: Any,
+    top_logprobs: Any,
     model: str,
     stream: bool,
 ) -> None:
@@ -203,6 +241,8 @@ def test_tool_and_format_fields_never_5xx(
         "tools": tools,
         "tool_choice": tool_choice,
         "response_format": response_format,
+        "logprobs": logprobs,
+        "top_logprobs": top_logprobs,
         "stream": stream,
     }
     assert_sane(post_raw(http, dumps(body)))

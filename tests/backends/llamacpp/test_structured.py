@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jsonschema  # type: ignore[import-untyped]
+import openai
 import pytest
 from openai import BadRequestError, OpenAI
 from pydantic import BaseModel
@@ -304,3 +305,57 @@ def test_pathological_schemas_are_bounded(client: OpenAI) -> None:
         response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": regex}},
     )  # fmt: skip
     assert r.choices[0].message.content is not None
+
+
+def test_a_failing_grammar_fails_only_its_own_request(
+    client: OpenAI, smol_server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model: Any = backend_of(smol_server, SMOL)._model
+    real = model.grammars.matcher
+
+    def broken(grammar: str, param: str) -> Any:
+        matcher = real(grammar, param)
+        matcher.consume_token(model.tokenizer.encode("zzz", special=False)[0])  # not JSON
+        assert matcher.is_error()
+        return matcher
+
+    monkeypatch.setattr(model.grammars, "matcher", broken)
+    fmt: Any = {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}}
+    with ThreadPoolExecutor(2) as pool:
+        story: Any = [{"role": "user", "content": "Tell a story."}]
+        free = pool.submit(
+            lambda: client.chat.completions.create(model=SMOL, messages=story, max_tokens=20)
+        )
+        with pytest.raises(openai.InternalServerError) as err:
+            client.chat.completions.create(
+                model=SMOL, messages=ASK, response_format=fmt, max_tokens=20
+            )
+        assert free.result().choices[0].message.content
+    body: Any = err.value.body
+    assert body["code"] == "engine_error" and "grammar" in body["message"]
+    monkeypatch.undo()
+    stats = wait_for_stats(backend_of(smol_server, SMOL).stats, lambda s: s.active_sequences == 0)
+    assert stats.active_sequences == 0
+    again = client.chat.completions.create(
+        model=SMOL, messages=ASK, response_format=fmt, max_tokens=120
+    )
+    jsonschema.validate(json.loads(again.choices[0].message.content or ""), PERSON)
+
+
+def test_leaving_a_constrained_stream_frees_its_sequence(
+    client: OpenAI, smol_server: ServerThread
+) -> None:
+    backend = backend_of(smol_server, SMOL)
+    before = backend.stats()
+    stream = client.chat.completions.create(
+        model=SMOL, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=300,
+        stream=True,
+    )  # fmt: skip
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.tool_calls:
+            break
+    stream.close()
+    stats = wait_for_stats(
+        backend.stats, lambda s: s.cancelled > before.cancelled and s.active_sequences == 0
+    )
+    assert stats.tokens_after_cancel - before.tokens_after_cancel <= 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -72,6 +73,28 @@ def test_tool_calls_come_back_through_the_fleet(client: OpenAI) -> None:
     assert [c.function.arguments for c in streamed] == [CALL["arguments"]]
 
 
+@contextmanager
+def upstream_bodies(up: ServerThread, path: str) -> Iterator[list[bytes]]:
+    """The request bodies the upstream's ``path`` route receives while the block runs."""
+    seen: list[bytes] = []
+    route = next(r for r in up.app.router.routes if getattr(r, "path", None) == path)
+    original = route.app  # type: ignore[attr-defined]
+
+    async def spy(scope: object, receive: object, send: object) -> None:
+        async def tap() -> object:
+            message = await receive()  # type: ignore[operator]
+            seen.append(message.get("body", b""))
+            return message
+
+        await original(scope, tap, send)
+
+    route.app = spy  # type: ignore[attr-defined]
+    try:
+        yield seen
+    finally:
+        route.app = original  # type: ignore[attr-defined]
+
+
 def test_fields_reach_the_replica_unchanged(
     servers: tuple[ServerThread, ServerThread], client: OpenAI
 ) -> None:
@@ -84,20 +107,7 @@ def test_fields_reach_the_replica_unchanged(
         {"role": "tool", "tool_call_id": "call_9", "content": "found 3"},
     ]  # fmt: skip
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
-    seen: list[bytes] = []
-    hook = up.app.router.routes[0]  # /v1/chat/completions of the upstream
-    original = hook.app  # type: ignore[attr-defined]
-
-    async def spy(scope: object, receive: object, send: object) -> None:
-        async def tap() -> object:
-            message = await receive()  # type: ignore[operator]
-            seen.append(message.get("body", b""))
-            return message
-
-        await original(scope, tap, send)
-
-    hook.app = spy  # type: ignore[attr-defined]
-    try:
+    with upstream_bodies(up, "/v1/chat/completions") as seen:
         extra: dict[str, Any] = {"messages": history, "tools": TOOLS, "response_format": fmt}
         client.chat.completions.create(
             model="echo",
@@ -105,8 +115,6 @@ def test_fields_reach_the_replica_unchanged(
             parallel_tool_calls=False,
             **extra,
         )
-    finally:
-        hook.app = original  # type: ignore[attr-defined]
     body = json.loads(b"".join(seen))
     assert body["tools"] == TOOLS
     assert body["tool_choice"] == {"type": "function", "function": {"name": "lookup"}}
@@ -114,6 +122,17 @@ def test_fields_reach_the_replica_unchanged(
     assert body["response_format"] == fmt
     assert body["messages"][1]["tool_calls"][0]["id"] == "call_9"
     assert body["messages"][2] == {"role": "tool", "content": "found 3", "tool_call_id": "call_9"}
+
+
+def test_completions_response_format_reaches_the_replica(
+    servers: tuple[ServerThread, ServerThread], client: OpenAI
+) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    with upstream_bodies(servers[0], "/v1/completions") as seen:
+        client.completions.create(
+            model="echo", prompt="as JSON:", max_tokens=4, extra_body={"response_format": fmt}
+        )
+    assert json.loads(b"".join(seen))["response_format"] == fmt
 
 
 def test_embeddings_pass_through(client: OpenAI) -> None:
@@ -138,6 +157,10 @@ def test_undeclared_capabilities_are_400s_before_any_upstream_request(
     fmt = {"model": "bare", "messages": ASK, "response_format": {"type": "json_object"}}
     refused = httpx.post(url + "/chat/completions", json=fmt)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "response_format"
+    for path, lp in (("/chat/completions", {"logprobs": True}), ("/completions", {"logprobs": 2})):
+        body = {"model": "echo", "messages": ASK, "prompt": "x", **lp}
+        refused = httpx.post(url + path, json=body)  # no fleet relays logprobs yet
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "logprobs"
     emb = httpx.post(url + "/embeddings", json={"model": "bare", "input": "x"})
     assert emb.status_code == 400 and emb.json()["error"]["param"] == "model"
     assert (fleet(front, "bare").stats().active_sequences, up_requests(servers[0])) == before
