@@ -49,12 +49,12 @@ def server() -> Iterator[ServerThread]:
                 "token_delay_s": 0.01,
                 "batching": {"max_concurrent": 1, "max_queue": 8},
             },
-            # for the storm: quick, two slots, a short queue (some requests get a 503)
+            # for the storm: quick, four slots, a short queue (8 clients at once: some get a 503)
             "storm": {
                 "reply": WORDS,
                 "prefill_delay_s": 0.05,
                 "token_delay_s": 0.005,
-                "batching": {"max_concurrent": 2, "max_queue": 3},
+                "batching": {"max_concurrent": 4, "max_queue": 3},
             },
             # a reply far bigger than the socket buffers, as fast as it can go
             "huge": {"reply": "word " * 300_000, "context_length": 1_000_000},
