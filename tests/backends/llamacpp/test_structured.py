@@ -14,7 +14,7 @@ import jsonschema  # type: ignore[import-untyped]
 import openai
 import pytest
 from openai import BadRequestError, OpenAI
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from gateway.testing import ServerThread
 from tests.backends.llamacpp.conftest import SMOL, backend_of, wait_for_stats
@@ -100,8 +100,8 @@ def test_required_tool_calls_validate(client: OpenAI, temperature: float) -> Non
 def test_named_choice_is_enforced_streamed(client: OpenAI) -> None:
     with client.chat.completions.stream(
         model=SMOL, messages=[{"role": "user", "content": "Say hello."}], tools=TOOLS,
-        tool_choice={"type": "function", "function": {"name": "add"}}, max_tokens=120,
-        temperature=0.8,
+        tool_choice={"type": "function", "function": {"name": "add"}}, max_tokens=200,
+        temperature=0.8, seed=3, parallel_tool_calls=False,  # one call: it fits max_tokens
     ) as stream:  # fmt: skip
         deltas = [e for e in stream if e.type == "chunk"]
         final = stream.get_final_completion()
@@ -156,9 +156,9 @@ def test_json_schema_always_validates(client: OpenAI, temperature: float) -> Non
 
 
 def test_sdk_parse_helper(client: OpenAI) -> None:
-    class Person(BaseModel):
-        name: str
-        age: int
+    class Person(BaseModel):  # bounded, so it always fits max_tokens
+        name: str = Field(max_length=20)
+        age: int = Field(ge=0, le=150)
 
     r = client.chat.completions.parse(
         model=SMOL, messages=[{"role": "user", "content": "Invent a person."}],
