@@ -53,11 +53,14 @@ class Tokenizer:
             cached = self._pieces[token] = buf.raw[:n]
         return cached
 
-    def text_of(self, token: int) -> str:
-        """A token's text as the vocabulary spells it, control tokens included."""
+    def bytes_of(self, token: int) -> bytes:
+        """A token's bytes as the vocabulary spells it, control tokens included."""
         buf = ctypes.create_string_buffer(256)
         n = self._llama.llama_token_to_piece(self._vocab, token, buf, 256, 0, True)
-        return buf.raw[: max(n, 0)].decode("utf-8", errors="replace")
+        return buf.raw[: max(n, 0)]
+
+    def text_of(self, token: int) -> str:
+        return self.bytes_of(token).decode("utf-8", errors="replace")
 
     @cached_property
     def max_token_bytes(self) -> int:

@@ -21,6 +21,9 @@ MAX_PARALLEL_CALLS = 8
 #: JSON written the way models write it (and never endless white space).
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 OBJECT_SCHEMA = '{"type": "object"}'
+#: White space between the parts of a call: bounded, so a model that shuns the closing marker
+#: (or EOS) cannot write spaces until ``max_tokens``.
+MAX_SPACE = 4
 
 
 def json_rule(schema: str) -> str:
@@ -78,7 +81,7 @@ class GrammarBuilder:
 
     def build(self, start: str) -> str:
         head = f"start: {self.reasoning()}{start}"
-        base = ["ANY: /(?s:.*)/", "WS: /[ \\t\\r\\n]+/"]
+        base = ["ANY: /(?s:.*)/", f"WS: /[ \\t\\r\\n]{{1,{MAX_SPACE}}}/"]
         return "\n".join([head, *self.rules, *base]) + "\n"
 
 

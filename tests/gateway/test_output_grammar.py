@@ -71,6 +71,10 @@ HERMES_CASES: list[tuple[Tools, ResponseFormat | None, str, bool]] = [
         False,
     ),
     (Tools(BOTH, "required", parallel=False), None, CALL_W, True),
+    # white space around a call is bounded: a model cannot pad until max_tokens
+    (Tools(BOTH, "required"), None, CALL_A.replace("</", "    </"), True),
+    (Tools(BOTH, "required"), None, CALL_A.replace("</", "     </"), False),
+    (Tools(BOTH, "required"), None, CALL_W + " " * 5 + CALL_A, False),
     (Tools(BOTH, "required", parallel=False), None, CALL_W + CALL_A, False),
     (Tools(BOTH, "named", "add"), None, CALL_A, True),
     (Tools(BOTH, "named", "add"), None, CALL_W, False),

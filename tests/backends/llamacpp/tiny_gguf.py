@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import itertools
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -29,6 +30,23 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """A model family's chat template and the tokens it needs beyond the byte-level BPE."""
+
+    template: str = CHATML_TEMPLATE
+    control: tuple[str, ...] = SPECIAL_TOKENS
+    #: Added tokens that are not control tokens (Qwen's ``<tool_call>``).
+    user_defined: tuple[str, ...] = ()
+    bos: str = "<|im_start|>"
+    eos: str = "<|im_end|>"
+    pad: str = "<|endoftext|>"
+    add_bos: bool = False
+
+
+CHATML = Vocab()
 #: Characters the model writes one byte-token at a time (all their bytes distinct).
 MULTIBYTE_CHARS = ("😀", "中", "é")
 
@@ -91,11 +109,18 @@ def _train_bpe(corpus: str, n_merges: int) -> tuple[list[str], list[str]]:
 
 
 def write_tiny_gguf(
-    path: Path, *, n_embd: int = 64, n_layer: int = 2, n_head: int = 4, seed: int = 0
+    path: Path,
+    *,
+    vocab: Vocab = CHATML,
+    n_embd: int = 64,
+    n_layer: int = 2,
+    n_head: int = 4,
+    seed: int = 0,
 ) -> Path:
     """Write the model to ``path`` (about 250 KB, well under a second) and return ``path``."""
     bpe, merges = _train_bpe(_CORPUS, 200)
-    tokens = [*SPECIAL_TOKENS, *bpe]
+    added = (*vocab.control, *vocab.user_defined)
+    tokens = [*added, *bpe]
     n_vocab = len(tokens)
     index = {t: i for i, t in enumerate(tokens)}
     b2u = bytes_to_unicode()
@@ -119,14 +144,15 @@ def write_tiny_gguf(
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
-    types = [gguf.TokenType.CONTROL] * len(SPECIAL_TOKENS)
+    types = [gguf.TokenType.CONTROL] * len(vocab.control)
+    types += [gguf.TokenType.USER_DEFINED] * len(vocab.user_defined)
     w.add_token_types(types + [gguf.TokenType.NORMAL] * len(bpe))
     w.add_token_merges(merges)
-    w.add_bos_token_id(index["<|im_start|>"])
-    w.add_eos_token_id(index["<|im_end|>"])
-    w.add_pad_token_id(index["<|endoftext|>"])
-    w.add_add_bos_token(False)
-    w.add_chat_template(CHATML_TEMPLATE)
+    w.add_bos_token_id(index[vocab.bos])
+    w.add_eos_token_id(index[vocab.eos])
+    w.add_pad_token_id(index[vocab.pad])
+    w.add_add_bos_token(vocab.add_bos)
+    w.add_chat_template(vocab.template)
 
     rng = np.random.default_rng(seed)
 
@@ -147,7 +173,7 @@ def write_tiny_gguf(
             bias[byte_token(b)] = -10.0
     for b in starts:
         bias[byte_token(b)] = 1.0
-    for name in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+    for name in added:
         bias[index[name]] = -10.0
     emb = mat(n_vocab, n_embd, 0.5)
     emb[:, :n_reserved] = 0.0
