@@ -51,6 +51,8 @@ class ToolSpec:
 
 
 ToolChoiceMode = Literal["auto", "none", "required", "named"]
+#: How many calls one answer may make when parallel calls are allowed.
+MAX_PARALLEL_CALLS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +72,13 @@ class Tools:
         if self.choice == "named":
             return tuple(t for t in self.specs if t.name == self.name)
         return self.specs
+
+    @property
+    def max_calls(self) -> int:
+        """How many calls one answer may make: a named choice is one call (as OpenAI and the
+        clients that force a tool to get an answer expect), ``parallel_tool_calls`` false is
+        one, otherwise up to :data:`MAX_PARALLEL_CALLS`."""
+        return 1 if self.choice == "named" or not self.parallel else MAX_PARALLEL_CALLS
 
 
 @dataclass(frozen=True, slots=True)

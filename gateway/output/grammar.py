@@ -16,8 +16,6 @@ import re
 from gateway.output.formats import ChatFormat, ToolFormat
 from gateway.types import ResponseFormat, Tools, ToolSpec
 
-#: How many calls one answer may make when parallel calls are allowed.
-MAX_PARALLEL_CALLS = 8
 #: JSON written the way models write it (and never endless white space).
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 OBJECT_SCHEMA = '{"type": "object"}'
@@ -101,7 +99,7 @@ def _calls(b: GrammarBuilder, tools: Tools, *, started: bool) -> str:
     """The calls; ``started``: the first call's opening marker is already written."""
     fmt = b.fmt.tools
     b.rules.append("call: " + " | ".join(_call(b, fmt, t) for t in tools.offered))
-    more = (MAX_PARALLEL_CALLS if tools.parallel else 1) - 1
+    more = tools.max_calls - 1
     if fmt.name in ("hermes", "generic"):
         close = b.lit(fmt.call_close)
         b.rules.append(f"block: {b.lit(fmt.call_open)} WS? call WS? {close}")

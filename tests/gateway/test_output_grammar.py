@@ -78,6 +78,7 @@ HERMES_CASES: list[tuple[Tools, ResponseFormat | None, str, bool]] = [
     (Tools(BOTH, "required", parallel=False), None, CALL_W + CALL_A, False),
     (Tools(BOTH, "named", "add"), None, CALL_A, True),
     (Tools(BOTH, "named", "add"), None, CALL_W, False),
+    (Tools(BOTH, "named", "add"), None, CALL_A + CALL_A, False),  # a named choice is one call
     (Tools(BOTH, "auto"), None, "Plain words.", True),
     (Tools(BOTH, "auto"), None, "First " + CALL_W, True),
     (
