@@ -184,11 +184,16 @@ class ChatTemplate:
         *,
         add_generation_prompt: bool = True,
         tools: str | None = None,
+        reasoning_effort: str | None = None,
     ) -> str:
         """The prompt text, or :class:`ChatTemplateError` / :class:`UnsafeTemplate`.
-        ``tools``: the JSON text of the ``tools`` list templates take."""
+        ``tools``: the JSON text of the ``tools`` list templates take; ``reasoning_effort``
+        goes to the template as is and as Qwen3's ``enable_thinking`` (false for "none")."""
         return self._render(
-            [_as_dict(m, m.content) for m in messages], add_generation_prompt, _tools(tools)
+            [_as_dict(m, m.content) for m in messages],
+            add_generation_prompt,
+            _tools(tools),
+            _effort(reasoning_effort),
         )
 
     def render_segments(
@@ -198,6 +203,7 @@ class ChatTemplate:
         add_generation_prompt: bool = True,
         content_is_safe: Callable[[str], bool] = lambda _: False,
         tools: str | None = None,
+        reasoning_effort: str | None = None,
     ) -> list[Segment]:
         """The prompt as template text and message content, in order.
 
@@ -209,7 +215,12 @@ class ChatTemplate:
         ``content_is_safe`` (e.g. holds no control-token text), and a 400 is raised if not.
         """
         _check_tool_texts(messages, tools, content_is_safe)
-        real = self.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+        real = self.render(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            tools=tools,
+            reasoning_effort=reasoning_effort,
+        )
         nonce = secrets.token_hex(6)
         markers = {f"\ue000{nonce}:{i}\ue001": i for i, m in enumerate(messages) if m.content}
         marked = self._render(
@@ -219,6 +230,7 @@ class ChatTemplate:
             ],
             add_generation_prompt,
             _tools(tools),
+            _effort(reasoning_effort),
         )
         pieces = _MARKER.split(marked)  # a marker without this nonce stays text
         for transform in (_identity, str.strip):
@@ -243,11 +255,13 @@ class ChatTemplate:
         messages: list[dict[str, object]],
         add_generation_prompt: bool,
         tools: list[object] | None = None,
+        extra: dict[str, object] | None = None,
     ) -> str:
         budget = _Budget(time.monotonic() + self.timeout_s, self.max_output_chars, self.timeout_s)
         token = _budget.set(budget)
         try:
-            return "".join(self._chunks(budget, messages, add_generation_prompt, tools))
+            chunks = self._chunks(budget, messages, add_generation_prompt, tools, extra or {})
+            return "".join(chunks)
         except SecurityError as err:
             raise UnsafeTemplate(f"the chat template tried an unsafe operation: {err}") from err
         except JinjaTemplateError as err:
@@ -265,9 +279,11 @@ class ChatTemplate:
         messages: list[dict[str, object]],
         add_generation_prompt: bool,
         tools: list[object] | None,
+        extra: dict[str, object],
     ) -> Iterator[str]:
         size = 0
         for chunk in self._template.generate(
+            **extra,
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token,
@@ -285,6 +301,14 @@ class ChatTemplate:
 
 def _identity(text: str) -> str:
     return text
+
+
+def _effort(effort: str | None) -> dict[str, object]:
+    """Template variables for a request's ``reasoning_effort`` (none if it gave none: a
+    template's own default then holds)."""
+    if effort is None:
+        return {}
+    return {"reasoning_effort": effort, "enable_thinking": effort != "none"}
 
 
 def _tools(tools: str | None) -> list[object] | None:

@@ -38,7 +38,8 @@ async def generate(backend: Backend, gen: GenerationRequest) -> AsyncGenerator[D
             async for delta in stream:
                 yield delta
             return
-        parser = OutputParser(fmt, parse_tools=plan.parse_tools)
+        opened = gen.tokenized is not None and gen.tokenized.reasoning_open
+        parser = OutputParser(fmt, parse_tools=plan.parse_tools, reasoning_open=opened)
         async for delta in stream:
             for out in parser.feed(delta):
                 yield out

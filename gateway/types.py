@@ -118,10 +118,15 @@ class TokenizedPrompt:
 
     tokens: tuple[int, ...] = ()
     count: int = 0
+    #: The rendered prompt ends inside the model's reasoning (a template that opens
+    #: ``<think>`` in its generation prompt): the output starts with reasoning.
+    reasoning_open: bool = False
 
     @classmethod
-    def of(cls, tokens: tuple[int, ...] | list[int]) -> TokenizedPrompt:
-        return cls(tuple(tokens), len(tokens))
+    def of(
+        cls, tokens: tuple[int, ...] | list[int], *, reasoning_open: bool = False
+    ) -> TokenizedPrompt:
+        return cls(tuple(tokens), len(tokens), reasoning_open)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +153,8 @@ class OutputPlan:
     """
 
     grammar: str | None = None
+    #: The grammar when the prompt already opened the reasoning (None: as ``grammar``).
+    grammar_open: str | None = None
     template_tools: str | None = None
     #: Parse tool calls out of the text (off for tool_choice none).
     parse_tools: bool = False

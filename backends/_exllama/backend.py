@@ -12,11 +12,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from backends._exllama.config import EnginePlan, ExllamaModelConfig
 from backends._exllama.engine import EngineLoop, EngineModel, JobSpec, Ticket
+from backends._exllama.grammar import added_tokens
+from backends._exllama.grammar import grammars as model_grammars
 from backends._exllama.modeldir import ModelDirError, TokenizerFacts
 from backends._exllama.prompt import PromptBuilder, Tokenizer
 from gateway.backend import EngineStats
@@ -27,9 +29,12 @@ from gateway.errors import (
     ModelUnavailable,
     context_length_exceeded,
 )
+from gateway.output.formats import ChatFormat, chat_format
+from gateway.output.matchers import Grammars, request_grammar
 from gateway.types import (
     BackendInfo,
     BatchingKind,
+    Capability,
     Delta,
     Finish,
     GenerationRequest,
@@ -84,6 +89,21 @@ class _Loaded:
     model: LoadedModel
     prompts: PromptBuilder
     engine: EngineLoop
+    chat_format: ChatFormat
+    grammars: Grammars
+
+
+CAPABILITIES = frozenset(
+    {Capability.STREAMING, Capability.COMPLETIONS, Capability.TOOLS, Capability.JSON_SCHEMA}
+)
+
+
+def model_chat_format(config: ExllamaModelConfig, facts: TokenizerFacts) -> ChatFormat:
+    """The chat format from the template (or the configured ``tool_format``), its markers
+    that are added tokens of ``tokenizer.json`` named by id."""
+    fmt = chat_format(facts.chat_template or "", config.tool_format)
+    added = added_tokens(config.model_dir)
+    return replace(fmt, special={m: added[m] for m in fmt.markers if m in added})
 
 
 class ExllamaBackend:
@@ -103,13 +123,20 @@ class ExllamaBackend:
                 context_length=self.config.kv_cache.max_seq_len or 0,
                 max_concurrent=self.config.batching.max_concurrent,
                 batching=BatchingKind.CONTINUOUS,
+                capabilities=CAPABILITIES,
             )
         plan = self._loaded.model.plan
         return BackendInfo(
             context_length=plan.max_seq_len,
             max_concurrent=plan.max_concurrent,
             batching=BatchingKind.CONTINUOUS if plan.paged else BatchingKind.SERIAL,
+            capabilities=CAPABILITIES,
         )
+
+    @property
+    def chat_format(self) -> ChatFormat | None:
+        """The loaded model's chat format: the core parses and constrains its output."""
+        return None if self._loaded is None else self._loaded.chat_format
 
     async def start(self) -> None:
         if self._loaded is None:
@@ -123,6 +150,7 @@ class ExllamaBackend:
             facts = TokenizerFacts.from_model_dir(cfg.model_dir, cfg.chat_template_file)
         except ModelDirError as err:
             raise EngineError(f"model {self.name!r}: {err}") from err
+        fmt = model_chat_format(cfg, facts)
         model = self._loader(self.name, cfg)
         try:
             prompts = PromptBuilder(
@@ -131,6 +159,7 @@ class ExllamaBackend:
                 model,
                 render_timeout_s=cfg.template_render_timeout_s,
                 max_output_chars=cfg.template_max_output_bytes,
+                fmt=fmt,
             )
         except ValueError as err:
             model.unload()
@@ -155,7 +184,8 @@ class ExllamaBackend:
             plan.chunk_tokens,
             "" if facts.chat_template else "; no chat template (completions only)",
         )
-        return _Loaded(model, prompts, engine)
+        grammars = model_grammars(cfg.model_dir, model.vocab_size, model.stop_token_ids)
+        return _Loaded(model, prompts, engine, fmt, grammars)
 
     async def aclose(self) -> None:
         loaded, self._loaded = self._loaded, None
@@ -187,17 +217,28 @@ class ExllamaBackend:
         return self._loaded
 
     async def validate(self, request: GenerationRequest) -> TokenizedPrompt:
-        spec = await self._job_spec(request)
-        return TokenizedPrompt.of(spec.input_ids)
+        loaded = self._require()
+        prompt = await asyncio.to_thread(loaded.prompts.tokenize, request)
+        job_spec(request, list(prompt.tokens), loaded.model)
+        grammar = request_grammar(replace(request, tokenized=prompt))
+        if grammar is not None:  # compiled and cached now: a 400 before the request queues
+            await asyncio.to_thread(loaded.grammars.compile, *grammar)
+        return prompt
 
     async def _job_spec(self, request: GenerationRequest) -> JobSpec:
         loaded = self._require()
         tokenized = request.tokenized
-        if tokenized is not None and tokenized.tokens:  # what validate found
-            ids = list(tokenized.tokens)
-        else:
-            ids = await asyncio.to_thread(loaded.prompts.token_ids, request)
-        return job_spec(request, ids, loaded.model)
+        if tokenized is None or not tokenized.tokens:  # a direct caller: validated now
+            request = replace(request, tokenized=await self.validate(request))
+        assert request.tokenized is not None
+        spec = job_spec(request, list(request.tokenized.tokens), loaded.model)
+        grammar = request_grammar(request)
+        constraint = None
+        if grammar is not None:
+            stops = loaded.model.stop_token_ids
+            constraint = await asyncio.to_thread(loaded.grammars.constraint, *grammar, stops)
+        shows = request.output is not None and bool(loaded.chat_format.special)
+        return replace(spec, constraint=constraint, decode_special=shows)
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         loaded = self._require()

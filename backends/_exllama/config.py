@@ -13,6 +13,7 @@ from typing import Self
 from pydantic import Field, field_validator, model_validator
 
 from gateway.config import BatchingConfig, FilePath, KVCacheConfig, ModelConfig
+from gateway.output.formats import ToolFormatName
 
 PAGE_SIZE = 256
 
@@ -69,6 +70,8 @@ class ExllamaModelConfig(ModelConfig):
     model_dir: FilePath
     #: A Jinja chat template file overriding tokenizer_config.json's ``chat_template``.
     chat_template_file: FilePath | None = None
+    #: How the model writes tool calls (default: detected from the chat template).
+    tool_format: ToolFormatName | None = None
     #: Limits for rendering the chat template (it is untrusted code, run in a sandbox).
     template_render_timeout_s: float = Field(1.0, gt=0, le=60)
     template_max_output_bytes: int = Field(4_000_000, ge=1024)

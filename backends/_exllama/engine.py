@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from backends._exllama.results import Chunk, End, Failed, read_result
 from gateway.backend import EngineStats
 from gateway.errors import EngineError, GatewayError, ModelUnavailable
+from gateway.output.matchers import Constraint
 from gateway.stops import StopMatcher
 from gateway.types import Delta, Finish, FinishReason, SamplingParams, TextDelta, Usage
 
@@ -54,6 +55,10 @@ class JobSpec:
     max_new_tokens: int
     sampling: SamplingParams
     stop_token_ids: tuple[int, ...]
+    #: The grammar the output must follow (the job gets it as a filter).
+    constraint: Constraint | None = None
+    #: Decode special tokens into the text (the model's tool-call markers are some).
+    decode_special: bool = False
 
 
 class EngineModel(Protocol):
@@ -329,6 +334,13 @@ class EngineLoop:
                 self._drop(run)
             else:
                 self._running.pop(run.ticket.id)
+            return
+        constraint = run.ticket.spec.constraint
+        if constraint is not None and constraint.failed is not None:
+            self._running.pop(run.ticket.id)
+            if isinstance(event, Chunk):
+                self._drop(run)
+            run.ticket.sink.put(EngineError(f"the output grammar failed: {constraint.failed}"))
             return
         run.unsent_tokens += event.tokens
         self._send(run, run.matcher.feed(event.text))

@@ -14,9 +14,10 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from backends._exllama.modeldir import TokenizerFacts
-from gateway.chat_template import ChatTemplate
+from gateway.chat_template import ChatTemplate, Segment
 from gateway.errors import InvalidRequest
-from gateway.types import ChatMessage, GenerationRequest
+from gateway.output.formats import ChatFormat
+from gateway.types import ChatMessage, GenerationRequest, TokenizedPrompt
 
 
 class Tokenizer(Protocol):
@@ -46,10 +47,12 @@ class PromptBuilder:
         *,
         render_timeout_s: float = 1.0,
         max_output_chars: int = 4_000_000,
+        fmt: ChatFormat | None = None,
     ) -> None:
         self.model = model
         self.facts = facts
         self.tokenizer = tokenizer
+        self.fmt = fmt
         self.template = (
             ChatTemplate(
                 facts.chat_template,
@@ -63,12 +66,35 @@ class PromptBuilder:
         )
 
     def token_ids(self, request: GenerationRequest) -> list[int]:
-        if request.messages is not None:
-            return self._chat(request.messages)
-        assert request.prompt is not None
-        return self._with_bos(self.tokenizer.encode(request.prompt, special=True))
+        return list(self.tokenize(request).tokens)
 
-    def _chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+    def tokenize(self, request: GenerationRequest) -> TokenizedPrompt:
+        if request.messages is None:
+            assert request.prompt is not None
+            return TokenizedPrompt.of(
+                self._with_bos(self.tokenizer.encode(request.prompt, special=True))
+            )
+        plan = request.output
+        segments = self._render(
+            request.messages,
+            tools=plan.template_tools if plan is not None else None,
+            reasoning_effort=request.reasoning_effort,
+        )
+        opened = (
+            self.fmt is not None
+            and bool(segments)
+            and not segments[-1].content
+            and self.fmt.opens_reasoning(segments[-1].text)
+        )
+        return TokenizedPrompt.of(self._chat(segments), reasoning_open=opened)
+
+    def _render(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        tools: str | None,
+        reasoning_effort: str | None,
+    ) -> list[Segment]:
         if self.template is None:
             raise InvalidRequest(
                 f"model {self.model!r} has no chat template (none in its tokenizer_config.json "
@@ -76,7 +102,14 @@ class PromptBuilder:
                 "/v1/completions with a prompt",
                 param="messages",
             )
-        segments = self.template.render_segments(messages, content_is_safe=self._is_plain)
+        return self.template.render_segments(
+            messages,
+            content_is_safe=self._is_plain,
+            tools=tools,
+            reasoning_effort=reasoning_effort,
+        )
+
+    def _chat(self, segments: Sequence[Segment]) -> list[int]:
         if all(self._is_plain(s.text) for s in segments if s.content):
             ids = self.tokenizer.encode("".join(s.text for s in segments), special=True)
         else:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from backends._exllama.config import EnginePlan, ExllamaModelConfig, plan_engine
 from backends._exllama.engine import JobSpec
+from backends._exllama.grammar import V2Grammar, v2_filter_class
 from backends._exllama.modeldir import eos_token_ids
 from backends._exllama.runtime import LoadProgress, require_library, version
 from backends.exllamav2.config import CacheMode, ExLlamaV2ModelConfig
@@ -70,6 +71,7 @@ class ExLlamaV2Model:
     _torch: Any
     _job_class: Any
     _settings_class: Any
+    _filter_class: type[V2Grammar]
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -100,6 +102,12 @@ class ExLlamaV2Model:
             for token, value in spec.sampling.logit_bias:
                 bias[token] = value
             settings.token_bias = bias
+        filters = []
+        if spec.constraint is not None:
+            grammar = self._filter_class(
+                self.model, self.tokenizer, spec.constraint, torch.from_numpy
+            )
+            filters.append(grammar)
         return self._job_class(
             input_ids=torch.tensor([spec.input_ids], dtype=torch.long),
             max_new_tokens=spec.max_new_tokens,
@@ -107,6 +115,8 @@ class ExLlamaV2Model:
             seed=spec.sampling.seed,
             stop_conditions=list(spec.stop_token_ids),
             identifier=identifier,
+            filters=filters,
+            decode_special_tokens=spec.decode_special,
         )
 
     def cached_tokens(self, job: Any) -> int:
@@ -145,6 +155,7 @@ def load(name: str, config: ExllamaModelConfig) -> ExLlamaV2Model:
         ExLlamaV2DynamicJob,
         ExLlamaV2Sampler,
     )
+    from exllamav2.generator.filters import ExLlamaV2Filter
 
     lib_cfg = lib.ExLlamaV2Config(str(config.model_dir))
     lib_cfg.arch_compat_overrides()
@@ -195,4 +206,5 @@ def load(name: str, config: ExllamaModelConfig) -> ExLlamaV2Model:
         _torch=torch,
         _job_class=ExLlamaV2DynamicJob,
         _settings_class=ExLlamaV2Sampler.Settings,
+        _filter_class=v2_filter_class(ExLlamaV2Filter),
     )

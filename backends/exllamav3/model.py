@@ -14,6 +14,7 @@ from typing import Any
 
 from backends._exllama.config import PAGE_SIZE, EnginePlan, ExllamaModelConfig, plan_engine
 from backends._exllama.engine import JobSpec
+from backends._exllama.grammar import V3Grammar, v3_filter_class
 from backends._exllama.modeldir import eos_token_ids
 from backends._exllama.runtime import LoadProgress, require_library, version
 from backends.exllamav3.config import ExLlamaV3ModelConfig
@@ -42,6 +43,7 @@ class ExLlamaV3Model:
     _torch: Any
     _job_class: Any
     _sampler_class: Any
+    _filter_class: type[V3Grammar]
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -61,6 +63,9 @@ class ExLlamaV3Model:
 
     def make_job(self, spec: JobSpec, identifier: int) -> Any:
         torch = self._torch
+        filters = []
+        if spec.constraint is not None:
+            filters.append(self._filter_class(self.tokenizer, spec.constraint, torch.from_numpy))
         return self._job_class(
             input_ids=torch.tensor([spec.input_ids], dtype=torch.long),
             max_new_tokens=spec.max_new_tokens,
@@ -68,6 +73,8 @@ class ExLlamaV3Model:
             seed=spec.sampling.seed,
             stop_conditions=list(spec.stop_token_ids),
             identifier=identifier,
+            filters=filters,
+            decode_special_tokens=spec.decode_special,
         )
 
     def cached_tokens(self, job: Any) -> int:
@@ -92,6 +99,7 @@ def load(name: str, config: ExllamaModelConfig) -> ExLlamaV3Model:
     assert isinstance(config, ExLlamaV3ModelConfig)
     lib = require_library("exllamav3", "exllamav3")
     import torch
+    from exllamav3.generator.filter import Filter
     from exllamav3.generator.sampler import ComboSampler
 
     lib_cfg = lib.Config.from_directory(str(config.model_dir))
@@ -142,4 +150,5 @@ def load(name: str, config: ExllamaModelConfig) -> ExLlamaV3Model:
         _torch=torch,
         _job_class=lib.Job,
         _sampler_class=ComboSampler,
+        _filter_class=v3_filter_class(Filter),
     )

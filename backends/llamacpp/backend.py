@@ -14,12 +14,14 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from backends.llamacpp.config import LlamaCppConfig
 from gateway.backend import EngineStats
 from gateway.errors import InvalidRequest, ModelUnavailable, context_length_exceeded
 from gateway.output.formats import ChatFormat
+from gateway.output.matchers import request_grammar
 from gateway.types import (
     BackendInfo,
     BatchingKind,
@@ -36,14 +38,6 @@ if TYPE_CHECKING:
     from backends.llamacpp.model import LoadedModel
 
 log = logging.getLogger("backends.llamacpp")
-
-
-def _grammar(request: GenerationRequest) -> tuple[str, str] | None:
-    """The request's grammar and the field it comes from (named if it cannot compile)."""
-    if request.output is None or request.output.grammar is None:
-        return None
-    param = "response_format" if request.response_format is not None else "tools"
-    return request.output.grammar, param
 
 
 def capabilities(config: LlamaCppConfig) -> frozenset[Capability]:
@@ -139,19 +133,19 @@ class LlamaCppBackend:
     async def validate(self, request: GenerationRequest) -> TokenizedPrompt:
         _, model = self._require()
         self._check_params(request, model)
-        tokens = await asyncio.to_thread(model.prompt_builder.tokens, request)
-        self._check_length(request, len(tokens), model.n_ctx_slot)
-        grammar = _grammar(request)
+        prompt = await asyncio.to_thread(model.prompt_builder.tokenize, request)
+        self._check_length(request, prompt.count, model.n_ctx_slot)
+        grammar = request_grammar(replace(request, tokenized=prompt))
         if grammar is not None:  # compiled and cached now: a 400 before the request queues
             await asyncio.to_thread(model.grammars.compile, *grammar)
-        return TokenizedPrompt.of(tokens)
+        return prompt
 
-    async def _tokens(self, request: GenerationRequest, model: LoadedModel) -> list[int]:
-        """The prompt's tokens: what ``validate`` found, or (a direct caller) validated now."""
+    async def _validated(self, request: GenerationRequest) -> GenerationRequest:
+        """``request`` with what ``validate`` found (validated now for a direct caller)."""
         tokenized = request.tokenized
         if tokenized is None or not tokenized.tokens:
-            tokenized = await self.validate(request)
-        return list(tokenized.tokens)
+            request = replace(request, tokenized=await self.validate(request))
+        return request
 
     def _check_params(self, request: GenerationRequest, model: LoadedModel) -> None:
         n_vocab = model.tokenizer.n_vocab
@@ -192,7 +186,9 @@ class LlamaCppBackend:
         from backends.llamacpp.engine import Job
 
         engine, model = self._require()
-        prompt = await self._tokens(request, model)
+        request = await self._validated(request)
+        assert request.tokenized is not None
+        prompt = list(request.tokenized.tokens)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[list[Item]] = asyncio.Queue()
 
@@ -200,10 +196,11 @@ class LlamaCppBackend:
             loop.call_soon_threadsafe(queue.put_nowait, items)
 
         limit = model.n_ctx_slot - len(prompt)
-        grammar = _grammar(request)
-        matcher = None
+        grammar = request_grammar(request)
+        constraint = None
         if grammar is not None:
-            matcher = await asyncio.to_thread(model.grammars.matcher, *grammar)
+            stops = (model.tokenizer.eos,)
+            constraint = await asyncio.to_thread(model.grammars.constraint, *grammar, stops)
         job = Job(
             request_id=request.request_id,
             prompt=prompt,
@@ -212,7 +209,7 @@ class LlamaCppBackend:
             stop=request.stop,
             deliver=deliver,
             embed=self._embedding(request, model),
-            matcher=matcher,
+            constraint=constraint,
             logprobs=request.logprobs,
         )
         engine.submit(job)

@@ -16,7 +16,6 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from backends.llamacpp.detokenize import Detokenizer
 from backends.llamacpp.embeddings import EmbedSpec, Pooler, token_vector
@@ -27,6 +26,7 @@ from backends.llamacpp.sampling import SamplerChain
 from backends.llamacpp.slots import SlotManager
 from gateway.backend import EngineStats
 from gateway.errors import EngineError, ModelUnavailable
+from gateway.output.matchers import Constraint
 from gateway.stops import StopMatcher
 from gateway.types import (
     Delta,
@@ -59,8 +59,8 @@ class Job:
     deliver: Deliver
     #: Set for an input to embed (no tokens are generated).
     embed: EmbedSpec | None = None
-    #: The llguidance matcher of a constrained sequence (its own copy).
-    matcher: Any = None
+    #: The grammar of a constrained sequence (its own matcher).
+    constraint: Constraint | None = None
     #: Report each token's logprob and this many alternatives (None: no logprobs).
     logprobs: int | None = None
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -246,8 +246,8 @@ class Engine:
             if job.embed is None:
                 n_vocab = model.tokenizer.n_vocab
                 stage = (
-                    GrammarStage(model.llama, job.matcher, n_vocab)
-                    if job.matcher is not None
+                    GrammarStage(model.llama, job.constraint, n_vocab)
+                    if job.constraint is not None
                     else None
                 )
                 job.sampler = SamplerChain(

@@ -13,7 +13,7 @@ from backends.llamacpp import native
 from backends.llamacpp.config import GGML_TYPE_IDS, LlamaCppConfig
 from backends.llamacpp.embeddings import GGUF_POOLING, Pooling
 from backends.llamacpp.gguf_file import ModelFileError, check_model_file
-from backends.llamacpp.grammar import Grammars
+from backends.llamacpp.grammar import grammars
 from backends.llamacpp.prompt import CHATML, PromptBuilder
 from backends.llamacpp.tokenizer import Tokenizer
 from gateway.chat_template import ChatTemplate
@@ -77,8 +77,10 @@ class LoadedModel:
         self.template = self._template()
         self.chat_format = self._chat_format()
         self.tokenizer.visible = frozenset(self.chat_format.special.values())
-        self.grammars = Grammars(llama, self.vocab)
-        self.prompt_builder = PromptBuilder(self.tokenizer, self.template, self.n_ctx_slot)
+        self.grammars = grammars(llama, self.vocab)
+        self.prompt_builder = PromptBuilder(
+            self.tokenizer, self.template, self.n_ctx_slot, self.chat_format
+        )
 
     def _context_params(self, n_seq: int, n_batch: int) -> Any:
         cfg = self.config

@@ -7,7 +7,8 @@ from __future__ import annotations
 from backends.llamacpp.tokenizer import Tokenizer
 from gateway.chat_template import ChatTemplate
 from gateway.errors import InvalidRequest, context_length_exceeded
-from gateway.types import GenerationRequest
+from gateway.output.formats import ChatFormat
+from gateway.types import GenerationRequest, TokenizedPrompt
 
 #: Used (with a warning at load) when a GGUF has no ``tokenizer.chat_template``.
 CHATML = (
@@ -21,26 +22,39 @@ CHATML = (
 class PromptBuilder:
     """``max_tokens``: the context a prompt must fit; a text that cannot fit is refused before
     it is tokenized (llama.cpp's tokenizer is quadratic in the control-token texts it parses:
-    a 1 MB prompt of them takes 20 s)."""
+    a 1 MB prompt of them takes 20 s). ``fmt``: the model's chat format (whether a rendered
+    prompt opened the reasoning)."""
 
     def __init__(
-        self, tokenizer: Tokenizer, template: ChatTemplate, max_tokens: int | None = None
+        self,
+        tokenizer: Tokenizer,
+        template: ChatTemplate,
+        max_tokens: int | None = None,
+        fmt: ChatFormat | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.template = template
         self.max_tokens = max_tokens
+        self.fmt = fmt
 
     def tokens(self, request: GenerationRequest) -> list[int]:
+        return list(self.tokenize(request).tokens)
+
+    def tokenize(self, request: GenerationRequest) -> TokenizedPrompt:
         tok = self.tokenizer
+        opened = False
         if request.messages is not None:
             segments = self.template.render_segments(
                 request.messages,
                 content_is_safe=lambda text: not tok.has_special_text(text),
                 tools=request.output.template_tools if request.output is not None else None,
+                reasoning_effort=request.reasoning_effort,
             )
             parts = [(seg.text, not seg.content) for seg in segments]
+            if self.fmt is not None and segments:
+                opened = not segments[-1].content and self.fmt.opens_reasoning(segments[-1].text)
         elif request.prompt_tokens is not None:
-            return self._given_tokens(request, request.prompt_tokens)
+            return TokenizedPrompt.of(self._given_tokens(request, request.prompt_tokens))
         else:
             assert request.prompt is not None
             # A raw prompt (completions, embeddings input) is the client's own full text,
@@ -54,7 +68,7 @@ class PromptBuilder:
             tokens.insert(0, tok.bos)
         if not tokens:
             raise InvalidRequest("the prompt is empty", param=request.prompt_param)
-        return tokens
+        return TokenizedPrompt.of(tokens, reasoning_open=opened)
 
     def _given_tokens(self, request: GenerationRequest, tokens: tuple[int, ...]) -> list[int]:
         n_vocab = self.tokenizer.n_vocab

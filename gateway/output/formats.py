@@ -99,6 +99,11 @@ class ChatFormat:
     reasoning: Reasoning | None = None
     special: Mapping[str, int] = field(default_factory=dict)
 
+    def opens_reasoning(self, prompt: str) -> bool:
+        """The rendered prompt ends inside the reasoning (the template wrote its start marker
+        into the generation prompt, as DeepSeek-R1's and Qwen3's thinking templates do)."""
+        return self.reasoning is not None and prompt.rstrip().endswith(self.reasoning.start)
+
     @property
     def markers(self) -> tuple[str, ...]:
         out = list(self.tools.markers)

@@ -37,14 +37,18 @@ def _regex(text: str) -> str:
     return re.escape(text).replace("/", "\\/")
 
 
-def _name_args(tool: ToolSpec) -> str:
-    """Mistral's ``name[ARGS]{...}`` call, after its marker."""
-    return f"{json.dumps(tool.name + '[ARGS]')} {json_rule(tool.parameters)}"
+def _name_args(b: GrammarBuilder, tool: ToolSpec) -> str:
+    """Mistral's ``name[ARGS]{...}`` call, after its marker (``[ARGS]`` a token where the
+    vocabulary has one: the model writes it so, and text never matches a control token)."""
+    return f"{json.dumps(tool.name)} {b.lit('[ARGS]')} {json_rule(tool.parameters)}"
 
 
 class GrammarBuilder:
-    def __init__(self, fmt: ChatFormat) -> None:
+    """``opened``: the prompt already opened the reasoning (the output starts inside it)."""
+
+    def __init__(self, fmt: ChatFormat, *, opened: bool = False) -> None:
         self.fmt = fmt
+        self.opened = opened
         self.rules: list[str] = []
 
     def lit(self, text: str) -> str:
@@ -70,10 +74,13 @@ class GrammarBuilder:
         return name
 
     def reasoning(self) -> str:
-        """An optional reasoning part before the answer."""
+        """The reasoning before the answer: optional, or (already opened) its rest."""
         r = self.fmt.reasoning
         if r is None:
             return ""
+        if self.opened:
+            self.rules.append(f"think: {self.until(r.end)} WS?")
+            return "think "
         self.rules.append(f"think: {self.lit(r.start)} {self.until(r.end)} WS?")
         return "think? "
 
@@ -85,7 +92,7 @@ class GrammarBuilder:
 
 def _call(b: GrammarBuilder, fmt: ToolFormat, tool: ToolSpec) -> str:
     if fmt.name == "mistral_args":
-        return f"{b.lit(fmt.start)} {_name_args(tool)}"
+        return f"{b.lit(fmt.start)} {_name_args(b, tool)}"
     args = json_rule(tool.parameters)
     head = json.dumps(f'{{"name": {json.dumps(tool.name)}, "{fmt.arguments_key}": ')
     return f'{head} {args} "}}"'
@@ -114,15 +121,20 @@ def _calls(b: GrammarBuilder, tools: Tools, *, started: bool) -> str:
     # mistral_args: every call carries its own marker
     if not started:
         return "call" + _repeat("(WS? call)", more)
-    b.rules.append("first: " + " | ".join(_name_args(t) for t in tools.offered))
+    b.rules.append("first: " + " | ".join(_name_args(b, t) for t in tools.offered))
     return "first" + _repeat("(WS? call)", more)
 
 
 def grammar_for(
-    fmt: ChatFormat, tools: Tools | None, response_format: ResponseFormat | None
+    fmt: ChatFormat,
+    tools: Tools | None,
+    response_format: ResponseFormat | None,
+    *,
+    opened: bool = False,
 ) -> str | None:
-    """The Lark grammar a generation must follow (None: free text)."""
-    b = GrammarBuilder(fmt)
+    """The Lark grammar a generation must follow (None: free text); ``opened``: the variant
+    for a prompt that ends inside the reasoning."""
+    b = GrammarBuilder(fmt, opened=opened)
     content = None
     if response_format is not None:
         content = json_rule(response_format.schema or OBJECT_SCHEMA)

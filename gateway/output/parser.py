@@ -53,11 +53,13 @@ def _held_back(text: str, markers: tuple[str, ...]) -> int:
 class OutputParser:
     """One generation's parser."""
 
-    def __init__(self, fmt: ChatFormat, *, parse_tools: bool) -> None:
+    def __init__(self, fmt: ChatFormat, *, parse_tools: bool, reasoning_open: bool = False) -> None:
+        """``reasoning_open``: the prompt opened the reasoning, the text starts inside it."""
         self.fmt = fmt
         self.tools = fmt.tools
         self.parse_tools = parse_tools
-        self.mode: Mode = "content"
+        opened = reasoning_open and fmt.reasoning is not None
+        self.mode: Mode = "reasoning" if opened else "content"
         self._buf = ""
         self._out: list[Delta] = []
         self._tokens = 0

@@ -49,8 +49,12 @@ def plan_output(request: GenerationRequest, fmt: ChatFormat) -> GenerationReques
     needed = offered or request.response_format is not None or fmt.reasoning is not None
     if not needed and messages == request.messages:
         return request
+    grammar_open = None
+    if fmt.reasoning is not None:
+        grammar_open = grammar_for(fmt, tools, request.response_format, opened=True)
     plan = OutputPlan(
         grammar=grammar_for(fmt, tools, request.response_format),
+        grammar_open=grammar_open,
         template_tools=template_tools(offered) if offered and fmt.tools.native else None,
         parse_tools=bool(offered),
         format=fmt,

@@ -200,6 +200,8 @@ class FakeModel:
     bos_token_id: int | None = BOS
     encoded: list[tuple[str, bool]] = field(default_factory=list)
     jobs: list[FakeJob] = field(default_factory=list)
+    #: What each job was made from (its grammar, whether it decodes special tokens).
+    specs: list[JobSpec] = field(default_factory=list)
     unloaded: bool = False
     fail_make_job: bool = False
 
@@ -227,6 +229,7 @@ class FakeModel:
             seed=spec.sampling.seed,
         )
         self.jobs.append(job)
+        self.specs.append(spec)
         return job
 
     def cached_tokens(self, job: FakeJob) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import pytest
 
@@ -319,3 +320,26 @@ def test_idle_engine_waits_without_spinning(
     steps = model.generator.iterations
     time.sleep(0.05)
     assert model.generator.iterations == steps
+
+
+class BrokenGrammar:
+    """A sequence's grammar that fails after some tokens (what the engine reads of it)."""
+
+    def __init__(self) -> None:
+        self.failed: str | None = None
+
+
+def test_a_failed_grammar_fails_only_its_job_and_frees_it(engine_factory: Factory) -> None:
+    engine, model = engine_factory(endless(), step_delay_s=0.002)
+    grammar = BrokenGrammar()
+    constrained = replace(spec(max_new=10_000), constraint=grammar)  # type: ignore[arg-type]
+    _, bad = submit(engine, constrained)
+    _, good = submit(engine, spec(max_new=40))
+    wait_until(lambda: len(bad.items) >= 2)
+    grammar.failed = "token 7 does not satisfy the grammar"
+    err = bad.wait()[-1]
+    assert isinstance(err, EngineError) and "output grammar failed: token 7" in err.message
+    good.wait()
+    assert good.finish.reason == "length"
+    wait_until(lambda: model.generator.num_remaining_jobs() == 0)
+    assert len(model.generator.cancelled) == 1, "the failed job left the generator"

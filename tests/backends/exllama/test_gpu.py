@@ -211,6 +211,56 @@ def test_n_choices(server: ServerThread) -> None:
     assert r.usage is not None and r.usage.completion_tokens == 24
 
 
+SMALL = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+def test_json_schema_is_enforced_by_the_filter(server: ServerThread) -> None:
+    """The grammar runs as the library's filter: random weights, yet every output parses
+    and validates (n = 2, temperatures 0 and 1.2, concurrent with a free stream)."""
+    import jsonschema  # type: ignore[import-untyped]
+
+    c = client(server)
+    fmt: Any = {"type": "json_schema", "json_schema": {"name": "p", "schema": SMALL}}
+    ask: Any = [{"role": "user", "content": "A person as JSON."}]
+
+    def constrained(temperature: float) -> Any:
+        return c.chat.completions.create(
+            model="m", messages=ask, response_format=fmt, n=2, max_tokens=80,
+            temperature=temperature, seed=5,
+        )  # fmt: skip
+
+    with ThreadPoolExecutor(3) as pool:
+        free = pool.submit(lambda: c.completions.create(model="m", prompt=PROMPT, max_tokens=32))
+        runs = [pool.submit(constrained, t) for t in (0.0, 1.2)]
+        for run in runs:
+            for choice in run.result().choices:
+                if choice.finish_reason == "stop":
+                    jsonschema.validate(json.loads(choice.message.content or ""), SMALL)
+        assert free.result().choices[0].text
+
+
+def test_a_required_tool_call_is_enforced(server: ServerThread) -> None:
+    tool: Any = {"type": "function", "function": {"name": "person", "parameters": SMALL}}
+    r = client(server).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "Call it."}], tools=[tool],
+        tool_choice="required", max_tokens=120, temperature=1.0,
+    )  # fmt: skip
+    choice = r.choices[0]
+    if choice.finish_reason == "tool_calls":
+        calls = choice.message.tool_calls or []
+        assert calls and all(call.function.name == "person" for call in calls)  # type: ignore[union-attr]
+    else:
+        assert choice.finish_reason == "length"
+
+
 def test_stop_string(server: ServerThread) -> None:
     c, bias = client(server), no_eos(server)
     base = c.completions.create(

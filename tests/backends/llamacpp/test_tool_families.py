@@ -24,7 +24,7 @@ from openai.lib.streaming.chat import ChatCompletionStreamState
 
 from backends.llamacpp import LlamaCppBackend
 from gateway.testing import ServerThread
-from gateway.types import GenerationRequest
+from gateway.types import GenerationRequest, TokenizedPrompt
 from tests.backends.llamacpp.conftest import backend_of, client_for, model_table, serve
 from tests.backends.llamacpp.families import FAMILIES, Family
 from tests.backends.llamacpp.tiny_gguf import write_tiny_gguf
@@ -66,13 +66,14 @@ class Spy:
         model = backend._model
         assert model is not None
         self.tokenizer = model.tokenizer
-        self._tokens = model.prompt_builder.tokens
+        self._tokenize = model.prompt_builder.tokenize
         self.last: list[int] = []
-        model.prompt_builder.tokens = self._record  # type: ignore[method-assign]
+        model.prompt_builder.tokenize = self._record  # type: ignore[method-assign]
 
-    def _record(self, request: GenerationRequest) -> list[int]:
-        self.last = self._tokens(request)
-        return self.last
+    def _record(self, request: GenerationRequest) -> TokenizedPrompt:
+        prompt = self._tokenize(request)
+        self.last = list(prompt.tokens)
+        return prompt
 
     def text(self) -> str:
         return b"".join(self.tokenizer.bytes_of(t) for t in self.last).decode()

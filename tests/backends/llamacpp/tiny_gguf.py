@@ -50,7 +50,7 @@ CHATML = Vocab()
 #: Characters the model writes one byte-token at a time (all their bytes distinct).
 MULTIBYTE_CHARS = ("😀", "中", "é")
 
-_CORPUS = """
+CORPUS = """
 The quick brown fox jumps over the lazy dog. Hello world! How are you today?
 You are a helpful assistant. The user asks a question and the assistant answers.
 What is the capital of France? The capital of France is Paris. Tell me a story
@@ -73,7 +73,7 @@ def bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(printable, chars, strict=True)}
 
 
-def _train_bpe(corpus: str, n_merges: int) -> tuple[list[str], list[str]]:
+def train_bpe(corpus: str, n_merges: int) -> tuple[list[str], list[str]]:
     b2u = bytes_to_unicode()
     vocab = [b2u[b] for b in range(256)]
     known = set(vocab)
@@ -118,7 +118,7 @@ def write_tiny_gguf(
     seed: int = 0,
 ) -> Path:
     """Write the model to ``path`` (about 250 KB, well under a second) and return ``path``."""
-    bpe, merges = _train_bpe(_CORPUS, 200)
+    bpe, merges = train_bpe(CORPUS, 200)
     added = (*vocab.control, *vocab.user_defined)
     tokens = [*added, *bpe]
     n_vocab = len(tokens)

@@ -1,0 +1,151 @@
+"""Grammars compiled for one model's vocabulary, and one sequence's grammar as the engines use
+it: llguidance only, no inference library (each backend builds the tokenizer its own way).
+
+:class:`Grammars` is one model's grammar engine: its llguidance tokenizer (built on the first
+constrained request, from a factory the backend supplies) and a bounded cache of compiled
+grammars (a pristine matcher per distinct grammar text; each sequence gets a copy). Compiling
+runs in the request's worker thread, never on an engine thread.
+
+:class:`Constraint` is one sequence's matcher behind the three operations every engine needs
+(the mask for the next token, accepting the sampled token, the state). A token the matcher
+rejects puts it in an error state, never an exception on the engine thread: the mask then
+allows only the stop tokens and the engine fails that sequence alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import llguidance
+
+from gateway.errors import InvalidRequest
+from gateway.types import GenerationRequest
+
+#: Resource limits per grammar: llguidance's defaults bound each mask step (~15 ms at worst).
+LIMITS = llguidance.LLParserLimits()
+
+TokenizerFactory = Callable[[], llguidance.LLTokenizer]
+
+
+def request_grammar(request: GenerationRequest) -> tuple[str, str] | None:
+    """The grammar a generation must follow and the field it comes from (named in the 400 if
+    it cannot compile); the variant for a prompt that opened the reasoning where it did."""
+    plan = request.output
+    if plan is None:
+        return None
+    opened = request.tokenized is not None and request.tokenized.reasoning_open
+    grammar = plan.grammar_open if opened and plan.grammar_open is not None else plan.grammar
+    if grammar is None:
+        return None
+    param = "response_format" if request.response_format is not None else "tools"
+    return grammar, param
+
+
+class Grammars:
+    def __init__(self, make_tokenizer: TokenizerFactory, cache_size: int = 64) -> None:
+        self._make_tokenizer = make_tokenizer
+        self._lock = threading.Lock()
+        self._tokenizer: llguidance.LLTokenizer | None = None
+        self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
+        self.cache_size = cache_size
+
+    def tokenizer(self) -> llguidance.LLTokenizer:
+        with self._lock:
+            if self._tokenizer is None:
+                self._tokenizer = self._make_tokenizer()
+            return self._tokenizer
+
+    def matcher(self, grammar: str, param: str) -> llguidance.LLMatcher:
+        """A fresh matcher for ``grammar`` (a 400 naming ``param`` if it does not compile)."""
+        return self.compile(grammar, param).deep_copy()
+
+    def compile(self, grammar: str, param: str) -> llguidance.LLMatcher:
+        """The cached pristine matcher for ``grammar`` (compiled now if new); never consume
+        tokens with it: :meth:`matcher` copies it."""
+        with self._lock:
+            pristine = self._compiled.get(grammar)
+            if pristine is not None:
+                self._compiled.move_to_end(grammar)
+                return pristine
+        tokenizer = self.tokenizer()
+        compiled = llguidance.LLMatcher.grammar_from_lark(grammar)
+        error = llguidance.LLMatcher.validate_grammar(compiled, tokenizer, limits=LIMITS)
+        if error:
+            reason = error.splitlines()[0]
+            raise InvalidRequest(f"'{param}' cannot be enforced: {reason}", param=param)
+        pristine = llguidance.LLMatcher(tokenizer, compiled, log_level=0, limits=LIMITS)
+        if pristine.is_error():
+            raise InvalidRequest(
+                f"'{param}' cannot be enforced: {pristine.get_error()}", param=param
+            )
+        with self._lock:
+            self._compiled[grammar] = pristine
+            while len(self._compiled) > self.cache_size:
+                self._compiled.popitem(last=False)
+        return pristine
+
+    def constraint(self, grammar: str, param: str, stop_tokens: Sequence[int]) -> Constraint:
+        return Constraint(self.matcher(grammar, param), self.tokenizer().vocab_size, stop_tokens)
+
+
+class Constraint:
+    """One sequence's grammar. Not thread-safe: one engine drives it (a mask may be computed
+    on a worker thread while the model runs, never at the same time as :meth:`accept`)."""
+
+    def __init__(
+        self, matcher: llguidance.LLMatcher, n_vocab: int, stop_tokens: Sequence[int]
+    ) -> None:
+        self.matcher = matcher
+        self.n_vocab = n_vocab
+        #: The packed mask (little-endian 32-bit words; bit ``i & 31`` of word ``i >> 5`` is
+        #: token i), one buffer for the sequence's life: engines view it without a copy.
+        self.mask = bytearray(4 * ((n_vocab + 31) // 32))
+        #: Held: the buffer stays exported (never resized) while the matcher writes into it.
+        self._view = (ctypes.c_char * len(self.mask)).from_buffer(self.mask)
+        self._address = ctypes.addressof(self._view)
+        self._stops = [t for t in stop_tokens if 0 <= t < n_vocab]
+        self.accepted = 0
+
+    def compute_mask(self) -> bytearray:
+        """The mask of the tokens the grammar allows next (into :attr:`mask`). After an
+        error or the end of the grammar: only the stop tokens, so the sequence ends."""
+        m = self.matcher
+        if not m.is_error() and not m.is_stopped():
+            m.unsafe_compute_mask_ptr(self._address, len(self.mask))
+            if not m.is_error():
+                return self.mask
+        self.mask[:] = bytes(len(self.mask))
+        for token in self._stops:
+            self.mask[token >> 3] |= 1 << (token & 7)  # little-endian words: bytes in order
+        return self.mask
+
+    def accept(self, token: int) -> None:
+        """Advance past the sampled ``token`` (a no-op once the grammar ended or failed)."""
+        m = self.matcher
+        if m.is_error() or m.is_stopped():
+            return
+        if m.consume_token(int(token)):
+            self.accepted += 1
+
+    def reset(self) -> None:
+        self.matcher.reset()
+        self.accepted = 0
+
+    def rollback(self, n: int) -> bool:
+        """Undo the last ``n`` accepted tokens; False if the matcher cannot."""
+        if n > self.accepted or self.matcher.is_error():
+            return False
+        self.matcher.rollback(n)
+        self.accepted -= n
+        return not self.matcher.is_error()
+
+    @property
+    def failed(self) -> str | None:
+        return self.matcher.get_error() if self.matcher.is_error() else None
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.matcher.is_stopped())
