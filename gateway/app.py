@@ -18,7 +18,8 @@ from starlette.routing import BaseRoute, Route
 
 from gateway.admin import admin_routes
 from gateway.config import GatewayConfig
-from gateway.endpoints import ENDPOINTS
+from gateway.endpoints import endpoints
+from gateway.endpoints.responses.routes import responses_routes
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
@@ -127,9 +128,11 @@ def create_app(
             await asyncio.gather(app.state.loading, return_exceptions=True)
             await services.plugins.shutdown()
             await services.pool.aclose()
+            await services.store.aclose()
 
     routes: list[BaseRoute] = [
-        *(endpoint_route(services, endpoint) for endpoint in ENDPOINTS),
+        *(endpoint_route(services, endpoint) for endpoint in endpoints(services.store)),
+        *responses_routes(services),
         *_models_routes(services),
         *_health_routes(services.pool),
         *admin_routes(services),

@@ -8,6 +8,7 @@ key path, e.g. ``models.smol.batching.max_queue``.
 from __future__ import annotations
 
 import importlib.util
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +120,29 @@ class LifecycleConfig(StrictModel):
         return value
 
 
+def default_state_dir() -> Path:
+    """Where the gateway keeps state by default: ``$XDG_STATE_HOME/gateway``."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "gateway"
+
+
+class ResponsesConfig(StrictModel):
+    """``[responses]``: where ``/v1/responses`` keeps stored responses (``store``, the
+    default, and ``previous_response_id``)."""
+
+    #: The SQLite file (default: ``$XDG_STATE_HOME/gateway/responses.sqlite3``).
+    path: str | None = None
+    #: Share the stored responses of several gateways through Redis instead.
+    redis_url: str | None = None
+    #: How long a stored response is kept (OpenAI: 30 days).
+    ttl_s: float = Field(30 * 86400.0, gt=0)
+    #: The most bytes of stored responses kept; the oldest go first beyond it.
+    max_bytes: int = Field(1 << 30, ge=1024)
+
+    def sqlite_path(self) -> Path:
+        return Path(self.path) if self.path else default_state_dir() / "responses.sqlite3"
+
+
 class PluginConfig(StrictModel):
     """Base for plugin tables; ``enabled = false`` keeps a table without running the plugin."""
 
@@ -132,6 +156,7 @@ class GatewayConfig:
     models: dict[str, ModelConfig]
     plugins: dict[str, PluginConfig]
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
+    responses: ResponsesConfig = field(default_factory=ResponsesConfig)
 
     def model_names(self) -> list[str]:
         return list(self.models)
@@ -240,10 +265,11 @@ def parse_config(raw: dict[str, Any], source: str, base_dir: Path | None = None)
     """
     problems: list[str] = []
     context: dict[str, object] = {"base_dir": base_dir}
-    unknown = set(raw) - {"server", "models", "plugins", "lifecycle"}
+    unknown = set(raw) - {"server", "models", "plugins", "lifecycle", "responses"}
     problems.extend(f"{key}: unknown top-level table" for key in sorted(unknown))
     server = _validate(ServerConfig, raw.get("server", {}), "server", problems)
     lifecycle = _validate(LifecycleConfig, raw.get("lifecycle", {}), "lifecycle", problems)
+    responses = _validate(ResponsesConfig, raw.get("responses", {}), "responses", problems)
     models = _parse_models(raw.get("models", {}), problems, context)
     plugins = _parse_plugins(raw.get("plugins", {}), problems, context)
     _check_names(models, problems)
@@ -253,10 +279,16 @@ def parse_config(raw: dict[str, Any], source: str, base_dir: Path | None = None)
         problems
         or not isinstance(server, ServerConfig)
         or not isinstance(lifecycle, LifecycleConfig)
+        or not isinstance(responses, ResponsesConfig)
     ):
         raise ConfigError(source, problems)
     return GatewayConfig(
-        source=source, server=server, models=models, plugins=plugins, lifecycle=lifecycle
+        source=source,
+        server=server,
+        models=models,
+        plugins=plugins,
+        lifecycle=lifecycle,
+        responses=responses,
     )
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.config import GatewayConfig
 from gateway.plugins import PluginChain, plugin_factory
 from gateway.pool import ModelPool
+from gateway.store import ResponseStore, open_store
 
 
 @dataclass(frozen=True)
@@ -14,6 +15,12 @@ class Services:
     config: GatewayConfig
     pool: ModelPool
     plugins: PluginChain
+    #: Stored responses (``/v1/responses``), opened on first use.
+    store: ResponseStore = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.store is None:
+            object.__setattr__(self, "store", open_store(self.config.responses))
 
 
 def build_services(config: GatewayConfig) -> Services:

@@ -48,6 +48,9 @@ class ToolSpec:
     description: str = ""
     parameters: str = '{"type": "object", "properties": {}}'
     strict: bool = False
+    #: The request field that holds ``parameters`` (named in a 400; None: chat's
+    #: ``tools[i].function.parameters``).
+    param: str | None = None
 
 
 ToolChoiceMode = Literal["auto", "none", "required", "named"]
@@ -88,6 +91,8 @@ class ResponseFormat:
     schema: str | None = None
     name: str = "response"
     strict: bool = False
+    #: The request field that holds ``schema`` (named in a 400).
+    param: str = "response_format.json_schema.schema"
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,7 +303,7 @@ class Finish:
 #: (``match`` + ``assert_never``), so mypy names every place a new kind must be handled.
 Delta = TextDelta | ReasoningDelta | ToolCallDelta | EmbeddingDelta | Finish
 
-Endpoint = Literal["chat", "completion", "embeddings"]
+Endpoint = Literal["chat", "completion", "embeddings", "responses"]
 
 
 class Capability(StrEnum):
@@ -342,6 +347,11 @@ class ClientRequest:
     choices_per_prompt: int = 1
     #: How an embeddings response encodes its vectors.
     encoding_format: Literal["float", "base64"] = "float"
+    #: What the endpoint keeps of the request for its response (e.g. the fields a Responses
+    #: API object echoes); only the endpoint that set it reads it.
+    endpoint_state: object = None
+    #: Response headers the endpoint adds (e.g. the tools it did not offer the model).
+    headers: tuple[tuple[str, str], ...] = ()
 
     @property
     def n(self) -> int:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# the default stores (stored responses) of every gateway a test starts, in-process or not
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="gateway-tests-state-")
 
 
 def _cuda_available() -> bool:

@@ -1,7 +1,7 @@
 """The OpenAI endpoints the gateway serves, each a parser and its encoders.
 
 Adding an endpoint: write a module here with a class satisfying
-:class:`gateway.endpoints.base.EndpointSpec` and list it in :data:`ENDPOINTS`; the request
+:class:`gateway.endpoints.base.EndpointSpec` and list it in :func:`endpoints`; the request
 flow (:mod:`gateway.flow`) gives it plugins, model lookup, capabilities, validation,
 admission, streaming and cancellation.
 """
@@ -12,7 +12,12 @@ from gateway.endpoints.base import EndpointSpec
 from gateway.endpoints.chat import ChatEndpoint
 from gateway.endpoints.completions import CompletionsEndpoint
 from gateway.endpoints.embeddings import EmbeddingsEndpoint
+from gateway.endpoints.responses import ResponsesEndpoint
+from gateway.store import ResponseStore
 
-ENDPOINTS: tuple[EndpointSpec, ...] = (ChatEndpoint(), CompletionsEndpoint(), EmbeddingsEndpoint())
 
-__all__ = ["ENDPOINTS", "EndpointSpec"]
+def endpoints(store: ResponseStore) -> tuple[EndpointSpec, ...]:
+    return (ChatEndpoint(), CompletionsEndpoint(), EmbeddingsEndpoint(), ResponsesEndpoint(store))
+
+
+__all__ = ["EndpointSpec", "endpoints"]

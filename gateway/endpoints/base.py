@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, assert_never
 
 from gateway.errors import GatewayError
+from gateway.plugins import RequestContext
 from gateway.types import (
     ClientRequest,
     Delta,
@@ -37,6 +38,7 @@ class ChoiceResult:
 
     text: list[str] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
+    reasoning_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
     tool_calls: list[ToolCall] = field(default_factory=list)
     embedding: tuple[float, ...] | None = None
@@ -47,8 +49,9 @@ class ChoiceResult:
             case TextDelta(text=text, logprobs=logprobs):
                 self.text.append(text)
                 self.logprobs.extend(logprobs)
-            case ReasoningDelta(text=text):
+            case ReasoningDelta(text=text, tokens=tokens):
                 self.reasoning.append(text)
+                self.reasoning_tokens += tokens
             case ToolCallDelta():
                 self._add_call(delta)
             case EmbeddingDelta(vector=vector):
@@ -92,8 +95,9 @@ class StreamEncoder(Protocol):
 
     def delta(self, index: int, delta: Delta) -> list[bytes]: ...
 
-    def end(self, usage: Usage) -> list[bytes]:
-        """The events after every choice finished (usage if asked, ``[DONE]``)."""
+    async def end(self, usage: Usage) -> list[bytes]:
+        """The events after every choice finished (usage if asked, ``[DONE]``); the
+        endpoint may keep what it needs of the response before they are sent."""
         ...
 
     def error(self, error: GatewayError) -> bytes:
@@ -115,10 +119,22 @@ class EndpointSpec(Protocol):
 
     def parse(self, body: bytes, request_id: str) -> ClientRequest: ...
 
+    async def resolve(self, request: ClientRequest, ctx: RequestContext) -> ClientRequest:
+        """The request completed from state the endpoint keeps (e.g. a stored conversation),
+        after the plugins' header hook has said who is calling."""
+        ...
+
     def stream_encoder(
         self, request: ClientRequest, response_id: str, created: int
     ) -> StreamEncoder: ...
 
-    def body(
+    async def body(
         self, request: ClientRequest, response_id: str, created: int, result: Result
     ) -> bytes: ...
+
+
+class Stateless:
+    """The :meth:`EndpointSpec.resolve` of an endpoint that keeps nothing between requests."""
+
+    async def resolve(self, request: ClientRequest, ctx: RequestContext) -> ClientRequest:
+        return request

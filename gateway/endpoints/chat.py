@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import assert_never
 
-from gateway.endpoints.base import ChoiceResult, Result
+from gateway.endpoints.base import ChoiceResult, Result, Stateless
 from gateway.endpoints.chunks import ChunkStream, completion_body, json_string
 from gateway.endpoints.logprobs import chat_logprobs
 from gateway.sse import frame
@@ -103,7 +103,7 @@ def _message(choice: ChoiceResult) -> dict[str, object]:
 
 
 @dataclass(frozen=True)
-class ChatEndpoint:
+class ChatEndpoint(Stateless):
     name: Endpoint = "chat"
     path: str = "/v1/chat/completions"
     id_prefix: str = "chatcmpl-"
@@ -116,7 +116,9 @@ class ChatEndpoint:
     ) -> ChatStreamEncoder:
         return ChatStreamEncoder(request, response_id, created)
 
-    def body(self, request: ClientRequest, response_id: str, created: int, result: Result) -> bytes:
+    async def body(
+        self, request: ClientRequest, response_id: str, created: int, result: Result
+    ) -> bytes:
         choices: list[object] = []
         for g in request.generations:
             choice = result.choice(g.index)

@@ -34,7 +34,7 @@ class ChunkStream:
         self.request = request
         self.head = ChunkHead(obj, response_id, created, request.model)
 
-    def end(self, usage: Usage) -> list[bytes]:
+    async def end(self, usage: Usage) -> list[bytes]:
         events = [self.head.usage(usage)] if self.request.include_usage else []
         return [*events, DONE]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import assert_never
 
-from gateway.endpoints.base import Result
+from gateway.endpoints.base import Result, Stateless
 from gateway.endpoints.chunks import ChunkStream, completion_body, json_string
 from gateway.endpoints.logprobs import completion_logprobs
 from gateway.sse import frame
@@ -75,7 +75,7 @@ class CompletionStreamEncoder(ChunkStream):
 
 
 @dataclass(frozen=True)
-class CompletionsEndpoint:
+class CompletionsEndpoint(Stateless):
     name: Endpoint = "completion"
     path: str = "/v1/completions"
     id_prefix: str = "cmpl-"
@@ -88,7 +88,9 @@ class CompletionsEndpoint:
     ) -> CompletionStreamEncoder:
         return CompletionStreamEncoder(request, response_id, created)
 
-    def body(self, request: ClientRequest, response_id: str, created: int, result: Result) -> bytes:
+    async def body(
+        self, request: ClientRequest, response_id: str, created: int, result: Result
+    ) -> bytes:
         choices: list[object] = []
         for g in request.generations:
             choice = result.choice(g.index)

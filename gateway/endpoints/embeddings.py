@@ -7,7 +7,7 @@ import base64
 import struct
 from dataclasses import dataclass
 
-from gateway.endpoints.base import Result, StreamEncoder
+from gateway.endpoints.base import Result, Stateless, StreamEncoder
 from gateway.errors import EngineError
 from gateway.types import ClientRequest, Endpoint
 from gateway.wire.convert import embeddings_request
@@ -22,7 +22,7 @@ def encode_vector(vector: tuple[float, ...], encoding: str) -> list[float] | str
 
 
 @dataclass(frozen=True)
-class EmbeddingsEndpoint:
+class EmbeddingsEndpoint(Stateless):
     name: Endpoint = "embeddings"
     path: str = "/v1/embeddings"
     id_prefix: str = "embd-"
@@ -35,7 +35,9 @@ class EmbeddingsEndpoint:
     ) -> StreamEncoder:
         raise TypeError("embeddings are never streamed")
 
-    def body(self, request: ClientRequest, response_id: str, created: int, result: Result) -> bytes:
+    async def body(
+        self, request: ClientRequest, response_id: str, created: int, result: Result
+    ) -> bytes:
         data = []
         for g in request.generations:
             vector = result.choice(g.index).embedding

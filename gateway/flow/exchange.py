@@ -97,7 +97,7 @@ class Exchange:
             check_complete(self.request.generations, self.progress)
             outcome = "completed"
             self._finished = True
-            for event in encoder.end(self.progress.usage()):
+            for event in await encoder.end(self.progress.usage()):
                 yield event
         except Exception as exc:  # after the headers: one error event, then the stream ends
             error = as_gateway_error(exc, self.ctx.request_id)
@@ -116,7 +116,7 @@ class Exchange:
             await self.drain.bounded(self._gather(result))
             check_complete(self.request.generations, self.progress)
             result.usage = self.progress.usage()
-            body = self.endpoint.body(self.request, self.ctx.request_id, self.created, result)
+            body = await self.endpoint.body(self.request, self.ctx.request_id, self.created, result)
         except Exception as exc:
             error = as_gateway_error(exc, self.ctx.request_id)
             log.error("request %s failed: %s", self.ctx.request_id, error.message)

@@ -69,6 +69,8 @@ async def prepare(
     await services.plugins.on_request_headers(ctx)
     body = await read_json_body(http, services.config.server.max_body_bytes)
     request = endpoint.parse(body, ctx.request_id)
+    request = await endpoint.resolve(request, ctx)
+    ctx.response_headers.update(request.headers)
     entry = services.pool.resolve(request.model)
     ctx.model, ctx.request = entry.name, request
     await services.plugins.on_request(ctx, request)

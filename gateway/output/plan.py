@@ -34,10 +34,10 @@ def check_schemas(request: GenerationRequest) -> None:
     """Every schema of the request compiles (run in a worker thread: up to ~50 ms each)."""
     if request.tools is not None:
         for i, tool in enumerate(request.tools.specs):
-            check_schema(tool.parameters, f"tools[{i}].function.parameters")
+            check_schema(tool.parameters, tool.param or f"tools[{i}].function.parameters")
     fmt = request.response_format
     if fmt is not None and fmt.schema is not None:
-        check_schema(fmt.schema, "response_format.json_schema.schema")
+        check_schema(fmt.schema, fmt.param)
 
 
 def plan_output(request: GenerationRequest, fmt: ChatFormat) -> GenerationRequest:
@@ -116,7 +116,7 @@ async def plan_request(request: ClientRequest, fmt: ChatFormat | None) -> Client
     first = request.generations[0]
     if _needs_schema_check(first):  # the generations share their tools and formats
         await asyncio.to_thread(check_schemas, first)
-    if request.endpoint == "chat":
+    if first.is_chat:  # chat completions, responses
         gens = tuple(plan_output(g, fmt) for g in request.generations)
     else:  # a raw completion: constrained if asked, never parsed
         gens = tuple(_completion_plan(g, fmt) for g in request.generations)

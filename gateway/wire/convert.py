@@ -118,7 +118,7 @@ def _check_extra(wire: WireModel) -> None:
             log.info("ignoring unknown request field %r (logged once)", name[:64])
 
 
-def _parse(schema: type[W], body: bytes) -> W:
+def parse_body(schema: type[W], body: bytes) -> W:
     """The body as ``schema`` (a 400 naming the field otherwise); unknown fields checked."""
     try:
         wire = schema.model_validate_json(body)
@@ -318,7 +318,7 @@ def _include_usage(wire: SamplingFields) -> bool:
 
 
 def chat_request(body: bytes, request_id: str) -> ClientRequest:
-    wire = _parse(ChatCompletionRequest, body)
+    wire = parse_body(ChatCompletionRequest, body)
     _check_chat_unsupported(wire)
     both = wire.max_tokens is not None and wire.max_completion_tokens is not None
     if both and wire.max_tokens != wire.max_completion_tokens:
@@ -361,7 +361,7 @@ def _check_completion_unsupported(wire: CompletionRequest) -> None:
 
 
 def completion_request(body: bytes, request_id: str) -> ClientRequest:
-    wire = _parse(CompletionRequest, body)
+    wire = parse_body(CompletionRequest, body)
     _check_completion_unsupported(wire)
     prompts = _prompts(wire)
     if len(prompts) * wire.n > 128:
@@ -417,7 +417,7 @@ def _embedding_inputs(wire: EmbeddingsRequest) -> list[str | tuple[int, ...]]:
 
 
 def embeddings_request(body: bytes, request_id: str) -> ClientRequest:
-    wire = _parse(EmbeddingsRequest, body)
+    wire = parse_body(EmbeddingsRequest, body)
     embed = EmbedParams(dimensions=wire.dimensions)
     generations = []
     for i, item in enumerate(_embedding_inputs(wire)):

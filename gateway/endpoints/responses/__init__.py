@@ -1,0 +1,86 @@
+"""``POST /v1/responses``: OpenAI's Responses API, streamed and not, stored for
+``previous_response_id`` (:mod:`gateway.store`). The items in, the events out, the tools and
+the stored records each have their module here; the request flow is the shared one."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+
+from gateway.endpoints.base import Result
+from gateway.endpoints.responses.convert import (
+    ResponsesState,
+    responses_request,
+    state_of,
+    with_history,
+)
+from gateway.endpoints.responses.events import ResponsesStreamEncoder
+from gateway.endpoints.responses.items import parse_items
+from gateway.endpoints.responses.objects import items_of, response_object, status_of, usage_json
+from gateway.endpoints.responses.records import record_of
+from gateway.errors import InvalidRequest
+from gateway.plugins import RequestContext
+from gateway.store import ResponseStore
+from gateway.types import ClientRequest, Endpoint, Usage
+from gateway.wire.responses import dumps
+
+
+class PreviousResponseNotFound(InvalidRequest):
+    default_code = "previous_response_not_found"
+
+
+@dataclass(frozen=True)
+class ResponsesEndpoint:
+    store: ResponseStore
+    name: Endpoint = "responses"
+    path: str = "/v1/responses"
+    id_prefix: str = "resp_"
+
+    def parse(self, body: bytes, request_id: str) -> ClientRequest:
+        return responses_request(body, request_id)
+
+    async def resolve(self, request: ClientRequest, ctx: RequestContext) -> ClientRequest:
+        """The caller's stored conversation before this request's input."""
+        state = replace(state_of(request), owner=ctx.principal)
+        request = replace(request, endpoint_state=state)
+        previous = state.previous_response_id
+        if previous is None:
+            return request
+        record = await self.store.get(previous)
+        if record is None or record.owner != ctx.principal:
+            raise PreviousResponseNotFound(
+                f"Previous response with id {previous[:64]!r} not found.",
+                param="previous_response_id",
+            )
+        history = parse_items(json.loads(record.context), "previous_response_id")
+        return with_history(request, tuple(history))
+
+    def stream_encoder(
+        self, request: ClientRequest, response_id: str, created: int
+    ) -> ResponsesStreamEncoder:
+        return ResponsesStreamEncoder(request, response_id, created, self.keep)
+
+    async def body(
+        self, request: ClientRequest, response_id: str, created: int, result: Result
+    ) -> bytes:
+        state = state_of(request)
+        choice = result.choice(0)
+        status, incomplete = status_of(choice.finish_reason)
+        output = items_of(state, choice, "incomplete" if incomplete else "completed")
+        response = response_object(
+            state, response_id=response_id, created=created, model=request.model,
+            status=status, output=output, usage=usage_json(result.usage, choice.reasoning_tokens),
+            incomplete=incomplete, completed_at=int(time.time()),
+        )  # fmt: skip
+        await self.keep(state, response)
+        return dumps(response).encode()
+
+    async def keep(self, state: ResponsesState, response: dict[str, object]) -> None:
+        """Store a finished response (``store``, the default) before the client sees it end,
+        so its id works at once as the next ``previous_response_id``."""
+        if state.store:
+            await self.store.put(record_of(state, response))
+
+
+__all__ = ["ResponsesEndpoint", "Usage"]

@@ -1,0 +1,212 @@
+"""A ``POST /v1/responses`` body into a :class:`ClientRequest` (one generation) and the
+:class:`ResponsesState` its response object is built from."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+
+from gateway.endpoints.responses.items import parse_items, to_messages
+from gateway.endpoints.responses.tools import (
+    ToolOrigin,
+    chat_tool_choice,
+    chat_tools,
+    tool_set,
+    tools_for,
+)
+from gateway.endpoints.responses.wire import Item, ResponsesRequest, TextFormat
+from gateway.errors import InvalidRequest, UnsupportedParameter
+from gateway.output.schemas import schema_text
+from gateway.types import (
+    Capability,
+    ChatMessage,
+    ClientRequest,
+    GenerationRequest,
+    Passthrough,
+    Requirement,
+    ResponseFormat,
+    SamplingParams,
+    Tools,
+)
+from gateway.wire.convert import parse_body
+
+#: The ``include`` value that asks for each output token's logprobs.
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+#: Body fields the Responses API has that change what is generated, and this server lacks.
+_UNSUPPORTED = ("conversation", "prompt")
+
+
+@dataclass(frozen=True)
+class ResponsesState:
+    """What the response object needs of its request, and what the store keeps."""
+
+    #: The request fields a response object echoes (``instructions``, ``tools``, ``text``...).
+    echo: dict[str, object]
+    #: This request's input items, as given.
+    items: tuple[Item, ...]
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    store: bool = True
+    background: bool = False
+    #: Items of the stored conversation before this request (set once it is looked up).
+    history: tuple[Item, ...] = ()
+    origins: dict[str, ToolOrigin] = field(default_factory=dict)
+    logprobs: bool = False
+    #: Who made the request (the API key's name), whose the stored response is.
+    owner: str | None = None
+
+
+def state_of(request: ClientRequest) -> ResponsesState:
+    state = request.endpoint_state
+    assert isinstance(state, ResponsesState), "a responses request carries its state"
+    return state
+
+
+def _response_format(fmt: TextFormat | None) -> ResponseFormat | None:
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return ResponseFormat(param="text.format")
+    if fmt.schema_ is None:
+        raise InvalidRequest("text.format json_schema needs 'schema'", param="text.format.schema")
+    schema = schema_text(fmt.schema_, "text.format.schema")
+    return ResponseFormat(schema, fmt.name, fmt.strict is not False, "text.format.schema")
+
+
+def _sampling(wire: ResponsesRequest) -> SamplingParams:
+    return SamplingParams(
+        temperature=1.0 if wire.temperature is None else wire.temperature,
+        top_p=1.0 if wire.top_p is None else wire.top_p,
+        top_k=wire.top_k if wire.top_k is not None and wire.top_k > 0 else 0,
+        min_p=wire.min_p or 0.0,
+        repetition_penalty=wire.repetition_penalty or 1.0,
+        seed=wire.seed,
+    )
+
+
+def _check(wire: ResponsesRequest) -> None:
+    for name in _UNSUPPORTED:
+        if name in (wire.model_extra or {}):
+            raise UnsupportedParameter(f"'{name}' is not supported by this server", param=name)
+    if wire.background and not wire.store:
+        raise InvalidRequest("background responses must be stored: set store", param="background")
+    if wire.background:
+        raise UnsupportedParameter("'background' is not supported yet", param="background")
+
+
+def _echo(wire: ResponsesRequest, tools: Tools | None) -> dict[str, object]:
+    fmt = wire.text.format if wire.text is not None and wire.text.format is not None else None
+    text: dict[str, object] = {
+        "format": fmt.model_dump(mode="json", by_alias=True, exclude_none=True)
+        if fmt is not None
+        else {"type": "text"}
+    }
+    if wire.text is not None and wire.text.verbosity is not None:
+        text["verbosity"] = wire.text.verbosity
+    reasoning = wire.reasoning
+    return {
+        "instructions": wire.instructions,
+        "max_output_tokens": wire.max_output_tokens,
+        "max_tool_calls": wire.max_tool_calls,
+        "metadata": wire.metadata or {},
+        "parallel_tool_calls": wire.parallel_tool_calls is not False,
+        "previous_response_id": wire.previous_response_id,
+        "prompt_cache_key": wire.prompt_cache_key,
+        "reasoning": {
+            "effort": reasoning.effort if reasoning else None,
+            "summary": (reasoning.summary or reasoning.generate_summary) if reasoning else None,
+        },
+        "service_tier": "default",
+        "store": wire.store,
+        "temperature": 1.0 if wire.temperature is None else wire.temperature,
+        "text": text,
+        "tool_choice": wire.tool_choice if wire.tool_choice is not None else "auto",
+        "tools": [
+            t for t in wire.tools or () if t.get("type") in ("function", "custom", "namespace")
+        ],
+        "top_logprobs": wire.top_logprobs or 0,
+        "top_p": 1.0 if wire.top_p is None else wire.top_p,
+        "truncation": wire.truncation or "disabled",
+        "user": wire.user,
+        "background": wire.background,
+    }
+
+
+def _features(
+    tools: Tools | None, fmt: ResponseFormat | None, logprobs: bool
+) -> tuple[tuple[Requirement, ...], Passthrough]:
+    """What the request needs of the backend, and the chat-completions fields a remote
+    replica gets for it."""
+    requires = [Requirement(Capability.COMPLETIONS, "model")]
+    passthrough: list[tuple[str, str]] = []
+    if tools is not None:
+        requires.append(Requirement(Capability.TOOLS, "tools"))
+        passthrough.append(("tools", json.dumps(chat_tools(tools), ensure_ascii=False)))
+        passthrough.append(("tool_choice", json.dumps(chat_tool_choice(tools))))
+        passthrough.append(("parallel_tool_calls", json.dumps(tools.parallel)))
+    if fmt is not None:
+        requires.append(Requirement(Capability.JSON_SCHEMA, "text.format"))
+        passthrough.append(("response_format", json.dumps(_chat_format(fmt), ensure_ascii=False)))
+    if logprobs:
+        requires.append(Requirement(Capability.LOGPROBS, "include"))
+    return tuple(requires), tuple(passthrough)
+
+
+def _chat_format(fmt: ResponseFormat) -> dict[str, object]:
+    if fmt.schema is None:
+        return {"type": "json_object"}
+    spec = {"name": fmt.name, "schema": json.loads(fmt.schema), "strict": fmt.strict}
+    return {"type": "json_schema", "json_schema": spec}
+
+
+def responses_request(body: bytes, request_id: str) -> ClientRequest:
+    wire = parse_body(ResponsesRequest, body)
+    _check(wire)
+    items = parse_items(wire.input)
+    tools = tool_set(wire.tools)
+    chosen = tools_for(tools, wire.tool_choice, wire.parallel_tool_calls)
+    fmt = _response_format(wire.text.format if wire.text is not None else None)
+    logprobs = LOGPROBS_INCLUDE in (wire.include or ())
+    requires, passthrough = _features(chosen, fmt, logprobs)
+    state = ResponsesState(
+        echo=_echo(wire, chosen),
+        items=tuple(items),
+        instructions=wire.instructions,
+        previous_response_id=wire.previous_response_id,
+        store=wire.store,
+        background=wire.background,
+        origins=tools.origins,
+        logprobs=logprobs,
+    )
+    # with a previous response, the messages are built once its items are looked up
+    messages = () if wire.previous_response_id else to_messages((), items, wire.instructions)
+    effort = wire.reasoning.effort if wire.reasoning is not None else None
+    generation = GenerationRequest(
+        request_id=f"{request_id}-0",
+        messages=messages,
+        sampling=_sampling(wire),
+        max_tokens=wire.max_output_tokens,
+        passthrough=passthrough,
+        tools=chosen,
+        response_format=fmt,
+        logprobs=(wire.top_logprobs or 0) if logprobs else None,
+        reasoning_effort="high" if effort == "xhigh" else effort,
+    )
+    headers = (("x-gateway-ignored-tools", ",".join(tools.ignored)),) if tools.ignored else ()
+    return ClientRequest(
+        endpoint="responses",
+        model=wire.model,
+        generations=(generation,),
+        stream=wire.stream,
+        requires=requires,
+        endpoint_state=state,
+        headers=headers,
+    )
+
+
+def with_history(request: ClientRequest, history: tuple[Item, ...]) -> ClientRequest:
+    """The request with its stored conversation before its own items."""
+    state = replace(state_of(request), history=history)
+    messages: tuple[ChatMessage, ...] = to_messages(history, state.items, state.instructions)
+    generations = tuple(replace(g, messages=messages) for g in request.generations)
+    return replace(request, generations=generations, endpoint_state=state)

@@ -1,0 +1,133 @@
+"""The stored responses' routes: ``GET``/``DELETE /v1/responses/{id}``, its
+``input_items``, ``cancel``, and ``POST /v1/responses/input_tokens``. Each runs the plugins'
+header hook (API keys): a response belongs to the key that made it, and is a 404 to others."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import replace
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from gateway.backend import chat_format_of
+from gateway.endpoints.responses import ResponsesEndpoint
+from gateway.endpoints.responses.convert import responses_request, state_of
+from gateway.endpoints.responses.wire import InputTokensRequest
+from gateway.errors import InvalidRequest, NotFound, PermissionDenied
+from gateway.flow.prepare import check_capabilities
+from gateway.http import read_json_body
+from gateway.output.plan import plan_request
+from gateway.plugins import RequestContext
+from gateway.services import Services
+from gateway.store import StoredResponse
+from gateway.wire.convert import parse_body
+
+MAX_PAGE = 100
+
+
+def responses_routes(services: Services) -> list[BaseRoute]:
+    store = services.store
+    endpoint = ResponsesEndpoint(store)
+
+    async def caller(request: Request) -> RequestContext:
+        ctx = RequestContext.of(request, "resp-" + uuid.uuid4().hex)
+        await services.plugins.on_request_headers(ctx)
+        return ctx
+
+    async def owned(request: Request) -> tuple[RequestContext, StoredResponse]:
+        ctx = await caller(request)
+        response_id = request.path_params["response_id"]
+        record = await store.get(response_id)
+        if record is None or record.owner != ctx.principal:
+            raise NotFound(f"Response with id {response_id[:64]!r} not found.", param="response_id")
+        return ctx, record
+
+    async def retrieve(request: Request) -> Response:
+        _, record = await owned(request)
+        if request.query_params.get("stream", "false").lower() == "true":
+            raise InvalidRequest(
+                "only background responses can be streamed again; this one is complete",
+                param="stream",
+            )
+        return Response(record.response, media_type="application/json")
+
+    async def delete(request: Request) -> Response:
+        _, record = await owned(request)
+        await store.delete(record.id)
+        return JSONResponse({"id": record.id, "object": "response.deleted", "deleted": True})
+
+    async def input_items(request: Request) -> Response:
+        _, record = await owned(request)
+        return JSONResponse(page(json.loads(record.input_items), request.query_params))
+
+    async def cancel(request: Request) -> Response:
+        await owned(request)
+        raise InvalidRequest("Only background responses can be cancelled.", param="response_id")
+
+    async def input_tokens(request: Request) -> Response:
+        ctx = await caller(request)
+        body = await read_json_body(request, services.config.server.max_body_bytes)
+        wire = parse_body(InputTokensRequest, body)
+        # the same conversion as a response: the fields that make the prompt, nothing stored
+        create = responses_request(
+            wire.model_dump_json(by_alias=True, exclude_none=True).encode(), ctx.request_id
+        )
+        create = await endpoint.resolve(create, ctx)
+        entry = services.pool.resolve(create.model)
+        if ctx.models is not None and entry.name not in ctx.models:
+            raise PermissionDenied(
+                f"API key {ctx.principal!r} may not use model {create.model!r}", param="model"
+            )
+        backend = await entry.acquire()
+        try:
+            check_capabilities(create.model, backend.info, create)
+            create = await plan_request(create, chat_format_of(backend))
+            tokenized = await backend.validate(create.generations[0])
+        finally:
+            entry.release()
+        return JSONResponse({"object": "response.input_tokens", "input_tokens": tokenized.count})
+
+    return [
+        Route("/v1/responses/input_tokens", input_tokens, methods=["POST"]),
+        Route("/v1/responses/{response_id}", retrieve, methods=["GET"]),
+        Route("/v1/responses/{response_id}", delete, methods=["DELETE"]),
+        Route("/v1/responses/{response_id}/input_items", input_items, methods=["GET"]),
+        Route("/v1/responses/{response_id}/cancel", cancel, methods=["POST"]),
+    ]
+
+
+def page(items: list[dict[str, object]], query: Mapping[str, str]) -> dict[str, object]:
+    """One page of a list, as OpenAI pages them: ``order`` (``desc`` by default), ``after``
+    (an item id), ``limit`` (1..100, default 20)."""
+    get = query.get
+    order = get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise InvalidRequest("'order' must be 'asc' or 'desc'", param="order")
+    try:
+        limit = int(get("limit", "20"))
+    except ValueError:
+        raise InvalidRequest("'limit' must be an integer", param="limit") from None
+    if not 1 <= limit <= MAX_PAGE:
+        raise InvalidRequest(f"'limit' must be between 1 and {MAX_PAGE}", param="limit")
+    ordered = items if order == "asc" else items[::-1]
+    after = get("after")
+    if after is not None:
+        ids = [i.get("id") for i in ordered]
+        if after not in ids:
+            raise InvalidRequest(f"no item with id {after[:64]!r} in this list", param="after")
+        ordered = ordered[ids.index(after) + 1 :]
+    data = ordered[:limit]
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0].get("id") if data else None,
+        "last_id": data[-1].get("id") if data else None,
+        "has_more": len(ordered) > limit,
+    }
+
+
+__all__ = ["replace", "responses_routes", "state_of"]

@@ -1,0 +1,36 @@
+"""What a stored response is, and what every store does with one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """A response as stored: JSON texts of the response object, of the request's own input
+    items and of the whole conversation up to and including its output (what a later
+    ``previous_response_id`` replays)."""
+
+    id: str
+    owner: str | None
+    created_at: int
+    response: str
+    input_items: str
+    context: str
+
+    @property
+    def size(self) -> int:
+        return len(self.response) + len(self.input_items) + len(self.context)
+
+
+class ResponseStore(Protocol):
+    async def put(self, record: StoredResponse) -> None: ...
+
+    async def get(self, response_id: str) -> StoredResponse | None:
+        """The record, or None if there is none (or it expired)."""
+        ...
+
+    async def delete(self, response_id: str) -> bool: ...
+
+    async def aclose(self) -> None: ...

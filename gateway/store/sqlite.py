@@ -1,0 +1,126 @@
+"""Stored responses in one SQLite file (WAL mode: readers never wait for the writer; several
+gateway processes may share the file). Every call runs in a worker thread, never on the
+event loop. Expired records are purged at open and then every ``purge_every_s``; past
+``max_bytes`` the oldest records go first."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from gateway.store.base import StoredResponse
+
+log = logging.getLogger("gateway.store")
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (
+    id TEXT PRIMARY KEY,
+    owner TEXT,
+    created_at INTEGER NOT NULL,
+    expires_at REAL NOT NULL,
+    size INTEGER NOT NULL,
+    response TEXT NOT NULL,
+    input_items TEXT NOT NULL,
+    context TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS responses_by_age ON responses (created_at);
+CREATE INDEX IF NOT EXISTS responses_by_expiry ON responses (expires_at);
+"""
+_COLUMNS = "id, owner, created_at, response, input_items, context"
+
+
+class SQLiteStore:
+    def __init__(
+        self, path: Path, ttl_s: float, max_bytes: int, purge_every_s: float = 300.0
+    ) -> None:
+        self.path = path
+        self.ttl_s = ttl_s
+        self.max_bytes = max_bytes
+        self.purge_every_s = purge_every_s
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        self._purged_at = 0.0
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._db is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+            self._db = db
+            log.info("stored responses in %s", self.path)
+        return self._db
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            with self._lock:
+                db = self._connect()
+                with db:  # one transaction
+                    return fn(db)
+
+        return await asyncio.to_thread(call)
+
+    async def put(self, record: StoredResponse) -> None:
+        now = time.time()
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.id, record.owner, record.created_at, now + self.ttl_s, record.size,
+                    record.response, record.input_items, record.context,
+                ),
+            )  # fmt: skip
+            self._bound(db)
+            if now - self._purged_at > self.purge_every_s:
+                self._purged_at = now
+                db.execute("DELETE FROM responses WHERE expires_at < ?", (now,))
+
+        await self._run(write)
+
+    def _bound(self, db: sqlite3.Connection) -> None:
+        """Delete the oldest records while the total is over ``max_bytes``."""
+        (total,) = db.execute("SELECT COALESCE(SUM(size), 0) FROM responses").fetchone()
+        if total <= self.max_bytes:
+            return
+        freed = 0
+        doomed = []
+        for rid, size in db.execute("SELECT id, size FROM responses ORDER BY created_at, rowid"):
+            if total - freed <= self.max_bytes:
+                break
+            doomed.append((rid,))
+            freed += size
+        db.executemany("DELETE FROM responses WHERE id = ?", doomed)
+
+    async def get(self, response_id: str) -> StoredResponse | None:
+        def read(db: sqlite3.Connection) -> StoredResponse | None:
+            row = db.execute(
+                f"SELECT {_COLUMNS} FROM responses WHERE id = ? AND expires_at >= ?",
+                (response_id, time.time()),
+            ).fetchone()
+            return StoredResponse(*row) if row else None
+
+        return await self._run(read)
+
+    async def delete(self, response_id: str) -> bool:
+        def remove(db: sqlite3.Connection) -> bool:
+            return db.execute("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount > 0
+
+        return await self._run(remove)
+
+    async def aclose(self) -> None:
+        def close() -> None:
+            with self._lock:
+                if self._db is not None:
+                    self._db.close()
+                    self._db = None
+
+        await asyncio.to_thread(close)

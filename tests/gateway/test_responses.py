@@ -1,0 +1,480 @@
+"""``/v1/responses`` with the official openai SDK over real HTTP (scripted backend): bodies,
+events in the order the SDK accumulates them, tools, stored conversations, bad input."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+from pydantic import BaseModel
+
+from gateway.testing import ServerThread, count_tokens
+from tests.gateway.helpers import scripted_config
+from tests.support import sse_events
+
+REPLY = "The quick brown fox jumps over the lazy dog"
+ARGS = '{"city": "Paris", "days": 3}'
+TOOLS = ["streaming", "completions", "tools", "json_schema"]
+WEATHER = {
+    "type": "function",
+    "name": "weather",
+    "description": "The forecast",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+        "required": ["city", "days"],
+    },
+}
+
+
+def text_of(item: Any) -> str:
+    """The text of an item's first content part (the SDK's item union has no common field)."""
+    return str(item.content[0].text)
+
+
+def models(store: Path) -> dict[str, dict[str, Any]]:
+    return {
+        "m": {"reply": REPLY, "capabilities": TOOLS, "tool_format": "hermes"},
+        "echo": {"echo": True},
+        "caller": {"capabilities": TOOLS, "tool_calls": [{"name": "weather", "arguments": ARGS}]},
+        "json": {
+            "reply": '{"city": "Paris", "days": 3}',
+            "capabilities": TOOLS,
+            "tool_format": "hermes",
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("responses") / "responses.sqlite3"
+
+
+@pytest.fixture(scope="module")
+def server(store_path: Path) -> Iterator[ServerThread]:
+    config = scripted_config(models(store_path))
+    config = _with_store(config, store_path)
+    with ServerThread(config) as srv:
+        yield srv
+
+
+def _with_store(config: Any, path: Path) -> Any:
+    from dataclasses import replace
+
+    from gateway.config import ResponsesConfig
+
+    return replace(config, responses=ResponsesConfig(path=str(path)))
+
+
+@pytest.fixture
+def client(server: ServerThread) -> Iterator[OpenAI]:
+    with OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0) as c:
+        yield c
+
+
+def test_create_from_a_string(client: OpenAI) -> None:
+    r = client.responses.create(model="m", input="hello there", instructions="Be brief.")
+    assert r.id.startswith("resp_") and r.object == "response" and r.status == "completed"
+    assert r.output_text == REPLY
+    [item] = r.output
+    assert item.type == "message" and item.role == "assistant" and item.status == "completed"
+    assert item.id.startswith("msg_")
+    assert r.instructions == "Be brief." and r.model == "m" and r.to_dict()["store"] is True
+    assert r.usage is not None
+    assert r.usage.output_tokens == len(REPLY.split())
+    assert r.usage.input_tokens == count_tokens("system: Be brief.\nuser: hello there")
+    assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+    assert r.usage.output_tokens_details.reasoning_tokens == 0
+    assert r.usage.input_tokens_details.cached_tokens == 0
+
+
+def test_create_from_messages_and_items(client: OpenAI) -> None:
+    items: Any = [
+        {"role": "system", "content": "sys"},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "a"}]},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "b"}]},
+        {"type": "reasoning", "id": "rs_1", "summary": []},
+        {"type": "reasoning", "content": [{"type": "reasoning_text", "text": "think"}]},
+        {"type": "function_call", "call_id": "c1", "name": "weather", "arguments": "{}"},
+        {
+            "type": "function_call_output",
+            "call_id": "c1",
+            "output": [{"type": "input_text", "text": "sunny"}],
+        },
+    ]
+    r = client.responses.create(model="echo", input=items)
+    assert r.output_text == "sunny"  # the last message (the tool result) echoed
+
+
+def test_stream_events_in_order(server: ServerThread) -> None:
+    body = {"model": "m", "input": "hi", "stream": True}
+    with httpx.stream("POST", server.base_url + "/v1/responses", json=body, timeout=30) as resp:
+        assert resp.status_code == 200
+        raw = b"".join(resp.iter_bytes()).decode()
+    events = [json.loads(e) for e in sse_events(raw)]
+    names = [line[7:] for line in raw.splitlines() if line.startswith("event: ")]
+    types = [e["type"] for e in events]
+    assert names == types
+    assert types[:4] == [
+        "response.created", "response.in_progress",
+        "response.output_item.added", "response.content_part.added",
+    ]  # fmt: skip
+    assert types[-4:] == [
+        "response.output_text.done", "response.content_part.done",
+        "response.output_item.done", "response.completed",
+    ]  # fmt: skip
+    assert set(types[4:-4]) == {"response.output_text.delta"}
+    seq = [e["sequence_number"] for e in events]
+    assert seq == list(range(len(events)))
+    deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert deltas == REPLY
+    final = events[-1]["response"]
+    assert final["status"] == "completed" and final["output"][0]["content"][0]["text"] == REPLY
+    assert (
+        events[0]["response"]["status"] == "in_progress" and events[0]["response"]["output"] == []
+    )
+
+
+def test_sdk_stream_helper(client: OpenAI) -> None:
+    with client.responses.stream(model="m", input="hi") as stream:
+        texts = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(texts) == REPLY == final.output_text
+
+
+def test_max_output_tokens_is_incomplete(client: OpenAI) -> None:
+    r = client.responses.create(model="m", input="hi", max_output_tokens=3)
+    assert r.status == "incomplete"
+    assert r.incomplete_details is not None and r.incomplete_details.reason == "max_output_tokens"
+    item: Any = r.output[0]
+    assert r.output_text == "The quick brown" and item.status == "incomplete"
+    events = list(client.responses.create(model="m", input="hi", max_output_tokens=3, stream=True))
+    assert events[-1].type == "response.incomplete"
+    assert events[-1].response.incomplete_details.reason == "max_output_tokens"  # type: ignore[union-attr]
+
+
+def test_function_call(client: OpenAI) -> None:
+    r = client.responses.create(model="caller", input="weather?", tools=[WEATHER])  # type: ignore[list-item]
+    [call] = r.output
+    assert call.type == "function_call" and call.name == "weather"
+    assert json.loads(call.arguments) == json.loads(ARGS)
+    assert call.call_id.startswith("call_") and call.id is not None and call.id.startswith("fc_")
+
+
+def test_function_call_streamed(client: OpenAI) -> None:
+    with client.responses.stream(model="caller", input="weather?", tools=[WEATHER]) as stream:  # type: ignore[list-item]
+        events = list(stream)
+        final = stream.get_final_response()
+    types = [e.type for e in events]
+    assert types.count("response.function_call_arguments.delta") >= 2
+    assert "response.output_text.delta" not in types
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert [json.loads(d.arguments) for d in done] == [json.loads(ARGS)]
+    [call] = final.output
+    assert call.type == "function_call" and call.arguments == ARGS
+
+
+def test_custom_and_namespace_tools(client: OpenAI) -> None:
+    tools = [
+        {"type": "custom", "name": "shell", "description": "run it"},
+        {"type": "namespace", "name": "crm", "description": "CRM", "tools": [WEATHER]},
+    ]
+    r = client.responses.create(model="m", input="hi", tools=tools)  # type: ignore[arg-type]
+    assert r.output_text == REPLY and [t.type for t in r.tools] == ["custom", "namespace"]
+
+
+def test_hosted_tools_are_set_aside(server: ServerThread) -> None:
+    body = {
+        "model": "m",
+        "input": "hi",
+        "tools": [
+            {"type": "web_search"},
+            {"type": "code_interpreter", "container": {"type": "auto"}},
+            WEATHER,
+        ],
+    }
+    r = httpx.post(server.base_url + "/v1/responses", json=body, timeout=30)
+    assert r.status_code == 200
+    assert r.headers["x-gateway-ignored-tools"] == "web_search,code_interpreter"
+    assert [t["type"] for t in r.json()["tools"]] == ["function"]
+
+
+class City(BaseModel):
+    city: str
+    days: int
+
+
+def test_parse_with_a_text_format(client: OpenAI) -> None:
+    r = client.responses.parse(model="json", input="where?", text_format=City)
+    assert r.output_parsed == City(city="Paris", days=3)
+    assert r.text is not None and r.text.format is not None and r.text.format.type == "json_schema"
+
+
+def test_stored_conversation(client: OpenAI) -> None:
+    first = client.responses.create(model="m", input="hello there")
+    second = client.responses.create(model="m", input="and again", previous_response_id=first.id)
+    assert second.previous_response_id == first.id
+    assert second.usage is not None and first.usage is not None
+    # the second prompt replays the first turn's input and output before its own
+    replayed = count_tokens(f"user: hello there\nassistant: {REPLY}\nuser: and again")
+    assert second.usage.input_tokens == replayed
+    got = client.responses.retrieve(second.id)
+    assert got.id == second.id and got.output_text == REPLY and got.status == "completed"
+    items = client.responses.input_items.list(second.id)
+    assert [i.type for i in items.data] == ["message"]
+    assert text_of(items.data[0]) == "and again"
+
+
+def test_stream_is_stored_before_it_completes(client: OpenAI) -> None:
+    with client.responses.stream(model="m", input="hello there") as stream:
+        final = stream.get_final_response()
+    got = client.responses.retrieve(final.id)
+    got_item: Any = got.output[0]
+    streamed: Any = final.output[0]
+    assert got_item.id == streamed.id and got.output_text == REPLY
+
+
+def test_input_items_pages(client: OpenAI) -> None:
+    inputs = [{"role": "user", "content": f"m{i}"} for i in range(5)]
+    r = client.responses.create(model="m", input=inputs)  # type: ignore[arg-type]
+    page = client.responses.input_items.list(r.id, limit=2, order="asc")
+    texts = [text_of(i) for i in page.data]
+    assert texts == ["m0", "m1"] and page.has_more
+    everything = [text_of(i) for i in client.responses.input_items.list(r.id, limit=2, order="asc")]
+    assert everything == [f"m{i}" for i in range(5)]
+    newest = client.responses.input_items.list(r.id)
+    assert [text_of(i) for i in newest.data] == [f"m{i}" for i in reversed(range(5))]
+
+
+def test_delete(client: OpenAI) -> None:
+    r = client.responses.create(model="m", input="hi")
+    client.responses.delete(r.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.delete(r.id)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model="m", input="x", previous_response_id=r.id)
+    assert err.value.body["param"] == "previous_response_id"  # type: ignore[index]
+    assert err.value.body["code"] == "previous_response_not_found"  # type: ignore[index]
+
+
+def test_store_false_is_not_kept(client: OpenAI) -> None:
+    r = client.responses.create(model="m", input="hi", store=False)
+    assert r.to_dict()["store"] is False
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r.id)
+
+
+def test_input_tokens(server: ServerThread) -> None:
+    body = {"model": "m", "input": "one two three", "instructions": "four"}
+    r = httpx.post(server.base_url + "/v1/responses/input_tokens", json=body, timeout=30)
+    assert r.status_code == 200 and r.json() == {
+        "object": "response.input_tokens",
+        "input_tokens": 6,
+    }
+
+
+def test_cancel_a_foreground_response(client: OpenAI) -> None:
+    r = client.responses.create(model="m", input="hi")
+    with pytest.raises(openai.BadRequestError):
+        client.responses.cancel(r.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.cancel("resp_missing")
+
+
+LARK = {"type": "grammar", "syntax": "lark", "definition": "start: 'a'"}
+LARK_TOOL = {"type": "custom", "name": "p", "format": LARK}
+BAD: list[tuple[dict[str, Any], str]] = [
+    (
+        {"input": [{"type": "function_call_output", "call_id": "nope", "output": "x"}]},
+        "input[0].call_id",
+    ),
+    ({"input": [{"type": "no_such_item"}]}, "input[0].type"),
+    ({"input": [{"role": "user"}]}, "input[0].content"),
+    (
+        {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+        "input[0].content[0]",
+    ),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f"}]}, "input[0].arguments"),
+    ({"input": "x", "background": True, "store": False}, "background"),
+    (
+        {
+            "input": "x",
+            "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "bogus"}}},
+        },
+        "text.format.schema",
+    ),
+    (
+        {"input": "x", "text": {"format": {"type": "json_schema", "name": "x"}}},
+        "text.format.schema",
+    ),
+    (
+        {"input": "x", "tools": [WEATHER], "tool_choice": {"type": "function", "name": "other"}},
+        "tool_choice",
+    ),
+    ({"input": "x", "tool_choice": "required"}, "tool_choice"),
+    ({"input": "x", "tools": [{"type": "function"}]}, "tools[0].name"),
+    (
+        {"input": "x", "tools": [{**WEATHER, "parameters": {"type": "bogus"}}]},
+        "tools[0].parameters",
+    ),
+    ({"input": "x", "tools": [LARK_TOOL]}, "tools[0].format"),
+    ({"input": "x", "tools": [WEATHER, WEATHER]}, "tools[1]"),
+    ({"input": "x", "tools": [WEATHER], "tool_choice": {"type": "web_search"}}, "tool_choice"),
+    ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+    ({"input": "x", "conversation": "conv_1"}, "conversation"),
+    ({"input": "x", "previous_response_id": "resp_missing"}, "previous_response_id"),
+    ({"input": "x", "metadata": {"k": "v" * 600}}, "metadata"),
+    ({"input": []}, "input"),
+]
+
+
+@pytest.mark.parametrize(("fields", "param"), BAD, ids=[p for _, p in BAD])
+def test_bad_input_is_a_400_naming_it(
+    server: ServerThread, fields: dict[str, Any], param: str
+) -> None:
+    r = httpx.post(server.base_url + "/v1/responses", json={"model": "m", **fields}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.text
+
+
+def test_the_store_survives_a_restart(store_path: Path, tmp_path: Path) -> None:
+    path = tmp_path / "restart.sqlite3"
+    config = _with_store(scripted_config(models(path)), path)
+    with ServerThread(config) as srv, OpenAI(base_url=srv.base_url + "/v1", api_key="x") as c:
+        first = c.responses.create(model="m", input="hello there")
+    with ServerThread(config) as srv, OpenAI(base_url=srv.base_url + "/v1", api_key="x") as c:
+        second = c.responses.create(model="m", input="again", previous_response_id=first.id)
+        assert second.usage is not None and first.usage is not None
+        assert second.usage.input_tokens == count_tokens(
+            f"user: hello there\nassistant: {REPLY}\nuser: again"
+        )
+        assert c.responses.retrieve(first.id).output_text == REPLY
+
+
+def _hermes(name: str, arguments: dict[str, Any]) -> str:
+    return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}) + "</tool_call>"
+
+
+@pytest.fixture(scope="module")
+def parsed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    """Models whose text the core parses (hermes): reasoning, custom and namespaced calls."""
+    shell = _hermes("shell", {"input": "ls -la"})
+    crm = _hermes("crm.lookup", {"id": 7})
+    table: dict[str, dict[str, Any]] = {
+        "thinker": {"reply": "<think>let me see</think>The answer", "tool_format": "hermes"},
+        "shell": {"reply": shell, "capabilities": TOOLS, "tool_format": "hermes"},
+        "crm": {"reply": crm, "capabilities": TOOLS, "tool_format": "hermes"},
+        "broken": {"reply": REPLY, "fail_after_tokens": 3},
+    }
+    path = tmp_path_factory.mktemp("parsed") / "r.sqlite3"
+    with ServerThread(_with_store(scripted_config(table), path)) as srv:
+        yield srv
+
+
+def test_reasoning_items(parsed: ServerThread) -> None:
+    with OpenAI(base_url=parsed.base_url + "/v1", api_key="x") as c:
+        r = c.responses.create(model="thinker", input="why?")
+        with c.responses.stream(model="thinker", input="why?") as stream:
+            events = list(stream)
+            final = stream.get_final_response()
+    reasoning, message = r.output
+    assert reasoning.type == "reasoning" and reasoning.content is not None
+    assert reasoning.content[0].text == "let me see" and reasoning.summary == []
+    assert message.type == "message" and r.output_text == "The answer"
+    assert r.usage is not None and r.usage.output_tokens_details.reasoning_tokens > 0
+    types = [e.type for e in events]
+    assert "response.reasoning_text.delta" in types and "response.reasoning_text.done" in types
+    assert types.index("response.reasoning_text.done") < types.index("response.output_text.delta")
+    assert [o.type for o in final.output] == ["reasoning", "message"]
+    assert [e.output_index for e in events if e.type == "response.output_item.added"] == [0, 1]
+
+
+def test_reasoning_fed_back(parsed: ServerThread) -> None:
+    with OpenAI(base_url=parsed.base_url + "/v1", api_key="x") as c:
+        first = c.responses.create(model="thinker", input="why?")
+        second = c.responses.create(model="thinker", input="and?", previous_response_id=first.id)
+    assert second.status == "completed"
+
+
+def test_custom_tool_call(parsed: ServerThread) -> None:
+    tools = [{"type": "custom", "name": "shell", "description": "run a command"}]
+    with OpenAI(base_url=parsed.base_url + "/v1", api_key="x") as c:
+        r = c.responses.create(model="shell", input="list", tools=tools)  # type: ignore[arg-type]
+        with c.responses.stream(model="shell", input="list", tools=tools) as stream:  # type: ignore[arg-type]
+            events = list(stream)
+            final = stream.get_final_response()
+        [call] = r.output
+        assert call.type == "custom_tool_call" and call.input == "ls -la" and call.name == "shell"
+        assert [e.type for e in events if "custom_tool_call_input" in e.type] == [
+            "response.custom_tool_call_input.delta", "response.custom_tool_call_input.done",
+        ]  # fmt: skip
+        assert final.output[0].type == "custom_tool_call" and final.output[0].input == "ls -la"
+        # the call and its output feed the next turn
+        out = {"type": "custom_tool_call_output", "call_id": call.call_id, "output": "a b c"}
+        nxt = c.responses.create(model="shell", input=[out], tools=tools, previous_response_id=r.id)  # type: ignore[arg-type, list-item]
+        assert nxt.status == "completed"
+
+
+def test_namespaced_call(parsed: ServerThread) -> None:
+    lookup = {
+        "type": "function",
+        "name": "lookup",
+        "parameters": {"type": "object", "properties": {"id": {"type": "integer"}}},
+    }
+    tools = [{"type": "namespace", "name": "crm", "description": "CRM", "tools": [lookup]}]
+    with OpenAI(base_url=parsed.base_url + "/v1", api_key="x") as c:
+        r = c.responses.create(model="crm", input="find 7", tools=tools)  # type: ignore[arg-type]
+    [call] = r.output
+    assert call.type == "function_call" and call.name == "lookup" and call.namespace == "crm"
+    assert json.loads(call.arguments) == {"id": 7}
+
+
+def test_an_engine_error_mid_stream_is_one_error_event(parsed: ServerThread) -> None:
+    body = {"model": "broken", "input": "hi", "stream": True}
+    with httpx.stream("POST", parsed.base_url + "/v1/responses", json=body, timeout=30) as resp:
+        events = [json.loads(e) for e in sse_events(b"".join(resp.iter_bytes()).decode())]
+    assert resp.status_code == 200
+    assert events[-1]["type"] == "error" and events[-1]["message"]
+    assert [e["type"] for e in events].count("error") == 1
+    seq = [e["sequence_number"] for e in events]
+    assert seq == sorted(set(seq))
+
+
+def test_responses_belong_to_their_api_key(tmp_path: Path) -> None:
+    from hashlib import sha256
+
+    keys = {
+        "keys": [
+            {"name": n, "sha256": sha256(f"sk-{n}".encode()).hexdigest()} for n in ("alice", "bob")
+        ]
+    }
+    config = _with_store(
+        scripted_config({"m": {"reply": REPLY}}, plugins={"api_keys": keys}), tmp_path / "k.sqlite3"
+    )
+    with ServerThread(config) as srv:
+        alice = OpenAI(base_url=srv.base_url + "/v1", api_key="sk-alice", max_retries=0)
+        bob = OpenAI(base_url=srv.base_url + "/v1", api_key="sk-bob", max_retries=0)
+        with alice, bob:
+            r = alice.responses.create(model="m", input="mine")
+            assert alice.responses.retrieve(r.id).id == r.id
+            with pytest.raises(openai.NotFoundError):
+                bob.responses.retrieve(r.id)
+            with pytest.raises(openai.NotFoundError):
+                bob.responses.delete(r.id)
+            with pytest.raises(openai.NotFoundError):
+                bob.responses.input_items.list(r.id)
+            with pytest.raises(openai.BadRequestError) as err:
+                bob.responses.create(model="m", input="x", previous_response_id=r.id)
+            assert err.value.body["param"] == "previous_response_id"  # type: ignore[index]
+            assert (
+                alice.responses.create(model="m", input="x", previous_response_id=r.id).status
+                == "completed"
+            )
