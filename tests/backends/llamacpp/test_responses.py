@@ -82,12 +82,12 @@ def test_required_call_validates(client: OpenAI) -> None:
 
 
 def test_custom_tool_regex_is_enforced(client: OpenAI) -> None:
-    digits = {
+    digits: Any = {
         "type": "custom", "name": "pin", "description": "A PIN code",
         "format": {"type": "grammar", "syntax": "regex", "definition": "[0-9]{4}"},
     }  # fmt: skip
     r = client.responses.create(
-        model=SMOL, input="Make up a PIN.", tools=[digits],  # type: ignore[list-item]
+        model=SMOL, input="Make up a PIN.", tools=[digits],
         tool_choice={"type": "custom", "name": "pin"}, max_output_tokens=40, temperature=1.2,
     )  # fmt: skip
     [call] = r.output
