@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import llguidance
 
 from gateway.errors import InvalidRequest
+from gateway.output.panics import EnginePanic, no_panics
 from gateway.types import GenerationRequest
 
 #: Resource limits per grammar: llguidance's defaults bound each mask step (~15 ms at worst).
@@ -70,13 +71,11 @@ class Grammars:
             if pristine is not None:
                 self._compiled.move_to_end(grammar)
                 return pristine
-        tokenizer = self.tokenizer()
-        compiled = llguidance.LLMatcher.grammar_from_lark(grammar)
-        error = llguidance.LLMatcher.validate_grammar(compiled, tokenizer, limits=LIMITS)
-        if error:
-            reason = error.splitlines()[0]
-            raise InvalidRequest(f"'{param}' cannot be enforced: {reason}", param=param)
-        pristine = llguidance.LLMatcher(tokenizer, compiled, log_level=0, limits=LIMITS)
+        try:
+            with no_panics():
+                pristine = self._build(grammar, param)
+        except EnginePanic as err:
+            raise InvalidRequest(f"'{param}' cannot be enforced: {err}", param=param) from None
         if pristine.is_error():
             raise InvalidRequest(
                 f"'{param}' cannot be enforced: {pristine.get_error()}", param=param
@@ -86,6 +85,15 @@ class Grammars:
             while len(self._compiled) > self.cache_size:
                 self._compiled.popitem(last=False)
         return pristine
+
+    def _build(self, grammar: str, param: str) -> llguidance.LLMatcher:
+        tokenizer = self.tokenizer()
+        compiled = llguidance.LLMatcher.grammar_from_lark(grammar)
+        error = llguidance.LLMatcher.validate_grammar(compiled, tokenizer, limits=LIMITS)
+        if error:
+            reason = error.splitlines()[0]
+            raise InvalidRequest(f"'{param}' cannot be enforced: {reason}", param=param)
+        return llguidance.LLMatcher(tokenizer, compiled, log_level=0, limits=LIMITS)
 
     def constraint(self, grammar: str, param: str, stop_tokens: Sequence[int]) -> Constraint:
         return Constraint(self.matcher(grammar, param), self.tokenizer().vocab_size, stop_tokens)
@@ -108,14 +116,20 @@ class Constraint:
         self._address = ctypes.addressof(self._view)
         self._stops = [t for t in stop_tokens if 0 <= t < n_vocab]
         self.accepted = 0
+        #: Set when the engine panicked inside this matcher: it is never called again.
+        self.panic: str | None = None
 
     def compute_mask(self) -> bytearray:
         """The mask of the tokens the grammar allows next (into :attr:`mask`). After an
         error or the end of the grammar: only the stop tokens, so the sequence ends."""
         m = self.matcher
-        if not m.is_error() and not m.is_stopped():
-            m.unsafe_compute_mask_ptr(self._address, len(self.mask))
-            if not m.is_error():
+        if self.panic is None and not m.is_error() and not m.is_stopped():
+            try:
+                with no_panics():
+                    m.unsafe_compute_mask_ptr(self._address, len(self.mask))
+            except EnginePanic as err:
+                self.panic = str(err)
+            if self.panic is None and not m.is_error():
                 return self.mask
         self.mask[:] = bytes(len(self.mask))
         for token in self._stops:
@@ -125,10 +139,14 @@ class Constraint:
     def accept(self, token: int) -> None:
         """Advance past the sampled ``token`` (a no-op once the grammar ended or failed)."""
         m = self.matcher
-        if m.is_error() or m.is_stopped():
+        if self.panic is not None or m.is_error() or m.is_stopped():
             return
-        if m.consume_token(int(token)):
-            self.accepted += 1
+        try:
+            with no_panics():
+                if m.consume_token(int(token)):
+                    self.accepted += 1
+        except EnginePanic as err:
+            self.panic = str(err)
 
     def reset(self) -> None:
         self.matcher.reset()
@@ -136,7 +154,7 @@ class Constraint:
 
     def rollback(self, n: int) -> bool:
         """Undo the last ``n`` accepted tokens; False if the matcher cannot."""
-        if n > self.accepted or self.matcher.is_error():
+        if n > self.accepted or self.panic is not None or self.matcher.is_error():
             return False
         self.matcher.rollback(n)
         self.accepted -= n
@@ -144,8 +162,10 @@ class Constraint:
 
     @property
     def failed(self) -> str | None:
+        if self.panic is not None:
+            return self.panic
         return self.matcher.get_error() if self.matcher.is_error() else None
 
     @property
     def complete(self) -> bool:
-        return bool(self.matcher.is_stopped())
+        return self.panic is None and bool(self.matcher.is_stopped())

@@ -13,6 +13,7 @@ from functools import lru_cache
 import llguidance
 
 from gateway.errors import InvalidRequest
+from gateway.output.panics import EnginePanic, no_panics
 
 MAX_SCHEMA_CHARS = 256 * 1024
 MAX_SCHEMA_DEPTH = 64
@@ -57,6 +58,10 @@ def check_schema(text: str, param: str) -> None:
 @lru_cache(maxsize=256)
 def _schema_error(text: str) -> str:
     """Why a schema does not compile ("" if it does); agents send the same tools every turn."""
-    grammar = llguidance.LLMatcher.grammar_from_lark("start: %json" + text)
-    error = llguidance.LLMatcher.validate_grammar(grammar)
+    try:
+        with no_panics():
+            grammar = llguidance.LLMatcher.grammar_from_lark("start: %json" + text)
+            error = llguidance.LLMatcher.validate_grammar(grammar)
+    except EnginePanic as err:
+        return str(err)
     return error.splitlines()[0].split("JSON schema: ", 1)[-1] if error else ""

@@ -160,3 +160,33 @@ def test_control_token_markers_are_named_as_tokens() -> None:
     grammar = grammar_for(fmt, Tools(BOTH, "required"), None)
     assert grammar is not None and "<[7]>" in grammar and "<[8]>" in grammar
     assert "<tool_call>" not in grammar
+
+
+#: llguidance 1.x panics (a Rust ``PanicException``, a ``BaseException``) cutting its error
+#: message for this schema inside a multi-byte character; found by the hostile-input fuzzing.
+PANICKING_SCHEMA = {
+    "pattern": [
+        None,
+        {"0\r\x07\x80\x80\x80𐀀𐀀": None},
+        [None, None, -(10**14), "000000\x1f\x1f\x1f\x1fࠀ"],
+    ]
+}
+
+
+def test_a_grammar_engine_panic_is_a_400() -> None:
+    import json
+
+    import llguidance
+
+    from gateway.errors import InvalidRequest
+    from gateway.output.schemas import check_schema
+
+    text = json.dumps(PANICKING_SCHEMA)
+    with pytest.raises(BaseException, match="char boundary") as raw:
+        llguidance.LLMatcher.validate_grammar(
+            llguidance.LLMatcher.grammar_from_lark("start: %json" + text)
+        )
+    assert not isinstance(raw.value, Exception)  # what `except Exception` would have missed
+    with pytest.raises(InvalidRequest, match="grammar engine failed") as err:
+        check_schema(text, "response_format.json_schema.schema")
+    assert err.value.param == "response_format.json_schema.schema"

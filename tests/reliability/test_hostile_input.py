@@ -248,6 +248,111 @@ def test_tool_and_format_fields_never_5xx(
     assert_sane(post_raw(http, dumps(body)))
 
 
+RESPONSES_FIELDS = [
+    "model", "input", "instructions", "max_output_tokens", "max_tool_calls", "temperature",
+    "top_p", "top_logprobs", "parallel_tool_calls", "tool_choice", "tools", "text", "reasoning",
+    "metadata", "user", "truncation", "include", "prompt_cache_key", "stream_options", "store",
+    "previous_response_id", "background", "stream", "conversation", "prompt",
+]  # fmt: skip
+ITEM_KEYS = [
+    "type", "role", "content", "call_id", "name", "arguments", "output", "summary", "id",
+    "input", "status", "namespace", "encrypted_content",
+]  # fmt: skip
+ITEM_VALUES = [
+    "message", "function_call", "function_call_output", "custom_tool_call",
+    "custom_tool_call_output", "reasoning", "item_reference", "user", "assistant", "system",
+]  # fmt: skip
+items = st.lists(
+    st.dictionaries(
+        st.sampled_from(ITEM_KEYS) | st.text(max_size=6),
+        st.sampled_from(ITEM_VALUES) | json_values,
+        max_size=5,
+    )
+    | json_values,
+    max_size=5,
+)
+responses_tools = st.lists(
+    st.fixed_dictionaries(
+        {"type": st.sampled_from(["function", "custom", "namespace", "web_search", "mcp"])},
+        optional={
+            "name": st.sampled_from(["f", "g", "ns.f"]) | st.text(max_size=6),
+            "parameters": schemas,
+            "tools": json_values,
+            "format": json_values
+            | st.fixed_dictionaries(
+                {"type": st.just("grammar"), "syntax": st.sampled_from(["regex", "lark"])},
+                optional={"definition": st.sampled_from(["[0-9]+", "(a+)+$", "start: x"])},
+            ),
+            "strict": st.booleans(),
+        },
+    ),
+    max_size=3,
+)
+
+
+def _flat_format(fmt: dict[str, Any]) -> dict[str, Any]:
+    """A chat ``response_format`` as the Responses API's ``text.format`` (flat)."""
+    return {**fmt, **fmt.get("json_schema", {})}
+
+
+def assert_sane_response(r: httpx.Response) -> None:
+    """``/v1/responses``: a 4xx with OpenAI's error shape, or a whole response (its stream
+    ends with its completed or incomplete event, sequence numbers strictly increasing)."""
+    assert r.status_code < 500, r.text
+    if r.status_code >= 400:
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"]
+        return
+    if r.headers["content-type"].startswith("text/event-stream"):
+        events = [json.loads(e) for e in sse_events(r.text)]
+        assert events[-1]["type"] in ("response.completed", "response.incomplete"), events[-1]
+        assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    else:
+        assert r.json()["status"] in ("completed", "incomplete")
+
+
+@FUZZ
+@given(
+    fields=st.dictionaries(
+        st.sampled_from(RESPONSES_FIELDS) | st.text(max_size=12),
+        json_values,
+        min_size=1,
+        max_size=4,
+    ),
+    model=st.sampled_from(["agent", "m"]),
+)
+def test_responses_any_values_in_any_fields(
+    http: httpx.Client, fields: dict[str, Any], model: str
+) -> None:
+    body = {"model": model, "input": "hi", **fields}
+    assert_sane_response(post_raw(http, dumps(body), "/v1/responses"))
+
+
+@FUZZ
+@given(
+    inputs=items | st.text(max_size=10),
+    tools=responses_tools | json_values,
+    tool_choice=st.sampled_from(["auto", "none", "required"])
+    | st.fixed_dictionaries(
+        {"type": st.sampled_from(["function", "custom", "allowed_tools", "web_search"])},
+        optional={"name": st.sampled_from(["f", "g"]), "mode": json_values, "tools": json_values},
+    )
+    | json_values,
+    text=st.fixed_dictionaries({"format": formats.map(_flat_format) | json_values}) | json_values,
+    model=st.sampled_from(["agent", "echo"]),
+    stream=st.booleans(),
+)
+def test_responses_items_tools_and_formats_never_5xx(
+    http: httpx.Client, inputs: Any, tools: Any, tool_choice: Any, text: Any, model: str,
+    stream: bool,
+) -> None:  # fmt: skip
+    body = {
+        "model": model, "input": inputs, "tools": tools, "tool_choice": tool_choice,
+        "text": text, "stream": stream,
+    }  # fmt: skip
+    assert_sane_response(post_raw(http, dumps(body), "/v1/responses"))
+
+
 messages = st.lists(
     st.dictionaries(
         st.sampled_from(["role", "content", "name", "tool_calls", "tool_call_id"])
