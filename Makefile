@@ -3,13 +3,22 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint typecheck pytest bench
+.PHONY: install serve test lint typecheck pytest bench codex
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh
 	VENV=$(VENV) scripts/bootstrap.sh
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Codex CLI (npm), a client the tests drive against /v1/responses; never committed (.peers/).
+CODEX_VERSION := 0.171.0
+CODEX := .peers/codex/node_modules/.bin/codex
+
+$(CODEX):
+	npm install --silent --no-audit --no-fund --prefix .peers/codex @openai/codex@$(CODEX_VERSION)
+
+codex: $(CODEX)
 
 serve: install
 	$(BIN)/gateway serve $(ARGS)
@@ -24,7 +33,7 @@ typecheck: install
 # The coverage gate: what the suite reached when it was set (94.7%), never lower.
 COVERAGE := --cov=gateway --cov=backends --cov=plugins --cov-report=term:skip-covered --cov-fail-under=94
 
-pytest: install
+pytest: install codex
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q $(COVERAGE) $(PYTEST_ARGS)
 
 test: lint typecheck pytest
