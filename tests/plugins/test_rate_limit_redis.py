@@ -18,8 +18,8 @@ import pytest
 from gateway.testing import ServerThread
 from plugins.rate_limit.limiter import Limits
 from plugins.rate_limit.redis_limiter import RedisLimiter, redacted
-from tests.plugins.conftest import RedisServer
 from tests.plugins.helpers import SLOW_REPLY, chat, config, post, scripted, wait_for
+from tests.support import RedisServer
 
 pytest.importorskip("redis", reason="the 'redis' extra is not installed")
 
