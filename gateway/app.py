@@ -19,6 +19,7 @@ from starlette.routing import BaseRoute, Route
 from gateway.admin import admin_routes
 from gateway.config import GatewayConfig
 from gateway.endpoints import endpoints
+from gateway.endpoints.responses import ResponsesEndpoint
 from gateway.endpoints.responses.routes import responses_routes
 from gateway.errors import (
     GatewayError,
@@ -110,6 +111,7 @@ def create_app(
     ``on_load_failed`` is called if a startup model fails to load (the CLI exits then).
     """
     services = services or build_services(config)
+    responses = ResponsesEndpoint(services.store)
 
     def loaded(task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None and on_load_failed:
@@ -126,13 +128,14 @@ def create_app(
             services.pool.drain.start()
             app.state.loading.cancel()
             await asyncio.gather(app.state.loading, return_exceptions=True)
+            await responses.runs.aclose()
             await services.plugins.shutdown()
             await services.pool.aclose()
             await services.store.aclose()
 
     routes: list[BaseRoute] = [
-        *(endpoint_route(services, endpoint) for endpoint in endpoints(services.store)),
-        *responses_routes(services),
+        *(endpoint_route(services, endpoint) for endpoint in endpoints(responses)),
+        *responses_routes(services, responses),
         *_models_routes(services),
         *_health_routes(services.pool),
         *admin_routes(services),

@@ -352,6 +352,8 @@ class ClientRequest:
     endpoint_state: object = None
     #: Response headers the endpoint adds (e.g. the tools it did not offer the model).
     headers: tuple[tuple[str, str], ...] = ()
+    #: The client does not wait: the endpoint answers at once and the generation runs on.
+    background: bool = False
 
     @property
     def n(self) -> int:

@@ -13,11 +13,10 @@ from gateway.endpoints.chat import ChatEndpoint
 from gateway.endpoints.completions import CompletionsEndpoint
 from gateway.endpoints.embeddings import EmbeddingsEndpoint
 from gateway.endpoints.responses import ResponsesEndpoint
-from gateway.store import ResponseStore
 
 
-def endpoints(store: ResponseStore) -> tuple[EndpointSpec, ...]:
-    return (ChatEndpoint(), CompletionsEndpoint(), EmbeddingsEndpoint(), ResponsesEndpoint(store))
+def endpoints(responses: ResponsesEndpoint) -> tuple[EndpointSpec, ...]:
+    return (ChatEndpoint(), CompletionsEndpoint(), EmbeddingsEndpoint(), responses)
 
 
 __all__ = ["EndpointSpec", "endpoints"]

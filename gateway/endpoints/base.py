@@ -3,11 +3,15 @@ JSON body, or SSE events). The request flow (:mod:`gateway.flow`) does everythin
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Protocol, assert_never
+from typing import TYPE_CHECKING, Protocol, assert_never
 
 from gateway.errors import GatewayError
 from gateway.plugins import RequestContext
+
+if TYPE_CHECKING:
+    from starlette.responses import Response
 from gateway.types import (
     ClientRequest,
     Delta,
@@ -105,6 +109,17 @@ class StreamEncoder(Protocol):
         ...
 
 
+class Running(Protocol):
+    """An admitted request as the flow hands it to an endpoint to run in the background
+    (:class:`gateway.flow.exchange.Exchange`): its events end it, however they end."""
+
+    request: ClientRequest
+    ctx: RequestContext
+    encoder: StreamEncoder | None
+
+    def events(self) -> AsyncGenerator[bytes, None]: ...
+
+
 class EndpointSpec(Protocol):
     """A registered endpoint (see :mod:`gateway.endpoints`)."""
 
@@ -132,9 +147,18 @@ class EndpointSpec(Protocol):
         self, request: ClientRequest, response_id: str, created: int, result: Result
     ) -> bytes: ...
 
+    async def background(self, exchange: Running) -> Response:
+        """Start an admitted ``background`` request and answer at once (the endpoints that
+        set :attr:`ClientRequest.background`)."""
+        ...
+
 
 class Stateless:
-    """The :meth:`EndpointSpec.resolve` of an endpoint that keeps nothing between requests."""
+    """:meth:`EndpointSpec.resolve` and :meth:`EndpointSpec.background` of an endpoint that
+    keeps nothing between requests (and never sets ``background``)."""
 
     async def resolve(self, request: ClientRequest, ctx: RequestContext) -> ClientRequest:
         return request
+
+    async def background(self, exchange: Running) -> Response:
+        raise TypeError(f"{type(self).__name__} runs nothing in the background")

@@ -51,7 +51,7 @@ class Exchange:
         self.source = DeltaSource(self.lease.backend, self.request.generations)
         self.encoder: StreamEncoder | None = (
             endpoint.stream_encoder(self.request, ctx.request_id, self.created)
-            if self.request.stream
+            if self.request.stream or self.request.background
             else None
         )
         #: The last event has been produced (or the request failed): too late to interrupt.

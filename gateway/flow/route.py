@@ -56,6 +56,8 @@ def _handler(
             await report_unadmitted(plugins, ctx, outcome, 500 if outcome == "failed" else 499)
             raise
         exchange = Exchange(endpoint, admitted, ctx, plugins, services.pool.drain)
+        if admitted.request.background:
+            return await endpoint.background(exchange)
         if not admitted.request.stream:
             try:
                 return await unless_disconnected(exchange.collect(), request.receive)

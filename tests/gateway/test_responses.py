@@ -15,8 +15,8 @@ from openai import OpenAI
 from pydantic import BaseModel
 
 from gateway.testing import ServerThread, count_tokens
-from tests.gateway.helpers import scripted_config
-from tests.support import sse_events
+from tests.gateway.helpers import scripted, scripted_config
+from tests.support import sse_events, wait_for
 
 REPLY = "The quick brown fox jumps over the lazy dog"
 ARGS = '{"city": "Paris", "days": 3}'
@@ -478,3 +478,87 @@ def test_responses_belong_to_their_api_key(tmp_path: Path) -> None:
                 alice.responses.create(model="m", input="x", previous_response_id=r.id).status
                 == "completed"
             )
+
+
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    """A model that takes ~0.1 s a word (background runs, cancelled midway)."""
+    table = {
+        "slow": {"reply": REPLY, "token_delay_s": 0.1},
+        "broken": {"reply": REPLY, "fail_after_tokens": 2},
+    }
+    path = tmp_path_factory.mktemp("background") / "r.sqlite3"
+    with ServerThread(_with_store(scripted_config(table), path)) as srv:
+        yield srv
+
+
+def _until(client: OpenAI, rid: str, status: str, timeout: float = 20) -> Any:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        got = client.responses.retrieve(rid)
+        if got.status == status or time.monotonic() > deadline:
+            return got
+        time.sleep(0.05)
+
+
+def test_background_runs_on_and_is_polled(slow: ServerThread) -> None:
+    with OpenAI(base_url=slow.base_url + "/v1", api_key="x") as c:
+        r = c.responses.create(model="slow", input="hi", background=True)
+        assert r.status == "in_progress" and r.output == []
+        assert c.responses.retrieve(r.id).status == "in_progress"
+        done = _until(c, r.id, "completed")
+        assert done.status == "completed" and done.output_text == REPLY
+    assert scripted(slow.backend("slow")).record.active == 0
+
+
+def test_background_cancel_frees_the_sequence(slow: ServerThread) -> None:
+    with OpenAI(base_url=slow.base_url + "/v1", api_key="x") as c:
+        r = c.responses.create(model="slow", input="hi", background=True)
+        wait_for(lambda: scripted(slow.backend("slow")).record.tokens_generated > 0)
+        cancelled = c.responses.cancel(r.id)
+        assert cancelled.status == "cancelled"
+        assert c.responses.retrieve(r.id).status == "cancelled"
+        again = c.responses.cancel(r.id)  # cancelling twice changes nothing
+        assert again.status == "cancelled"
+    record = scripted(slow.backend("slow")).record
+    assert record.active == 0 and any(rid.startswith(r.id) for rid in record.cancelled)
+    admission = slow.services.pool.resolve("slow").admission
+    assert admission.active == 0
+
+
+def test_background_stream_resumes(slow: ServerThread) -> None:
+    body = {"model": "slow", "input": "hi", "background": True, "stream": True}
+    with httpx.stream("POST", slow.base_url + "/v1/responses", json=body, timeout=30) as resp:
+        first = [json.loads(e) for e in sse_events(b"".join(resp.iter_bytes()).decode())]
+    assert first[-1]["type"] == "response.completed"
+    rid = first[0]["response"]["id"]
+    url = f"{slow.base_url}/v1/responses/{rid}?stream=true&starting_after=3"
+    with httpx.stream("GET", url, timeout=30) as resp:
+        resumed = [json.loads(e) for e in sse_events(b"".join(resp.iter_bytes()).decode())]
+    assert [e["sequence_number"] for e in resumed] == [e["sequence_number"] for e in first[4:]]
+    assert resumed[-1]["type"] == "response.completed"
+
+
+def test_background_stream_outlives_its_client(slow: ServerThread) -> None:
+    body = {"model": "slow", "input": "hi", "background": True, "stream": True}
+    with httpx.stream("POST", slow.base_url + "/v1/responses", json=body, timeout=30) as resp:
+        lines = resp.iter_lines()
+        created = next(json.loads(line[6:]) for line in lines if line.startswith("data: "))
+    rid = created["response"]["id"]  # the client hung up after the first event
+    with OpenAI(base_url=slow.base_url + "/v1", api_key="x") as c:
+        assert _until(c, rid, "completed").output_text == REPLY
+
+
+def test_a_failed_background_response_is_stored_as_failed(slow: ServerThread) -> None:
+    with OpenAI(base_url=slow.base_url + "/v1", api_key="x") as c:
+        r = c.responses.create(model="broken", input="hi", background=True)
+        failed = _until(c, r.id, "failed")
+    assert failed.status == "failed" and failed.error is not None and failed.error.message
+
+
+def test_a_foreground_response_cannot_be_resumed(client: OpenAI, server: ServerThread) -> None:
+    r = client.responses.create(model="m", input="hi")
+    got = httpx.get(f"{server.base_url}/v1/responses/{r.id}?stream=true", timeout=30)
+    assert got.status_code == 400 and got.json()["error"]["param"] == "stream"

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
-from gateway.endpoints.base import Result
+from starlette.responses import Response, StreamingResponse
+
+from gateway.endpoints.base import Result, Running
+from gateway.endpoints.responses.background import BackgroundRuns
 from gateway.endpoints.responses.convert import (
     ResponsesState,
     responses_request,
@@ -33,6 +36,7 @@ class PreviousResponseNotFound(InvalidRequest):
 @dataclass(frozen=True)
 class ResponsesEndpoint:
     store: ResponseStore
+    runs: BackgroundRuns = field(default_factory=BackgroundRuns)
     name: Endpoint = "responses"
     path: str = "/v1/responses"
     id_prefix: str = "resp_"
@@ -75,6 +79,25 @@ class ResponsesEndpoint:
         )  # fmt: skip
         await self.keep(state, response)
         return dumps(response).encode()
+
+    async def background(self, exchange: Running) -> Response:
+        """Store the response as ``in_progress``, run it on, answer at once: its object (or,
+        with ``stream``, its events, which a disconnect no longer stops)."""
+        encoder = exchange.encoder
+        assert isinstance(encoder, ResponsesStreamEncoder)
+        state = encoder.state
+        snapshot = encoder.snapshot("in_progress")
+        await self.keep(state, snapshot)
+
+        async def stopped(response: dict[str, object]) -> None:
+            await self.keep(state, response)
+
+        run = self.runs.start(exchange, encoder, stopped)
+        headers = exchange.ctx.response_headers
+        if exchange.request.stream:
+            events = run.follow(-1)
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        return Response(dumps(snapshot), media_type="application/json", headers=headers)
 
     async def keep(self, state: ResponsesState, response: dict[str, object]) -> None:
         """Store a finished response (``store``, the default) before the client sees it end,

@@ -90,8 +90,6 @@ def _check(wire: ResponsesRequest) -> None:
             raise UnsupportedParameter(f"'{name}' is not supported by this server", param=name)
     if wire.background and not wire.store:
         raise InvalidRequest("background responses must be stored: set store", param="background")
-    if wire.background:
-        raise UnsupportedParameter("'background' is not supported yet", param="background")
 
 
 def _echo(wire: ResponsesRequest, tools: Tools | None) -> dict[str, object]:
@@ -201,6 +199,7 @@ def responses_request(body: bytes, request_id: str) -> ClientRequest:
         requires=requires,
         endpoint_state=state,
         headers=headers,
+        background=wire.background,
     )
 
 

@@ -70,6 +70,10 @@ class ResponsesStreamEncoder:
         self.finish: Finish | None = None
         #: Everything streamed, for the stored response.
         self.result = ChoiceResult()
+        #: The final event was built (the response is stored if it is to be).
+        self.finished = False
+        #: The error the stream ended with, if it failed.
+        self.failure: GatewayError | None = None
 
     def _event(self, kind: str, **fields: object) -> bytes:
         body = {"type": kind, "sequence_number": self.sequence, **fields}
@@ -230,6 +234,7 @@ class ResponsesStreamEncoder:
         status, incomplete = status_of(self.finish.reason if self.finish else None)
         response = self.final(usage, status, incomplete)
         await self.keep(self.state, response)
+        self.finished = True
         kind = "response.completed" if status == "completed" else "response.incomplete"
         return [*events, self._event(kind, response=response)]
 
@@ -244,6 +249,7 @@ class ResponsesStreamEncoder:
         )
 
     def error(self, error: GatewayError) -> bytes:
+        self.failure = error
         return self._event(
             "error", code=error.code or error.type, message=error.message, param=error.param
         )

@@ -7,15 +7,14 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Mapping
-from dataclasses import replace
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from gateway.backend import chat_format_of
 from gateway.endpoints.responses import ResponsesEndpoint
-from gateway.endpoints.responses.convert import responses_request, state_of
+from gateway.endpoints.responses.convert import responses_request
 from gateway.endpoints.responses.wire import InputTokensRequest
 from gateway.errors import InvalidRequest, NotFound, PermissionDenied
 from gateway.flow.prepare import check_capabilities
@@ -29,9 +28,8 @@ from gateway.wire.convert import parse_body
 MAX_PAGE = 100
 
 
-def responses_routes(services: Services) -> list[BaseRoute]:
+def responses_routes(services: Services, endpoint: ResponsesEndpoint) -> list[BaseRoute]:
     store = services.store
-    endpoint = ResponsesEndpoint(store)
 
     async def caller(request: Request) -> RequestContext:
         ctx = RequestContext.of(request, "resp-" + uuid.uuid4().hex)
@@ -48,12 +46,16 @@ def responses_routes(services: Services) -> list[BaseRoute]:
 
     async def retrieve(request: Request) -> Response:
         _, record = await owned(request)
-        if request.query_params.get("stream", "false").lower() == "true":
+        if request.query_params.get("stream", "false").lower() != "true":
+            return Response(record.response, media_type="application/json")
+        run = endpoint.runs.get(record.id)
+        if run is None:
             raise InvalidRequest(
-                "only background responses can be streamed again; this one is complete",
+                "only a background response of this server can be streamed again",
                 param="stream",
             )
-        return Response(record.response, media_type="application/json")
+        after = _int(request.query_params.get("starting_after", "-1"), "starting_after")
+        return StreamingResponse(run.follow(after), media_type="text/event-stream")
 
     async def delete(request: Request) -> Response:
         _, record = await owned(request)
@@ -65,8 +67,12 @@ def responses_routes(services: Services) -> list[BaseRoute]:
         return JSONResponse(page(json.loads(record.input_items), request.query_params))
 
     async def cancel(request: Request) -> Response:
-        await owned(request)
-        raise InvalidRequest("Only background responses can be cancelled.", param="response_id")
+        _, record = await owned(request)
+        if json.loads(record.response).get("background") is not True:
+            raise InvalidRequest("Only background responses can be cancelled.", param="response_id")
+        await endpoint.runs.cancel(record.id)  # a finished one stays as it is, as on OpenAI
+        again = await store.get(record.id)
+        return Response((again or record).response, media_type="application/json")
 
     async def input_tokens(request: Request) -> Response:
         ctx = await caller(request)
@@ -100,6 +106,13 @@ def responses_routes(services: Services) -> list[BaseRoute]:
     ]
 
 
+def _int(text: str, param: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise InvalidRequest(f"'{param}' must be an integer", param=param) from None
+
+
 def page(items: list[dict[str, object]], query: Mapping[str, str]) -> dict[str, object]:
     """One page of a list, as OpenAI pages them: ``order`` (``desc`` by default), ``after``
     (an item id), ``limit`` (1..100, default 20)."""
@@ -107,10 +120,7 @@ def page(items: list[dict[str, object]], query: Mapping[str, str]) -> dict[str, 
     order = get("order", "desc")
     if order not in ("asc", "desc"):
         raise InvalidRequest("'order' must be 'asc' or 'desc'", param="order")
-    try:
-        limit = int(get("limit", "20"))
-    except ValueError:
-        raise InvalidRequest("'limit' must be an integer", param="limit") from None
+    limit = _int(get("limit", "20"), "limit")
     if not 1 <= limit <= MAX_PAGE:
         raise InvalidRequest(f"'limit' must be between 1 and {MAX_PAGE}", param="limit")
     ordered = items if order == "asc" else items[::-1]
@@ -130,4 +140,4 @@ def page(items: list[dict[str, object]], query: Mapping[str, str]) -> dict[str, 
     }
 
 
-__all__ = ["replace", "responses_routes", "state_of"]
+__all__ = ["responses_routes"]

@@ -1,0 +1,103 @@
+"""``background: true``: the response runs on without its client. Its events are kept (for
+``GET /v1/responses/{id}?stream=true&starting_after=N``), its state is stored as it goes
+(``GET`` polls it), and ``POST /v1/responses/{id}/cancel`` stops it and frees its sequence."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from gateway.endpoints.base import Running
+from gateway.endpoints.responses.events import ResponsesStreamEncoder
+
+log = logging.getLogger("gateway.responses")
+_SEQUENCE = re.compile(rb'"sequence_number":(\d+)')
+Keep = Callable[[dict[str, object]], Awaitable[None]]
+
+
+@dataclass
+class Run:
+    """One background response: its events so far, and whether it has ended."""
+
+    response_id: str
+    encoder: ResponsesStreamEncoder
+    events: list[tuple[int, bytes]] = field(default_factory=list)
+    ended: bool = False
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+    def add(self, frame: bytes) -> None:
+        match = _SEQUENCE.search(frame)
+        self.events.append((int(match.group(1)) if match else -1, frame))
+        self.changed.set()
+
+    async def follow(self, after: int) -> AsyncIterator[bytes]:
+        """The events after sequence number ``after``, then the live ones until it ends."""
+        sent = 0
+        while True:
+            while sent < len(self.events):
+                seq, frame = self.events[sent]
+                sent += 1
+                if seq > after:
+                    yield frame
+            if self.ended:
+                return
+            self.changed.clear()
+            if sent == len(self.events) and not self.ended:
+                await self.changed.wait()
+
+
+class BackgroundRuns:
+    """The background responses of this process (finished ones kept for a while, so their
+    streams can be resumed)."""
+
+    def __init__(self, keep_finished: int = 256) -> None:
+        self.keep_finished = keep_finished
+        self._runs: OrderedDict[str, Run] = OrderedDict()
+
+    def get(self, response_id: str) -> Run | None:
+        return self._runs.get(response_id)
+
+    def start(self, exchange: Running, encoder: ResponsesStreamEncoder, stopped: Keep) -> Run:
+        run = Run(encoder.response_id, encoder)
+        self._runs[run.response_id] = run
+        run.task = asyncio.create_task(self._drive(run, exchange, stopped), name=run.response_id)
+        self._forget_finished()
+        return run
+
+    async def _drive(self, run: Run, exchange: Running, stopped: Keep) -> None:
+        """Run the exchange's events (its ``finally`` frees the sequence however it ends);
+        a cancelled run's state is stored as cancelled, with what it produced so far."""
+        try:
+            async for frame in exchange.events():
+                run.add(frame)
+            if not run.encoder.finished:  # it failed: its error event is the last one
+                await stopped(run.encoder.snapshot("failed", error=run.encoder.failure))
+        except asyncio.CancelledError:
+            await asyncio.shield(stopped(run.encoder.snapshot("cancelled")))
+        finally:
+            run.ended = True
+            run.changed.set()
+
+    async def cancel(self, response_id: str) -> bool:
+        """Stop a running response; False if it is not running here."""
+        run = self._runs.get(response_id)
+        if run is None or run.task is None or run.task.done():
+            return False
+        run.task.cancel()
+        await asyncio.gather(run.task, return_exceptions=True)
+        return True
+
+    def _forget_finished(self) -> None:
+        finished = [rid for rid, run in self._runs.items() if run.ended]
+        for rid in finished[: max(0, len(finished) - self.keep_finished)]:
+            del self._runs[rid]
+
+    async def aclose(self) -> None:
+        """At shutdown: every run still going is cancelled (and stored as such)."""
+        for rid in list(self._runs):
+            await self.cancel(rid)
