@@ -193,6 +193,9 @@ class GenerationRequest:
     #: Log probabilities of each generated token and this many alternatives (None: none).
     logprobs: int | None = None
     reasoning_effort: str | None = None
+    #: What keeps one conversation on one replica of a fleet, when the client or the
+    #: endpoint knows it (a Responses chain's first id, ``prompt_cache_key``).
+    affinity: str | None = None
     #: Set by the core for a model whose output it parses (:mod:`gateway.output`): what the
     #: backend must enforce and how the prompt renders the tools.
     output: OutputPlan | None = None

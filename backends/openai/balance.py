@@ -58,7 +58,10 @@ class RoundRobin:
 def affinity_key(request: GenerationRequest, prompt_prefix_chars: int) -> bytes:
     """What identifies a conversation: its messages up to and including the first user message
     (the system prompt and the opening question stay the same on every turn); for a text
-    prompt, its first ``prompt_prefix_chars`` characters."""
+    prompt, its first ``prompt_prefix_chars`` characters. A request that names its
+    conversation (:attr:`GenerationRequest.affinity`) is keyed by that name."""
+    if request.affinity is not None:
+        return b"named\0" + request.affinity.encode()
     if request.messages is None:
         return (request.prompt or "")[:prompt_prefix_chars].encode()
     h = hashlib.blake2b(digest_size=16)

@@ -18,6 +18,8 @@ class StoredResponse:
     response: str
     input_items: str
     context: str
+    #: The first response of its ``previous_response_id`` chain (itself if none).
+    root: str = ""
 
     @property
     def size(self) -> int:

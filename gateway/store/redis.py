@@ -10,7 +10,7 @@ from typing import Any
 from gateway.errors import ConfigError
 from gateway.store.base import StoredResponse
 
-_FIELDS = ("owner", "created_at", "response", "input_items", "context")
+_FIELDS = ("owner", "created_at", "response", "input_items", "context", "root")
 
 
 class RedisStore:
@@ -38,6 +38,7 @@ class RedisStore:
             "response": record.response,
             "input_items": record.input_items,
             "context": record.context,
+            "root": record.root,
         }
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(self._key(record.id), mapping=mapping)
@@ -61,8 +62,10 @@ class RedisStore:
         values = await self._redis.hmget(self._key(response_id), *_FIELDS)
         if values[2] is None:
             return None
-        owner, created, response, items, context = values
-        return StoredResponse(response_id, owner or None, int(created), response, items, context)
+        owner, created, response, items, context, root = values
+        return StoredResponse(
+            response_id, owner or None, int(created), response, items, context, root or ""
+        )
 
     async def _forget(self, response_id: str) -> int:
         """Delete a record and its bookkeeping; the new total of bytes."""

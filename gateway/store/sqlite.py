@@ -28,12 +28,13 @@ CREATE TABLE IF NOT EXISTS responses (
     size INTEGER NOT NULL,
     response TEXT NOT NULL,
     input_items TEXT NOT NULL,
-    context TEXT NOT NULL
+    context TEXT NOT NULL,
+    root TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS responses_by_age ON responses (created_at);
 CREATE INDEX IF NOT EXISTS responses_by_expiry ON responses (expires_at);
 """
-_COLUMNS = "id, owner, created_at, response, input_items, context"
+_COLUMNS = "id, owner, created_at, response, input_items, context, root"
 
 
 class SQLiteStore:
@@ -73,10 +74,10 @@ class SQLiteStore:
 
         def write(db: sqlite3.Connection) -> None:
             db.execute(
-                "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.id, record.owner, record.created_at, now + self.ttl_s, record.size,
-                    record.response, record.input_items, record.context,
+                    record.response, record.input_items, record.context, record.root,
                 ),
             )  # fmt: skip
             self._bound(db)

@@ -58,7 +58,7 @@ class ResponsesEndpoint:
                 param="previous_response_id",
             )
         history = parse_items(json.loads(record.context), "previous_response_id")
-        return with_history(request, tuple(history))
+        return with_history(request, tuple(history), record.root or record.id)
 
     def stream_encoder(
         self, request: ClientRequest, response_id: str, created: int

@@ -54,6 +54,8 @@ class ResponsesState:
     logprobs: bool = False
     #: Who made the request (the API key's name), whose the stored response is.
     owner: str | None = None
+    #: The first response of the ``previous_response_id`` chain (None: this one).
+    root: str | None = None
 
 
 def state_of(request: ClientRequest) -> ResponsesState:
@@ -189,6 +191,7 @@ def responses_request(body: bytes, request_id: str) -> ClientRequest:
         response_format=fmt,
         logprobs=(wire.top_logprobs or 0) if logprobs else None,
         reasoning_effort="high" if effort == "xhigh" else effort,
+        affinity=wire.prompt_cache_key or request_id,  # a new chain starts here
     )
     headers = (("x-gateway-ignored-tools", ",".join(tools.ignored)),) if tools.ignored else ()
     return ClientRequest(
@@ -203,9 +206,14 @@ def responses_request(body: bytes, request_id: str) -> ClientRequest:
     )
 
 
-def with_history(request: ClientRequest, history: tuple[Item, ...]) -> ClientRequest:
-    """The request with its stored conversation before its own items."""
-    state = replace(state_of(request), history=history)
+def with_history(request: ClientRequest, history: tuple[Item, ...], root: str) -> ClientRequest:
+    """The request with its stored conversation (whose chain began at ``root``) before its
+    own items; a fleet keeps the chain on one replica unless ``prompt_cache_key`` says else."""
+    state = replace(state_of(request), history=history, root=root)
     messages: tuple[ChatMessage, ...] = to_messages(history, state.items, state.instructions)
-    generations = tuple(replace(g, messages=messages) for g in request.generations)
+    cache_key = state.echo.get("prompt_cache_key")
+    affinity = cache_key if isinstance(cache_key, str) else root
+    generations = tuple(
+        replace(g, messages=messages, affinity=affinity) for g in request.generations
+    )
     return replace(request, generations=generations, endpoint_state=state)

@@ -50,4 +50,5 @@ def record_of(state: ResponsesState, response: dict[str, object]) -> StoredRespo
         response=dumps(response),
         input_items=dumps(items),
         context=json.dumps([*history, *items, *output], ensure_ascii=False),
+        root=state.root or str(response["id"]),
     )

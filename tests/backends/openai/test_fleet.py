@@ -319,6 +319,21 @@ def test_affinity_keeps_each_conversation_on_one_replica(front: ServerThread) ->
     assert {h for hs in homes.values() for h in hs} == {"replica-a", "replica-b"}
 
 
+def test_affinity_keeps_a_responses_chain_on_one_replica(front: ServerThread) -> None:
+    """Turn one sends instructions, later turns do not (they are not carried over): the
+    messages change, yet the chain of ``previous_response_id`` stays on its replica."""
+    homes: dict[int, set[str]] = {}
+    with OpenAI(base_url=front.base_url + "/v1", api_key="x", max_retries=0) as c:
+        for i in range(12):
+            r = c.responses.create(model="aff", input=f"q{i}", instructions="be brief")
+            homes[i] = {r.output_text}
+            for turn in range(3):
+                r = c.responses.create(model="aff", input=f"t{turn}", previous_response_id=r.id)
+                homes[i].add(r.output_text)
+    assert all(len(h) == 1 for h in homes.values()), homes
+    assert {h for hs in homes.values() for h in hs} == {"replica-a", "replica-b"}
+
+
 # -- API keys from the environment -----------------------------------------------------------
 
 
