@@ -37,6 +37,22 @@ CREATE INDEX IF NOT EXISTS responses_by_expiry ON responses (expires_at);
 _COLUMNS = "id, owner, created_at, response, input_items, context, root"
 
 
+def _setup(db: sqlite3.Connection, attempts: int = 50) -> None:
+    """WAL mode and the schema. Switching the journal mode needs the file to itself for a
+    moment, and SQLite answers "locked" at once rather than waiting when another process
+    holds it: retried for up to a few seconds."""
+    for attempt in range(attempts):
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or attempt == attempts - 1:
+                raise
+            time.sleep(0.05)
+
+
 class SQLiteStore:
     def __init__(
         self, path: Path, ttl_s: float, max_bytes: int, purge_every_s: float = 300.0
@@ -53,9 +69,7 @@ class SQLiteStore:
         if self._db is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(_SCHEMA)
+            _setup(db)
             self._db = db
             log.info("stored responses in %s", self.path)
         return self._db
