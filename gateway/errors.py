@@ -137,6 +137,14 @@ class Overloaded(GatewayError):
         super().__init__(message, headers=retry_after(retry_after_s))
 
 
+class StoreUnavailable(GatewayError):
+    """The stored responses cannot be read or written (a broken disk, Redis down): 503."""
+
+    status = 503
+    type = "server_error"
+    default_code = "store_unavailable"
+
+
 class ModelUnavailable(GatewayError):
     """A model failed to load or is shutting down."""
 

@@ -4,8 +4,50 @@ embedded SQLite file (:mod:`gateway.store.sqlite`) or in Redis shared by several
 
 from __future__ import annotations
 
+import logging
+
 from gateway.config import ResponsesConfig
+from gateway.errors import StoreUnavailable
 from gateway.store.base import ResponseStore, StoredResponse
+
+log = logging.getLogger("gateway.store")
+
+
+class GuardedStore:
+    """A store whose failures (SQLite, OS and Redis errors alike) are a 503 naming the store,
+    logged once each, never a 500 or a crash."""
+
+    def __init__(self, inner: ResponseStore, where: str) -> None:
+        self.inner = inner
+        self.where = where
+
+    def _unavailable(self, err: Exception) -> StoreUnavailable:
+        log.error("the response store (%s) failed: %s", self.where, err)
+        return StoreUnavailable(f"the response store is unavailable ({type(err).__name__})")
+
+    async def put(self, record: StoredResponse) -> None:
+        try:
+            await self.inner.put(record)
+        except Exception as err:
+            raise self._unavailable(err) from err
+
+    async def get(self, response_id: str) -> StoredResponse | None:
+        try:
+            return await self.inner.get(response_id)
+        except Exception as err:
+            raise self._unavailable(err) from err
+
+    async def delete(self, response_id: str) -> bool:
+        try:
+            return await self.inner.delete(response_id)
+        except Exception as err:
+            raise self._unavailable(err) from err
+
+    async def aclose(self) -> None:
+        try:
+            await self.inner.aclose()
+        except Exception as err:
+            log.warning("closing the response store (%s): %s", self.where, err)
 
 
 def open_store(config: ResponsesConfig) -> ResponseStore:
@@ -13,10 +55,12 @@ def open_store(config: ResponsesConfig) -> ResponseStore:
     if config.redis_url:
         from gateway.store.redis import RedisStore
 
-        return RedisStore(config.redis_url, config.ttl_s, config.max_bytes)
+        redis = RedisStore(config.redis_url, config.ttl_s, config.max_bytes)
+        return GuardedStore(redis, "redis")
     from gateway.store.sqlite import SQLiteStore
 
-    return SQLiteStore(config.sqlite_path(), config.ttl_s, config.max_bytes)
+    path = config.sqlite_path()
+    return GuardedStore(SQLiteStore(path, config.ttl_s, config.max_bytes), str(path))
 
 
 __all__ = ["ResponseStore", "StoredResponse", "open_store"]

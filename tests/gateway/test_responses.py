@@ -562,3 +562,20 @@ def test_a_foreground_response_cannot_be_resumed(client: OpenAI, server: ServerT
     r = client.responses.create(model="m", input="hi")
     got = httpx.get(f"{server.base_url}/v1/responses/{r.id}?stream=true", timeout=30)
     assert got.status_code == 400 and got.json()["error"]["param"] == "stream"
+
+
+def test_a_store_that_fails_does_not_fail_the_response(tmp_path: Path) -> None:
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the store's folder should be")
+    config = _with_store(scripted_config({"m": {"reply": REPLY}}), blocked / "r.sqlite3")
+    with ServerThread(config) as srv, OpenAI(base_url=srv.base_url + "/v1", api_key="x") as c:
+        r = c.responses.create(model="m", input="hi")
+        assert r.output_text == REPLY and r.to_dict()["store"] is False
+        events = list(c.responses.create(model="m", input="hi", stream=True))
+        last: Any = events[-1]
+        assert last.type == "response.completed" and last.response.to_dict()["store"] is False
+        with pytest.raises(openai.InternalServerError) as err:  # 503: the store, not the id
+            c.responses.retrieve(r.id)
+        assert err.value.status_code == 503 and err.value.code == "store_unavailable"
+        with pytest.raises(openai.InternalServerError):
+            c.responses.create(model="m", input="x", previous_response_id=r.id)

@@ -5,6 +5,7 @@ the stored records each have their module here; the request flow is the shared o
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field, replace
 
@@ -25,8 +26,10 @@ from gateway.endpoints.responses.records import record_of
 from gateway.errors import InvalidRequest
 from gateway.plugins import RequestContext
 from gateway.store import ResponseStore
-from gateway.types import ClientRequest, Endpoint, Usage
+from gateway.types import ClientRequest, Endpoint
 from gateway.wire.responses import dumps
+
+log = logging.getLogger("gateway.responses")
 
 
 class PreviousResponseNotFound(InvalidRequest):
@@ -101,9 +104,16 @@ class ResponsesEndpoint:
 
     async def keep(self, state: ResponsesState, response: dict[str, object]) -> None:
         """Store a finished response (``store``, the default) before the client sees it end,
-        so its id works at once as the next ``previous_response_id``."""
-        if state.store:
+        so its id works at once as the next ``previous_response_id``. A store that fails
+        (a full or read-only disk, Redis down) does not fail the response: it is logged and
+        the response says ``"store": false``, which is then the truth."""
+        if not state.store:
+            return
+        try:
             await self.store.put(record_of(state, response))
+        except Exception as err:  # sqlite3, OS and Redis errors alike
+            log.error("could not store response %s: %s", response.get("id"), err)
+            response["store"] = False
 
 
-__all__ = ["ResponsesEndpoint", "Usage"]
+__all__ = ["ResponsesEndpoint"]
