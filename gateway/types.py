@@ -66,6 +66,8 @@ class Tools:
     choice: ToolChoiceMode = "auto"
     name: str | None = None
     parallel: bool = True
+    #: The client's own cap on calls per answer (the Responses API's ``max_tool_calls``).
+    limit: int | None = None
 
     @property
     def offered(self) -> tuple[ToolSpec, ...]:
@@ -81,7 +83,8 @@ class Tools:
         """How many calls one answer may make: a named choice is one call (as OpenAI and the
         clients that force a tool to get an answer expect), ``parallel_tool_calls`` false is
         one, otherwise up to :data:`MAX_PARALLEL_CALLS`."""
-        return 1 if self.choice == "named" or not self.parallel else MAX_PARALLEL_CALLS
+        calls = 1 if self.choice == "named" or not self.parallel else MAX_PARALLEL_CALLS
+        return calls if self.limit is None else max(1, min(calls, self.limit))
 
 
 @dataclass(frozen=True, slots=True)

@@ -579,3 +579,13 @@ def test_a_store_that_fails_does_not_fail_the_response(tmp_path: Path) -> None:
         assert err.value.status_code == 503 and err.value.code == "store_unavailable"
         with pytest.raises(openai.InternalServerError):
             c.responses.create(model="m", input="x", previous_response_id=r.id)
+
+
+def test_max_tool_calls_is_the_grammar_cap() -> None:
+    from gateway.types import MAX_PARALLEL_CALLS, Tools, ToolSpec
+
+    specs = (ToolSpec("f"),)
+    assert Tools(specs).max_calls == MAX_PARALLEL_CALLS
+    assert Tools(specs, limit=2).max_calls == 2
+    assert Tools(specs, parallel=False, limit=5).max_calls == 1
+    assert Tools(specs, limit=100).max_calls == MAX_PARALLEL_CALLS

@@ -165,6 +165,8 @@ def responses_request(body: bytes, request_id: str) -> ClientRequest:
     items = parse_items(wire.input)
     tools = tool_set(wire.tools)
     chosen = tools_for(tools, wire.tool_choice, wire.parallel_tool_calls)
+    if chosen is not None and wire.max_tool_calls is not None:
+        chosen = replace(chosen, limit=wire.max_tool_calls)
     fmt = _response_format(wire.text.format if wire.text is not None else None)
     logprobs = LOGPROBS_INCLUDE in (wire.include or ())
     requires, passthrough = _features(chosen, fmt, logprobs)
