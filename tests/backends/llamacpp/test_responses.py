@@ -144,10 +144,9 @@ def test_openai_agents_sdk_responses_model(server: ServerThread) -> None:
 @pytest.mark.parametrize("cap", [None, 1])
 def test_max_tool_calls_caps_the_calls(client: OpenAI, cap: int | None) -> None:
     kw: Any = {"max_tool_calls": cap} if cap else {}
-    r = client.responses.create(
-        model=SMOL, input="Add 1 and 2, then 3 and 4, then 5 and 6: three calls of add.",
-        tools=[ADD], tool_choice="required", max_output_tokens=160, temperature=0, **kw,
-    )  # fmt: skip
+    kw |= {"tools": [ADD], "tool_choice": "required", "max_output_tokens": 160}
+    ask = "Add 1 and 2, then 3 and 4, then 5 and 6: three calls of add."
+    r = client.responses.create(model=SMOL, input=ask, temperature=0, **kw)
     calls = [o for o in r.output if o.type == "function_call"]
     if cap is None:  # the model makes several calls when it may: the cap below is the grammar's
         assert len(calls) > 1
