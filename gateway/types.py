@@ -360,6 +360,9 @@ class ClientRequest:
     headers: tuple[tuple[str, str], ...] = ()
     #: The client does not wait: the endpoint answers at once and the generation runs on.
     background: bool = False
+    #: A conversation over the context loses its oldest turns instead of being refused (the
+    #: Responses API's ``truncation: "auto"``).
+    truncate: bool = False
 
     @property
     def n(self) -> int:

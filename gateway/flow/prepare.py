@@ -10,7 +10,7 @@ from starlette.requests import Request
 from gateway.backend import Backend, chat_format_of
 from gateway.disconnect import unless_disconnected
 from gateway.endpoints.base import EndpointSpec
-from gateway.errors import InvalidRequest, ModelUnavailable
+from gateway.errors import ContextLengthExceeded, InvalidRequest, ModelUnavailable
 from gateway.flow.lease import Lease
 from gateway.http import read_json_body
 from gateway.output.plan import plan_request
@@ -63,6 +63,40 @@ async def validate(backend: Backend, request: ClientRequest) -> ClientRequest:
     return replace(request, generations=tuple(gens))
 
 
+def without_oldest_turn(request: ClientRequest) -> ClientRequest | None:
+    """The conversation without its oldest turn: the first message after the leading system
+    messages, and what follows it up to the next user message (a call's results go with it).
+    None when only the last user turn is left."""
+    messages = request.generations[0].messages
+    if messages is None:
+        return None
+    head = 0
+    while head < len(messages) and messages[head].role in ("system", "developer"):
+        head += 1
+    end = head + 1
+    while end < len(messages) and messages[end].role != "user":
+        end += 1
+    if end >= len(messages):
+        return None
+    kept = (*messages[:head], *messages[end:])
+    gens = tuple(replace(g, messages=kept) for g in request.generations)
+    return replace(request, generations=gens)
+
+
+async def fit(backend: Backend, request: ClientRequest) -> ClientRequest:
+    """The request planned and validated; with ``truncate``, its oldest turns dropped until
+    it fits the context (the last user turn always stays)."""
+    while True:
+        planned = await plan_request(request, chat_format_of(backend))
+        try:
+            return await validate(backend, planned)
+        except ContextLengthExceeded:
+            shorter = without_oldest_turn(request) if request.truncate else None
+            if shorter is None:
+                raise
+            request = shorter
+
+
 async def prepare(
     services: Services, ctx: RequestContext, http: Request, endpoint: EndpointSpec
 ) -> Admitted:
@@ -81,8 +115,7 @@ async def prepare(
     backend = await unless_disconnected(drain.bounded(entry.acquire()), http.receive)
     try:
         check_capabilities(request.model, backend.info, request)
-        request = await plan_request(request, chat_format_of(backend))
-        request = await validate(backend, request)
+        request = await fit(backend, request)
         sequences = request.sequences(entry.admission.capacity)
         queued = time.perf_counter()
         admitted = drain.bounded(entry.admission.acquire(sequences))

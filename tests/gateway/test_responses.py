@@ -589,3 +589,39 @@ def test_max_tool_calls_is_the_grammar_cap() -> None:
     assert Tools(specs, limit=2).max_calls == 2
     assert Tools(specs, parallel=False, limit=5).max_calls == 1
     assert Tools(specs, limit=100).max_calls == MAX_PARALLEL_CALLS
+
+
+def test_truncation_auto_drops_the_oldest_turns(tmp_path: Path) -> None:
+    config = _with_store(
+        scripted_config({"m": {"reply": "ok", "context_length": 60}}), tmp_path / "t.db"
+    )
+    turns: Any = []
+    for i in range(8):
+        turns += [
+            {"role": "user", "content": f"question {i} " * 2},
+            {"role": "assistant", "content": f"answer {i} " * 2},
+        ]
+    turns.append({"role": "user", "content": "the last question"})
+    with (
+        ServerThread(config) as srv,
+        OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0) as c,
+    ):
+        with pytest.raises(openai.BadRequestError) as err:
+            c.responses.create(model="m", input=turns, instructions="sys", max_output_tokens=4)
+        assert err.value.code == "context_length_exceeded"
+        r = c.responses.create(
+            model="m", input=turns, instructions="sys", max_output_tokens=4, truncation="auto"
+        )
+        assert r.status == "completed" and r.usage is not None
+        assert 0 < r.usage.input_tokens <= 56  # the context less max_output_tokens
+        assert r.usage.input_tokens > 30  # only as many turns as needed went
+        counted = httpx.post(
+            srv.base_url + "/v1/responses/input_tokens",
+            json={"model": "m", "input": turns, "instructions": "sys", "truncation": "auto"},
+            timeout=30,
+        ).json()["input_tokens"]
+        assert 0 < counted <= 60
+        alone: Any = [{"role": "user", "content": "word " * 80}]
+        with pytest.raises(openai.BadRequestError) as err:
+            c.responses.create(model="m", input=alone, truncation="auto")
+        assert err.value.code == "context_length_exceeded"

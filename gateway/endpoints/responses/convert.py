@@ -94,7 +94,7 @@ def _check(wire: ResponsesRequest) -> None:
         raise InvalidRequest("background responses must be stored: set store", param="background")
 
 
-def _echo(wire: ResponsesRequest, tools: Tools | None) -> dict[str, object]:
+def _echo(wire: ResponsesRequest) -> dict[str, object]:
     fmt = wire.text.format if wire.text is not None and wire.text.format is not None else None
     text: dict[str, object] = {
         "format": fmt.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -171,7 +171,7 @@ def responses_request(body: bytes, request_id: str) -> ClientRequest:
     logprobs = LOGPROBS_INCLUDE in (wire.include or ())
     requires, passthrough = _features(chosen, fmt, logprobs)
     state = ResponsesState(
-        echo=_echo(wire, chosen),
+        echo=_echo(wire),
         items=tuple(items),
         instructions=wire.instructions,
         previous_response_id=wire.previous_response_id,
@@ -205,6 +205,7 @@ def responses_request(body: bytes, request_id: str) -> ClientRequest:
         endpoint_state=state,
         headers=headers,
         background=wire.background,
+        truncate=wire.truncation == "auto",
     )
 
 

@@ -12,14 +12,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from gateway.backend import chat_format_of
 from gateway.endpoints.responses import ResponsesEndpoint
 from gateway.endpoints.responses.convert import responses_request
 from gateway.endpoints.responses.wire import InputTokensRequest
 from gateway.errors import InvalidRequest, NotFound, PermissionDenied
-from gateway.flow.prepare import check_capabilities
+from gateway.flow.prepare import check_capabilities, fit
 from gateway.http import read_json_body
-from gateway.output.plan import plan_request
 from gateway.plugins import RequestContext
 from gateway.services import Services
 from gateway.store import StoredResponse
@@ -91,11 +89,12 @@ def responses_routes(services: Services, endpoint: ResponsesEndpoint) -> list[Ba
         backend = await entry.acquire()
         try:
             check_capabilities(create.model, backend.info, create)
-            create = await plan_request(create, chat_format_of(backend))
-            tokenized = await backend.validate(create.generations[0])
+            create = await fit(backend, create)
         finally:
             entry.release()
-        return JSONResponse({"object": "response.input_tokens", "input_tokens": tokenized.count})
+        tokenized = create.generations[0].tokenized
+        count = tokenized.count if tokenized is not None else 0
+        return JSONResponse({"object": "response.input_tokens", "input_tokens": count})
 
     return [
         Route("/v1/responses/input_tokens", input_tokens, methods=["POST"]),
