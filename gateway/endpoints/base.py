@@ -9,9 +9,6 @@ from typing import TYPE_CHECKING, Protocol, assert_never
 
 from gateway.errors import GatewayError
 from gateway.plugins import RequestContext
-
-if TYPE_CHECKING:
-    from starlette.responses import Response
 from gateway.types import (
     ClientRequest,
     Delta,
@@ -25,6 +22,9 @@ from gateway.types import (
     ToolCallDelta,
     Usage,
 )
+
+if TYPE_CHECKING:
+    from starlette.responses import Response
 
 
 @dataclass
