@@ -54,6 +54,7 @@ class _Open:
     custom: bool = False
 
 
+Json = dict[str, object]
 Keep = Callable[[ResponsesState, dict[str, object]], Awaitable[None]]
 
 
@@ -175,53 +176,53 @@ class ResponsesStreamEncoder:
 
     def _close(self) -> list[bytes]:
         """The done events of the open item (its final form replaces it in the output)."""
-        item, self.current = self.current, None
+        item = self.current
         if item is None:
             return []
-        self.current = item  # for _item_event
         status: ItemStatus = "incomplete" if self._cut() else "completed"
         text = "".join(item.text)
-        events: list[bytes] = []
         if item.kind == "message":
-            part = text_part(text, item.logprobs if self.state.logprobs else None)
-            events.append(
-                self._item_event(
-                    "response.output_text.done", content_index=0, text=text, logprobs=item.logprobs
-                )
-            )
-            events.append(
-                self._item_event("response.content_part.done", content_index=0, part=part)
-            )
-            done = message_item(item.item_id, [part], status)
+            events, done = self._message_done(item, text, status)
         elif item.kind == "reasoning":
-            part = {"type": "reasoning_text", "text": text}
-            events.append(
-                self._item_event("response.reasoning_text.done", content_index=0, text=text)
-            )
-            events.append(
-                self._item_event("response.content_part.done", content_index=0, part=part)
-            )
-            done = reasoning_item(item.item_id, text, status)
+            events, done = self._reasoning_done(item, text, status)
         else:
-            origin = self.state.origins.get(item.name)
-            done = call_item(item.item_id, item.call_id, item.name, text, origin, status)
-            if done["type"] == "custom_tool_call":
-                events.append(
-                    self._item_event("response.custom_tool_call_input.delta", delta=done["input"])
-                )
-                events.append(
-                    self._item_event("response.custom_tool_call_input.done", input=done["input"])
-                )
-            else:
-                events.append(
-                    self._item_event(
-                        "response.function_call_arguments.done", arguments=text, name=done["name"]
-                    )
-                )
+            events, done = self._call_done(item, text, status)
         self.current = None
         self.output[item.index] = done
         events.append(self._event("response.output_item.done", output_index=item.index, item=done))
         return events
+
+    def _message_done(self, item: _Open, text: str, status: ItemStatus) -> tuple[list[bytes], Json]:
+        part = text_part(text, item.logprobs if self.state.logprobs else None)
+        done = {"content_index": 0, "text": text, "logprobs": item.logprobs}
+        events = [
+            self._item_event("response.output_text.done", **done),
+            self._item_event("response.content_part.done", content_index=0, part=part),
+        ]
+        return events, message_item(item.item_id, [part], status)
+
+    def _reasoning_done(
+        self, item: _Open, text: str, status: ItemStatus
+    ) -> tuple[list[bytes], Json]:
+        part = {"type": "reasoning_text", "text": text}
+        events = [
+            self._item_event("response.reasoning_text.done", content_index=0, text=text),
+            self._item_event("response.content_part.done", content_index=0, part=part),
+        ]
+        return events, reasoning_item(item.item_id, text, status)
+
+    def _call_done(self, item: _Open, text: str, status: ItemStatus) -> tuple[list[bytes], Json]:
+        """A function call's arguments are done; a custom tool's input comes whole here."""
+        origin = self.state.origins.get(item.name)
+        done = call_item(item.item_id, item.call_id, item.name, text, origin, status)
+        if done["type"] != "custom_tool_call":
+            args = {"arguments": text, "name": done["name"]}
+            return [self._item_event("response.function_call_arguments.done", **args)], done
+        events = [
+            self._item_event("response.custom_tool_call_input.delta", delta=done["input"]),
+            self._item_event("response.custom_tool_call_input.done", input=done["input"]),
+        ]
+        return events, done
 
     def _cut(self) -> bool:
         return self.finish is not None and self.finish.reason == "length"
