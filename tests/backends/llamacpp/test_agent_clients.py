@@ -16,6 +16,7 @@ import instructor
 import pytest
 from agents import (
     Agent,
+    Model,
     ModelSettings,
     OpenAIChatCompletionsModel,
     RunConfig,
@@ -112,7 +113,9 @@ def test_pydantic_ai_output_types(base_url: str, native: bool) -> None:
     asyncio.run(run())
 
 
-def test_openai_agents_sdk_output_type_and_function_tool(base_url: str) -> None:
+async def agents_scenario(model: Model) -> None:
+    """The Agents SDK's two ways to a structured answer, on ``model`` (its chat-completions
+    or its Responses model): a Pydantic ``output_type``, and a forced function tool."""
     calls: list[tuple[int, int]] = []
 
     @function_tool
@@ -121,27 +124,27 @@ def test_openai_agents_sdk_output_type_and_function_tool(base_url: str) -> None:
         calls.append((a, b))
         return a + b
 
+    settings = ModelSettings(max_tokens=120, temperature=0.5)
+    config = RunConfig(tracing_disabled=True)
+    structured = Agent(name="people", model=model, output_type=Person, model_settings=settings)
+    result = await Runner.run(structured, ASK_PERSON, run_config=config)
+    assert isinstance(result.final_output, Person)
+    forced = ModelSettings(
+        max_tokens=120, temperature=0.5, tool_choice="required", parallel_tool_calls=False
+    )
+    tooled = Agent(
+        name="calculator", model=model, tools=[add_tool], model_settings=forced,
+        tool_use_behavior="stop_on_first_tool",
+    )  # fmt: skip
+    result = await Runner.run(tooled, ASK_SUM, run_config=config, max_turns=2)
+    assert len(calls) == 1  # called once, with integers (the tool's schema enforced)
+    assert result.final_output == str(sum(calls[0]))
+
+
+def test_openai_agents_sdk_output_type_and_function_tool(base_url: str) -> None:
     async def run() -> None:
         async with async_client(base_url) as client:
-            await agents_run(client)
-
-    async def agents_run(client: AsyncOpenAI) -> None:
-        model = OpenAIChatCompletionsModel(model=SMOL, openai_client=client)
-        settings = ModelSettings(max_tokens=120, temperature=0.5)
-        config = RunConfig(tracing_disabled=True)
-        structured = Agent(name="people", model=model, output_type=Person, model_settings=settings)
-        result = await Runner.run(structured, ASK_PERSON, run_config=config)
-        assert isinstance(result.final_output, Person)
-        forced = ModelSettings(
-            max_tokens=120, temperature=0.5, tool_choice="required", parallel_tool_calls=False
-        )
-        tooled = Agent(
-            name="calculator", model=model, tools=[add_tool], model_settings=forced,
-            tool_use_behavior="stop_on_first_tool",
-        )  # fmt: skip
-        result = await Runner.run(tooled, ASK_SUM, run_config=config, max_turns=2)
-        assert len(calls) == 1  # called once, with integers (the tool's schema enforced)
-        assert result.final_output == str(sum(calls[0]))
+            await agents_scenario(OpenAIChatCompletionsModel(model=SMOL, openai_client=client))
 
     asyncio.run(run())
 

@@ -13,12 +13,12 @@ from typing import Any
 
 import jsonschema  # type: ignore[import-untyped]
 import pytest
-from agents import Agent, ModelSettings, OpenAIResponsesModel, RunConfig, Runner, function_tool
+from agents import OpenAIResponsesModel
 from openai import AsyncOpenAI, OpenAI
 
 from gateway.testing import ServerThread
 from tests.backends.llamacpp.conftest import SMOL, model_table, serve
-from tests.backends.llamacpp.test_agent_clients import ASK_PERSON, ASK_SUM, Person
+from tests.backends.llamacpp.test_agent_clients import ASK_PERSON, ASK_SUM, Person, agents_scenario
 
 ADD = {
     "type": "function",
@@ -110,33 +110,10 @@ def test_a_stored_conversation_reuses_the_cache(client: OpenAI) -> None:
 
 
 def test_openai_agents_sdk_responses_model(server: ServerThread) -> None:
-    calls: list[tuple[int, int]] = []
-
-    @function_tool
-    def add_tool(a: int, b: int) -> int:
-        """Add two integers."""
-        calls.append((a, b))
-        return a + b
-
     async def run() -> None:
-        async with AsyncOpenAI(
-            base_url=server.base_url + "/v1", api_key="t", max_retries=0, timeout=120
-        ) as client:
-            model = OpenAIResponsesModel(model=SMOL, openai_client=client)
-            config = RunConfig(tracing_disabled=True)
-            settings = ModelSettings(max_tokens=120, temperature=0.5)
-            people = Agent(name="people", model=model, output_type=Person, model_settings=settings)
-            result = await Runner.run(people, ASK_PERSON, run_config=config)
-            assert isinstance(result.final_output, Person)
-            forced = ModelSettings(
-                max_tokens=120, temperature=0.5, tool_choice="required", parallel_tool_calls=False
-            )
-            calculator = Agent(
-                name="calculator", model=model, tools=[add_tool], model_settings=forced,
-                tool_use_behavior="stop_on_first_tool",
-            )  # fmt: skip
-            result = await Runner.run(calculator, ASK_SUM, run_config=config, max_turns=2)
-            assert len(calls) == 1 and result.final_output == str(sum(calls[0]))
+        base_url = server.base_url + "/v1"
+        async with AsyncOpenAI(base_url=base_url, api_key="t", max_retries=0, timeout=120) as c:
+            await agents_scenario(OpenAIResponsesModel(model=SMOL, openai_client=c))
 
     asyncio.run(run())
 
