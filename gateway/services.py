@@ -1,8 +1,9 @@
-"""What every route is built from: the config, the model pool and the plugin chain."""
+"""What every route is built from: the config, the model pool, the plugin chain and the
+response store."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from gateway.config import GatewayConfig
 from gateway.plugins import PluginChain, plugin_factory
@@ -16,11 +17,7 @@ class Services:
     pool: ModelPool
     plugins: PluginChain
     #: Stored responses (``/v1/responses``), opened on first use.
-    store: ResponseStore = field(default=None)  # type: ignore[assignment]
-
-    def __post_init__(self) -> None:
-        if self.store is None:
-            object.__setattr__(self, "store", open_store(self.config.responses))
+    store: ResponseStore
 
 
 def build_services(config: GatewayConfig) -> Services:
@@ -31,4 +28,5 @@ def build_services(config: GatewayConfig) -> Services:
         if cfg.enabled
     }
     chain = PluginChain(list(named.values()), named=named, configs=config.plugins)
-    return Services(config=config, pool=pool, plugins=chain)
+    store = open_store(config.responses)
+    return Services(config=config, pool=pool, plugins=chain, store=store)

@@ -60,9 +60,8 @@ async def setup() -> AsyncIterator[tuple[httpx.AsyncClient, Raising]]:
     config = scripted_config()
     base = build_services(config)
     plugin = Raising()
-    services = Services(
-        base.config, base.pool, PluginChain([plugin], configs={"x": PluginConfig()})
-    )
+    chain = PluginChain([plugin], configs={"x": PluginConfig()})
+    services = Services(base.config, base.pool, chain, base.store)
     await services.pool.start()
     app = create_app(config, services)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
