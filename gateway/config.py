@@ -81,6 +81,10 @@ class ModelConfig(StrictModel):
     load: Literal["startup", "on_demand"] = "startup"
     #: Unload the model after this many seconds without a request (scale to zero); None: never.
     idle_unload_after_s: float | None = Field(None, gt=0)
+    #: Tokens a generation may produce when its request sets no limit (``max_tokens``,
+    #: ``max_completion_tokens``, ``max_output_tokens``); None: up to the context. Agents such
+    #: as Codex CLI never send one, and a small model may then run on for thousands of tokens.
+    default_max_tokens: int | None = Field(None, ge=1)
     batching: BatchingConfig = BatchingConfig()
     kv_cache: KVCacheConfig = KVCacheConfig()
 

@@ -300,7 +300,10 @@ class ServerThread:
         return self.services.pool.resolve(model).backend
 
     def __enter__(self) -> ServerThread:
-        uv = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        uv = uvicorn.Config(
+            self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on",
+            timeout_graceful_shutdown=self._drain_s + 2,
+        )  # fmt: skip
         self._server = server = uvicorn.Server(uv)
         self._thread = threading.Thread(target=server.run, name="gateway-test-server", daemon=True)
         self._thread.start()
@@ -326,7 +329,14 @@ class ServerThread:
                 raise RuntimeError("models did not load")
             time.sleep(0.02)
 
+    @property
+    def _drain_s(self) -> int:
+        return math.ceil(self.config.server.drain_timeout_s)
+
     def __exit__(self, *exc: object) -> None:
+        """Shut down as ``gateway serve`` does on SIGTERM: the drain starts, and what still
+        runs at its deadline is ended (no generation outlives the server)."""
         assert self._server is not None and self._thread is not None
+        self.services.pool.drain.start()
         self._server.should_exit = True
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=self._drain_s + 10)

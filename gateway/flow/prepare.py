@@ -63,6 +63,17 @@ async def validate(backend: Backend, request: ClientRequest) -> ClientRequest:
     return replace(request, generations=tuple(gens))
 
 
+def with_default_max_tokens(request: ClientRequest, default: int | None) -> ClientRequest:
+    """Each generation without a token limit gets the model's ``default_max_tokens``."""
+    if default is None or all(g.max_tokens is not None for g in request.generations):
+        return request
+    gens = tuple(
+        g if g.max_tokens is not None else replace(g, max_tokens=default)
+        for g in request.generations
+    )
+    return replace(request, generations=gens)
+
+
 def without_oldest_turn(request: ClientRequest) -> ClientRequest | None:
     """The conversation without its oldest turn: the first message after the leading system
     messages, and what follows it up to the next user message (a call's results go with it).
@@ -106,6 +117,7 @@ async def prepare(
     request = await endpoint.resolve(request, ctx)
     ctx.response_headers.update(request.headers)
     entry = services.pool.resolve(request.model)
+    request = with_default_max_tokens(request, entry.config.default_max_tokens)
     ctx.model, ctx.request = entry.name, request
     await services.plugins.on_request(ctx, request)
     if services.pool.draining:

@@ -14,6 +14,7 @@ import json
 import re
 
 from gateway.output.formats import ChatFormat, ToolFormat
+from gateway.output.schemas import closed
 from gateway.types import ResponseFormat, Tools, ToolSpec
 
 #: JSON written the way models write it (and never endless white space).
@@ -25,8 +26,8 @@ MAX_SPACE = 4
 
 
 def json_rule(schema: str) -> str:
-    """``%json{...}`` for a schema's JSON text, written in the house JSON style."""
-    doc = json.loads(schema)
+    """``%json{...}`` for a schema's JSON text (:func:`closed`), in the house JSON style."""
+    doc = closed(json.loads(schema))
     if isinstance(doc, dict) and "x-guidance" not in doc:
         doc = {**doc, "x-guidance": JSON_STYLE}
     return "%json" + json.dumps(doc, ensure_ascii=False)

@@ -8,6 +8,7 @@ from typing import Any
 import openai
 import pytest
 from openai import OpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.testing import ServerThread
 from tests.gateway.helpers import scripted, scripted_config
@@ -21,6 +22,7 @@ def server() -> Iterator[ServerThread]:
         {
             "m": {"aliases": ["m-alias"], "reply": REPLY},
             "echo": {"echo": True},
+            "capped": {"reply": REPLY, "default_max_tokens": 4},
         }
     )
     with ServerThread(config) as srv:
@@ -34,7 +36,7 @@ def client(server: ServerThread) -> OpenAI:
 
 def test_models_list_and_get(client: OpenAI) -> None:
     ids = {m.id for m in client.models.list()}
-    assert ids == {"m", "m-alias", "echo"}
+    assert ids == {"m", "m-alias", "echo", "capped"}
     model = client.models.retrieve("m-alias")
     assert model.id == "m-alias" and model.object == "model" and model.created > 0
     with pytest.raises(openai.NotFoundError):
@@ -134,6 +136,19 @@ def test_max_completion_tokens(client: OpenAI) -> None:
     )
     assert r.choices[0].message.content == "The quick"
     assert r.choices[0].finish_reason == "length"
+
+
+def test_default_max_tokens_applies_only_without_a_limit(client: OpenAI) -> None:
+    ask: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
+    r = client.chat.completions.create(model="capped", messages=ask)
+    assert r.choices[0].message.content == "The quick brown fox"
+    assert r.choices[0].finish_reason == "length"
+    r = client.chat.completions.create(model="capped", messages=ask, max_tokens=6)
+    assert r.choices[0].message.content == "The quick brown fox jumps over"
+    resp = client.responses.create(model="capped", input="hi")
+    assert resp.output_text == "The quick brown fox"
+    assert resp.status == "incomplete" and resp.usage is not None
+    assert resp.usage.output_tokens == 4
 
 
 @pytest.mark.parametrize("stop", ["fox", ["lazy", "brown"], ["own f"]])

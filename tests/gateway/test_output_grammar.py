@@ -190,3 +190,58 @@ def test_a_grammar_engine_panic_is_a_400() -> None:
     with pytest.raises(InvalidRequest, match="grammar engine failed") as err:
         check_schema(text, "response_format.json_schema.schema")
     assert err.value.param == "response_format.json_schema.schema"
+
+
+def _schema_grammar(schema: dict[str, Any]) -> str | None:
+    return grammar_for(ChatFormat(FORMATS["generic"]), None, ResponseFormat(json.dumps(schema)))
+
+
+OBJ = {"type": "object", "properties": {"a": {"type": "integer"}}}
+CLOSED_CASES: list[tuple[dict[str, Any], str, bool]] = [
+    # an object listing its properties takes no other key (a model cannot ramble in extra keys)
+    (OBJ, '{"a": 1}', True),
+    (OBJ, "{}", True),
+    (OBJ, '{"a": 1, "b": 2}', False),
+    # unless the schema says so, or says nothing of properties
+    ({**OBJ, "additionalProperties": True}, '{"a": 1, "b": 2}', True),
+    ({**OBJ, "additionalProperties": {"type": "string"}}, '{"a": 1, "b": "x"}', True),
+    ({**OBJ, "additionalProperties": {"type": "string"}}, '{"a": 1, "b": 2}', False),
+    ({**OBJ, "patternProperties": {"^x": {"type": "integer"}}}, '{"a": 1, "x1": 2}', True),
+    ({"type": "object"}, '{"b": 2}', True),
+    # a required key the properties do not list stays possible
+    ({**OBJ, "required": ["b"]}, '{"b": 2}', True),
+    # nested objects, arrays of objects and $defs are closed too
+    (
+        {"type": "object", "properties": {"p": OBJ}, "required": ["p"]},
+        '{"p": {"a": 1, "z": 0}}',
+        False,
+    ),
+    ({"type": "array", "items": OBJ}, '[{"a": 1}, {"c": 1}]', False),
+    (
+        {"$defs": {"o": OBJ}, "type": "object", "properties": {"o": {"$ref": "#/$defs/o"}}},
+        '{"o": {"a": 1, "q": 1}}',
+        False,
+    ),
+    ({"anyOf": [OBJ, {"type": "string"}]}, '{"a": 1, "b": 1}', False),
+    # allOf members stay open: closing each would forbid the other's keys
+    (
+        {"allOf": [OBJ, {"type": "object", "properties": {"b": {"type": "integer"}}}]},
+        '{"a": 1, "b": 2}',
+        True,
+    ),
+    # values are data, not schemas: a const object keeps its keys
+    ({"const": {"properties": {"x": 1}, "y": 2}}, '{"properties": {"x": 1}, "y": 2}', True),
+]
+
+
+@pytest.mark.parametrize(("schema", "text", "ok"), CLOSED_CASES)
+def test_objects_with_properties_are_closed(schema: dict[str, Any], text: str, ok: bool) -> None:
+    assert accepts(_schema_grammar(schema), text) is ok
+
+
+def test_tool_arguments_are_closed_too() -> None:
+    tool = ToolSpec("f", parameters=json.dumps(OBJ))
+    grammar = grammar_for(ChatFormat(FORMATS["generic"]), Tools((tool,), "named", "f"), None)
+    call = '<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>'
+    assert accepts(grammar, call)
+    assert not accepts(grammar, call.replace("1}", '1, "extra": "ramble"}'))

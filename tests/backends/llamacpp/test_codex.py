@@ -11,6 +11,7 @@ off. What remains is what Codex sends every turn: developer and user messages as
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +38,9 @@ def codex() -> Path:
 
 @pytest.fixture(scope="module")
 def server(smol_path: Path) -> Iterator[ServerThread]:
-    with serve({SMOL: model_table(smol_path, kv_cache={"n_ctx_per_slot": 8192})}) as srv:
+    # Codex sends no output limit; without a default a rambling 135M model may run to 8k tokens
+    table = model_table(smol_path, kv_cache={"n_ctx_per_slot": 8192}, default_max_tokens=256)
+    with serve({SMOL: table}) as srv:
         yield srv
 
 
@@ -58,10 +61,26 @@ def codex_exec(
     command += [arg for c in config for arg in ("-c", c)]
     command += [arg for f in TRIMMED for arg in ("--disable", f)]
     env = {**os.environ, "CODEX_HOME": str(home), "NO_COLOR": "1"}
-    return subprocess.run(
-        [*command, prompt], cwd=work, env=env, capture_output=True, text=True, timeout=300,
-        stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    return run_group([*command, prompt], work, env, timeout_s=90)
+
+
+def run_group(
+    command: list[str], cwd: Path, env: dict[str, str], timeout_s: float
+) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` in its own process group, all of it killed on timeout (``codex`` is a
+    node launcher whose native child would outlive a plain kill), with what it printed so far
+    in the failure."""
+    with subprocess.Popen(
+        command, cwd=cwd, env=env, text=True, start_new_session=True,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    ) as proc:  # fmt: skip
+        try:
+            out, err = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"codex ran past {timeout_s} s; its output: {err[-3000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 def test_codex_exec_completes_a_turn(
