@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -71,31 +72,40 @@ def _piece(event: Any) -> str:
     return ""
 
 
+async def ask(
+    client: AsyncOpenAI,
+    model: str,
+    user: int,
+    turn: int,
+    previous: str | None,
+    args: argparse.Namespace,
+) -> tuple[float, str]:
+    """One turn through ``/v1/responses``, streamed: its TTFT and its response id."""
+    question = f"(user {user}) {QUESTIONS[turn % len(QUESTIONS)]}"
+    started = time.perf_counter()
+    stream = await client.responses.create(
+        model=model, input=question, instructions=SYSTEM, previous_response_id=previous,
+        max_output_tokens=args.max_tokens, temperature=0, stream=True,
+    )  # fmt: skip
+    first, rid = float("nan"), ""
+    async for event in stream:
+        if event.type == "response.created":
+            rid = event.response.id
+        elif event.type == "response.output_text.delta" and math.isnan(first):
+            first = time.perf_counter() - started
+    return first, rid
+
+
 async def responses_turns(
     client: AsyncOpenAI, model: str, user: int, args: argparse.Namespace
-) -> tuple[list[float], list[str], list[str]]:
-    ttfts, answers, ids = [], [], []
+) -> tuple[list[float], list[str]]:
+    ttfts, ids = [], []
     previous: str | None = None
     for turn in range(args.turns):
-        question = f"(user {user}) {QUESTIONS[turn % len(QUESTIONS)]}"
-        started = time.perf_counter()
-        stream = await client.responses.create(
-            model=model, input=question, instructions=SYSTEM, previous_response_id=previous,
-            max_output_tokens=args.max_tokens, temperature=0, stream=True,
-        )  # fmt: skip
-        first, text, rid = float("nan"), [], ""
-        async for event in stream:
-            if event.type == "response.created":
-                rid = event.response.id
-            elif event.type == "response.output_text.delta":
-                if not text:
-                    first = time.perf_counter() - started
-                text.append(event.delta)
+        first, previous = await ask(client, model, user, turn, previous, args)
         ttfts.append(first)
-        answers.append("".join(text))
-        ids.append(rid)
-        previous = rid
-    return ttfts, answers, ids
+        ids.append(previous)
+    return ttfts, ids
 
 
 async def chat_turns(
@@ -117,20 +127,6 @@ async def chat_turns(
     return ttfts
 
 
-async def last_turn(
-    client: AsyncOpenAI, model: str, user: int, previous: str, args: argparse.Namespace
-) -> float:
-    turn = args.turns - 1
-    question = f"(user {user}) {QUESTIONS[turn % len(QUESTIONS)]}"
-    started = time.perf_counter()
-    stream = await client.responses.create(
-        model=model, input=question, instructions=SYSTEM, previous_response_id=previous,
-        max_output_tokens=args.max_tokens, temperature=0, stream=True,
-    )  # fmt: skip
-    first, _ = await ttft_of(stream, started)
-    return first
-
-
 def client_for(server: Server) -> AsyncOpenAI:
     return AsyncOpenAI(base_url=server.base_url, api_key="bench", max_retries=0, timeout=600)
 
@@ -142,7 +138,7 @@ async def warm(server: Server, args: argparse.Namespace) -> dict[str, Any]:
         warmup = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}]
         await client.chat.completions.create(model=server.model, messages=warmup, max_tokens=1)  # type: ignore[arg-type]
         for user in range(args.users):
-            ttfts, _, ids = await responses_turns(client, server.model, user, args)
+            ttfts, ids = await responses_turns(client, server.model, user, args)
             out["responses"].append(ttfts)
             out["ids"].append(ids)
             out["chat"].append(await chat_turns(client, server.model, user, args))
@@ -151,9 +147,11 @@ async def warm(server: Server, args: argparse.Namespace) -> dict[str, Any]:
 
 async def cold(server: Server, ids: list[list[str]], args: argparse.Namespace) -> list[float]:
     async with client_for(server) as client:
-        return [
-            await last_turn(client, server.model, u, ids[u][-2], args) for u in range(args.users)
+        last = args.turns - 1  # asked again after turn 9's response, as it was before
+        ttfts = [
+            await ask(client, server.model, u, last, ids[u][-2], args) for u in range(args.users)
         ]
+        return [first for first, _ in ttfts]
 
 
 def report(result: dict[str, Any], args: argparse.Namespace) -> None:

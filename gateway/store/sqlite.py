@@ -64,6 +64,9 @@ class SQLiteStore:
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()
         self._purged_at = 0.0
+        #: The total size as last summed, plus what this process wrote since (other processes'
+        #: writes show at the next sum): the table is summed only when this may be over.
+        self._estimate: int | None = None
 
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
@@ -94,7 +97,9 @@ class SQLiteStore:
                     record.response, record.input_items, record.context, record.root,
                 ),
             )  # fmt: skip
-            self._bound(db)
+            self._estimate = None if self._estimate is None else self._estimate + record.size
+            if self._estimate is None or self._estimate > self.max_bytes:
+                self._bound(db)
             if now - self._purged_at > self.purge_every_s:
                 self._purged_at = now
                 db.execute("DELETE FROM responses WHERE expires_at < ?", (now,))
@@ -102,18 +107,20 @@ class SQLiteStore:
         await self._run(write)
 
     def _bound(self, db: sqlite3.Connection) -> None:
-        """Delete the oldest records while the total is over ``max_bytes``."""
+        """Over ``max_bytes``, delete the oldest records down to 90% of it (so that a store
+        at its cap sums its table once per tenth of the cap written, not on every write)."""
         (total,) = db.execute("SELECT COALESCE(SUM(size), 0) FROM responses").fetchone()
-        if total <= self.max_bytes:
-            return
-        freed = 0
-        doomed = []
-        for rid, size in db.execute("SELECT id, size FROM responses ORDER BY created_at, rowid"):
-            if total - freed <= self.max_bytes:
-                break
-            doomed.append((rid,))
-            freed += size
-        db.executemany("DELETE FROM responses WHERE id = ?", doomed)
+        if total > self.max_bytes:
+            target = self.max_bytes * 9 // 10
+            doomed = []
+            rows = db.execute("SELECT id, size FROM responses ORDER BY created_at, rowid")
+            for rid, size in rows:
+                if total <= target:
+                    break
+                doomed.append((rid,))
+                total -= size
+            db.executemany("DELETE FROM responses WHERE id = ?", doomed)
+        self._estimate = total
 
     async def get(self, response_id: str) -> StoredResponse | None:
         def read(db: sqlite3.Connection) -> StoredResponse | None:

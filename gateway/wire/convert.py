@@ -6,7 +6,6 @@ import json
 import logging
 from collections import OrderedDict
 from dataclasses import replace
-from functools import cache
 from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -68,8 +67,9 @@ class LoggedOnce:
 ignored_fields = LoggedOnce()
 
 
-@cache
 def _field_names() -> frozenset[str]:
+    """Every wire model's field names (walked on each call: only errors need them, and an
+    endpoint's models may be imported after the first error)."""
     names: set[str] = set()
     stack: list[type[BaseModel]] = [WireModel]
     while stack:
@@ -96,18 +96,21 @@ def _param(loc: tuple[int | str, ...]) -> str | None:
     return out or None
 
 
-def _validation_error(err: ValidationError) -> InvalidRequest:
+def validation_error(err: ValidationError, where: str | None = None) -> InvalidRequest:
+    """A 400 naming the first invalid field (union tags dropped), below ``where`` when the
+    model validated one element of the body (``input[3]``)."""
     errors = err.errors()
     if errors[0]["type"] in ("json_invalid", "json_type"):
         return InvalidRequest(f"request body is not valid JSON: {errors[0]['msg']}")
     if errors[0]["type"] == "model_type" and not errors[0]["loc"]:
         return InvalidRequest("request body must be a JSON object")
-    param = _param(tuple(errors[0]["loc"]))
-    msgs = [e["msg"] for e in errors if _param(tuple(e["loc"])) == param]
-    where = param or "body"
+    first = _param(tuple(errors[0]["loc"]))
+    msgs = [e["msg"] for e in errors if _param(tuple(e["loc"])) == first]
+    param = f"{where}.{first}" if where and first else where or first
+    named = param or "body"
     if errors[0]["type"] == "missing":
-        return InvalidRequest(f"'{where}' is a required property", param=param)
-    return InvalidRequest(f"invalid '{where}': " + "; or ".join(dict.fromkeys(msgs)), param=param)
+        return InvalidRequest(f"'{named}' is a required property", param=param)
+    return InvalidRequest(f"invalid '{named}': " + "; or ".join(dict.fromkeys(msgs)), param=param)
 
 
 def _check_extra(wire: WireModel) -> None:
@@ -123,7 +126,7 @@ def parse_body(schema: type[W], body: bytes) -> W:
     try:
         wire = schema.model_validate_json(body)
     except ValidationError as err:
-        raise _validation_error(err) from None
+        raise validation_error(err) from None
     _check_extra(wire)
     return wire
 

@@ -328,6 +328,14 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"input": "x", "tools": [LARK_TOOL]}, "tools[0].format"),
     ({"input": "x", "tools": [WEATHER, WEATHER]}, "tools[1]"),
     ({"input": "x", "tools": [WEATHER], "tool_choice": {"type": "web_search"}}, "tool_choice"),
+    (
+        {
+            "input": "x",
+            "tools": [WEATHER],
+            "tool_choice": {"type": "allowed_tools", "tools": ["weather"]},
+        },
+        "tool_choice",
+    ),
     ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
     ({"input": "x", "conversation": "conv_1"}, "conversation"),
     ({"input": "x", "previous_response_id": "resp_missing"}, "previous_response_id"),
@@ -480,6 +488,32 @@ def test_responses_belong_to_their_api_key(tmp_path: Path) -> None:
             )
 
 
+def test_input_tokens_runs_the_request_plugins(tmp_path: Path) -> None:
+    """A key limited to one model may not count another's tokens; no key is a 401; the rate
+    limits' end hook runs for every count (the one concurrency slot is never left held)."""
+    from hashlib import sha256
+
+    key = {"name": "carol", "sha256": sha256(b"sk-carol").hexdigest(), "models": ["m"]}
+    plugins: dict[str, dict[str, Any]] = {
+        "api_keys": {"keys": [key]},
+        "rate_limit": {"concurrent_requests": 1},
+    }
+    models = {"m": {"reply": REPLY}, "other": {"reply": REPLY}}
+    config = _with_store(scripted_config(models, plugins=plugins), tmp_path / "k.db")
+    url = "/v1/responses/input_tokens"
+    with ServerThread(config) as srv, httpx.Client(base_url=srv.base_url, timeout=30) as http:
+        auth = {"Authorization": "Bearer sk-carol"}
+        ok = http.post(url, json={"model": "m", "input": "one two"}, headers=auth)
+        assert ok.status_code == 200 and ok.json()["input_tokens"] == 3
+        denied = http.post(url, json={"model": "other", "input": "x"}, headers=auth)
+        assert denied.status_code == 403 and denied.json()["error"]["param"] == "model"
+        anonymous = http.post(url, json={"model": "m", "input": "x"})
+        assert anonymous.status_code == 401
+        for _ in range(3):  # one request at a time: a slot a count kept would make these 429
+            again = http.post(url, json={"model": "m", "input": "one two"}, headers=auth)
+            assert again.status_code == 200, again.text
+
+
 @pytest.fixture(scope="module")
 def slow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     """A model that takes ~0.1 s a word (background runs, cancelled midway)."""
@@ -508,8 +542,10 @@ def test_background_runs_on_and_is_polled(slow: ServerThread) -> None:
         r = c.responses.create(model="slow", input="hi", background=True)
         assert r.status == "in_progress" and r.output == []
         assert c.responses.retrieve(r.id).status == "in_progress"
+        early = [i.id for i in c.responses.input_items.list(r.id)]
         done = _until(c, r.id, "completed")
         assert done.status == "completed" and done.output_text == REPLY
+        assert [i.id for i in c.responses.input_items.list(r.id)] == early
     assert scripted(slow.backend("slow")).record.active == 0
 
 

@@ -20,7 +20,6 @@ from gateway.endpoints.responses.convert import (
     with_history,
 )
 from gateway.endpoints.responses.events import ResponsesStreamEncoder
-from gateway.endpoints.responses.items import parse_items
 from gateway.endpoints.responses.objects import items_of, response_object, status_of, usage_json
 from gateway.endpoints.responses.records import record_of
 from gateway.errors import InvalidRequest
@@ -60,8 +59,7 @@ class ResponsesEndpoint:
                 f"Previous response with id {previous[:64]!r} not found.",
                 param="previous_response_id",
             )
-        history = parse_items(json.loads(record.context), "previous_response_id")
-        return with_history(request, tuple(history), record.root or record.id)
+        return with_history(request, json.loads(record.context), record.root or record.id)
 
     def stream_encoder(
         self, request: ClientRequest, response_id: str, created: int

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -15,7 +14,6 @@ from gateway.endpoints.base import Running
 from gateway.endpoints.responses.events import ResponsesStreamEncoder
 
 log = logging.getLogger("gateway.responses")
-_SEQUENCE = re.compile(rb'"sequence_number":(\d+)')
 Keep = Callable[[dict[str, object]], Awaitable[None]]
 
 
@@ -25,25 +23,24 @@ class Run:
 
     response_id: str
     encoder: ResponsesStreamEncoder
-    events: list[tuple[int, bytes]] = field(default_factory=list)
+    #: Its events in order: an event's place is its ``sequence_number`` (the encoder numbers
+    #: each event it frames from 0, and the exchange yields nothing else).
+    events: list[bytes] = field(default_factory=list)
     ended: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
 
     def add(self, frame: bytes) -> None:
-        match = _SEQUENCE.search(frame)
-        self.events.append((int(match.group(1)) if match else -1, frame))
+        self.events.append(frame)
         self.changed.set()
 
     async def follow(self, after: int) -> AsyncIterator[bytes]:
         """The events after sequence number ``after``, then the live ones until it ends."""
-        sent = 0
+        sent = max(0, after + 1)
         while True:
             while sent < len(self.events):
-                seq, frame = self.events[sent]
                 sent += 1
-                if seq > after:
-                    yield frame
+                yield self.events[sent - 1]
             if self.ended:
                 return
             self.changed.clear()

@@ -6,16 +6,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 
-from gateway.endpoints.responses.items import parse_items, to_messages
+from gateway.endpoints.responses.items import item_json, parse_items, to_messages
 from gateway.endpoints.responses.tools import (
     ToolOrigin,
     chat_tool_choice,
-    chat_tools,
     tool_set,
     tools_for,
 )
-from gateway.endpoints.responses.wire import Item, ResponsesRequest, TextFormat
+from gateway.endpoints.responses.wire import TOOLS, Item, ResponsesRequest, TextFormat
 from gateway.errors import InvalidRequest, UnsupportedParameter
+from gateway.output.plan import template_tools
 from gateway.output.schemas import schema_text
 from gateway.types import (
     Capability,
@@ -42,14 +42,14 @@ class ResponsesState:
 
     #: The request fields a response object echoes (``instructions``, ``tools``, ``text``...).
     echo: dict[str, object]
-    #: This request's input items, as given.
+    #: This request's input items, as given, and as stored (with their ids).
     items: tuple[Item, ...]
+    input_json: tuple[dict[str, object], ...] = ()
     instructions: str | None = None
     previous_response_id: str | None = None
     store: bool = True
-    background: bool = False
-    #: Items of the stored conversation before this request (set once it is looked up).
-    history: tuple[Item, ...] = ()
+    #: The stored conversation before this request, as stored (set once it is looked up).
+    history: tuple[dict[str, object], ...] = ()
     origins: dict[str, ToolOrigin] = field(default_factory=dict)
     logprobs: bool = False
     #: Who made the request (the API key's name), whose the stored response is.
@@ -121,9 +121,7 @@ def _echo(wire: ResponsesRequest) -> dict[str, object]:
         "temperature": 1.0 if wire.temperature is None else wire.temperature,
         "text": text,
         "tool_choice": wire.tool_choice if wire.tool_choice is not None else "auto",
-        "tools": [
-            t for t in wire.tools or () if t.get("type") in ("function", "custom", "namespace")
-        ],
+        "tools": [t for t in wire.tools or () if t.get("type") in TOOLS],  # hosted ones: not
         "top_logprobs": wire.top_logprobs or 0,
         "top_p": 1.0 if wire.top_p is None else wire.top_p,
         "truncation": wire.truncation or "disabled",
@@ -141,7 +139,7 @@ def _features(
     passthrough: list[tuple[str, str]] = []
     if tools is not None:
         requires.append(Requirement(Capability.TOOLS, "tools"))
-        passthrough.append(("tools", json.dumps(chat_tools(tools), ensure_ascii=False)))
+        passthrough.append(("tools", template_tools(tools.specs)))  # chat's shape
         passthrough.append(("tool_choice", json.dumps(chat_tool_choice(tools))))
         passthrough.append(("parallel_tool_calls", json.dumps(tools.parallel)))
     if fmt is not None:
@@ -173,10 +171,10 @@ def responses_request(body: bytes, request_id: str) -> ClientRequest:
     state = ResponsesState(
         echo=_echo(wire),
         items=tuple(items),
+        input_json=tuple(item_json(i) for i in items),
         instructions=wire.instructions,
         previous_response_id=wire.previous_response_id,
         store=wire.store,
-        background=wire.background,
         origins=tools.origins,
         logprobs=logprobs,
     )
@@ -209,11 +207,14 @@ def responses_request(body: bytes, request_id: str) -> ClientRequest:
     )
 
 
-def with_history(request: ClientRequest, history: tuple[Item, ...], root: str) -> ClientRequest:
+def with_history(
+    request: ClientRequest, history: list[dict[str, object]], root: str
+) -> ClientRequest:
     """The request with its stored conversation (whose chain began at ``root``) before its
     own items; a fleet keeps the chain on one replica unless ``prompt_cache_key`` says else."""
-    state = replace(state_of(request), history=history, root=root)
-    messages: tuple[ChatMessage, ...] = to_messages(history, state.items, state.instructions)
+    state = replace(state_of(request), history=tuple(history), root=root)
+    stored = parse_items(history, "previous_response_id")
+    messages: tuple[ChatMessage, ...] = to_messages(stored, state.items, state.instructions)
     cache_key = state.echo.get("prompt_cache_key")
     affinity = cache_key if isinstance(cache_key, str) else root
     generations = tuple(

@@ -10,14 +10,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import assert_never
 
-from gateway.endpoints.base import ChoiceResult
 from gateway.endpoints.responses.convert import ResponsesState, state_of
+from gateway.endpoints.responses.items import new_id
 from gateway.endpoints.responses.objects import (
     ItemStatus,
     call_item,
     call_item_id,
     message_item,
-    new_id,
     output_logprobs,
     reasoning_item,
     response_object,
@@ -69,8 +68,7 @@ class ResponsesStreamEncoder:
         self.output: list[dict[str, object]] = []
         self.current: _Open | None = None
         self.finish: Finish | None = None
-        #: Everything streamed, for the stored response.
-        self.result = ChoiceResult()
+        self.reasoning_tokens = 0
         #: The final event was built (the response is stored if it is to be).
         self.finished = False
         #: The error the stream ended with, if it failed.
@@ -95,7 +93,6 @@ class ResponsesStreamEncoder:
         ]
 
     def delta(self, index: int, delta: Delta) -> list[bytes]:
-        self.result.add(delta)
         match delta:
             case TextDelta(text=text, logprobs=logprobs):
                 events = self._open("message")
@@ -109,7 +106,8 @@ class ResponsesStreamEncoder:
                         "response.output_text.delta", delta=text, content_index=0, logprobs=lp
                     ),
                 ]
-            case ReasoningDelta(text=text):
+            case ReasoningDelta(text=text, tokens=tokens):
+                self.reasoning_tokens += tokens
                 events = self._open("reasoning")
                 assert self.current is not None
                 self.current.text.append(text)
@@ -244,7 +242,7 @@ class ResponsesStreamEncoder:
     ) -> dict[str, object]:
         return self.snapshot(
             status,
-            usage=usage_json(usage, self.result.reasoning_tokens),
+            usage=usage_json(usage, self.reasoning_tokens),
             incomplete=incomplete,
             completed_at=int(time.time()),
         )

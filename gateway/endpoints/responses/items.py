@@ -4,6 +4,7 @@ renders (a conversation's stored items are replayed through the same functions).
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -21,20 +22,40 @@ from gateway.endpoints.responses.wire import (
 )
 from gateway.errors import InvalidRequest, UnsupportedParameter
 from gateway.types import ChatMessage, ToolCallRef
+from gateway.wire.convert import validation_error
 
 #: The most items one request (with its stored history) may carry.
 MAX_ITEMS = 4096
 _TEXT_PARTS = frozenset({"input_text", "output_text", "text", "summary_text", "reasoning_text"})
 
 
-def invalid(err: ValidationError, where: str) -> InvalidRequest:
-    """A 400 naming the first invalid field under ``where`` (``input[3].call_id``)."""
-    first = err.errors()[0]
-    loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
-    param = f"{where}{loc}"
-    if first["type"] == "missing":
-        return InvalidRequest(f"'{param}' is a required property", param=param)
-    return InvalidRequest(f"invalid '{param}': {first['msg']}", param=param)
+_ID_PREFIX = {
+    "message": "msg",
+    "function_call": "fc",
+    "function_call_output": "fco",
+    "custom_tool_call": "ctc",
+    "custom_tool_call_output": "ctco",
+    "reasoning": "rs",
+}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def item_json(item: Item) -> dict[str, object]:
+    """An input item as stored and as ``input_items`` lists it: with an id (given once, when
+    the request is read) and a status; message content as parts."""
+    out = item.model_dump(mode="json", by_alias=True, exclude_none=True)
+    out.setdefault("id", new_id(_ID_PREFIX[item.type]))
+    out.setdefault("status", "completed")
+    if isinstance(item, MessageItem) and isinstance(item.content, str):
+        kind = "output_text" if item.role == "assistant" else "input_text"
+        part: dict[str, object] = {"type": kind, "text": item.content}
+        if kind == "output_text":
+            part["annotations"] = []
+        out["content"] = [part]
+    return out
 
 
 def parse_items(raw: str | list[dict[str, object]], where: str = "input") -> list[Item]:
@@ -58,7 +79,7 @@ def parse_item(raw: dict[str, object], where: str) -> Item:
     try:
         return model.model_validate(raw)
     except ValidationError as err:
-        raise invalid(err, where) from None
+        raise validation_error(err, where) from None
 
 
 def content_text(content: Content, where: str) -> str:

@@ -4,22 +4,18 @@ way for a body, a stream's events and the store."""
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Sequence
 from typing import Literal
 
 from gateway.endpoints.base import ChoiceResult, ToolCall
 from gateway.endpoints.responses.convert import ResponsesState
+from gateway.endpoints.responses.items import new_id
 from gateway.endpoints.responses.tools import ToolOrigin
 from gateway.errors import GatewayError
 from gateway.types import FinishReason, TokenLogprob, Usage
 
 Status = Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
 ItemStatus = Literal["in_progress", "completed", "incomplete"]
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
 
 
 def output_logprobs(entries: Sequence[TokenLogprob]) -> list[dict[str, object]]:

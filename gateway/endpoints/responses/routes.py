@@ -15,8 +15,9 @@ from starlette.routing import BaseRoute, Route
 from gateway.endpoints.responses import ResponsesEndpoint
 from gateway.endpoints.responses.convert import responses_request
 from gateway.endpoints.responses.wire import InputTokensRequest
-from gateway.errors import InvalidRequest, NotFound, PermissionDenied
+from gateway.errors import GatewayError, InvalidRequest, NotFound
 from gateway.flow.prepare import check_capabilities, fit
+from gateway.flow.report import report_unadmitted
 from gateway.http import read_json_body
 from gateway.plugins import RequestContext
 from gateway.services import Services
@@ -73,19 +74,26 @@ def responses_routes(services: Services, endpoint: ResponsesEndpoint) -> list[Ba
         return Response((again or record).response, media_type="application/json")
 
     async def input_tokens(request: Request) -> Response:
-        ctx = await caller(request)
+        """Counted as a response's prompt would be, under the same plugins (API keys, rate
+        limits: their end hook runs however it ends), and nothing generated or stored."""
+        ctx = RequestContext.of(request, "resp-" + uuid.uuid4().hex)
+        try:
+            await services.plugins.on_request_headers(ctx)
+            count = await count_input(request, ctx)
+        except GatewayError as err:
+            await report_unadmitted(services.plugins, ctx, "failed", err.status, err)
+            raise
+        await report_unadmitted(services.plugins, ctx, "completed", 200)
+        return JSONResponse({"object": "response.input_tokens", "input_tokens": count})
+
+    async def count_input(request: Request, ctx: RequestContext) -> int:
         body = await read_json_body(request, services.config.server.max_body_bytes)
         wire = parse_body(InputTokensRequest, body)
-        # the same conversion as a response: the fields that make the prompt, nothing stored
-        create = responses_request(
-            wire.model_dump_json(by_alias=True, exclude_none=True).encode(), ctx.request_id
-        )
-        create = await endpoint.resolve(create, ctx)
+        raw = wire.model_dump_json(by_alias=True, exclude_none=True).encode()
+        create = await endpoint.resolve(responses_request(raw, ctx.request_id), ctx)
         entry = services.pool.resolve(create.model)
-        if ctx.models is not None and entry.name not in ctx.models:
-            raise PermissionDenied(
-                f"API key {ctx.principal!r} may not use model {create.model!r}", param="model"
-            )
+        ctx.model, ctx.request = entry.name, create
+        await services.plugins.on_request(ctx, create)
         backend = await entry.acquire()
         try:
             check_capabilities(create.model, backend.info, create)
@@ -93,8 +101,7 @@ def responses_routes(services: Services, endpoint: ResponsesEndpoint) -> list[Ba
         finally:
             entry.release()
         tokenized = create.generations[0].tokenized
-        count = tokenized.count if tokenized is not None else 0
-        return JSONResponse({"object": "response.input_tokens", "input_tokens": count})
+        return tokenized.count if tokenized is not None else 0
 
     return [
         Route("/v1/responses/input_tokens", input_tokens, methods=["POST"]),

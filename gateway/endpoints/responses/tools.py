@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from gateway.endpoints.responses.items import invalid, qualified
+from gateway.endpoints.responses.items import qualified
 from gateway.endpoints.responses.wire import TOOLS, CustomTool, FunctionTool, NamespaceTool
 from gateway.errors import InvalidRequest, UnsupportedParameter
 from gateway.output.schemas import schema_text
 from gateway.types import Tools, ToolSpec
+from gateway.wire.convert import validation_error
 
 log = logging.getLogger("gateway.responses")
 _NO_PARAMETERS: dict[str, object] = {"type": "object", "properties": {}}
@@ -91,7 +92,7 @@ def tool_set(raw: list[dict[str, object]] | None) -> ToolSet:
         try:
             tool = model.model_validate(entry)
         except ValidationError as err:
-            raise invalid(err, where) from None
+            raise validation_error(err, where) from None
         match tool:
             case FunctionTool():
                 out.add(*_function(tool, None, where), where)
@@ -125,7 +126,7 @@ def _allowed(choice: dict[str, object], tools: ToolSet) -> tuple[list[ToolSpec],
             param="tool_choice",
         )
     names = {t.name for t in tools.specs}
-    picked = {_named(a, names) if isinstance(a, dict) else "" for a in allowed}
+    picked = {_named(a if isinstance(a, dict) else {}, names) for a in allowed}
     return [t for t in tools.specs if t.name in picked], str(mode)
 
 
@@ -155,17 +156,6 @@ def tools_for(
             param="tool_choice",
         )
     raise InvalidRequest(f"invalid 'tool_choice': {str(choice)[:64]!r}", param="tool_choice")
-
-
-def chat_tools(tools: Tools) -> list[dict[str, object]]:
-    """The tools as chat completions take them (for a remote replica)."""
-    out: list[dict[str, object]] = []
-    for t in tools.specs:
-        function = {"name": t.name, "description": t.description}
-        out.append(
-            {"type": "function", "function": {**function, "parameters": json.loads(t.parameters)}}
-        )
-    return out
 
 
 def chat_tool_choice(tools: Tools) -> object:

@@ -23,6 +23,8 @@ from tests.backends.llamacpp.conftest import SMOL, model_table, serve
 
 ROOT = Path(__file__).resolve().parents[3]
 CODEX = ROOT / ".peers" / "codex" / "node_modules" / ".bin" / "codex"
+#: What Codex prints when a response ends "incomplete" (cut at its output limit).
+INCOMPLETE = "ERROR: Incomplete response returned, reason: max_output_tokens"
 #: Codex features that add tools or instructions a 135M model with 8k tokens has no room for.
 TRIMMED = ("multi_agent", "goals", "plugins", "skill_search", "apps", "view_image", "tool_suggest")
 
@@ -88,7 +90,16 @@ def test_codex_exec_completes_a_turn(
 ) -> None:
     home = tmp_path_factory.mktemp("codex-home")
     done = codex_exec(codex, server.base_url + "/v1", home, "Say hello.")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip(), done.stderr[-3000:]  # the agent's final message
-    assert "ERROR" not in done.stderr, done.stderr[-3000:]
-    assert "tokens used" in done.stderr
+    log = done.stderr[-3000:]
+    assert "tokens used" in done.stderr, log
+    assert done.stderr.split("\ncodex\n", 1)[-1].strip(), log  # the agent's message streamed
+    errors = {line for line in done.stderr.splitlines() if line.startswith("ERROR")}
+    if not errors:
+        assert done.returncode == 0, log
+        assert done.stdout.strip(), log  # the agent's final message
+        return
+    # Codex samples at the model's default temperature and SmolLM2 sometimes writes on past
+    # default_max_tokens (1 run in 7 here): the response is then "incomplete", which Codex
+    # reports and exits 1 on. Any other error is the gateway's.
+    assert errors == {INCOMPLETE}, log
+    assert done.returncode == 1, log
