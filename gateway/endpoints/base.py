@@ -3,7 +3,7 @@ JSON body, or SSE events). The request flow (:mod:`gateway.flow`) does everythin
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, assert_never
 
@@ -120,6 +120,11 @@ class Running(Protocol):
     def events(self) -> AsyncGenerator[bytes, None]: ...
 
 
+#: Admits a checked background request (waiting in its model's queue) and returns it ready
+#: to run with the encoder given; raises what admission raised (a full queue, its timeout).
+Start = Callable[["StreamEncoder"], Awaitable[Running]]
+
+
 class EndpointSpec(Protocol):
     """A registered endpoint (see :mod:`gateway.endpoints`)."""
 
@@ -147,9 +152,11 @@ class EndpointSpec(Protocol):
         self, request: ClientRequest, response_id: str, created: int, result: Result
     ) -> bytes: ...
 
-    async def background(self, exchange: Running) -> Response:
-        """Start an admitted ``background`` request and answer at once (the endpoints that
-        set :attr:`ClientRequest.background`)."""
+    async def background(
+        self, request: ClientRequest, ctx: RequestContext, start: Start
+    ) -> Response:
+        """Answer a checked ``background`` request at once and run it on: ``start`` waits for
+        its sequences (the endpoints that set :attr:`ClientRequest.background`)."""
         ...
 
 
@@ -160,5 +167,7 @@ class Stateless:
     async def resolve(self, request: ClientRequest, ctx: RequestContext) -> ClientRequest:
         return request
 
-    async def background(self, exchange: Running) -> Response:
+    async def background(
+        self, request: ClientRequest, ctx: RequestContext, start: Start
+    ) -> Response:
         raise TypeError(f"{type(self).__name__} runs nothing in the background")

@@ -39,6 +39,7 @@ class Exchange:
         ctx: RequestContext,
         plugins: PluginChain,
         drain: Drain,
+        encoder: StreamEncoder | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.request = admitted.request
@@ -49,9 +50,11 @@ class Exchange:
         self.progress = Progress(self.request.choices_per_prompt, ctx.started)
         self.report = EndReport(plugins, ctx, self.progress, admitted.queue_wait_s)
         self.source = DeltaSource(self.lease.backend, self.request.generations)
-        self.encoder: StreamEncoder | None = (
+        #: A background request's encoder comes from its endpoint (it began the response
+        #: while the request waited in the queue).
+        self.encoder: StreamEncoder | None = encoder or (
             endpoint.stream_encoder(self.request, ctx.request_id, self.created)
-            if self.request.stream or self.request.background
+            if self.request.stream
             else None
         )
         #: The last event has been produced (or the request failed): too late to interrupt.

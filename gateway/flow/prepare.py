@@ -6,15 +6,18 @@ import time
 from dataclasses import dataclass, replace
 
 from starlette.requests import Request
+from starlette.types import Receive
 
 from gateway.backend import Backend, chat_format_of
 from gateway.disconnect import unless_disconnected
+from gateway.drain import Drain
 from gateway.endpoints.base import EndpointSpec
 from gateway.errors import ContextLengthExceeded, InvalidRequest, ModelUnavailable
 from gateway.flow.lease import Lease
 from gateway.http import read_json_body
 from gateway.output.plan import plan_request
 from gateway.plugins import RequestContext
+from gateway.pool import ModelEntry
 from gateway.services import Services
 from gateway.types import BackendInfo, ClientRequest
 
@@ -108,9 +111,38 @@ async def fit(backend: Backend, request: ClientRequest) -> ClientRequest:
             request = shorter
 
 
-async def prepare(
+@dataclass(frozen=True)
+class Checked:
+    """A request that passed every check and holds its model's lease (loaded, not evicted),
+    but not yet its sequences: :meth:`admit` waits for them in the model's queue."""
+
+    request: ClientRequest
+    entry: ModelEntry
+    backend: Backend
+    sequences: int
+    drain: Drain
+
+    async def admit(self, receive: Receive | None = None) -> Admitted:
+        """The sequences, given up if ``receive`` tells the client left; the model's lease is
+        released if this fails (a full queue, its timeout, the shutdown, a cancel)."""
+        queued = time.perf_counter()
+        try:
+            acquired = self.drain.bounded(self.entry.admission.acquire(self.sequences))
+            if receive is None:
+                await acquired
+            else:
+                await unless_disconnected(acquired, receive)
+        except BaseException:
+            self.entry.release()
+            raise
+        lease = Lease(self.entry, self.backend, self.sequences)
+        return Admitted(self.request, lease, time.perf_counter() - queued)
+
+
+async def check(
     services: Services, ctx: RequestContext, http: Request, endpoint: EndpointSpec
-) -> Admitted:
+) -> Checked:
+    """Everything that can fail because of the request, up to the model's queue."""
     await services.plugins.on_request_headers(ctx)
     body = await read_json_body(http, services.config.server.max_body_bytes)
     request = endpoint.parse(body, ctx.request_id)
@@ -128,12 +160,7 @@ async def prepare(
     try:
         check_capabilities(request.model, backend.info, request)
         request = await fit(backend, request)
-        sequences = request.sequences(entry.admission.capacity)
-        queued = time.perf_counter()
-        admitted = drain.bounded(entry.admission.acquire(sequences))
-        await unless_disconnected(admitted, http.receive)
     except BaseException:
         entry.release()
         raise
-    lease = Lease(entry, backend, sequences)
-    return Admitted(request, lease, time.perf_counter() - queued)
+    return Checked(request, entry, backend, request.sequences(entry.admission.capacity), drain)

@@ -11,10 +11,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.disconnect import ClientDisconnected, unless_disconnected
-from gateway.endpoints.base import EndpointSpec
+from gateway.endpoints.base import EndpointSpec, Running, StreamEncoder
 from gateway.errors import GatewayError
 from gateway.flow.exchange import Exchange
-from gateway.flow.prepare import prepare
+from gateway.flow.prepare import Checked, check
 from gateway.flow.report import report_unadmitted
 from gateway.generation import as_gateway_error
 from gateway.http import error_response
@@ -44,7 +44,10 @@ def _handler(
     async def handle(request: Request) -> Response:
         ctx = new_context(request, endpoint)
         try:
-            admitted = await prepare(services, ctx, request, endpoint)
+            checked = await check(services, ctx, request, endpoint)
+            if checked.request.background:
+                return await _background(_Starter(services, endpoint, checked, ctx))
+            admitted = await checked.admit(request.receive)
         except GatewayError as err:
             await report_unadmitted(plugins, ctx, "failed", err.status, err)
             return error_response(err, ctx.response_headers)
@@ -56,8 +59,6 @@ def _handler(
             await report_unadmitted(plugins, ctx, outcome, 500 if outcome == "failed" else 499)
             raise
         exchange = Exchange(endpoint, admitted, ctx, plugins, services.pool.drain)
-        if admitted.request.background:
-            return await endpoint.background(exchange)
         if not admitted.request.stream:
             try:
                 return await unless_disconnected(exchange.collect(), request.receive)
@@ -85,3 +86,40 @@ def _handler(
         )
 
     return handle
+
+
+class _Starter:
+    """A background request's admission, for its endpoint to await once it has answered:
+    its failure (a full queue, the queue's timeout, a cancel, the shutdown) ends the request
+    for the plugins as it would have before the answer."""
+
+    def __init__(
+        self, services: Services, endpoint: EndpointSpec, checked: Checked, ctx: RequestContext
+    ) -> None:
+        self.services, self.endpoint, self.checked, self.ctx = services, endpoint, checked, ctx
+        self.called = False
+
+    async def __call__(self, encoder: StreamEncoder) -> Running:
+        self.called = True
+        plugins, ctx = self.services.plugins, self.ctx
+        try:
+            admitted = await self.checked.admit()
+        except GatewayError as err:
+            await report_unadmitted(plugins, ctx, "failed", err.status, err)
+            raise
+        except BaseException:
+            await report_unadmitted(plugins, ctx, "cancelled", 499)
+            raise
+        drain = self.services.pool.drain
+        return Exchange(self.endpoint, admitted, ctx, plugins, drain, encoder)
+
+
+async def _background(starter: _Starter) -> Response:
+    """The endpoint's answer to a background request; the model's lease is released if the
+    endpoint failed before it started the run (which then owns it)."""
+    try:
+        return await starter.endpoint.background(starter.checked.request, starter.ctx, starter)
+    except BaseException:
+        if not starter.called:
+            starter.checked.entry.release()
+        raise

@@ -520,7 +520,11 @@ def slow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     table = {
         "slow": {"reply": REPLY, "token_delay_s": 0.1},
         "broken": {"reply": REPLY, "fail_after_tokens": 2},
-    }
+        "single": {
+            "reply": REPLY, "token_delay_s": 0.1,
+            "batching": {"max_concurrent": 1, "max_queue": 1},
+        },
+    }  # fmt: skip
     path = tmp_path_factory.mktemp("background") / "r.sqlite3"
     with ServerThread(_with_store(scripted_config(table), path)) as srv:
         yield srv
@@ -540,8 +544,8 @@ def _until(client: OpenAI, rid: str, status: str, timeout: float = 20) -> Any:
 def test_background_runs_on_and_is_polled(slow: ServerThread) -> None:
     with OpenAI(base_url=slow.base_url + "/v1", api_key="x") as c:
         r = c.responses.create(model="slow", input="hi", background=True)
-        assert r.status == "in_progress" and r.output == []
-        assert c.responses.retrieve(r.id).status == "in_progress"
+        assert r.status == "queued" and r.output == []  # answered before admission
+        assert _until(c, r.id, "in_progress").status == "in_progress"
         early = [i.id for i in c.responses.input_items.list(r.id)]
         done = _until(c, r.id, "completed")
         assert done.status == "completed" and done.output_text == REPLY
@@ -562,6 +566,47 @@ def test_background_cancel_frees_the_sequence(slow: ServerThread) -> None:
     assert record.active == 0 and any(rid.startswith(r.id) for rid in record.cancelled)
     admission = slow.services.pool.resolve("slow").admission
     assert admission.active == 0
+
+
+def test_background_answers_while_queued_and_cancels_in_the_queue(slow: ServerThread) -> None:
+    """One sequence: the second background response waits in the queue, answered at once
+    and polled as ``queued``; cancelled there it never runs; a third finds the queue full
+    and is stored as failed; the first is untouched."""
+    backend = scripted(slow.backend("single"))
+    admission = slow.services.pool.resolve("single").admission
+    with OpenAI(base_url=slow.base_url + "/v1", api_key="x") as c:
+        first = c.responses.create(model="single", input="hi", background=True)
+        wait_for(lambda: backend.record.active == 1)
+        second = c.responses.create(model="single", input="hi", background=True)
+        assert second.status == "queued"
+        wait_for(lambda: admission.queued == 1)
+        assert c.responses.retrieve(second.id).status == "queued"
+        third = c.responses.create(model="single", input="hi", background=True)
+        failed = _until(c, third.id, "failed")
+        assert failed.error is not None and "queue" in failed.error.message
+        assert c.responses.cancel(second.id).status == "cancelled"
+        wait_for(lambda: admission.queued == 0)
+        assert _until(c, first.id, "completed").output_text == REPLY
+        assert c.responses.retrieve(second.id).status == "cancelled"
+    assert not any(rid.startswith(second.id) for rid in backend.record.started)
+    wait_for(lambda: admission.active == 0 and backend.record.active == 0)
+
+
+def test_a_queued_background_stream_says_so(slow: ServerThread) -> None:
+    backend = scripted(slow.backend("single"))
+    with OpenAI(base_url=slow.base_url + "/v1", api_key="x") as c:
+        first = c.responses.create(model="single", input="hi", background=True)
+        wait_for(lambda: backend.record.active == 1)
+        body = {"model": "single", "input": "hi", "background": True, "stream": True}
+        with httpx.stream("POST", slow.base_url + "/v1/responses", json=body, timeout=30) as r:
+            events = [json.loads(e) for e in sse_events(b"".join(r.iter_bytes()).decode())]
+        assert _until(c, first.id, "completed").status == "completed"
+    kinds = [e["type"] for e in events]
+    assert kinds[:3] == ["response.created", "response.queued", "response.in_progress"]
+    assert events[0]["response"]["status"] == "queued"
+    assert events[2]["response"]["status"] == "in_progress"
+    assert kinds[-1] == "response.completed"
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
 
 
 def test_background_stream_resumes(slow: ServerThread) -> None:

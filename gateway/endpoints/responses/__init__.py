@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 
 from starlette.responses import Response, StreamingResponse
 
-from gateway.endpoints.base import Result, Running
+from gateway.endpoints.base import Result, Start
 from gateway.endpoints.responses.background import BackgroundRuns
 from gateway.endpoints.responses.convert import (
     ResponsesState,
@@ -81,21 +81,22 @@ class ResponsesEndpoint:
         await self.keep(state, response)
         return dumps(response).encode()
 
-    async def background(self, exchange: Running) -> Response:
-        """Store the response as ``in_progress``, run it on, answer at once: its object (or,
-        with ``stream``, its events, which a disconnect no longer stops)."""
-        encoder = exchange.encoder
-        assert isinstance(encoder, ResponsesStreamEncoder)
+    async def background(
+        self, request: ClientRequest, ctx: RequestContext, start: Start
+    ) -> Response:
+        """Store the response as ``queued``, run it on (queue, then generation), answer at
+        once: its object, or with ``stream`` its events (which a disconnect no longer stops)."""
+        encoder = self.stream_encoder(request, ctx.request_id, int(time.time()))
         state = encoder.state
-        snapshot = encoder.snapshot("in_progress")
+        snapshot = encoder.snapshot("queued")
         await self.keep(state, snapshot)
 
-        async def stopped(response: dict[str, object]) -> None:
+        async def stored(response: dict[str, object]) -> None:
             await self.keep(state, response)
 
-        run = self.runs.start(exchange, encoder, stopped)
-        headers = exchange.ctx.response_headers
-        if exchange.request.stream:
+        run = self.runs.start(encoder, start, stored)
+        headers = ctx.response_headers
+        if request.stream:
             events = run.follow(-1)
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         return Response(dumps(snapshot), media_type="application/json", headers=headers)

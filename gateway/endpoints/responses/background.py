@@ -1,6 +1,8 @@
-"""``background: true``: the response runs on without its client. Its events are kept (for
-``GET /v1/responses/{id}?stream=true&starting_after=N``), its state is stored as it goes
-(``GET`` polls it), and ``POST /v1/responses/{id}/cancel`` stops it and frees its sequence."""
+"""``background: true``: the response is answered at once (``queued``) and runs on without
+its client: it waits for its sequences in the model's queue, then generates. Its events are
+kept (for ``GET /v1/responses/{id}?stream=true&starting_after=N``), its state is stored as it
+goes (``GET`` polls it), and ``POST /v1/responses/{id}/cancel`` stops it (queued or running)
+and frees its sequence."""
 
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-from gateway.endpoints.base import Running
+from gateway.endpoints.base import Start
 from gateway.endpoints.responses.events import ResponsesStreamEncoder
+from gateway.errors import GatewayError
 
 log = logging.getLogger("gateway.responses")
 Keep = Callable[[dict[str, object]], Awaitable[None]]
@@ -59,23 +62,34 @@ class BackgroundRuns:
     def get(self, response_id: str) -> Run | None:
         return self._runs.get(response_id)
 
-    def start(self, exchange: Running, encoder: ResponsesStreamEncoder, stopped: Keep) -> Run:
+    def start(self, encoder: ResponsesStreamEncoder, start: Start, stored: Keep) -> Run:
         run = Run(encoder.response_id, encoder)
+        for frame in encoder.queued():
+            run.add(frame)
         self._runs[run.response_id] = run
-        run.task = asyncio.create_task(self._drive(run, exchange, stopped), name=run.response_id)
+        run.task = asyncio.create_task(self._drive(run, start, stored), name=run.response_id)
         self._forget_finished()
         return run
 
-    async def _drive(self, run: Run, exchange: Running, stopped: Keep) -> None:
-        """Run the exchange's events (its ``finally`` frees the sequence however it ends);
-        a cancelled run's state is stored as cancelled, with what it produced so far."""
+    async def _drive(self, run: Run, start: Start, stored: Keep) -> None:
+        """Wait for the sequences, then run the exchange's events (its ``finally`` frees them
+        however it ends); a cancelled run's state is stored as cancelled, with what it
+        produced so far, a failed one's with its error (its error event the last one)."""
+        encoder = run.encoder
         try:
+            try:
+                exchange = await start(encoder)
+            except GatewayError as err:  # never admitted: a full queue, its timeout, shutdown
+                run.add(encoder.error(err))
+                await stored(encoder.snapshot("failed", error=err))
+                return
+            await stored(encoder.snapshot("in_progress"))
             async for frame in exchange.events():
                 run.add(frame)
-            if not run.encoder.finished:  # it failed: its error event is the last one
-                await stopped(run.encoder.snapshot("failed", error=run.encoder.failure))
+            if not encoder.finished:
+                await stored(encoder.snapshot("failed", error=encoder.failure))
         except asyncio.CancelledError:
-            await asyncio.shield(stopped(run.encoder.snapshot("cancelled")))
+            await asyncio.shield(stored(encoder.snapshot("cancelled")))
         finally:
             run.ended = True
             run.changed.set()

@@ -85,12 +85,17 @@ class ResponsesStreamEncoder:
             model=self.request.model, status=status, output=list(self.output), **extra,  # type: ignore[arg-type]
         )  # fmt: skip
 
+    def queued(self) -> list[bytes]:
+        """A background response's first events, while it waits for its sequences."""
+        return [
+            self._event("response.created", response=self.snapshot("queued")),
+            self._event("response.queued", response=self.snapshot("queued")),
+        ]
+
     def start(self) -> list[bytes]:
         response = self.snapshot("in_progress")
-        return [
-            self._event("response.created", response=response),
-            self._event("response.in_progress", response=response),
-        ]
+        created = [] if self.sequence else [self._event("response.created", response=response)]
+        return [*created, self._event("response.in_progress", response=response)]
 
     def delta(self, index: int, delta: Delta) -> list[bytes]:
         match delta:
