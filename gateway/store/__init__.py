@@ -37,6 +37,12 @@ class GuardedStore:
         except Exception as err:
             raise self._unavailable(err) from err
 
+    async def find_item(self, item_id: str) -> StoredResponse | None:
+        try:
+            return await self.inner.find_item(item_id)
+        except Exception as err:
+            raise self._unavailable(err) from err
+
     async def delete(self, response_id: str) -> bool:
         try:
             return await self.inner.delete(response_id)

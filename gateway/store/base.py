@@ -20,6 +20,8 @@ class StoredResponse:
     context: str
     #: The first response of its ``previous_response_id`` chain (itself if none).
     root: str = ""
+    #: The ids of its input and output items, which an ``item_reference`` may name.
+    item_ids: tuple[str, ...] = ()
 
     @property
     def size(self) -> int:
@@ -31,6 +33,10 @@ class ResponseStore(Protocol):
 
     async def get(self, response_id: str) -> StoredResponse | None:
         """The record, or None if there is none (or it expired)."""
+        ...
+
+    async def find_item(self, item_id: str) -> StoredResponse | None:
+        """The latest record holding the item with this id (among its ``item_ids``)."""
         ...
 
     async def delete(self, response_id: str) -> bool: ...

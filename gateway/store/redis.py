@@ -1,5 +1,6 @@
 """Stored responses in Redis, shared by every gateway pointed at it: one hash per response
-with the store's TTL; for the ``max_bytes`` bound, a sorted set of ids by age, each id's size
+with the store's TTL, one key per item id naming its response (same TTL); for the
+``max_bytes`` bound, a sorted set of ids by age, each id's size
 and their total (expired records are the oldest, so they are the first reclaimed)."""
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ class RedisStore:
     def _key(self, response_id: str) -> str:
         return f"{self.prefix}:{response_id}"
 
+    def _item_key(self, item_id: str) -> str:
+        return f"{self.prefix}:item:{item_id}"
+
     async def put(self, record: StoredResponse) -> None:
         mapping = {
             "owner": record.owner or "",
@@ -43,6 +47,8 @@ class RedisStore:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(self._key(record.id), mapping=mapping)
             pipe.expire(self._key(record.id), int(self.ttl_s))
+            for item_id in record.item_ids:
+                pipe.set(self._item_key(item_id), record.id, ex=int(self.ttl_s))
             pipe.zadd(f"{self.prefix}:by-age", {record.id: time.time()})
             pipe.hset(f"{self.prefix}:sizes", record.id, record.size)
             pipe.incrby(f"{self.prefix}:bytes", record.size)
@@ -66,6 +72,12 @@ class RedisStore:
         return StoredResponse(
             response_id, owner or None, int(created), response, items, context, root or ""
         )
+
+    async def find_item(self, item_id: str) -> StoredResponse | None:
+        """Its response, if that is still stored (an item key outliving its deleted or
+        evicted response names nothing)."""
+        response_id = await self._redis.get(self._item_key(item_id))
+        return None if response_id is None else await self.get(response_id)
 
     async def _forget(self, response_id: str) -> int:
         """Delete a record and its bookkeeping; the new total of bytes."""

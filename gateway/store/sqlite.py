@@ -33,8 +33,14 @@ CREATE TABLE IF NOT EXISTS responses (
 );
 CREATE INDEX IF NOT EXISTS responses_by_age ON responses (created_at);
 CREATE INDEX IF NOT EXISTS responses_by_expiry ON responses (expires_at);
+CREATE TABLE IF NOT EXISTS items (
+    item_id TEXT PRIMARY KEY,
+    response_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS items_by_response ON items (response_id);
 """
 _COLUMNS = "id, owner, created_at, response, input_items, context, root"
+_ORPHANS = "DELETE FROM items WHERE response_id NOT IN (SELECT id FROM responses)"
 
 
 def _setup(db: sqlite3.Connection, attempts: int = 50) -> None:
@@ -97,12 +103,17 @@ class SQLiteStore:
                     record.response, record.input_items, record.context, record.root,
                 ),
             )  # fmt: skip
+            db.executemany(
+                "INSERT OR REPLACE INTO items VALUES (?, ?)",
+                [(item_id, record.id) for item_id in record.item_ids],
+            )
             self._estimate = None if self._estimate is None else self._estimate + record.size
             if self._estimate is None or self._estimate > self.max_bytes:
                 self._bound(db)
             if now - self._purged_at > self.purge_every_s:
                 self._purged_at = now
                 db.execute("DELETE FROM responses WHERE expires_at < ?", (now,))
+                db.execute(_ORPHANS)
 
         await self._run(write)
 
@@ -120,6 +131,7 @@ class SQLiteStore:
                 doomed.append((rid,))
                 total -= size
             db.executemany("DELETE FROM responses WHERE id = ?", doomed)
+            db.executemany("DELETE FROM items WHERE response_id = ?", doomed)
         self._estimate = total
 
     async def get(self, response_id: str) -> StoredResponse | None:
@@ -132,8 +144,22 @@ class SQLiteStore:
 
         return await self._run(read)
 
+    async def find_item(self, item_id: str) -> StoredResponse | None:
+        columns = ", ".join(f"r.{c}" for c in _COLUMNS.split(", "))
+
+        def read(db: sqlite3.Connection) -> StoredResponse | None:
+            row = db.execute(
+                f"SELECT {columns} FROM items i JOIN responses r ON r.id = i.response_id "
+                "WHERE i.item_id = ? AND r.expires_at >= ?",
+                (item_id, time.time()),
+            ).fetchone()
+            return StoredResponse(*row) if row else None
+
+        return await self._run(read)
+
     async def delete(self, response_id: str) -> bool:
         def remove(db: sqlite3.Connection) -> bool:
+            db.execute("DELETE FROM items WHERE response_id = ?", (response_id,))
             return db.execute("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount > 0
 
         return await self._run(remove)

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from openai import OpenAI
@@ -136,3 +137,31 @@ def test_redis_bound_drops_the_oldest(redis: RedisServer) -> None:
         await store.aclose()
 
     asyncio.run(run())
+
+
+async def _find_items(store: Any) -> None:
+    """An item id finds its response; a later response holding the same item wins; a
+    deleted or evicted response's items find nothing."""
+    await store.put(replace(record("a", owner="alice"), item_ids=("msg_1", "fc_1")))
+    await store.put(replace(record("b"), item_ids=("msg_2",)))
+    found = await store.find_item("fc_1")
+    assert found is not None and found.id == "a" and found.owner == "alice"
+    assert await store.find_item("msg_9") is None
+    await store.put(replace(record("c"), item_ids=("msg_1",)))  # referenced again by c
+    assert (await store.find_item("msg_1")).id == "c"
+    await store.delete("b")
+    assert await store.find_item("msg_2") is None
+    for i in range(40):  # past the byte bound: a and c are evicted
+        await store.put(record(f"big{i}", size=100))
+    assert await store.find_item("fc_1") is None and await store.find_item("msg_1") is None
+    await store.aclose()
+
+
+def test_sqlite_finds_items(tmp_path: Path) -> None:
+    asyncio.run(_find_items(SQLiteStore(tmp_path / "s.db", ttl_s=60, max_bytes=2000)))
+
+
+def test_redis_finds_items(redis: RedisServer) -> None:
+    from gateway.store.redis import RedisStore
+
+    asyncio.run(_find_items(RedisStore(redis.url, ttl_s=60, max_bytes=2000)))

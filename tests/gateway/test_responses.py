@@ -112,6 +112,58 @@ def test_create_from_messages_and_items(client: OpenAI) -> None:
     assert r.output_text == "sunny"  # the last message (the tool result) echoed
 
 
+def test_item_references_replay_stored_items(client: OpenAI) -> None:
+    """``item_reference`` names an item of a stored response (its input or its output): the
+    item takes its place in the input, and is listed (with its id) as the new input."""
+    first = client.responses.create(model="m", input="first question")
+    asked = client.responses.input_items.list(first.id).data[0].id
+    answered = str(first.output[0].id)
+    r = client.responses.create(model="echo", input=[{"type": "item_reference", "id": answered}])
+    assert r.output_text == REPLY  # the referenced assistant message is the conversation
+    listed = client.responses.input_items.list(r.id, order="asc").data
+    assert [i.id for i in listed] == [answered] and listed[0].type == "message"
+    mixed: Any = [
+        {"type": "item_reference", "id": asked},
+        {"role": "user", "content": "and now"},
+        {"type": "item_reference", "id": answered},
+    ]
+    r = client.responses.create(model="echo", input=mixed)
+    assert r.output_text == REPLY
+    listed = client.responses.input_items.list(r.id, order="asc").data
+    assert [text_of(i) for i in listed] == ["first question", "and now", REPLY]
+    assert listed[0].id == asked and listed[2].id == answered
+    # an item of a later response is found too, and referencing works with a chain
+    chained = client.responses.create(
+        model="m", input=[{"type": "item_reference", "id": asked}], previous_response_id=first.id
+    )
+    assert chained.status == "completed"
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"type": "item_reference", "id": "msg_unknown"}, "not found"),
+        ({"type": "item_reference"}, "required"),
+        ({"type": "item_reference", "id": 7}, "required"),
+    ],
+)
+def test_a_bad_item_reference_is_a_400(client: OpenAI, entry: Any, message: str) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model="m", input=[{"role": "user", "content": "x"}, entry])
+    assert err.value.body["param"] == "input[1].id"  # type: ignore[index]
+    assert message in err.value.body["message"]  # type: ignore[index]
+
+
+def test_a_deleted_response_s_items_are_gone(client: OpenAI) -> None:
+    first = client.responses.create(model="m", input="q")
+    client.responses.delete(first.id)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(
+            model="m", input=[{"type": "item_reference", "id": str(first.output[0].id)}]
+        )
+    assert err.value.body["param"] == "input[0].id"  # type: ignore[index]
+
+
 def test_stream_events_in_order(server: ServerThread) -> None:
     body = {"model": "m", "input": "hi", "stream": True}
     with httpx.stream("POST", server.base_url + "/v1/responses", json=body, timeout=30) as resp:
@@ -482,6 +534,11 @@ def test_responses_belong_to_their_api_key(tmp_path: Path) -> None:
             with pytest.raises(openai.BadRequestError) as err:
                 bob.responses.create(model="m", input="x", previous_response_id=r.id)
             assert err.value.body["param"] == "previous_response_id"  # type: ignore[index]
+            theirs: Any = [{"type": "item_reference", "id": r.output[0].id}]
+            with pytest.raises(openai.BadRequestError) as err:  # another key's item: not found
+                bob.responses.create(model="m", input=theirs)
+            assert err.value.body["param"] == "input[0].id"  # type: ignore[index]
+            assert alice.responses.create(model="m", input=theirs).status == "completed"
             assert (
                 alice.responses.create(model="m", input="x", previous_response_id=r.id).status
                 == "completed"

@@ -18,17 +18,23 @@ from gateway.endpoints.responses.convert import (
     responses_request,
     state_of,
     with_history,
+    with_referenced,
 )
 from gateway.endpoints.responses.events import ResponsesStreamEncoder
 from gateway.endpoints.responses.objects import items_of, response_object, status_of, usage_json
 from gateway.endpoints.responses.records import record_of
 from gateway.errors import InvalidRequest
 from gateway.plugins import RequestContext
-from gateway.store import ResponseStore
+from gateway.store import ResponseStore, StoredResponse
 from gateway.types import ClientRequest, Endpoint
 from gateway.wire.responses import dumps
 
 log = logging.getLogger("gateway.responses")
+
+
+def _item(record: StoredResponse, item_id: str) -> dict[str, object] | None:
+    context = json.loads(record.context)
+    return next((i for i in context if isinstance(i, dict) and i.get("id") == item_id), None)
 
 
 class PreviousResponseNotFound(InvalidRequest):
@@ -50,6 +56,8 @@ class ResponsesEndpoint:
         """The caller's stored conversation before this request's input."""
         state = replace(state_of(request), owner=ctx.principal)
         request = replace(request, endpoint_state=state)
+        if state.references:
+            request = with_referenced(request, await self._referenced(state))
         previous = state.previous_response_id
         if previous is None:
             return request
@@ -60,6 +68,21 @@ class ResponsesEndpoint:
                 param="previous_response_id",
             )
         return with_history(request, json.loads(record.context), record.root or record.id)
+
+    async def _referenced(self, state: ResponsesState) -> dict[int, dict[str, object]]:
+        """The stored items the ``item_reference`` entries name (the caller's only), by place."""
+        found: dict[int, dict[str, object]] = {}
+        for i in state.references:
+            item_id = state.pending_input[i]["id"]
+            assert isinstance(item_id, str)
+            record = await self.store.find_item(item_id)
+            item = None if record is None or record.owner != state.owner else _item(record, item_id)
+            if item is None:
+                raise InvalidRequest(
+                    f"Item with id {item_id[:64]!r} not found.", param=f"input[{i}].id"
+                )
+            found[i] = item
+        return found
 
     def stream_encoder(
         self, request: ClientRequest, response_id: str, created: int

@@ -6,14 +6,20 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 
-from gateway.endpoints.responses.items import item_json, parse_items, to_messages
+from gateway.endpoints.responses.items import item_json, parse_item, parse_items, to_messages
 from gateway.endpoints.responses.tools import (
     ToolOrigin,
     chat_tool_choice,
     tool_set,
     tools_for,
 )
-from gateway.endpoints.responses.wire import TOOLS, Item, ResponsesRequest, TextFormat
+from gateway.endpoints.responses.wire import (
+    REFERENCE,
+    TOOLS,
+    Item,
+    ResponsesRequest,
+    TextFormat,
+)
 from gateway.errors import InvalidRequest, UnsupportedParameter
 from gateway.output.plan import template_tools
 from gateway.output.schemas import schema_text
@@ -56,6 +62,10 @@ class ResponsesState:
     owner: str | None = None
     #: The first response of the ``previous_response_id`` chain (None: this one).
     root: str | None = None
+    #: The ``input`` as given while it holds ``item_reference`` entries (the items are
+    #: parsed once the references are looked up); their places in it.
+    pending_input: tuple[dict[str, object], ...] = ()
+    references: tuple[int, ...] = ()
 
 
 def state_of(request: ClientRequest) -> ResponsesState:
@@ -157,10 +167,26 @@ def _chat_format(fmt: ResponseFormat) -> dict[str, object]:
     return {"type": "json_schema", "json_schema": spec}
 
 
+def _references(raw: str | list[dict[str, object]]) -> tuple[int, ...]:
+    """The places of ``item_reference`` entries in ``input`` (each with a string ``id``)."""
+    if isinstance(raw, str):
+        return ()
+    places = tuple(i for i, e in enumerate(raw) if e.get("type") == REFERENCE)
+    for i in places:
+        if not isinstance(raw[i].get("id"), str):
+            raise InvalidRequest(f"'input[{i}].id' is a required property", param=f"input[{i}].id")
+    return places
+
+
 def responses_request(body: bytes, request_id: str) -> ClientRequest:
     wire = parse_body(ResponsesRequest, body)
     _check(wire)
-    items = parse_items(wire.input)
+    references = _references(wire.input)
+    items = (
+        [parse_item(e, f"input[{i}]") for i, e in enumerate(wire.input) if i not in references]
+        if references and isinstance(wire.input, list)
+        else parse_items(wire.input)
+    )  # a 400 now, if any
     tools = tool_set(wire.tools)
     chosen = tools_for(tools, wire.tool_choice, wire.parallel_tool_calls)
     if chosen is not None and wire.max_tool_calls is not None:
@@ -178,8 +204,15 @@ def responses_request(body: bytes, request_id: str) -> ClientRequest:
         origins=tools.origins,
         logprobs=logprobs,
     )
-    # with a previous response, the messages are built once its items are looked up
-    messages = () if wire.previous_response_id else to_messages((), items, wire.instructions)
+    if references:  # parsed again, whole, once the references are looked up
+        assert isinstance(wire.input, list)
+        pending = tuple(wire.input)
+        state = replace(
+            state, items=(), input_json=(), pending_input=pending, references=references
+        )
+    # with a previous response or references, the messages are built once they are looked up
+    later = wire.previous_response_id or references
+    messages = () if later else to_messages((), items, wire.instructions)
     effort = wire.reasoning.effort if wire.reasoning is not None else None
     generation = GenerationRequest(
         request_id=f"{request_id}-0",
@@ -205,6 +238,24 @@ def responses_request(body: bytes, request_id: str) -> ClientRequest:
         background=wire.background,
         truncate=wire.truncation == "auto",
     )
+
+
+def with_referenced(request: ClientRequest, found: dict[int, dict[str, object]]) -> ClientRequest:
+    """The request with its ``item_reference`` entries replaced by the stored items they name
+    (``found``, by place in ``input``); its messages built unless a stored conversation is
+    still to come before them."""
+    state = state_of(request)
+    raw = [found.get(i, entry) for i, entry in enumerate(state.pending_input)]
+    items = tuple(parse_items(raw))
+    state = replace(
+        state, items=items, input_json=tuple(item_json(i) for i in items), pending_input=(),
+        references=(),
+    )  # fmt: skip
+    if state.previous_response_id:
+        return replace(request, endpoint_state=state)
+    messages = to_messages((), items, state.instructions)
+    generations = tuple(replace(g, messages=messages) for g in request.generations)
+    return replace(request, generations=generations, endpoint_state=state)
 
 
 def with_history(

@@ -22,4 +22,5 @@ def record_of(state: ResponsesState, response: dict[str, object]) -> StoredRespo
         input_items=dumps(state.input_json),
         context=dumps([*state.history, *state.input_json, *output]),
         root=state.root or str(response["id"]),
+        item_ids=tuple(str(i["id"]) for i in [*state.input_json, *output] if "id" in i),
     )

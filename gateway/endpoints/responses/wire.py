@@ -80,6 +80,8 @@ class ReasoningItem(WireModel):
     status: StrictStr | None = None
 
 
+#: An input entry naming a stored item by its id (looked up before the items are parsed).
+REFERENCE = "item_reference"
 Item = MessageItem | FunctionCallItem | FunctionCallOutputItem | CustomToolCallItem | ReasoningItem
 ITEMS: dict[str, type[Item]] = {
     "message": MessageItem,
