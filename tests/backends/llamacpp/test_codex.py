@@ -41,7 +41,7 @@ def codex() -> Path:
 @pytest.fixture(scope="module")
 def server(smol_path: Path) -> Iterator[ServerThread]:
     # Codex sends no output limit; without a default a rambling 135M model may run to 8k tokens
-    table = model_table(smol_path, kv_cache={"n_ctx_per_slot": 8192}, default_max_tokens=256)
+    table = model_table(smol_path, kv_cache={"n_ctx_per_slot": 8192}, default_max_tokens=512)
     with serve({SMOL: table}) as srv:
         yield srv
 
