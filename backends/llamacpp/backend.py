@@ -35,6 +35,7 @@ from gateway.types import (
 if TYPE_CHECKING:
     from backends.llamacpp.embeddings import EmbedSpec
     from backends.llamacpp.engine import Engine, Item
+    from backends.llamacpp.kv_tiers import KVTiers
     from backends.llamacpp.model import LoadedModel
 
 log = logging.getLogger("backends.llamacpp")
@@ -62,6 +63,9 @@ class LlamaCppBackend:
         self.n_live = config.batching.max_concurrent
         self._engine: Engine | None = None
         self._model: LoadedModel | None = None
+        #: The KV tiers outlive each load (an unloaded model's prefixes wait there).
+        self._tiers: KVTiers | None = None
+        self._tiers_opened = False
         self._info = self._describe(config.kv_cache.n_ctx_per_slot)
 
     def _describe(self, context_length: int) -> BackendInfo:
@@ -96,7 +100,10 @@ class LlamaCppBackend:
         model = await asyncio.to_thread(LoadedModel, cfg, n_seq, n_batch)
         self._model = model
         self._info = self._describe(model.n_ctx_slot)
-        self._engine = Engine(self.name, model, n_live=self.n_live)
+        if not self._tiers_opened:
+            self._tiers = await asyncio.to_thread(self._open_tiers)
+            self._tiers_opened = True
+        self._engine = Engine(self.name, model, n_live=self.n_live, tiers=self._tiers)
         self._engine.start()
         log.info(
             "model %s: loaded in %.2f s (%d slots x %d tokens, %d KV cells, %d threads)",
@@ -108,11 +115,25 @@ class LlamaCppBackend:
             cfg.batching.n_threads,
         )
 
+    def _open_tiers(self) -> KVTiers | None:
+        from backends.llamacpp.kv_tiers import Layout, open_tiers
+
+        kv = self.config.kv_cache
+        if not kv.prefix_reuse or self.config.embeddings:
+            return None
+        layout = Layout(kv.type_k, kv.type_v, self.config.flash_attn)
+        return open_tiers(
+            self.config.model_path, host_bytes=kv.host_cache_bytes,
+            disk_bytes=kv.disk_cache_bytes, disk_dir=kv.disk_dir(), layout=layout,
+        )  # fmt: skip
+
     async def aclose(self) -> None:
         engine, self._engine, self._model = self._engine, None, None
         if engine is not None:
             engine.stop()
             await asyncio.to_thread(engine.join)
+        if self._tiers is not None:
+            await asyncio.to_thread(self._tiers.flush)
 
     def stats(self) -> EngineStats:
         return self._engine.stats() if self._engine is not None else EngineStats()

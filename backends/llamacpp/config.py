@@ -7,6 +7,7 @@ checked here, before any model file is opened.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -54,6 +55,20 @@ class LlamaCppKVCache(KVCacheConfig):
     cached_prefixes: int = Field(8, ge=0, le=240)
     #: Shortest shared prefix (tokens) worth reusing.
     min_prefix_tokens: int = Field(16, ge=1)
+    #: Host memory (bytes) for cached prefixes evicted from the KV cells; what it evicts in
+    #: turn goes to the disk tier. 0: no host tier.
+    host_cache_bytes: int = Field(0, ge=0)
+    #: Disk space (bytes) for cached prefixes, kept across restarts; 0: no disk tier.
+    disk_cache_bytes: int = Field(0, ge=0)
+    #: Where the disk tier keeps its files (one folder per model fingerprint); default:
+    #: ``$XDG_CACHE_HOME/gateway/kv`` (``~/.cache/gateway/kv``).
+    disk_cache_dir: FilePath | None = None
+
+    def disk_dir(self) -> Path:
+        if self.disk_cache_dir is not None:
+            return self.disk_cache_dir
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        return Path(base) / "gateway" / "kv"
 
 
 class LlamaCppBatching(BatchingConfig):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from backends.llamacpp.detokenize import Detokenizer
 from backends.llamacpp.embeddings import EmbedSpec, Pooler, token_vector
 from backends.llamacpp.grammar import GrammarStage
+from backends.llamacpp.kv_tiers import KVTiers
 from backends.llamacpp.logprobs import token_logprob
 from backends.llamacpp.model import LoadedModel
 from backends.llamacpp.sampling import SamplerChain
@@ -107,7 +108,9 @@ class _Row:
 
 
 class Engine:
-    def __init__(self, name: str, model: LoadedModel, *, n_live: int) -> None:
+    def __init__(
+        self, name: str, model: LoadedModel, *, n_live: int, tiers: KVTiers | None = None
+    ) -> None:
         cfg = model.config
         self.name = name
         self.model = model
@@ -123,6 +126,7 @@ class Engine:
             n_cells=cfg.n_ctx_total,
             prefix_reuse=cfg.kv_cache.prefix_reuse,
             min_prefix=cfg.kv_cache.min_prefix_tokens,
+            tiers=tiers,
         )
         self.counters = Counters()
         self.failure: BaseException | None = None
@@ -191,8 +195,19 @@ class Engine:
             self._fail_all(EngineError(f"the llama.cpp engine failed: {err}"))
         else:
             self._fail_all(ModelUnavailable(f"model {self.name!r} was unloaded"))
+            self._spill()
         finally:
             self.model.close()
+
+    def _spill(self) -> None:
+        """The model unloads: its cached prefixes go to the tiers, and the host tier's to
+        disk (written before the backend reports the unload done)."""
+        tiers = self.slots.tiers
+        if tiers is None:
+            return
+        n = self.slots.spill_all()
+        tiers.persist()
+        log.info("model %s: %d cached prefixes saved to the KV tiers", self.name, n)
 
     def _take_commands(self) -> bool:
         """Move new jobs and cancellations in (waiting while idle); False once stopping."""

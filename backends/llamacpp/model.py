@@ -27,6 +27,7 @@ class LlamaMemory:
 
     def __init__(self, llama: ModuleType, ctx: Any) -> None:
         self._llama = llama
+        self._ctx = ctx
         self._mem = llama.llama_get_memory(ctx)
 
     def seq_rm(self, seq_id: int, p0: int, p1: int) -> bool:
@@ -37,6 +38,18 @@ class LlamaMemory:
 
     def seq_pos_min(self, seq_id: int) -> int:
         return int(self._llama.llama_memory_seq_pos_min(self._mem, seq_id))
+
+    def save(self, seq_id: int) -> bytes:
+        llama, flags = self._llama, 0  # LLAMA_STATE_SEQ_FLAGS_NONE: the whole sequence
+        size = llama.llama_state_seq_get_size_ext(self._ctx, seq_id, flags)
+        buf = (ctypes.c_uint8 * size)()
+        written = llama.llama_state_seq_get_data_ext(self._ctx, buf, size, seq_id, flags)
+        return bytes(memoryview(buf)[:written])
+
+    def load(self, seq_id: int, data: bytes) -> bool:
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        read = self._llama.llama_state_seq_set_data_ext(self._ctx, buf, len(data), seq_id, 0)
+        return bool(read)
 
 
 class LoadedModel:

@@ -10,6 +10,10 @@ sequence whose whole cache is a prefix of the prompt (the same conversation, one
 is continued in place; a partial match is copied (``seq_cp`` shares the cells, it does not
 duplicate them) into a free id so the cached conversation it came from stays intact; a live
 sequence's prompt can be shared the same way.
+
+With :class:`backends.llamacpp.kv_tiers.KVTiers`, a cached prefix leaving the cells (evicted,
+or all of them at unload) is saved there first, and a prompt that shares more with a saved
+prefix than with anything in the cells has that prefix restored into its sequence.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from backends.llamacpp.kv_tiers import BLOCK, KVTiers, Saved
+
 
 class KVOps(Protocol):
     def seq_rm(self, seq_id: int, p0: int, p1: int) -> bool: ...
@@ -25,6 +31,14 @@ class KVOps(Protocol):
     def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None: ...
 
     def seq_pos_min(self, seq_id: int) -> int: ...
+
+    def save(self, seq_id: int) -> bytes:
+        """The sequence's state (its cells' K/V), as llama.cpp writes it."""
+        ...
+
+    def load(self, seq_id: int, data: bytes) -> bool:
+        """Restore a saved state into an empty sequence; False if it does not fit or is bad."""
+        ...
 
 
 @dataclass(eq=False)
@@ -61,8 +75,10 @@ class SlotManager:
         n_cells: int,
         prefix_reuse: bool = True,
         min_prefix: int = 1,
+        tiers: KVTiers | None = None,
     ) -> None:
         self.kv = kv
+        self.tiers = tiers if prefix_reuse else None
         self.n_live = n_live
         self.n_cells = n_cells
         self.prefix_reuse = prefix_reuse
@@ -88,6 +104,9 @@ class SlotManager:
         assert self.can_admit(), "no free slot"
         self._clock += 1
         best, reused = self._best_prefix(prompt) if reuse else (None, 0)
+        restored = self._restore(prompt, reused) if reuse else None
+        if restored is not None:
+            return restored
         if best is not None and not best.live and reused == len(best.tokens):
             target = best  # continue the cached sequence in place: nothing is lost
         else:
@@ -97,7 +116,7 @@ class SlotManager:
             self._truncate(best, reused)
             reused = len(best.tokens)
         else:
-            self._clear(target)
+            self._evict(target)
             if best is not None and reused:
                 self.kv.seq_cp(best.seq_id, target.seq_id, 0, reused)
                 target.tokens = best.tokens[:reused]
@@ -120,6 +139,29 @@ class SlotManager:
             return None, 0
         return best, best_len
 
+    def _restore(self, prompt: Sequence[int], in_cells: int) -> Placement | None:
+        """The saved prefix sharing more of ``prompt`` than the cells do, loaded into a free
+        sequence; None if there is none, or it could not be loaded (the caller goes on)."""
+        if self.tiers is None:
+            return None
+        found = self.tiers.find(prompt, len(prompt) - 1)
+        if found is None or found.n <= max(in_cells, self.min_prefix - 1):
+            return None
+        target = self._free_entry(avoid=None)
+        self._evict(target)
+        data = self.tiers.load(found)
+        if data is None or not self.make_room(len(found.tokens)):
+            return None
+        if not self.kv.load(target.seq_id, data):
+            self.kv.seq_rm(target.seq_id, -1, -1)
+            self.tiers.stats.misses += 1
+            return None
+        target.tokens = list(found.tokens)
+        self._truncate(target, found.n)
+        target.live = True
+        target.last_used = self._clock
+        return Placement(target.seq_id, len(target.tokens))
+
     def _free_entry(self, avoid: Entry | None) -> Entry:
         idle = [e for e in self.entries if not e.live]
         empty = [e for e in idle if not e.tokens]
@@ -127,6 +169,20 @@ class SlotManager:
             return empty[0]
         others = [e for e in idle if e is not avoid] or idle
         return min(others, key=lambda e: e.last_used)
+
+    def _evict(self, e: Entry) -> None:
+        """A cached prefix leaves the cells: saved to the tiers first (if long enough to be
+        found there again)."""
+        if self.tiers is not None and not e.live and len(e.tokens) >= BLOCK:
+            self.tiers.save(Saved(tuple(e.tokens), self.kv.save(e.seq_id)))
+        self._clear(e)
+
+    def spill_all(self) -> int:
+        """Every cached prefix saved to the tiers (the model is unloading); how many."""
+        cached = [e for e in self.entries if not e.live and e.tokens]
+        for e in cached:
+            self._evict(e)
+        return len(cached)
 
     def _truncate(self, e: Entry, keep: int) -> None:
         if keep < len(e.tokens) and not self.kv.seq_rm(e.seq_id, keep, -1):
@@ -161,12 +217,12 @@ class SlotManager:
             cached = [e for e in self.entries if not e.live and e.tokens]
             if not cached:
                 return False
-            self._clear(min(cached, key=lambda e: e.last_used))
+            self._evict(min(cached, key=lambda e: e.last_used))
         return True
 
     def evict_all_cached(self) -> int:
         """Drop every cached prefix; return how many ids were freed."""
         cached = [e for e in self.entries if not e.live and e.tokens]
         for e in cached:
-            self._clear(e)
+            self._evict(e)
         return len(cached)

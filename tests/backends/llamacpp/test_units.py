@@ -84,6 +84,7 @@ class FakeKV:
 
     def __init__(self) -> None:
         self.calls: list[tuple[object, ...]] = []
+        self.load_ok = True
 
     def seq_rm(self, seq_id: int, p0: int, p1: int) -> bool:
         self.calls.append(("rm", seq_id, p0, p1))
@@ -94,6 +95,14 @@ class FakeKV:
 
     def seq_pos_min(self, seq_id: int) -> int:
         return 0
+
+    def save(self, seq_id: int) -> bytes:
+        self.calls.append(("save", seq_id))
+        return f"state of {seq_id}".encode()
+
+    def load(self, seq_id: int, data: bytes) -> bool:
+        self.calls.append(("load", seq_id, data))
+        return self.load_ok
 
 
 def _manager(kv: FakeKV, n_live: int = 1, n_cached: int = 2, cells: int = 100) -> SlotManager:

@@ -1,0 +1,418 @@
+"""Cached prefixes beyond the KV cells: a host-memory tier, then a disk tier.
+
+A prefix leaving the cells (LRU eviction, unload, shutdown) is saved with llama.cpp's
+per-sequence state (``llama_state_seq_get_data_ext``) as a :class:`Saved` entry: its tokens and
+the state's bytes. The host tier keeps entries in memory within ``host_cache_bytes``; what it
+evicts goes to the disk tier (one file per entry, written by a thread of its own), which keeps
+``disk_cache_bytes`` under ``disk_cache_dir/<fingerprint>/``.
+
+Lookup is by block hashes: every :data:`BLOCK` tokens of an entry's prefix is a chained hash
+in one index, so a prompt finds the entry sharing its longest block prefix in a few dict
+lookups, and then the exact common prefix. Every entry carries the :func:`fingerprint` of what
+makes a state valid (the model file, the K/V types, the llama.cpp build, the attention
+layout) and a checksum of its bytes: a file that does not match, is truncated or corrupt is
+deleted and never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import struct
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+log = logging.getLogger("backends.llamacpp.kv_tiers")
+
+#: Tokens per hashed block: a saved prefix is found by its first ``k * BLOCK`` tokens.
+BLOCK = 64
+_MAGIC = b"GWKV1\n"
+_HEADER_LEN = struct.Struct("<I")
+
+
+class Layout(NamedTuple):
+    """The context settings a saved state depends on."""
+
+    type_k: str
+    type_v: str
+    flash_attn: str
+
+
+def fingerprint(model_path: Path, *, type_k: str, type_v: str, flash_attn: str) -> str:
+    """What a saved state is valid for: the model file (size and a hash of its first MiB,
+    the GGUF header and metadata), the K/V types, the llama.cpp build, the attention layout
+    (V is stored transposed without flash attention)."""
+    import llama_cpp
+
+    h = hashlib.blake2b(digest_size=16)
+    with model_path.open("rb") as f:
+        h.update(f.read(1 << 20))
+    h.update(str(model_path.stat().st_size).encode())
+    layout = f"{type_k}/{type_v}/{flash_attn}/{llama_cpp.__version__}"
+    h.update(layout.encode())
+    return h.hexdigest()
+
+
+def block_hashes(tokens: Sequence[int], limit: int | None = None) -> Iterator[tuple[int, str]]:
+    """``(k * BLOCK, hash of the first k * BLOCK tokens)`` for each whole block (up to
+    ``limit`` tokens)."""
+    end = len(tokens) if limit is None else min(limit, len(tokens))
+    h = hashlib.blake2b(digest_size=16)
+    for start in range(0, end - BLOCK + 1, BLOCK):
+        h.update(struct.pack(f"<{BLOCK}i", *tokens[start : start + BLOCK]))
+        yield start + BLOCK, h.copy().hexdigest()
+
+
+def _key(tokens: Sequence[int]) -> str:
+    return hashlib.blake2b(struct.pack(f"<{len(tokens)}i", *tokens), digest_size=16).hexdigest()
+
+
+def _common(a: Sequence[int], b: Sequence[int], start: int) -> int:
+    n = min(len(a), len(b))
+    i = start
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass(frozen=True)
+class Saved:
+    tokens: tuple[int, ...]
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Found:
+    """The saved entry sharing the longest prefix with a prompt: ``n`` tokens of it."""
+
+    key: str
+    tokens: tuple[int, ...]
+    n: int
+    tier: str
+
+
+@dataclass
+class TierStats:
+    hits: int = 0
+    misses: int = 0
+    saved: int = 0
+    restored_tokens: int = 0
+    dropped_corrupt: int = 0
+
+
+@dataclass
+class _Index:
+    """Entry keys by block hash, and each entry's tokens, for the entries of one tier."""
+
+    tokens: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    blocks: dict[str, set[str]] = field(default_factory=dict)
+
+    def add(self, key: str, tokens: tuple[int, ...]) -> None:
+        self.tokens[key] = tokens
+        for _, h in block_hashes(tokens):
+            self.blocks.setdefault(h, set()).add(key)
+
+    def remove(self, key: str) -> None:
+        tokens = self.tokens.pop(key, None)
+        if tokens is None:
+            return
+        for _, h in block_hashes(tokens):
+            keys = self.blocks.get(h)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self.blocks[h]
+
+    def find(self, prompt: Sequence[int], limit: int) -> tuple[str, int] | None:
+        """The entry with the longest common prefix with ``prompt`` (at most ``limit``)."""
+        candidates: set[str] = set()
+        reached = 0
+        for n, h in block_hashes(prompt, limit):
+            keys = self.blocks.get(h)
+            if not keys:
+                break
+            candidates, reached = keys, n
+        if not candidates:
+            return None
+        best = max(candidates, key=lambda k: _common(self.tokens[k], prompt, reached))
+        return best, min(limit, _common(self.tokens[best], prompt, reached))
+
+
+class HostTier:
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.bytes = 0
+        self.entries: OrderedDict[str, Saved] = OrderedDict()
+        self.index = _Index()
+
+    def put(self, key: str, saved: Saved) -> list[Saved]:
+        """Keep ``saved``; the entries evicted to stay within the budget (oldest first)."""
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return []
+        self.entries[key] = saved
+        self.index.add(key, saved.tokens)
+        self.bytes += len(saved.data)
+        evicted = []
+        while self.bytes > self.budget and self.entries:
+            old_key, old = self.entries.popitem(last=False)
+            self.index.remove(old_key)
+            self.bytes -= len(old.data)
+            evicted.append(old)
+        return evicted
+
+    def get(self, key: str) -> Saved | None:
+        saved = self.entries.get(key)
+        if saved is not None:
+            self.entries.move_to_end(key)
+        return saved
+
+
+class DiskTier:
+    """One file per entry: a magic line, a JSON header (fingerprint, tokens, size, checksum),
+    the state's bytes. Written as a temporary file renamed into place (a reader never sees
+    half a file; two processes on one directory each write whole files), by a writer thread.
+    Another process may delete a file this one indexed: that is a miss."""
+
+    def __init__(self, root: Path, fp: str, budget: int) -> None:
+        self.dir = root / fp
+        self.fp = fp
+        self.budget = budget
+        self.bytes = 0
+        self.sizes: OrderedDict[str, int] = OrderedDict()
+        self.index = _Index()
+        self.stats = TierStats()
+        self.broken = False
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[Saved | None] = queue.Queue(maxsize=64)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._scan()
+        except OSError as err:
+            self._fail(err)
+        self._writer = threading.Thread(target=self._write_loop, name="kv disk tier", daemon=True)
+        self._writer.start()
+
+    def _fail(self, err: OSError) -> None:
+        if not self.broken:
+            log.error("KV disk tier %s disabled: %s", self.dir, err)
+        self.broken = True
+
+    def _path(self, key: str) -> Path:
+        return self.dir / f"{key}.kv"
+
+    def _scan(self) -> None:
+        files = sorted(self.dir.glob("*.kv"), key=lambda p: p.stat().st_mtime)
+        for path in files:
+            read = self._read(path, body=False)
+            if read is None:
+                self._drop(path)
+                continue
+            key = path.stem
+            self.sizes[key] = path.stat().st_size
+            self.bytes += self.sizes[key]
+            self.index.add(key, tuple(read[0]["tokens"]))  # type: ignore[arg-type]
+        self._bound()
+
+    def _read(self, path: Path, *, body: bool) -> tuple[dict[str, object], bytes] | None:
+        """The file's header (and its state's bytes), or None if it is not a whole entry of
+        this fingerprint (the bytes are checked against the header's size and checksum)."""
+        try:
+            with path.open("rb") as f:
+                if f.read(len(_MAGIC)) != _MAGIC:
+                    return None
+                (n,) = _HEADER_LEN.unpack(f.read(_HEADER_LEN.size))
+                header = json.loads(f.read(n))
+                data = f.read() if body else b""
+        except (OSError, ValueError, struct.error):
+            return None
+        if not (isinstance(header, dict) and header.get("fingerprint") == self.fp):
+            return None
+        if not isinstance(header.get("tokens"), list):
+            return None
+        whole = header.get("nbytes") == len(data) and header.get("sha256") == _sha(data)
+        return (header, data) if whole or not body else None
+
+    def _drop(self, path: Path) -> None:
+        self.stats.dropped_corrupt += 1
+        log.warning("KV disk tier: %s is not a valid entry here, deleted", path.name)
+        path.unlink(missing_ok=True)
+
+    def has(self, key: str) -> bool:
+        with self._lock:
+            return key in self.sizes
+
+    def put(self, saved: Saved, *, wait: bool = False) -> None:
+        """Queue ``saved`` for writing unless it is on disk already; without ``wait``,
+        dropped if the writer is that far behind (a decode step never waits for a disk)."""
+        if self.broken or self.has(_key(saved.tokens)):
+            return
+        try:
+            self._queue.put(saved, block=wait)
+        except queue.Full:
+            log.warning("KV disk tier: writer behind, %d tokens not saved", len(saved.tokens))
+
+    def flush(self) -> None:
+        """Wait until every queued entry is written."""
+        self._queue.join()
+
+    def _write_loop(self) -> None:
+        while (saved := self._queue.get()) is not None:
+            try:
+                self._write(saved)
+            except OSError as err:
+                self._fail(err)
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def _write(self, saved: Saved) -> None:
+        if self.broken:
+            return
+        key = _key(saved.tokens)
+        header = json.dumps(
+            {
+                "fingerprint": self.fp,
+                "tokens": list(saved.tokens),
+                "nbytes": len(saved.data),
+                "sha256": _sha(saved.data),
+            }
+        ).encode()
+        head = _MAGIC + _HEADER_LEN.pack(len(header)) + header
+        tmp = self.dir / f".{key}.{os.getpid()}.tmp"
+        with tmp.open("wb") as f:
+            f.write(head)
+            f.write(saved.data)
+        os.replace(tmp, self._path(key))
+        size = len(head) + len(saved.data)
+        with self._lock:
+            if key not in self.sizes:
+                self.index.add(key, saved.tokens)
+            self.bytes += size - self.sizes.get(key, 0)
+            self.sizes[key] = size
+            self.sizes.move_to_end(key)
+            self._bound()
+        self.stats.saved += 1
+
+    def _bound(self) -> None:
+        while self.bytes > self.budget and self.sizes:
+            key, size = self.sizes.popitem(last=False)
+            self.index.remove(key)
+            self.bytes -= size
+            self._path(key).unlink(missing_ok=True)
+
+    def find(self, prompt: Sequence[int], limit: int) -> tuple[str, int] | None:
+        with self._lock:
+            return self.index.find(prompt, limit)
+
+    def tokens_of(self, key: str) -> tuple[int, ...]:
+        with self._lock:
+            return self.index.tokens[key]
+
+    def load(self, key: str) -> Saved | None:
+        """The entry's state, checked whole; a bad file is deleted, a missing one (another
+        process's budget took it) forgotten."""
+        path = self._path(key)
+        read = self._read(path, body=True)
+        with self._lock:
+            if read is None:
+                self.bytes -= self.sizes.pop(key, 0)
+                self.index.remove(key)
+            elif key in self.sizes:
+                self.sizes.move_to_end(key)
+        if read is None:
+            if path.exists():
+                self._drop(path)
+            return None
+        header, data = read
+        return Saved(tuple(header["tokens"]), data)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        """Write what is queued, then stop the writer."""
+        self._queue.put(None)
+        self._writer.join()
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class KVTiers:
+    """The tiers below a model's KV cells; it outlives the engine (an unloaded model's
+    prefixes wait in host memory for the reload)."""
+
+    def __init__(self, host: HostTier | None, disk: DiskTier | None) -> None:
+        self.host = host
+        self.disk = disk
+        self.stats = TierStats()
+
+    def save(self, saved: Saved) -> None:
+        self.stats.saved += 1
+        host = self.host
+        spilled = host.put(_key(saved.tokens), saved) if host is not None else [saved]
+        if self.disk is not None:
+            for entry in spilled:
+                self.disk.put(entry)
+
+    def find(self, prompt: Sequence[int], limit: int) -> Found | None:
+        """The saved prefix sharing the most tokens with ``prompt`` (host before disk)."""
+        best: Found | None = None
+        if self.host is not None and (hit := self.host.index.find(prompt, limit)):
+            key, n = hit
+            best = Found(key, self.host.index.tokens[key], n, "host")
+        if (
+            self.disk is not None
+            and not self.disk.broken
+            and (hit := self.disk.find(prompt, limit))
+        ):
+            key, n = hit
+            if best is None or n > best.n:
+                best = Found(key, self.disk.tokens_of(key), n, "disk")
+        return best
+
+    def load(self, found: Found) -> bytes | None:
+        saved = self.host.get(found.key) if found.tier == "host" and self.host else None
+        if saved is None and found.tier == "disk" and self.disk is not None:
+            saved = self.disk.load(found.key)
+        if saved is None:
+            self.stats.misses += 1
+            return None
+        self.stats.hits += 1
+        self.stats.restored_tokens += found.n
+        return saved.data
+
+    def persist(self) -> None:
+        """Queue every host entry for the disk tier (the model is unloading: if the process
+        ends, the host tier goes with it)."""
+        if self.host is not None and self.disk is not None:
+            for saved in self.host.entries.values():
+                self.disk.put(saved, wait=True)
+
+    def flush(self) -> None:
+        if self.disk is not None:
+            self.disk.flush()
+
+    def close(self) -> None:
+        if self.disk is not None:
+            self.disk.close()
+
+
+def open_tiers(
+    model_path: Path, *, host_bytes: int, disk_bytes: int, disk_dir: Path, layout: Layout
+) -> KVTiers | None:
+    """The configured tiers (None if both are off)."""
+    if not host_bytes and not disk_bytes:
+        return None
+    host = HostTier(host_bytes) if host_bytes else None
+    disk = None
+    if disk_bytes:
+        fp = fingerprint(model_path, **layout._asdict())
+        disk = DiskTier(disk_dir, fp, disk_bytes)
+    return KVTiers(host, disk)
