@@ -5,7 +5,8 @@ Who may call: the authentication plugins' header hooks run first (an API key plu
 if they marked it ``ctx.admin`` (e.g. a key with ``admin = true``); with no authentication
 plugin, only loopback clients pass.
 
-- ``GET /admin/models``: every model's state, leases, queue, footprint; the budget in use.
+- ``GET /admin/models``: every model's state, leases, queue, footprint, KV tiers' use; the
+  budget in use.
 - ``POST /admin/models/{model}/load``: load now (200 once loaded; 503 if it fails).
 - ``POST /admin/models/{model}/unload``: unload after its running requests (409 if they run
   past ``[lifecycle].drain_timeout_s``; nothing is cut off).
@@ -31,6 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from gateway.backend import HasCacheTiers
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import ConfigError, GatewayError, InvalidRequest, PermissionDenied
 from gateway.lifecycle import NoRoom
@@ -84,6 +86,7 @@ def _guarded(services: Services, handler: Handler) -> Handler:
 
 
 def describe(entry: ModelEntry) -> dict[str, object]:
+    backend = entry.backend
     footprint = asdict(entry.footprint) if entry.footprint is not None else None
     if footprint is not None:
         footprint.pop("options", None)
@@ -101,6 +104,7 @@ def describe(entry: ModelEntry) -> dict[str, object]:
         "idle_s": round(time.monotonic() - entry.last_used, 3),
         "idle_unload_after_s": entry.config.idle_unload_after_s,
         "footprint": footprint,
+        "kv_tiers": backend.cache_tiers() if isinstance(backend, HasCacheTiers) else None,
         "error": entry.error,
     }
 

@@ -64,6 +64,14 @@ class EngineStats:
     cached_prompt_tokens: int = 0
     #: Prompt tokens actually run through the model (not taken from a cached prefix).
     prompt_tokens_processed: int = 0
+    #: Cache tiers below the KV cells (host memory, disk), for backends that have them.
+    kv_tier_hits: int = 0
+    kv_tier_misses: int = 0
+    kv_tier_saved: int = 0
+    kv_tier_restored_tokens: int = 0
+    kv_tier_restore_seconds: float = 0.0
+    kv_host_tier_bytes: int = 0
+    kv_disk_tier_bytes: int = 0
 
 
 @runtime_checkable
@@ -73,6 +81,14 @@ class HasChatFormat(Protocol):
 
     @property
     def chat_format(self) -> ChatFormat | None: ...
+
+
+@runtime_checkable
+class HasCacheTiers(Protocol):
+    """Optional: a backend with KV cache tiers beyond its cells, described for
+    ``/admin/models`` (None while they are off)."""
+
+    def cache_tiers(self) -> dict[str, object] | None: ...
 
 
 def chat_format_of(backend: Backend) -> ChatFormat | None:

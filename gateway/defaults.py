@@ -32,6 +32,8 @@ def default_config_dict() -> dict[str, Any]:
                 "backend": "llamacpp",
                 "aliases": ["default"],
                 "model_path": str(default_model_path()),
+                # a modest KV tier budget under the user's cache folder (issue 14)
+                "kv_cache": {"host_cache_bytes": 256 << 20, "disk_cache_bytes": 1 << 30},
             }
         },
         "plugins": {"metrics": {}, "chat_page": {}},

@@ -11,6 +11,8 @@ import pytest
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # the default stores (stored responses) of every gateway a test starts, in-process or not
 os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="gateway-tests-state-")
+# and their default KV disk tiers
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="gateway-tests-cache-")
 
 
 def _cuda_available() -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from backends.llamacpp.backend import LlamaCppBackend
 from backends.llamacpp.config import LlamaCppConfig
+from backends.llamacpp.kv_tiers import SharedTiers
 from gateway.backend import MemoryEstimate
 from gateway.config import ModelConfig
 
@@ -17,9 +18,19 @@ __all__ = ["LlamaCppBackend", "LlamaCppConfig", "factory"]
 class LlamaCppFactory:
     config_type = LlamaCppConfig
 
+    def __init__(self) -> None:
+        #: Each model's KV tiers, kept across its loads (by everything they depend on, so a
+        #: reloaded config that changes them gets new ones).
+        self._tiers: dict[tuple[object, ...], SharedTiers] = {}
+
     def create(self, name: str, config: ModelConfig) -> LlamaCppBackend:
         assert isinstance(config, LlamaCppConfig)
-        return LlamaCppBackend(name, config)
+        kv = config.kv_cache
+        key = (
+            name, config.model_path, config.flash_attn, kv.type_k, kv.type_v,
+            kv.host_cache_bytes, kv.disk_cache_bytes, kv.disk_dir(),
+        )  # fmt: skip
+        return LlamaCppBackend(name, config, self._tiers.setdefault(key, SharedTiers()))
 
     def memory_estimate(self, config: ModelConfig, gpu_devices: int) -> MemoryEstimate:
         """From the GGUF header (see :mod:`backends.llamacpp.memory`); nothing is loaded."""

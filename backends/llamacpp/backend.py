@@ -18,6 +18,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from backends.llamacpp.config import LlamaCppConfig
+from backends.llamacpp.kv_tiers import SharedTiers
 from gateway.backend import EngineStats
 from gateway.errors import InvalidRequest, ModelUnavailable, context_length_exceeded
 from gateway.output.formats import ChatFormat
@@ -57,15 +58,14 @@ def capabilities(config: LlamaCppConfig) -> frozenset[Capability]:
 
 
 class LlamaCppBackend:
-    def __init__(self, name: str, config: LlamaCppConfig) -> None:
+    def __init__(self, name: str, config: LlamaCppConfig, tiers: SharedTiers | None = None) -> None:
         self.name = name
         self.config = config
         self.n_live = config.batching.max_concurrent
         self._engine: Engine | None = None
         self._model: LoadedModel | None = None
         #: The KV tiers outlive each load (an unloaded model's prefixes wait there).
-        self._tiers: KVTiers | None = None
-        self._tiers_opened = False
+        self._shared = tiers if tiers is not None else SharedTiers()
         self._info = self._describe(config.kv_cache.n_ctx_per_slot)
 
     def _describe(self, context_length: int) -> BackendInfo:
@@ -100,10 +100,10 @@ class LlamaCppBackend:
         model = await asyncio.to_thread(LoadedModel, cfg, n_seq, n_batch)
         self._model = model
         self._info = self._describe(model.n_ctx_slot)
-        if not self._tiers_opened:
-            self._tiers = await asyncio.to_thread(self._open_tiers)
-            self._tiers_opened = True
-        self._engine = Engine(self.name, model, n_live=self.n_live, tiers=self._tiers)
+        if not self._shared.opened:
+            self._shared.tiers = await asyncio.to_thread(self._open_tiers)
+            self._shared.opened = True
+        self._engine = Engine(self.name, model, n_live=self.n_live, tiers=self._shared.tiers)
         self._engine.start()
         log.info(
             "model %s: loaded in %.2f s (%d slots x %d tokens, %d KV cells, %d threads)",
@@ -114,6 +114,11 @@ class LlamaCppBackend:
             cfg.n_ctx_total,
             cfg.batching.n_threads,
         )
+
+    @property
+    def tiers(self) -> KVTiers | None:
+        """The model's KV tiers (None if off, or until its first load)."""
+        return self._shared.tiers
 
     def _open_tiers(self) -> KVTiers | None:
         from backends.llamacpp.kv_tiers import Layout, open_tiers
@@ -132,11 +137,25 @@ class LlamaCppBackend:
         if engine is not None:
             engine.stop()
             await asyncio.to_thread(engine.join)
-        if self._tiers is not None:
-            await asyncio.to_thread(self._tiers.flush)
+        if self._shared.tiers is not None:
+            await asyncio.to_thread(self._shared.tiers.flush)
 
     def stats(self) -> EngineStats:
-        return self._engine.stats() if self._engine is not None else EngineStats()
+        stats = self._engine.stats() if self._engine is not None else EngineStats()
+        tiers = self._shared.tiers
+        if tiers is None:
+            return stats
+        t = tiers.stats
+        return replace(
+            stats, kv_tier_hits=t.hits, kv_tier_misses=t.misses, kv_tier_saved=t.saved,
+            kv_tier_restored_tokens=t.restored_tokens, kv_tier_restore_seconds=t.restore_s,
+            kv_host_tier_bytes=tiers.host.bytes if tiers.host else 0,
+            kv_disk_tier_bytes=tiers.disk.bytes if tiers.disk else 0,
+        )  # fmt: skip
+
+    def cache_tiers(self) -> dict[str, object] | None:
+        tiers = self._shared.tiers
+        return tiers.usage() if tiers is not None else None
 
     @property
     def failure(self) -> str | None:

@@ -25,7 +25,7 @@ import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -104,6 +104,8 @@ class TierStats:
     misses: int = 0
     saved: int = 0
     restored_tokens: int = 0
+    #: Time spent loading states back into the cells (reading a disk entry included).
+    restore_s: float = 0.0
     dropped_corrupt: int = 0
 
 
@@ -388,6 +390,22 @@ class KVTiers:
         self.stats.restored_tokens += found.n
         return saved.data
 
+    def usage(self) -> dict[str, object]:
+        """What each tier holds, for ``/admin/models``."""
+        out: dict[str, object] = {**asdict(self.stats)}
+        if self.host is not None:
+            out["host"] = {
+                "bytes": self.host.bytes, "budget_bytes": self.host.budget,
+                "entries": len(self.host.entries),
+            }  # fmt: skip
+        if self.disk is not None:
+            out["disk"] = {
+                "bytes": self.disk.bytes, "budget_bytes": self.disk.budget,
+                "entries": len(self.disk.sizes), "dir": str(self.disk.dir),
+                "disabled": self.disk.broken, "dropped_corrupt": self.disk.stats.dropped_corrupt,
+            }  # fmt: skip
+        return out
+
     def persist(self) -> None:
         """Queue every host entry for the disk tier (the model is unloading: if the process
         ends, the host tier goes with it)."""
@@ -416,3 +434,12 @@ def open_tiers(
         fp = fingerprint(model_path, **layout._asdict())
         disk = DiskTier(disk_dir, fp, disk_bytes)
     return KVTiers(host, disk)
+
+
+@dataclass
+class SharedTiers:
+    """One model's tiers, shared by its successive backends (the pool makes a new backend
+    for each load; the tiers outlive them all). Opened on the first load."""
+
+    tiers: KVTiers | None = None
+    opened: bool = False

@@ -147,14 +147,17 @@ def estimate(config: LlamaCppConfig, gpu_devices: int) -> MemoryEstimate:
         f"({ctx.cells} cells), K {kv_cfg.type_k}, V {kv_cfg.type_v}"
     )
     options = _options(config, shape, ctx, kv)
+    tier = kv_cfg.host_cache_bytes  # the host KV tier, at its budget
+    if tier:
+        shape_text += f", host KV tier {tier / (1 << 20):.0f} MiB"
     if gpu_devices == 0 or config.n_gpu_layers == 0:
-        host = weights + kv + compute
+        host = weights + kv + compute + tier
         return MemoryEstimate(weights, kv, compute, (0,) * gpu_devices, host, shape_text, options)
     gpu, host, weights = _place(config, header, shape, ctx, gpu_devices, graph)
     # the graph's inputs stay in host memory: the token embeddings and the attention mask
     mask = ctx.cells * ctx.n_ubatch * (2 if ctx.flash_attn else _F32)
     inputs = 2 * _F32 * ctx.n_ubatch * shape.n_embd + mask
-    host += outputs + inputs
+    host += outputs + inputs + tier
     return MemoryEstimate(weights, kv, compute + inputs, gpu, host, shape_text, options)
 
 

@@ -18,6 +18,7 @@ prefix than with anything in the cells has that prefix restored into its sequenc
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -149,10 +150,13 @@ class SlotManager:
             return None
         target = self._free_entry(avoid=None)
         self._evict(target)
+        started = time.perf_counter()
         data = self.tiers.load(found)
         if data is None or not self.make_room(len(found.tokens)):
             return None
-        if not self.kv.load(target.seq_id, data):
+        loaded = self.kv.load(target.seq_id, data)
+        self.tiers.stats.restore_s += time.perf_counter() - started
+        if not loaded:
             self.kv.seq_rm(target.seq_id, -1, -1)
             self.tiers.stats.misses += 1
             return None

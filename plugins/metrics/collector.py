@@ -53,6 +53,29 @@ _ENGINE: dict[str, tuple[str, str, bool]] = {
         "Prompt tokens run through the model (not taken from a cached prefix).",
         True,
     ),
+    "kv_tier_hits": (
+        "gateway_kv_tier_hits",
+        "Prompts whose prefix was restored from a KV tier (host memory or disk).",
+        True,
+    ),
+    "kv_tier_misses": (
+        "gateway_kv_tier_misses",
+        "Saved prefixes found but not restored (gone, damaged, no room).",
+        True,
+    ),
+    "kv_tier_saved": ("gateway_kv_tier_saved", "Prefixes saved to the KV tiers.", True),
+    "kv_tier_restored_tokens": (
+        "gateway_kv_tier_restored_tokens",
+        "Prompt tokens restored from a KV tier instead of prefilled (tokens saved).",
+        True,
+    ),
+    "kv_tier_restore_seconds": (
+        "gateway_kv_tier_restore_seconds",
+        "Time spent restoring prefixes from the KV tiers.",
+        True,
+    ),
+    "kv_host_tier_bytes": ("gateway_kv_host_tier_bytes", "Bytes in the host KV tier.", False),
+    "kv_disk_tier_bytes": ("gateway_kv_disk_tier_bytes", "Bytes in the disk KV tier.", False),
 }
 
 

@@ -67,6 +67,15 @@ def test_the_factory_offers_an_estimate(smol_path: Path) -> None:
     assert est.total_bytes == est.host_bytes and est.gpu_bytes == ()
 
 
+def test_the_host_kv_tier_counts_against_host_memory(smol_path: Path) -> None:
+    plain = factory.memory_estimate(llama_config(smol_path), 0)
+    tiered = factory.memory_estimate(
+        llama_config(smol_path, kv_cache={"host_cache_bytes": 64 << 20}), 0
+    )
+    assert tiered.host_bytes == plain.host_bytes + (64 << 20)
+    assert "host KV tier 64 MiB" in tiered.kv_cache_shape
+
+
 def test_smollm2_header(smol_path: Path) -> None:
     header = read_header(smol_path)
     shape = ModelShape.of(header)

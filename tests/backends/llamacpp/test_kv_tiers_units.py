@@ -1,0 +1,201 @@
+"""The KV tiers' own logic, without an engine: block-hash lookup, the host tier's budget and
+spill to disk, the disk tier's files (checked, bounded, shared by two processes, given up
+on a read-only disk), and the slot manager saving and restoring through them."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from backends.llamacpp.kv_tiers import BLOCK, DiskTier, HostTier, KVTiers, Saved
+from backends.llamacpp.slots import SlotManager
+from tests.backends.llamacpp.test_units import FakeKV
+
+FP = "f" * 32
+
+
+def tokens(seed: int, n: int) -> tuple[int, ...]:
+    return tuple(seed * 10_000 + i for i in range(n))
+
+
+def saved(seed: int, n: int = 3 * BLOCK, size: int = 1000) -> Saved:
+    return Saved(tokens(seed, n), bytes([seed % 256]) * size)
+
+
+def test_lookup_finds_the_longest_shared_prefix() -> None:
+    tiers = KVTiers(HostTier(1 << 20), None)
+    base = tokens(1, 4 * BLOCK)
+    tiers.save(Saved(base[: 2 * BLOCK], b"short"))
+    tiers.save(Saved(base, b"long"))
+    prompt = (*base[: 3 * BLOCK + 5], 99, 98)
+    found = tiers.find(prompt, len(prompt) - 1)
+    assert found is not None and found.n == 3 * BLOCK + 5 and tiers.load(found) == b"long"
+    # shorter than one block in common: nothing (a block is the unit of lookup)
+    assert tiers.find((*base[: BLOCK - 1], 7, 7), 10_000) is None
+    # the limit caps the match (the prompt's last token is always decoded)
+    capped = tiers.find(base, 2 * BLOCK)
+    assert capped is not None and capped.n == 2 * BLOCK
+    assert tiers.find(tokens(2, 3 * BLOCK), 10_000) is None
+
+
+def test_the_host_tier_spills_its_oldest_to_disk(tmp_path: Path) -> None:
+    disk = DiskTier(tmp_path, FP, budget=1 << 20)
+    tiers = KVTiers(HostTier(2500), disk)
+    for seed in range(4):  # 1000 bytes each: the host keeps two
+        tiers.save(saved(seed))
+    disk.flush()
+    assert tiers.host is not None and len(tiers.host.entries) == 2
+    assert {p.name for p in (tmp_path / FP).iterdir()} and len(disk.sizes) == 2
+    oldest = tiers.find(tokens(0, 3 * BLOCK), 10_000)
+    assert oldest is not None and oldest.tier == "disk"
+    assert tiers.load(oldest) == saved(0).data
+    newest = tiers.find(tokens(3, 3 * BLOCK), 10_000)
+    assert newest is not None and newest.tier == "host"
+    tiers.persist()  # unloading: the host's entries are written too
+    disk.flush()
+    assert len(disk.sizes) == 4
+    tiers.close()
+
+
+def test_disk_entries_survive_a_restart_and_stay_in_budget(tmp_path: Path) -> None:
+    first = DiskTier(tmp_path, FP, budget=50_000)
+    for seed in range(200):  # 200 distinct conversations, ~2.9 KB each on disk
+        first.put(saved(seed), wait=True)
+    first.close()
+    files = list((tmp_path / FP).glob("*.kv"))
+    assert sum(f.stat().st_size for f in files) <= 50_000 and len(files) >= 15
+    again = DiskTier(tmp_path, FP, budget=50_000)  # a restart: the files are found
+    assert len(again.sizes) == len(files)
+    found = again.find(tokens(199, 3 * BLOCK), 10_000)
+    assert found is not None and found[1] == 3 * BLOCK
+    loaded = again.load(found[0])
+    assert loaded is not None and loaded.data == saved(199).data
+    assert again.find(tokens(0, 3 * BLOCK), 10_000) is None  # the oldest went first
+    again.close()
+
+
+def _entry_file(tmp_path: Path, seed: int) -> Path:
+    disk = DiskTier(tmp_path, FP, budget=1 << 20)
+    disk.put(saved(seed), wait=True)
+    disk.close()
+    (path,) = (tmp_path / FP).glob("*.kv")
+    return path
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "foreign", "garbage", "empty"])
+def test_a_bad_entry_is_deleted_never_loaded(tmp_path: Path, damage: str) -> None:
+    path = _entry_file(tmp_path, 5)
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[-10] ^= 0xFF  # in the state's bytes: only the checksum can tell
+    elif damage == "truncate":
+        del data[-100:]
+    elif damage == "foreign":  # another model's (or K/V type's) entry copied here
+        data = data.replace(FP.encode(), b"0" * len(FP))
+    elif damage == "garbage":
+        data = bytearray(b"not an entry at all")
+    else:
+        data = bytearray()
+    path.write_bytes(bytes(data))
+    disk = DiskTier(tmp_path, FP, budget=1 << 20)
+    found = disk.find(tokens(5, 3 * BLOCK), 10_000)
+    if found is not None:  # the header was whole: the bytes are checked at load
+        assert disk.load(found[0]) is None
+    assert not path.exists() and disk.find(tokens(5, 3 * BLOCK), 10_000) is None
+    assert disk.stats.dropped_corrupt == 1
+    disk.close()
+
+
+def test_two_processes_share_one_directory(tmp_path: Path) -> None:
+    """Each writes whole files under its own temporary names; each finds the other's
+    entries on its next start, and a file the other deleted is a miss, not an error."""
+    a = DiskTier(tmp_path, FP, budget=1 << 20)
+    b = DiskTier(tmp_path, FP, budget=1 << 20)
+    for seed in range(20):
+        (a if seed % 2 else b).put(saved(seed, size=20_000))
+    a.flush()
+    b.flush()
+    c = DiskTier(tmp_path, FP, budget=1 << 20)
+    assert len(c.sizes) == 20
+    for seed in range(20):
+        found = c.find(tokens(seed, 3 * BLOCK), 10_000)
+        assert found is not None
+        loaded = c.load(found[0])
+        assert loaded is not None and loaded.data == saved(seed, size=20_000).data
+    gone = a.find(tokens(1, 3 * BLOCK), 10_000)
+    assert gone is not None
+    c._path(gone[0]).unlink()  # the other process's budget took it
+    assert a.load(gone[0]) is None and a.find(tokens(1, 3 * BLOCK), 10_000) is None
+    assert not list((tmp_path / FP).glob(".*.tmp"))
+    for tier in (a, b, c):
+        tier.close()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
+def test_a_read_only_disk_is_no_disk_tier(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / FP
+    folder.mkdir()
+    folder.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        disk = DiskTier(tmp_path, FP, budget=1 << 20)
+        with caplog.at_level(logging.ERROR):
+            for seed in range(3):
+                disk.put(saved(seed), wait=True)
+            disk.flush()
+        assert disk.broken and len(caplog.records) == 1
+        disk.close()
+    finally:
+        folder.chmod(stat.S_IRWXU)
+
+
+def test_a_full_disk_is_no_disk_tier(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    disk = DiskTier(tmp_path, FP, budget=1 << 20)
+    disk.dir = Path("/dev/full") / "x"  # every write fails as on a full disk
+    with caplog.at_level(logging.ERROR):
+        for seed in range(3):
+            disk.put(saved(seed), wait=True)
+        disk.flush()
+    assert disk.broken and len(caplog.records) == 1
+    tiers = KVTiers(None, disk)
+    assert tiers.find(tokens(0, 3 * BLOCK), 10_000) is None
+    disk.close()
+
+
+def _slots(kv: FakeKV, tiers: KVTiers) -> SlotManager:
+    return SlotManager(kv, n_live=1, n_cached=1, n_cells=10_000, min_prefix=2, tiers=tiers)
+
+
+def test_slots_save_what_they_evict_and_restore_it() -> None:
+    kv = FakeKV()
+    tiers = KVTiers(HostTier(1 << 20), None)
+    slots = _slots(kv, tiers)
+    a = list(tokens(1, 2 * BLOCK))
+    for prompt in (a, list(tokens(2, 2 * BLOCK)), list(tokens(3, 2 * BLOCK))):
+        p = slots.acquire(prompt)
+        slots.extend(p.seq_id, prompt)
+        slots.release(p.seq_id, keep=True)
+    assert ("save", 0) in kv.calls  # a's sequence was evicted: saved first
+    kv.calls.clear()
+    again = slots.acquire([*a, 5, 6])
+    assert again.reused == 2 * BLOCK
+    assert kv.calls[-1] == ("load", again.seq_id, b"state of 0")
+    assert tiers.stats.hits == 1 and tiers.stats.restored_tokens == 2 * BLOCK
+
+
+def test_slots_go_on_without_a_state_that_does_not_load() -> None:
+    kv = FakeKV()
+    tiers = KVTiers(HostTier(1 << 20), None)
+    slots = _slots(kv, tiers)
+    a = list(tokens(1, 2 * BLOCK))
+    for prompt in (a, list(tokens(2, 2 * BLOCK)), list(tokens(3, 2 * BLOCK))):
+        p = slots.acquire(prompt)
+        slots.extend(p.seq_id, prompt)
+        slots.release(p.seq_id, keep=True)
+    kv.load_ok = False  # e.g. no room left in the context
+    again = slots.acquire([*a, 5])
+    assert again.reused == 0 and slots.entries[again.seq_id].tokens == []
+    assert tiers.stats.misses == 1
