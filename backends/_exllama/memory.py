@@ -106,7 +106,9 @@ def estimate(
         kv_cache_bytes=kv,
         compute_bytes=compute,
         gpu_bytes=gpu,
-        host_bytes=embeddings if gpu_devices else total,
+        # exllamav3's pinned host tier for evicted pages, at its budget
+        host_bytes=(embeddings if gpu_devices else total)
+        + getattr(config.kv_cache, "host_cache_bytes", 0),
         kv_cache_shape=(
             f"{plan.cache_tokens} tokens shared by {plan.max_batch_size} sequence(s), "
             f"{'fp16' if k_bits is None else f'K {k_bits}-bit, V {v_bits}-bit'}"

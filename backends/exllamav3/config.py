@@ -14,6 +14,10 @@ class ExLlamaV3KVCache(ExllamaKVCache):
 
     k_bits: int | None = Field(None, ge=2, le=8)
     v_bits: int | None = Field(None, ge=2, le=8)
+    #: Pinned host memory (bytes) for pages evicted from the GPU cache, restored instead of
+    #: prefilled (the generator's own ``cpu_cache_size`` tier; exllamav3 has no disk tier).
+    #: 0: off.
+    host_cache_bytes: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _both_bits(self) -> Self:

@@ -7,6 +7,7 @@ flash-attn), so up to ``max_concurrent`` sequences decode together.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -94,6 +95,19 @@ class ExLlamaV3Model:
         self._torch.cuda.empty_cache()
 
 
+def host_tier(generator: object, host_bytes: int) -> dict[str, int]:
+    """The generator's host-memory page tier (``cpu_cache_size``), if asked for; an
+    exllamav3 too old to have one is an error, not a silent cache without it."""
+    if not host_bytes:
+        return {}
+    if "cpu_cache_size" not in inspect.signature(generator).parameters:  # type: ignore[arg-type]
+        raise RuntimeError(
+            "kv_cache.host_cache_bytes needs an exllamav3 whose Generator takes cpu_cache_size "
+            f"(installed: {version('exllamav3')})"
+        )
+    return {"cpu_cache_size": host_bytes}
+
+
 def load(name: str, config: ExllamaModelConfig) -> ExLlamaV3Model:
     """Import exllamav3, load ``config.model_dir`` with its cache, build the generator."""
     assert isinstance(config, ExLlamaV3ModelConfig)
@@ -132,6 +146,7 @@ def load(name: str, config: ExllamaModelConfig) -> ExLlamaV3Model:
             tokenizer=tokenizer,
             max_batch_size=plan.max_batch_size,
             max_chunk_size=plan.chunk_tokens,
+            **host_tier(lib.Generator, kv.host_cache_bytes),
         )
     except Exception:
         model.unload()

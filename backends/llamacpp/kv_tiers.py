@@ -16,6 +16,7 @@ deleted and never loaded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ import os
 import queue
 import struct
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -132,6 +134,15 @@ class _Index:
                 if not keys:
                     del self.blocks[h]
 
+    def dominated(self, tokens: tuple[int, ...]) -> list[str]:
+        """The entries whose tokens are a prefix of ``tokens`` (a longer entry serves every
+        prompt they would, at least as well: the same conversation, saved again later)."""
+        keys = {k for _, h in block_hashes(tokens) for k in self.blocks.get(h, ())}
+        return [
+            k for k in keys
+            if len(t := self.tokens[k]) < len(tokens) and tokens[: len(t)] == t
+        ]  # fmt: skip
+
     def find(self, prompt: Sequence[int], limit: int) -> tuple[str, int] | None:
         """The entry with the longest common prefix with ``prompt`` (at most ``limit``)."""
         candidates: set[str] = set()
@@ -159,6 +170,9 @@ class HostTier:
         if key in self.entries:
             self.entries.move_to_end(key)
             return []
+        for old_key in self.index.dominated(saved.tokens):
+            self.bytes -= len(self.entries.pop(old_key).data)
+            self.index.remove(old_key)
         self.entries[key] = saved
         self.index.add(key, saved.tokens)
         self.bytes += len(saved.data)
@@ -211,6 +225,10 @@ class DiskTier:
         return self.dir / f"{key}.kv"
 
     def _scan(self) -> None:
+        for tmp in self.dir.glob(".*.tmp"):  # a write a killed process left (an hour old)
+            with contextlib.suppress(OSError):
+                if time.time() - tmp.stat().st_mtime > 3600:
+                    tmp.unlink()
         files = sorted(self.dir.glob("*.kv"), key=lambda p: p.stat().st_mtime)
         for path in files:
             read = self._read(path, body=False)
@@ -295,6 +313,8 @@ class DiskTier:
         os.replace(tmp, self._path(key))
         size = len(head) + len(saved.data)
         with self._lock:
+            for old_key in self.index.dominated(saved.tokens):
+                self._forget(old_key)
             if key not in self.sizes:
                 self.index.add(key, saved.tokens)
             self.bytes += size - self.sizes.get(key, 0)
@@ -303,12 +323,15 @@ class DiskTier:
             self._bound()
         self.stats.saved += 1
 
+    def _forget(self, key: str) -> None:
+        """Drop an entry and its file (under the lock)."""
+        self.bytes -= self.sizes.pop(key, 0)
+        self.index.remove(key)
+        self._path(key).unlink(missing_ok=True)
+
     def _bound(self) -> None:
         while self.bytes > self.budget and self.sizes:
-            key, size = self.sizes.popitem(last=False)
-            self.index.remove(key)
-            self.bytes -= size
-            self._path(key).unlink(missing_ok=True)
+            self._forget(next(iter(self.sizes)))
 
     def find(self, prompt: Sequence[int], limit: int) -> tuple[str, int] | None:
         with self._lock:

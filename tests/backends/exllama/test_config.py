@@ -55,6 +55,24 @@ def test_v3_table() -> None:
     assert isinstance(parse("exllamav3"), ExLlamaV3ModelConfig)
 
 
+def test_v3_host_tier_is_the_generator_s_cpu_cache() -> None:
+    """``host_cache_bytes`` becomes exllamav3's ``cpu_cache_size``; a Generator without that
+    parameter (an older exllamav3) fails the load instead of running without the tier."""
+    from backends.exllamav3.model import host_tier
+
+    cfg = parse("exllamav3", kv_cache={"host_cache_bytes": 1 << 30})
+    assert isinstance(cfg, ExLlamaV3ModelConfig) and cfg.kv_cache.host_cache_bytes == 1 << 30
+
+    def new(model: object, cache: object, cpu_cache_size: int = 0) -> None: ...
+
+    def old(model: object, cache: object) -> None: ...
+
+    assert host_tier(new, 1 << 30) == {"cpu_cache_size": 1 << 30}
+    assert host_tier(old, 0) == {} and host_tier(new, 0) == {}
+    with pytest.raises(RuntimeError, match="cpu_cache_size"):
+        host_tier(old, 1 << 30)
+
+
 @pytest.mark.parametrize(
     ("backend", "table", "expected"),
     [

@@ -90,6 +90,8 @@ def test_v3_estimate_and_options(model_dir: Path) -> None:
     assert est.gpu_bytes[1] == 0 and "K 4-bit, V 6-bit" in est.kv_cache_shape
     fp16 = v3.memory_estimate(parse("exllamav3", model_dir), 1)
     assert [o.setting for o in fp16.options] == ["kv_cache (8-bit cache)", "kv_cache.size_tokens"]
+    tiered = v3.memory_estimate(parse("exllamav3", model_dir, kv_cache={"host_cache_bytes": 99}), 1)
+    assert tiered.host_bytes == fp16.host_bytes + 99  # the host page tier, on the host
 
 
 def test_unreadable_model_dirs(tmp_path: Path) -> None:

@@ -42,6 +42,22 @@ def test_lookup_finds_the_longest_shared_prefix() -> None:
     assert tiers.find(tokens(2, 3 * BLOCK), 10_000) is None
 
 
+def test_a_conversation_saved_again_replaces_its_shorter_entry(tmp_path: Path) -> None:
+    """The same conversation evicted at turn 3 and again at turn 6: only the longer entry is
+    kept, in memory and on disk (the shorter serves no prompt the longer does not)."""
+    disk = DiskTier(tmp_path, FP, budget=1 << 20)
+    host = HostTier(1 << 20)
+    conversation = tokens(4, 6 * BLOCK)
+    for n in (2 * BLOCK, 4 * BLOCK):
+        host.put(f"k{n}", Saved(conversation[:n], b"x" * n))
+        disk.put(Saved(conversation[:n], b"x" * n), wait=True)
+    host.put("other", saved(9))
+    disk.flush()
+    assert list(host.entries) == [f"k{4 * BLOCK}", "other"] and host.bytes == 4 * BLOCK + 1000
+    assert len(disk.sizes) == 1 and len(list((tmp_path / FP).glob("*.kv"))) == 1
+    disk.close()
+
+
 def test_the_host_tier_spills_its_oldest_to_disk(tmp_path: Path) -> None:
     disk = DiskTier(tmp_path, FP, budget=1 << 20)
     tiers = KVTiers(HostTier(2500), disk)
