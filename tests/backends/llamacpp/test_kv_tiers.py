@@ -15,7 +15,7 @@ from openai import OpenAI
 from backends.llamacpp import LlamaCppBackend
 from backends.llamacpp.kv_tiers import fingerprint
 from gateway.testing import ServerThread
-from tests.backends.llamacpp.conftest import SMOL, model_table, serve
+from tests.backends.llamacpp.conftest import SMOL, TINY, model_table, serve
 from tests.support import wait_for
 
 pytestmark = pytest.mark.slow
@@ -135,3 +135,33 @@ def test_damaged_and_foreign_entries_are_deleted(smol_path: Path, tmp_path: Path
         assert not foreign.exists()
         _, _, cached = ask(c, "dave: yo")
         assert cached == 0
+
+
+def test_the_disk_budget_holds_under_200_conversations(tiny_path: Path, tmp_path: Path) -> None:
+    """200 distinct conversations on the tiny model (one cell slot: each evicts the one
+    before it, straight to disk): the folder stays within its budget, the recent ones come
+    back from it, the oldest are gone."""
+    budget = 1 << 20  # ~6 entries of this model's ~290-token prompts
+    kv = {"cached_prefixes": 1, "disk_cache_bytes": budget, "disk_cache_dir": str(tmp_path)}
+    tiny = model_table(tiny_path, batching={"max_concurrent": 1}, kv_cache=kv)
+
+    def prompt(i: int) -> str:
+        return f"conversation {i}: " + "abc def " * 40
+
+    with serve({TINY: tiny}) as srv, client_of(srv) as c:
+        for i in range(200):
+            c.completions.create(model=TINY, prompt=prompt(i), max_tokens=1)
+
+        def cached(i: int) -> int:
+            r = c.completions.create(model=TINY, prompt=prompt(i), max_tokens=1)
+            assert r.usage is not None and r.usage.prompt_tokens_details is not None
+            return r.usage.prompt_tokens_details.cached_tokens or 0
+
+        backend = srv.backend(TINY)
+        assert isinstance(backend, LlamaCppBackend) and backend.tiers is not None
+        assert backend.tiers.disk is not None
+        backend.tiers.disk.flush()
+        assert cached(197) > 0  # evicted two conversations ago: restored from disk
+        assert cached(0) == 0  # long gone: the budget took it
+    files = list(tmp_path.rglob("*.kv"))
+    assert len(files) >= 2 and sum(f.stat().st_size for f in files) <= budget
