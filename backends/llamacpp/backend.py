@@ -252,6 +252,9 @@ class LlamaCppBackend:
             constraint=constraint,
             logprobs=request.logprobs,
         )
+        tiers = self._shared.tiers
+        if tiers is not None and job.embed is None:  # a saved prefix on disk: read it now
+            await asyncio.to_thread(tiers.prefetch, prompt)
         engine.submit(job)
         finished = False
         try:

@@ -106,8 +106,13 @@ class TierStats:
     misses: int = 0
     saved: int = 0
     restored_tokens: int = 0
-    #: Time spent loading states back into the cells (reading a disk entry included).
+    #: Time the engine thread spent loading states back into the cells (reading a disk
+    #: entry included when it was not prefetched).
     restore_s: float = 0.0
+    #: Disk entries read into host memory ahead of their restore, and the time it took (in a
+    #: worker thread, not the engine's).
+    prefetched: int = 0
+    prefetch_s: float = 0.0
     dropped_corrupt: int = 0
 
 
@@ -371,23 +376,53 @@ def _sha(data: bytes) -> str:
 
 class KVTiers:
     """The tiers below a model's KV cells; it outlives the engine (an unloaded model's
-    prefixes wait in host memory for the reload)."""
+    prefixes wait in host memory for the reload). The engine thread saves, finds and loads;
+    :meth:`prefetch` runs in a worker thread (the lock keeps the host tier whole)."""
 
     def __init__(self, host: HostTier | None, disk: DiskTier | None) -> None:
         self.host = host
         self.disk = disk
         self.stats = TierStats()
+        self._lock = threading.RLock()
 
     def save(self, saved: Saved) -> None:
-        self.stats.saved += 1
+        with self._lock:
+            self.stats.saved += 1
+            self._keep(_key(saved.tokens), saved)
+
+    def _keep(self, key: str, saved: Saved) -> None:
         host = self.host
-        spilled = host.put(_key(saved.tokens), saved) if host is not None else [saved]
+        spilled = host.put(key, saved) if host is not None else [saved]
         if self.disk is not None:
             for entry in spilled:
                 self.disk.put(entry)
 
+    def prefetch(self, prompt: Sequence[int]) -> bool:
+        """Read the disk entry ``prompt`` would be restored from into the host tier now (in a
+        worker thread, before the request reaches the engine), so that the engine thread's
+        restore is a copy from memory, not a file read. True if it read one."""
+        if self.host is None or self.disk is None:
+            return False
+        with self._lock:
+            found = self.find(prompt, len(prompt) - 1)
+        if found is None or found.tier != "disk":
+            return False
+        started = time.perf_counter()
+        saved = self.disk.load(found.key)
+        if saved is None:
+            return False
+        with self._lock:
+            self._keep(found.key, saved)
+            self.stats.prefetched += 1
+            self.stats.prefetch_s += time.perf_counter() - started
+        return True
+
     def find(self, prompt: Sequence[int], limit: int) -> Found | None:
         """The saved prefix sharing the most tokens with ``prompt`` (host before disk)."""
+        with self._lock:
+            return self._find(prompt, limit)
+
+    def _find(self, prompt: Sequence[int], limit: int) -> Found | None:
         best: Found | None = None
         if self.host is not None and (hit := self.host.index.find(prompt, limit)):
             key, n = hit
@@ -403,18 +438,24 @@ class KVTiers:
         return best
 
     def load(self, found: Found) -> bytes | None:
-        saved = self.host.get(found.key) if found.tier == "host" and self.host else None
+        with self._lock:
+            saved = self.host.get(found.key) if found.tier == "host" and self.host else None
         if saved is None and found.tier == "disk" and self.disk is not None:
             saved = self.disk.load(found.key)
-        if saved is None:
-            self.stats.misses += 1
-            return None
-        self.stats.hits += 1
-        self.stats.restored_tokens += found.n
+        with self._lock:
+            if saved is None:
+                self.stats.misses += 1
+                return None
+            self.stats.hits += 1
+            self.stats.restored_tokens += found.n
         return saved.data
 
     def usage(self) -> dict[str, object]:
         """What each tier holds, for ``/admin/models``."""
+        with self._lock:
+            return self._usage()
+
+    def _usage(self) -> dict[str, object]:
         out: dict[str, object] = {**asdict(self.stats)}
         if self.host is not None:
             out["host"] = {
@@ -433,7 +474,9 @@ class KVTiers:
         """Queue every host entry for the disk tier (the model is unloading: if the process
         ends, the host tier goes with it)."""
         if self.host is not None and self.disk is not None:
-            for saved in self.host.entries.values():
+            with self._lock:
+                entries = list(self.host.entries.values())
+            for saved in entries:
                 self.disk.put(saved, wait=True)
 
     def flush(self) -> None:

@@ -47,8 +47,9 @@ class LlamaMemory:
         return bytes(memoryview(buf)[:written])
 
     def load(self, seq_id: int, data: bytes) -> bool:
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        read = self._llama.llama_state_seq_set_data_ext(self._ctx, buf, len(data), seq_id, 0)
+        # the bytes object's own buffer, read in place (llama.cpp takes a const pointer)
+        src = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))
+        read = self._llama.llama_state_seq_set_data_ext(self._ctx, src, len(data), seq_id, 0)
         return bool(read)
 
 

@@ -77,6 +77,24 @@ def test_the_host_tier_spills_its_oldest_to_disk(tmp_path: Path) -> None:
     tiers.close()
 
 
+def test_prefetch_reads_a_disk_entry_into_host_memory(tmp_path: Path) -> None:
+    """After a restart the entry is on disk only; the worker thread's prefetch reads it into
+    the host tier, so the engine thread's restore is a copy from memory."""
+    first = DiskTier(tmp_path, FP, budget=1 << 20)
+    first.put(saved(7), wait=True)
+    first.close()
+    tiers = KVTiers(HostTier(1 << 20), DiskTier(tmp_path, FP, budget=1 << 20))
+    prompt = (*tokens(7, 3 * BLOCK), 1)
+    before = tiers.find(prompt, len(prompt) - 1)
+    assert before is not None and before.tier == "disk"
+    assert tiers.prefetch(prompt) and not tiers.prefetch(prompt)  # the second: in memory
+    after = tiers.find(prompt, len(prompt) - 1)
+    assert after is not None and after.tier == "host" and tiers.load(after) == saved(7).data
+    assert not tiers.prefetch(tokens(8, 3 * BLOCK))  # nothing saved for it: nothing read
+    assert not KVTiers(None, tiers.disk).prefetch(prompt)  # no host tier: the engine reads
+    tiers.close()
+
+
 def test_disk_entries_survive_a_restart_and_stay_in_budget(tmp_path: Path) -> None:
     first = DiskTier(tmp_path, FP, budget=50_000)
     for seed in range(200):  # 200 distinct conversations, ~2.9 KB each on disk
