@@ -252,9 +252,10 @@ class LlamaCppBackend:
             constraint=constraint,
             logprobs=request.logprobs,
         )
-        tiers = self._shared.tiers
-        if tiers is not None and job.embed is None:  # a saved prefix on disk: read it now
-            await asyncio.to_thread(tiers.prefetch, prompt)
+        tiers = self._shared.tiers if job.embed is None else None
+        found = tiers.on_disk(prompt) if tiers is not None else None
+        if tiers is not None and found is not None:  # read off the event loop and the engine
+            await asyncio.to_thread(tiers.prefetch, found)
         engine.submit(job)
         finished = False
         try:

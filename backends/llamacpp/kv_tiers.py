@@ -76,7 +76,8 @@ def _key(tokens: Sequence[int]) -> str:
     return hashlib.blake2b(struct.pack(f"<{len(tokens)}i", *tokens), digest_size=16).hexdigest()
 
 
-def _common(a: Sequence[int], b: Sequence[int], start: int) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int], start: int = 0) -> int:
+    """How many leading tokens ``a`` and ``b`` share (the first ``start`` known equal)."""
     n = min(len(a), len(b))
     i = start
     while i < n and a[i] == b[i]:
@@ -159,8 +160,9 @@ class _Index:
             candidates, reached = keys, n
         if not candidates:
             return None
-        best = max(candidates, key=lambda k: _common(self.tokens[k], prompt, reached))
-        return best, min(limit, _common(self.tokens[best], prompt, reached))
+        shared = {k: common_prefix(self.tokens[k], prompt, reached) for k in candidates}
+        best = max(shared, key=shared.__getitem__)
+        return best, min(limit, shared[best])
 
 
 class HostTier:
@@ -328,10 +330,14 @@ class DiskTier:
             self._bound()
         self.stats.saved += 1
 
-    def _forget(self, key: str) -> None:
-        """Drop an entry and its file (under the lock)."""
+    def _unindex(self, key: str) -> None:
+        """Forget an entry (under the lock); its file is the caller's."""
         self.bytes -= self.sizes.pop(key, 0)
         self.index.remove(key)
+
+    def _forget(self, key: str) -> None:
+        """Drop an entry and its file (under the lock)."""
+        self._unindex(key)
         self._path(key).unlink(missing_ok=True)
 
     def _bound(self) -> None:
@@ -353,8 +359,7 @@ class DiskTier:
         read = self._read(path, body=True)
         with self._lock:
             if read is None:
-                self.bytes -= self.sizes.pop(key, 0)
-                self.index.remove(key)
+                self._unindex(key)
             elif key in self.sizes:
                 self.sizes.move_to_end(key)
         if read is None:
@@ -397,16 +402,19 @@ class KVTiers:
             for entry in spilled:
                 self.disk.put(entry)
 
-    def prefetch(self, prompt: Sequence[int]) -> bool:
-        """Read the disk entry ``prompt`` would be restored from into the host tier now (in a
-        worker thread, before the request reaches the engine), so that the engine thread's
-        restore is a copy from memory, not a file read. True if it read one."""
+    def on_disk(self, prompt: Sequence[int]) -> Found | None:
+        """The disk entry ``prompt`` would be restored from, if the host tier has nothing as
+        good and there is a host tier to read it into (a lookup: no I/O)."""
         if self.host is None or self.disk is None:
-            return False
-        with self._lock:
-            found = self.find(prompt, len(prompt) - 1)
-        if found is None or found.tier != "disk":
-            return False
+            return None
+        found = self.find(prompt, len(prompt) - 1)
+        return found if found is not None and found.tier == "disk" else None
+
+    def prefetch(self, found: Found) -> bool:
+        """Read ``found`` (from :meth:`on_disk`) into the host tier, in a worker thread before
+        the request reaches the engine, so that the engine thread's restore is a copy from
+        memory, not a file read. False if the file was gone or bad."""
+        assert self.disk is not None
         started = time.perf_counter()
         saved = self.disk.load(found.key)
         if saved is None:

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from backends.llamacpp.kv_tiers import BLOCK, KVTiers, Saved
+from backends.llamacpp.kv_tiers import BLOCK, KVTiers, Saved, common_prefix
 
 
 class KVOps(Protocol):
@@ -56,14 +56,6 @@ class Placement:
     seq_id: int
     #: Prompt tokens already in the cache at this sequence id (not prefilled again).
     reused: int
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class SlotManager:

@@ -178,15 +178,24 @@ def _references(raw: str | list[dict[str, object]]) -> tuple[int, ...]:
     return places
 
 
+def _input_items(
+    raw: str | list[dict[str, object]], references: tuple[int, ...]
+) -> tuple[list[Item], tuple[dict[str, object], ...]]:
+    """``input``'s items, or, while it holds references, nothing yet and ``input`` kept as
+    given (its other entries checked now: a bad one is a 400 before any lookup)."""
+    if not references or isinstance(raw, str):
+        return parse_items(raw), ()
+    for i, entry in enumerate(raw):
+        if i not in references:
+            parse_item(entry, f"input[{i}]")
+    return [], tuple(raw)
+
+
 def responses_request(body: bytes, request_id: str) -> ClientRequest:
     wire = parse_body(ResponsesRequest, body)
     _check(wire)
     references = _references(wire.input)
-    items = (
-        [parse_item(e, f"input[{i}]") for i, e in enumerate(wire.input) if i not in references]
-        if references and isinstance(wire.input, list)
-        else parse_items(wire.input)
-    )  # a 400 now, if any
+    items, pending = _input_items(wire.input, references)
     tools = tool_set(wire.tools)
     chosen = tools_for(tools, wire.tool_choice, wire.parallel_tool_calls)
     if chosen is not None and wire.max_tool_calls is not None:
@@ -203,13 +212,9 @@ def responses_request(body: bytes, request_id: str) -> ClientRequest:
         store=wire.store,
         origins=tools.origins,
         logprobs=logprobs,
+        pending_input=pending,
+        references=references,
     )
-    if references:  # parsed again, whole, once the references are looked up
-        assert isinstance(wire.input, list)
-        pending = tuple(wire.input)
-        state = replace(
-            state, items=(), input_json=(), pending_input=pending, references=references
-        )
     # with a previous response or references, the messages are built once they are looked up
     later = wire.previous_response_id or references
     messages = () if later else to_messages((), items, wire.instructions)

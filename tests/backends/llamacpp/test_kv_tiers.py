@@ -16,7 +16,7 @@ from backends.llamacpp import LlamaCppBackend
 from backends.llamacpp.kv_tiers import fingerprint
 from gateway.testing import ServerThread
 from tests.backends.llamacpp.conftest import SMOL, TINY, model_table, serve
-from tests.support import wait_for
+from tests.support import gateway_process, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -99,17 +99,32 @@ def test_an_idle_unload_keeps_the_prefixes(smol_path: Path, tmp_path: Path) -> N
         assert entry.loads == loads + 1 and cached == prompt - 1
 
 
-def test_a_restart_finds_the_disk_entries(smol_path: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("host", [0, 256 * MiB], ids=["disk-only", "host-and-disk"])
+def test_a_restart_finds_the_disk_entries(smol_path: Path, tmp_path: Path, host: int) -> None:
+    """``gateway serve`` stopped with SIGTERM and started again on the same folder: the new
+    process finds the entry the shutdown saved. With a host tier the entry is read into it
+    before the request reaches the engine (prefetched); without one the engine reads it."""
     expected = baseline(smol_path, tmp_path, "carol: hey")
-    disk = table(smol_path, tmp_path, disk_cache_bytes=512 * MiB)
-    with serve({SMOL: disk}) as srv, client_of(srv) as c:
-        _, prompt, _ = ask(c, "carol: hey")
-    # the shutdown saved the cached prefix; a new process on the same folder finds it
-    files = list(tmp_path.rglob("*.kv"))
-    assert files
-    with serve({SMOL: disk}) as srv, client_of(srv) as c:
-        text, _, cached = ask(c, "carol: hey")
+    disk = table(smol_path, tmp_path / "kv", disk_cache_bytes=512 * MiB, host_cache_bytes=host)
+    config = {"models": {SMOL: disk}}
+    first = gateway_process(tmp_path, "first", config).start()
+    try:
+        with OpenAI(base_url=first.url + "/v1", api_key="x", max_retries=0) as c:
+            _, prompt, _ = ask(c, "carol: hey")
+        first.terminate()
+        assert first.wait(60) == 0
+    finally:
+        first.stop()
+    assert list((tmp_path / "kv").rglob("*.kv"))  # the shutdown saved the cached prefix
+    second = gateway_process(tmp_path, "second", config).start()
+    try:
+        with OpenAI(base_url=second.url + "/v1", api_key="x", max_retries=0) as c:
+            text, _, cached = ask(c, "carol: hey")
+        tiers = httpx.get(second.url + "/admin/models", timeout=30).json()["data"][0]["kv_tiers"]
+    finally:
+        second.stop()
     assert cached == prompt - 1 and text == expected
+    assert tiers["hits"] == 1 and tiers["prefetched"] == (1 if host else 0)
 
 
 def test_damaged_and_foreign_entries_are_deleted(smol_path: Path, tmp_path: Path) -> None:

@@ -87,11 +87,17 @@ def test_prefetch_reads_a_disk_entry_into_host_memory(tmp_path: Path) -> None:
     prompt = (*tokens(7, 3 * BLOCK), 1)
     before = tiers.find(prompt, len(prompt) - 1)
     assert before is not None and before.tier == "disk"
-    assert tiers.prefetch(prompt) and not tiers.prefetch(prompt)  # the second: in memory
+    found = tiers.on_disk(prompt)
+    assert found is not None and tiers.prefetch(found)
+    assert tiers.on_disk(prompt) is None  # in memory now: nothing more to read
     after = tiers.find(prompt, len(prompt) - 1)
     assert after is not None and after.tier == "host" and tiers.load(after) == saved(7).data
-    assert not tiers.prefetch(tokens(8, 3 * BLOCK))  # nothing saved for it: nothing read
-    assert not KVTiers(None, tiers.disk).prefetch(prompt)  # no host tier: the engine reads
+    assert tiers.on_disk(tokens(8, 3 * BLOCK)) is None  # nothing saved for it: nothing read
+    assert KVTiers(None, tiers.disk).on_disk(prompt) is None  # no host tier: the engine reads
+    assert tiers.disk is not None
+    tiers.disk._path(found.key).unlink()  # gone since the lookup (another process's budget)
+    tiers.host = HostTier(1 << 20)
+    assert not tiers.prefetch(found)
     tiers.close()
 
 
@@ -199,19 +205,22 @@ def test_a_full_disk_is_no_disk_tier(tmp_path: Path, caplog: pytest.LogCaptureFi
     disk.close()
 
 
-def _slots(kv: FakeKV, tiers: KVTiers) -> SlotManager:
-    return SlotManager(kv, n_live=1, n_cached=1, n_cells=10_000, min_prefix=2, tiers=tiers)
-
-
-def test_slots_save_what_they_evict_and_restore_it() -> None:
+def _evicted_a() -> tuple[FakeKV, KVTiers, SlotManager, list[int]]:
+    """Conversations a, b, c on one live and one cached sequence: a was evicted to the host
+    tier."""
     kv = FakeKV()
     tiers = KVTiers(HostTier(1 << 20), None)
-    slots = _slots(kv, tiers)
+    slots = SlotManager(kv, n_live=1, n_cached=1, n_cells=10_000, min_prefix=2, tiers=tiers)
     a = list(tokens(1, 2 * BLOCK))
     for prompt in (a, list(tokens(2, 2 * BLOCK)), list(tokens(3, 2 * BLOCK))):
         p = slots.acquire(prompt)
         slots.extend(p.seq_id, prompt)
         slots.release(p.seq_id, keep=True)
+    return kv, tiers, slots, a
+
+
+def test_slots_save_what_they_evict_and_restore_it() -> None:
+    kv, tiers, slots, a = _evicted_a()
     assert ("save", 0) in kv.calls  # a's sequence was evicted: saved first
     kv.calls.clear()
     again = slots.acquire([*a, 5, 6])
@@ -221,14 +230,7 @@ def test_slots_save_what_they_evict_and_restore_it() -> None:
 
 
 def test_slots_go_on_without_a_state_that_does_not_load() -> None:
-    kv = FakeKV()
-    tiers = KVTiers(HostTier(1 << 20), None)
-    slots = _slots(kv, tiers)
-    a = list(tokens(1, 2 * BLOCK))
-    for prompt in (a, list(tokens(2, 2 * BLOCK)), list(tokens(3, 2 * BLOCK))):
-        p = slots.acquire(prompt)
-        slots.extend(p.seq_id, prompt)
-        slots.release(p.seq_id, keep=True)
+    kv, tiers, slots, a = _evicted_a()
     kv.load_ok = False  # e.g. no room left in the context
     again = slots.acquire([*a, 5])
     assert again.reused == 0 and slots.entries[again.seq_id].tokens == []
