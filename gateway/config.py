@@ -142,6 +142,9 @@ class ResponsesConfig(StrictModel):
     ttl_s: float = Field(30 * 86400.0, gt=0)
     #: The most bytes of stored responses kept; the oldest go first beyond it.
     max_bytes: int = Field(1 << 30, ge=1024)
+    #: The longest one store call waits (a SQLite file another process keeps locked, a Redis
+    #: connect or reply); then the request gets a 503 ``store_unavailable``.
+    timeout_s: float = Field(5.0, gt=0)
 
     def sqlite_path(self) -> Path:
         return Path(self.path) if self.path else default_state_dir() / "responses.sqlite3"

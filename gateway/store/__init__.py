@@ -61,12 +61,15 @@ def open_store(config: ResponsesConfig) -> ResponseStore:
     if config.redis_url:
         from gateway.store.redis import RedisStore
 
-        redis = RedisStore(config.redis_url, config.ttl_s, config.max_bytes)
+        redis = RedisStore(
+            config.redis_url, config.ttl_s, config.max_bytes, timeout_s=config.timeout_s
+        )
         return GuardedStore(redis, "redis")
     from gateway.store.sqlite import SQLiteStore
 
     path = config.sqlite_path()
-    return GuardedStore(SQLiteStore(path, config.ttl_s, config.max_bytes), str(path))
+    sqlite = SQLiteStore(path, config.ttl_s, config.max_bytes, timeout_s=config.timeout_s)
+    return GuardedStore(sqlite, str(path))
 
 
 __all__ = ["ResponseStore", "StoredResponse", "open_store"]

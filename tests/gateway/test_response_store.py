@@ -165,3 +165,153 @@ def test_redis_finds_items(redis: RedisServer) -> None:
     from gateway.store.redis import RedisStore
 
     asyncio.run(_find_items(RedisStore(redis.url, ttl_s=60, max_bytes=2000)))
+
+
+@pytest.mark.timeout(10)
+def test_redis_byte_total_counts_a_record_once_however_often_it_is_put(
+    redis: RedisServer,
+) -> None:
+    """Issue 23 finding 4: each put added the record's size to the total and a delete took
+    off only its last size, so a record put 3 times (a background response: queued, in
+    progress, done) left twice its size behind, until every new record was evicted at once."""
+    from gateway.store.redis import RedisStore
+
+    async def run() -> None:
+        store = RedisStore(redis.url, ttl_s=60, max_bytes=1000)
+        total_key = f"{store.prefix}:bytes"
+        for size in (100, 200, 300):  # one response, stored as it goes
+            await store.put(record("bg", size=size))
+        assert int(await store._redis.get(total_key)) == record("bg", size=300).size
+        await store.put(record("other", size=500))
+        assert await store.get("bg") is not None  # 804 + 504 stored: nothing evicted wrongly
+        assert await store.delete("bg") and await store.delete("other")
+        assert int(await store._redis.get(total_key)) == 0
+        for i in range(5):  # the bound still holds records up to max_bytes
+            await store.put(record(f"n{i}", size=150))
+        assert all([await store.get(f"n{i}") is not None for i in range(5)])
+        await store.aclose()
+
+    asyncio.run(run())
+
+
+@pytest.mark.timeout(10)
+def test_redis_calls_give_up_after_the_timeout() -> None:
+    """Issue 23 finding 10 (Redis store part): the store's Redis client had no socket timeout,
+    so a Redis that accepts but never answers held each call (and a model slot) forever."""
+    import redis.exceptions
+
+    from gateway.store.redis import RedisStore
+
+    async def run() -> None:
+        held: list[asyncio.StreamWriter] = []
+
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            held.append(writer)  # accepts, reads nothing, answers nothing
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        store = RedisStore(f"redis://127.0.0.1:{port}/0", ttl_s=60, max_bytes=1000, timeout_s=0.2)
+        started = time.monotonic()
+        with pytest.raises(redis.exceptions.RedisError):
+            await asyncio.wait_for(store.get("x"), 3)
+        assert time.monotonic() - started < 2
+        for writer in held:
+            writer.close()
+        server.close()
+        await store.aclose()
+
+    asyncio.run(run())
+
+
+@pytest.mark.timeout(10)
+def test_a_locked_sqlite_file_fails_fast_in_the_stores_own_threads(tmp_path: Path) -> None:
+    """Issue 23 finding 5: with the file locked by another process, each store call waited
+    30 s in asyncio's default thread pool, which filled, so chat completions that never touch
+    the store stalled too. Calls run in the store's own threads and fail after its timeout
+    (a 503 ``store_unavailable``); the default pool is never used."""
+    import sqlite3
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gateway.errors import StoreUnavailable
+    from gateway.store import open_store
+
+    path = tmp_path / "s.db"
+    config = ResponsesConfig(path=str(path), timeout_s=0.3)
+
+    class Counting(ThreadPoolExecutor):
+        submitted = 0
+
+        def submit(self, *args: Any, **kwargs: Any) -> Any:
+            Counting.submitted += 1
+            return super().submit(*args, **kwargs)
+
+    async def run() -> None:
+        asyncio.get_running_loop().set_default_executor(Counting(2))
+        store = open_store(config)
+        await store.put(record("a"))
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process writing, for as long as it likes
+        try:
+            started = time.monotonic()
+            puts = [store.put(record(f"b{i}")) for i in range(8)]
+            results = await asyncio.gather(*puts, return_exceptions=True)
+            elapsed = time.monotonic() - started
+            assert all(isinstance(r, StoreUnavailable) for r in results), results
+            assert elapsed < 2.0  # each gave up after 0.3 s (not 30 s, not 8 x 0.3 s)
+            got = await store.get("a")  # a read goes on (WAL) beside the stuck writes
+            assert got is not None
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        await store.put(record("c"))
+        assert await store.get("c") is not None
+        assert Counting.submitted == 0
+        await store.aclose()
+
+    asyncio.run(run())
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_a_deleted_response_is_not_stored_again(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Issue 23 finding 9: a background run still going stored its deleted response back
+    (GET answered 404, then 200 again). A delete is remembered; a later put of the id is
+    refused."""
+
+    async def run(store: Any) -> None:
+        await store.put(record("bg", size=10))
+        assert await store.delete("bg")
+        await store.put(record("bg", size=20))  # the run's next state
+        assert await store.get("bg") is None
+        await store.put(record("fresh"))
+        assert await store.get("fresh") is not None
+        await store.aclose()
+
+    if kind == "sqlite":
+        asyncio.run(run(SQLiteStore(tmp_path / "s.db", ttl_s=60, max_bytes=1 << 20)))
+    else:
+        from gateway.store.redis import RedisStore
+
+        server = request.getfixturevalue("redis")
+        asyncio.run(run(RedisStore(server.url, ttl_s=60, max_bytes=1 << 20)))
+
+
+@pytest.mark.timeout(10)
+def test_the_sqlite_store_is_private(tmp_path: Path) -> None:
+    """Issue 23 finding 9: the store's file and folder were world-readable (0644 / 0755),
+    every tenant's conversations in them; created 0600 and 0700."""
+    import stat
+
+    async def run() -> None:
+        store = SQLiteStore(tmp_path / "state" / "s.db", ttl_s=60, max_bytes=1 << 20)
+        await store.put(record("a"))
+        await store.aclose()
+
+    asyncio.run(run())
+    assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
+    for name in ("s.db", "s.db-wal", "s.db-shm"):
+        file = tmp_path / "state" / name
+        if file.exists():
+            assert stat.S_IMODE(file.stat().st_mode) == 0o600, name
