@@ -3,7 +3,13 @@
 Who may call: the authentication plugins' header hooks run first (an API key plugin answers
 401 for a missing or wrong key). A caller they authenticated (``ctx.principal`` set) passes only
 if they marked it ``ctx.admin`` (e.g. a key with ``admin = true``); with no authentication
-plugin, only loopback clients pass.
+plugin, only loopback clients pass, and only when the request is what a program on this host
+sends, not what a web page or a proxy makes of it: its ``Host`` names this host (a loopback
+address, ``localhost`` or ``[server].host``: a DNS-rebound name does not), an ``Origin`` it
+carries is that same host (a cross-site form post from a page in a browser carries the page's),
+and it carries no ``X-Forwarded-For``/``Forwarded``/``X-Real-IP`` (a proxy on this host would
+make every client look local). Who the client is comes from the connection; uvicorn reads
+``X-Forwarded-For`` only from the ``[server].trusted_proxies``.
 
 - ``GET /admin/models``: every model's state, leases, queue, footprint, KV tiers' use; the
   budget in use.
@@ -27,6 +33,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -60,6 +67,61 @@ def is_loopback(host: str | None) -> bool:
         return host == "localhost"
 
 
+#: Headers a proxy adds to say whom it forwards for.
+_FORWARDING = ("x-forwarded-for", "forwarded", "x-real-ip")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_ANY_HOST = frozenset({"", "0.0.0.0", "::", "[::]"})
+
+
+def _host_name(netloc: str) -> str:
+    """``"127.0.0.1:8000"`` -> ``"127.0.0.1"``, ``"[::1]:80"`` -> ``"::1"`` (lowercased)."""
+    try:
+        return (urlsplit("//" + netloc).hostname or "").lower()
+    except ValueError:
+        return ""
+
+
+def _is_this_host(name: str, server_host: str) -> bool:
+    """A name a request to this host on loopback may carry in ``Host``."""
+    if is_loopback(name) or name.endswith(".localhost"):
+        return True
+    return server_host.lower() not in _ANY_HOST and name == server_host.lower().strip("[]")
+
+
+def _origin_of(netloc: str, scheme: str) -> tuple[str, int | None]:
+    parts = urlsplit(f"{scheme}://{netloc}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    return (parts.hostname or "").lower(), port or _DEFAULT_PORTS.get(scheme)
+
+
+def _same_origin(origin: str, host: str, scheme: str) -> bool:
+    """Whether ``Origin`` names the host the request was sent to (its ``Host``)."""
+    parts = urlsplit(origin)
+    if parts.scheme not in _DEFAULT_PORTS or not parts.netloc:
+        return False  # "null" (a sandboxed frame, a file), or not a web origin at all
+    return _origin_of(parts.netloc, parts.scheme) == _origin_of(host, scheme)
+
+
+def _local_refusal(request: Request, server_host: str) -> str | None:
+    """Why a loopback request without a key is not one from a program on this host."""
+    headers = request.headers
+    forwarded = next((h for h in _FORWARDING if h in headers), None)
+    if forwarded is not None:
+        return f"it came through a proxy ({forwarded})"
+    host = headers.get("host")
+    if host is not None and not _is_this_host(_host_name(host), server_host):
+        return f"its Host {host[:64]!r} is not this host"
+    origin = headers.get("origin")
+    if origin is not None and not _same_origin(origin, host or "", request.url.scheme):
+        return f"it was sent from another origin ({origin[:64]!r})"
+    if headers.get("sec-fetch-site") == "cross-site":
+        return "it was sent from another site"
+    return None
+
+
 async def authorize(services: Services, request: Request) -> None:
     """Raise unless the caller may use ``/admin/`` (see the module docstring)."""
     ctx = RequestContext.of(request, "admin-" + uuid.uuid4().hex)
@@ -69,11 +131,19 @@ async def authorize(services: Services, request: Request) -> None:
             raise PermissionDenied(
                 f"API key {ctx.principal!r} is not an admin key", code="admin_key_required"
             )
-    elif not is_loopback(ctx.client_host):
+        return
+    if not is_loopback(ctx.client_host):
         raise PermissionDenied(
             "/admin/ is served to loopback clients only (configure an API key with "
             "admin = true to use it from elsewhere)",
             code="admin_loopback_only",
+        )
+    refusal = _local_refusal(request, services.config.server.host)
+    if refusal is not None:
+        raise PermissionDenied(
+            f"/admin/ without an API key is served to programs on this host only, and {refusal} "
+            "(configure an API key with admin = true to use it from elsewhere)",
+            code="admin_local_only",
         )
 
 

@@ -8,6 +8,7 @@ key path, e.g. ``models.smol.batching.max_queue``.
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -98,6 +99,19 @@ class ServerConfig(StrictModel):
     drain_timeout_s: float = Field(30.0, ge=0)
     cors_origins: tuple[str, ...] = ()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: Proxies (IP addresses or networks) whose ``X-Forwarded-For`` names the client; none by
+    #: default, so nothing is read from it and every peer is who it is.
+    trusted_proxies: tuple[str, ...] = ()
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or network") from None
+        return value
 
 
 class LifecycleConfig(StrictModel):

@@ -7,15 +7,24 @@ import math
 import signal
 import sys
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
 from gateway.app import create_app
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, ServerConfig
 from gateway.pool import ModelPool
 from gateway.services import build_services
 
 log = logging.getLogger("gateway.server")
+
+
+def proxy_options(server: ServerConfig) -> dict[str, Any]:
+    """uvicorn's options for ``X-Forwarded-For``: read only from ``[server].trusted_proxies``
+    (uvicorn's own default trusts 127.0.0.1, so a proxy on this host, or anyone who can reach
+    the port from it, would decide who the client is)."""
+    trusted = list(server.trusted_proxies)
+    return {"proxy_headers": bool(trusted), "forwarded_allow_ips": trusted or ""}
 
 
 class _Server(uvicorn.Server):
@@ -60,6 +69,7 @@ async def run_server(
         # the drain deadline ends every stream (gateway.drain); this is the backstop after it
         timeout_graceful_shutdown=math.ceil(config.server.drain_timeout_s) + 2,
         lifespan="on",
+        **proxy_options(config.server),
     )
     server = _Server(uv_config, services.pool)
     uv_config.app = create_app(config, services, on_load_failed=server.on_load_failed)

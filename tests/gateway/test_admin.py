@@ -40,7 +40,7 @@ token_delay_s = 0.05
 def client_for(services: Services, host: str = "127.0.0.1") -> httpx.AsyncClient:
     app = create_app(services.config, services)
     transport = httpx.ASGITransport(app=app, client=(host, 40000))
-    return httpx.AsyncClient(transport=transport, base_url="http://gateway")
+    return httpx.AsyncClient(transport=transport, base_url="http://localhost:8123")
 
 
 @pytest.fixture
@@ -182,3 +182,92 @@ async def test_reload_needs_a_config_file() -> None:
         r = await client.post("/admin/reload")
         assert r.status_code == 400 and r.json()["error"]["code"] == "no_config_file"
     await services.pool.aclose()
+
+
+CROSS_SITE: list[tuple[str, dict[str, str]]] = [
+    # a form or fetch() from a page on another site: the browser names the page's origin
+    ("origin", {"Origin": "https://evil.example", "Content-Type": "text/plain"}),
+    ("null origin", {"Origin": "null", "Content-Type": "text/plain"}),
+    ("another port", {"Origin": "http://localhost:3000"}),
+    ("fetch metadata", {"Sec-Fetch-Site": "cross-site"}),
+    # DNS rebinding: the page's own name, resolved to 127.0.0.1
+    ("rebound host", {"Host": "evil.example:8123"}),
+    # a proxy on this host forwarding for a remote client
+    ("forwarded", {"X-Forwarded-For": "203.0.113.7"}),
+    ("forwarded as local", {"X-Forwarded-For": "127.0.0.1"}),
+    ("forwarded header", {"Forwarded": "for=203.0.113.7"}),
+]
+
+
+@pytest.mark.parametrize(("case", "headers"), CROSS_SITE, ids=[c for c, _ in CROSS_SITE])
+async def test_loopback_admin_refuses_what_a_web_page_or_a_proxy_sends(
+    client: httpx.AsyncClient, services: Services, case: str, headers: dict[str, str]
+) -> None:
+    """Issue 23 finding 7: without API keys, /admin trusted any loopback peer: a cross-site
+    text/plain POST from any web page (or a DNS-rebound one) unloaded the model, and a proxy
+    on this host made every client local. Such requests are refused; the model stays."""
+    r = await client.post("/admin/models/a/unload", headers=headers, content=b"x")
+    assert r.status_code == 403, r.text
+    assert r.json()["error"]["code"] == "admin_local_only"
+    assert services.pool.resolve("a").state is ModelState.LOADED
+    r = await client.get("/admin/models", headers=headers)
+    assert r.status_code == 403
+
+
+SAME_HOST: list[dict[str, str]] = [
+    {},
+    {"Origin": "http://localhost:8123"},
+    {"Host": "127.0.0.1:8123", "Origin": "http://127.0.0.1:8123"},
+    {"Host": "[::1]:8123"},
+    {"Host": "localhost"},
+    {"Sec-Fetch-Site": "same-origin"},
+]
+
+
+@pytest.mark.parametrize("headers", SAME_HOST)
+async def test_loopback_admin_serves_programs_and_pages_of_this_host(
+    client: httpx.AsyncClient, headers: dict[str, str]
+) -> None:
+    """Issue 23 finding 7: what a program on this host (curl, the CLI) or the gateway's own
+    page sends still passes."""
+    r = await client.get("/admin/models", headers=headers)
+    assert r.status_code == 200, r.text
+
+
+async def test_the_configured_host_is_this_host(config_file: Path) -> None:
+    """Issue 23 finding 7: ``[server].host`` set to a name is a Host this server answers to."""
+    write(config_file, CONFIG.replace("port = 8123", 'port = 8123\nhost = "gw.internal"'))
+    services = build_services(load_config(config_file))
+    async with client_for(services) as c:
+        assert (await c.get("/admin/models", headers={"Host": "gw.internal:8123"})).is_success
+        assert (await c.get("/admin/models", headers={"Host": "other:8123"})).status_code == 403
+    await services.pool.aclose()
+
+
+@pytest.mark.timeout(30)
+def test_x_forwarded_for_is_read_only_from_trusted_proxies(tmp_path: Path) -> None:
+    """Issue 23 finding 7: uvicorn's default trusts X-Forwarded-For from 127.0.0.1, so whoever
+    reached the port from this host (a proxy for anyone) chose the client address the
+    gateway logs and /admin judges; it is read only from ``[server].trusted_proxies``."""
+    import json
+
+    from gateway.testing import ServerThread
+
+    def clients(trusted: list[str]) -> list[str]:
+        log = tmp_path / f"access-{len(trusted)}.jsonl"
+        raw = {
+            "server": {"trusted_proxies": trusted},
+            "models": {"m": {"backend": "scripted"}},
+            "plugins": {"access_log": {"path": str(log)}},
+        }
+        with ServerThread(parse_config(raw, "<test>")) as server:
+            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+            forwarded = {"X-Forwarded-For": "203.0.113.7"}
+            url = server.base_url + "/v1/chat/completions"
+            assert httpx.post(url, json=body, headers=forwarded).status_code == 200
+            admin = httpx.get(server.base_url + "/admin/models", headers=forwarded)
+            assert admin.status_code == 403
+        return [json.loads(line)["client"] for line in log.read_text().splitlines()]
+
+    assert clients([]) == ["127.0.0.1"]
+    assert clients(["127.0.0.1"]) == ["203.0.113.7"]

@@ -65,7 +65,7 @@ async def setup() -> AsyncIterator[tuple[httpx.AsyncClient, Raising]]:
     await services.pool.start()
     app = create_app(config, services)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         yield client, plugin
     await services.pool.aclose()
 
