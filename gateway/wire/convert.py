@@ -45,13 +45,16 @@ W = TypeVar("W", bound=WireModel)
 
 class LoggedOnce:
     """Names already logged, bounded: clients choose the names, so at most ``limit`` are kept
-    (oldest forgotten first; a forgotten name is logged again)."""
+    (oldest forgotten first; a forgotten name is logged again), each cut to ``length``
+    characters (a name is as long as the client likes)."""
 
-    def __init__(self, limit: int = 1024) -> None:
+    def __init__(self, limit: int = 1024, length: int = 64) -> None:
         self.limit = limit
+        self.length = length
         self._seen: OrderedDict[str, None] = OrderedDict()
 
     def first_time(self, name: str) -> bool:
+        name = name[: self.length]
         if name in self._seen:
             return False
         self._seen[name] = None
@@ -68,7 +71,7 @@ ignored_fields = LoggedOnce()
 
 
 def _field_names() -> frozenset[str]:
-    """Every wire model's field names (walked on each call: only errors need them, and an
+    """Every wire model's field names (walked once per error, not per location: an
     endpoint's models may be imported after the first error)."""
     names: set[str] = set()
     stack: list[type[BaseModel]] = [WireModel]
@@ -81,15 +84,23 @@ def _field_names() -> frozenset[str]:
 
 #: Mapping fields: what follows them in an error's location is a client's key, not a field.
 _MAPPINGS = frozenset({"logit_bias"})
+#: The errors of one validation a 400 looks at: the first names the field, those after it
+#: on the same field add their messages. A body of 150,000 bad elements has 150,000 errors:
+#: what is read of them stays this many.
+_ERRORS_READ = 20
+#: A location's parts read (a deeper one is named by its first parts).
+_LOC_PARTS = 32
 
 
-def _param(loc: tuple[int | str, ...]) -> str | None:
-    """``("messages", 0, "TextPart", "text")`` -> ``"messages[0].text"`` (union tags dropped)."""
+def _param(loc: tuple[int | str, ...], names: frozenset[str] | None = None) -> str | None:
+    """``("messages", 0, "TextPart", "text")`` -> ``"messages[0].text"`` (union tags dropped;
+    ``names``: the wire models' field names, if the caller has them)."""
+    fields = _field_names() if names is None else names
     out = ""
-    for part in loc:
+    for part in loc[:_LOC_PARTS]:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in _field_names():
+        elif part in fields:
             out += f".{part}" if out else part
             if part in _MAPPINGS:
                 break
@@ -98,14 +109,17 @@ def _param(loc: tuple[int | str, ...]) -> str | None:
 
 def validation_error(err: ValidationError, where: str | None = None) -> InvalidRequest:
     """A 400 naming the first invalid field (union tags dropped), below ``where`` when the
-    model validated one element of the body (``input[3]``)."""
-    errors = err.errors()
+    model validated one element of the body (``input[3]``). At most :data:`_ERRORS_READ` of
+    its errors are looked at, however many the body made."""
+    errors = err.errors(include_url=False, include_context=False, include_input=False)
+    errors = errors[:_ERRORS_READ]
     if errors[0]["type"] in ("json_invalid", "json_type"):
         return InvalidRequest(f"request body is not valid JSON: {errors[0]['msg']}")
     if errors[0]["type"] == "model_type" and not errors[0]["loc"]:
         return InvalidRequest("request body must be a JSON object")
-    first = _param(tuple(errors[0]["loc"]))
-    msgs = [e["msg"] for e in errors if _param(tuple(e["loc"])) == first]
+    names = _field_names()
+    first = _param(tuple(errors[0]["loc"]), names)
+    msgs = [e["msg"] for e in errors if _param(tuple(e["loc"]), names) == first]
     param = f"{where}.{first}" if where and first else where or first
     named = param or "body"
     if errors[0]["type"] == "missing":

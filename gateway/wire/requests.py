@@ -17,6 +17,10 @@ StopString = Annotated[str, Field(min_length=1, max_length=1024)]
 Stop = StopString | Annotated[list[StopString], Field(max_length=4)] | None
 MaxTokens = Annotated[int, Field(ge=1)] | None
 MAX_N = 128
+#: ``user``, ``prompt_cache_key``: ids a client picks for its end user or its cache (OpenAI
+#: documents 64 characters for its end-user ids; Codex sends UUIDs), echoed in responses and
+#: in every stored event: bounded.
+ClientId = Annotated[StrictStr, Field(max_length=256)]
 
 
 class WireModel(BaseModel):
@@ -113,7 +117,7 @@ class SamplingFields(WireModel):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
-    user: StrictStr | None = None
+    user: ClientId | None = None
     # vLLM's names for the extra samplers
     top_k: Annotated[int, Field(ge=-1)] | None = None
     min_p: Probability | None = None
@@ -161,7 +165,7 @@ class EmbeddingsRequest(WireModel):
     )
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Field(ge=1)] | None = None
-    user: StrictStr | None = None
+    user: ClientId | None = None
 
 
 #: Fields that could redirect or reprogram the server: always a 400.

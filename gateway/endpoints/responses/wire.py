@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, StrictBool, StrictInt, StrictStr
 
-from gateway.wire.requests import Probability, Temperature, WireModel
+from gateway.wire.requests import ClientId, Probability, Temperature, WireModel
 
 Id = Annotated[str, Field(min_length=1, max_length=256)]
 Name = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_.-]{1,128}$")]
@@ -171,10 +171,10 @@ class ResponsesRequest(WireModel):
     text: TextConfig | None = None
     reasoning: ReasoningConfig | None = None
     metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)] | None = None
-    user: StrictStr | None = None
+    user: ClientId | None = None
     truncation: Literal["auto", "disabled"] | None = None
     include: list[StrictStr] | None = None
-    prompt_cache_key: StrictStr | None = None
+    prompt_cache_key: ClientId | None = None
     stream_options: ResponsesStreamOptions | None = None
     store: StrictBool = True
     previous_response_id: Id | None = None
