@@ -15,7 +15,7 @@ from gateway.config import GatewayConfig, PluginConfig
 from gateway.errors import GatewayError, RateLimited
 from gateway.plugins import Plugin, RateLimits, RequestContext, ResponseEnd
 from gateway.pool import ModelPool
-from gateway.types import ClientRequest
+from gateway.types import ClientRequest, GenerationRequest
 from plugins.rate_limit.config import RateLimitConfig
 from plugins.rate_limit.limiter import (
     Decision,
@@ -32,6 +32,9 @@ log = logging.getLogger("plugins.rate_limit")
 ANONYMOUS = "~anonymous"
 #: After the store failed, requests skip it this long (no timeout paid per request).
 RETRY_STORE_AFTER_S = 1.0
+#: Characters per token a prompt not yet tokenized is estimated at (English text runs about
+#: 4; what it really took is settled when the request ends).
+CHARS_PER_TOKEN = 4
 
 _UNITS = {
     "requests": "requests per minute",
@@ -65,6 +68,34 @@ class _Held:
     bucket: str
     limits: Limits
     reserve: int
+
+
+def _prompt_chars(generation: GenerationRequest) -> int:
+    """The characters of a prompt: its text, its messages' and the tools it offers."""
+    chars = len(generation.prompt or "")
+    for m in generation.messages or ():
+        chars += len(m.content) + len(m.reasoning or "")
+        chars += sum(len(c.name) + len(c.arguments) for c in m.tool_calls)
+    if generation.tools is not None:
+        chars += sum(
+            len(t.name) + len(t.description) + len(t.parameters) for t in generation.tools.offered
+        )
+    return chars
+
+
+def prompt_estimate(request: ClientRequest) -> int:
+    """The request's prompt tokens as far as they are known before admission: counted where
+    tokenized (or given as tokens), else estimated from the text; once per distinct prompt
+    (the ``n`` choices of one prompt share it), as usage counts them."""
+    total = 0
+    for generation in request.generations[:: max(1, request.choices_per_prompt)]:
+        if generation.tokenized is not None:
+            total += generation.tokenized.count
+        elif generation.prompt_tokens is not None:
+            total += len(generation.prompt_tokens)
+        else:
+            total += _prompt_chars(generation) // CHARS_PER_TOKEN
+    return total
 
 
 def _pick(granted: int | None, default: int) -> int:
@@ -145,8 +176,8 @@ class RateLimitPlugin(Plugin):
             return
         bucket = ctx.principal or ANONYMOUS
         reserve = 0
-        if limits.tokens_per_minute:
-            reserve = sum(g.max_tokens or 0 for g in request.generations)
+        if limits.tokens_per_minute:  # the prompt and the most it may generate, settled at the end
+            reserve = prompt_estimate(request) + sum(g.max_tokens or 0 for g in request.generations)
         if time.monotonic() < self._skip_store_until:
             return self._without_store()
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,9 @@ def test_tokens_per_minute_counts_prompt_and_completion() -> None:
         assert first.status_code == 200
         assert first.json()["usage"]["total_tokens"] == 11
         assert first.headers["x-ratelimit-limit-tokens"] == "10"
-        assert first.headers["x-ratelimit-remaining-tokens"] == "10"  # charged at the end
+        # the prompt's estimate ("hello there": 11 characters, 2 tokens) held while it runs,
+        # the rest charged at the end
+        assert first.headers["x-ratelimit-remaining-tokens"] == "8"
         refused = post(s, chat())
     assert refused.status_code == 429
     assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
@@ -113,12 +116,13 @@ def test_tokens_per_minute_counts_prompt_and_completion() -> None:
 def test_max_tokens_is_reserved_up_front_and_refunded() -> None:
     with gateway({"tokens_per_minute": 1000}, reply="a b c") as server:
         r = post(server, chat(max_tokens=400))
-        assert r.headers["x-ratelimit-remaining-tokens"] == "600"  # 400 held while it runs
+        # 400 and the prompt's estimate (2) held while it runs
+        assert r.headers["x-ratelimit-remaining-tokens"] == "598"
         used = r.json()["usage"]["total_tokens"]
         after = post(server, chat(max_tokens=10))
         remaining = int(after.headers["x-ratelimit-remaining-tokens"])
         # the first request was charged what it used, not what it reserved
-        assert 1000 - used - 10 <= remaining <= 1000 - used - 10 + 2
+        assert 1000 - used - 12 <= remaining <= 1000 - used - 12 + 2
 
 
 def test_concurrency_slot_is_released_when_the_client_leaves() -> None:
@@ -253,3 +257,51 @@ def test_reload_changes_default_limits_in_place(tmp_path: Path) -> None:
         body = reload()
         assert (body["plugins_reloaded"], body["restart_required"]) == ([], ["plugins.rate_limit"])
         assert post(server, chat()).headers["x-ratelimit-limit-requests"] == "5"  # unchanged
+
+
+@pytest.mark.timeout(10)
+async def test_tokens_per_minute_reserves_the_prompt_up_front() -> None:
+    """Issue 23 finding 10: the token bucket reserved only ``max_tokens`` (nothing without
+    one) and never the prompt, so concurrent requests with long prompts all passed a 100-token
+    limit (4,412 tokens spent). The prompt's estimate is reserved before admission, and the
+    real usage settled at the end."""
+    from gateway.wire.convert import chat_request
+    from plugins.rate_limit.plugin import prompt_estimate
+
+    limiter = RateLimitPlugin(RateLimitConfig(tokens_per_minute=100), MemoryLimiter())
+    prompt = "word " * 200  # 1,000 characters: about 250 tokens
+    body = {"model": "m", "messages": [{"role": "user", "content": prompt}], "max_tokens": 1}
+    request = chat_request(json.dumps(body).encode(), "r")
+    assert prompt_estimate(request) == 250
+
+    def ctx(request_id: str) -> RequestContext:
+        return RequestContext(request_id, "/v1/chat/completions", {}, "127.0.0.1")
+
+    first = ctx("r1")
+    await limiter.on_request(first, request)
+    assert first.response_headers["x-ratelimit-remaining-tokens"] == "0"
+    with pytest.raises(RateLimited):  # the first one's prompt already spent the minute
+        await limiter.on_request(ctx("r2"), request)
+    used = Usage(prompt_tokens=203, completion_tokens=1)
+    await limiter.on_response_end(first, ResponseEnd("completed", 200, used, 0.1))
+    refused = ctx("r3")
+    with pytest.raises(RateLimited) as info:  # 104 tokens in debt: about a minute to wait
+        await limiter.on_request(refused, request)
+    assert 60 <= info.value.retry_after_s <= 63
+
+
+def test_the_prompt_estimate_counts_each_distinct_prompt_once() -> None:
+    """Issue 23 finding 10: ``n`` choices share one prompt (usage counts it once); token
+    arrays count as they are; tools offered count as prompt text."""
+    from plugins.rate_limit.plugin import prompt_estimate
+
+    g = GenerationRequest
+    shared = ClientRequest(
+        "completions", "m", tuple(g(f"g{i}", prompt="x" * 400, index=i) for i in range(4)),
+        choices_per_prompt=2,
+    )  # fmt: skip
+    assert prompt_estimate(shared) == 200
+    tokens = ClientRequest(
+        "embeddings", "m", (g("a", prompt_tokens=(1, 2, 3)), g("b", prompt="abcd"))
+    )
+    assert prompt_estimate(tokens) == 4
