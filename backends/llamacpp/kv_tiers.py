@@ -198,11 +198,19 @@ class HostTier:
         return saved
 
 
+def _private_dirs(path: Path) -> None:
+    """``path`` and the parents it lacks, each made 0700 (one that exists is left as it is)."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for folder in reversed(missing):
+        folder.mkdir(mode=0o700, exist_ok=True)
+
+
 class DiskTier:
     """One file per entry: a magic line, a JSON header (fingerprint, tokens, size, checksum),
     the state's bytes. Written as a temporary file renamed into place (a reader never sees
     half a file; two processes on one directory each write whole files), by a writer thread.
-    Another process may delete a file this one indexed: that is a miss."""
+    Another process may delete a file this one indexed: that is a miss. The entries hold
+    prompts' tokens: the folders this creates are private (0700), the files too (0600)."""
 
     def __init__(self, root: Path, fp: str, budget: int) -> None:
         self.dir = root / fp
@@ -216,7 +224,7 @@ class DiskTier:
         self._lock = threading.Lock()
         self._queue: queue.Queue[Saved | None] = queue.Queue(maxsize=64)
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            _private_dirs(self.dir)
             self._scan()
         except OSError as err:
             self._fail(err)
@@ -314,7 +322,8 @@ class DiskTier:
         ).encode()
         head = _MAGIC + _HEADER_LEN.pack(len(header)) + header
         tmp = self.dir / f".{key}.{os.getpid()}.tmp"
-        with tmp.open("wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "wb") as f:
             f.write(head)
             f.write(saved.data)
         os.replace(tmp, self._path(key))

@@ -235,3 +235,18 @@ def test_slots_go_on_without_a_state_that_does_not_load() -> None:
     again = slots.acquire([*a, 5])
     assert again.reused == 0 and slots.entries[again.seq_id].tokens == []
     assert tiers.stats.misses == 1
+
+
+@pytest.mark.timeout(10)
+def test_disk_entries_are_private(tmp_path: Path) -> None:
+    """Issue 23 finding 9: the KV files hold prompts' tokens in plain JSON and were
+    world-readable (0644, folders 0755); the folders the tier creates are 0700, its files
+    0600."""
+    root = tmp_path / "cache" / "kv"
+    disk = DiskTier(root, FP, budget=1 << 20)
+    disk.put(saved(1), wait=True)
+    disk.close()
+    for folder in (tmp_path / "cache", root, root / FP):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    (entry,) = (root / FP).glob("*.kv")
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o600
