@@ -19,8 +19,6 @@ from starlette.routing import BaseRoute, Route
 from gateway.admin import admin_routes
 from gateway.config import GatewayConfig
 from gateway.endpoints import endpoints
-from gateway.endpoints.responses import ResponsesEndpoint
-from gateway.endpoints.responses.routes import responses_routes
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
@@ -28,12 +26,18 @@ from gateway.errors import (
     NotFound,
     PermissionDenied,
 )
-from gateway.flow.route import endpoint_route
-from gateway.http import UnexpectedErrors, error_response, gateway_error_handler
+from gateway.flow.route import endpoint_routes
+from gateway.http import (
+    ErrorDialects,
+    UnexpectedErrors,
+    dialect_of,
+    error_response,
+    gateway_error_handler,
+)
 from gateway.plugins import RequestContext
 from gateway.pool import ModelPool
 from gateway.services import Services, build_services
-from gateway.wire.responses import model_json
+from gateway.wire.responses import model_json, model_list
 
 log = logging.getLogger("gateway.app")
 
@@ -60,7 +64,7 @@ def _models_routes(services: Services) -> list[BaseRoute]:
             for model_id, entry in pool.names()
             if allowed is None or entry.name in allowed
         ]
-        return JSONResponse({"object": "list", "data": data})
+        return JSONResponse(model_list(data))
 
     async def get_model(request: Request) -> Response:
         model_id = request.path_params["model_id"]
@@ -94,11 +98,14 @@ def _health_routes(pool: ModelPool) -> list[BaseRoute]:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    dialect = dialect_of(request.scope)
     if exc.status_code == 404:
-        return error_response(NotFound(f"no route {request.method} {request.url.path}"))
-    if exc.status_code == 405:
-        return error_response(MethodNotAllowed(f"method {request.method} not allowed here"))
-    return error_response(InvalidRequest(str(exc.detail)))
+        error: GatewayError = NotFound(f"no route {request.method} {request.url.path}")
+    elif exc.status_code == 405:
+        error = MethodNotAllowed(f"method {request.method} not allowed here")
+    else:
+        error = InvalidRequest(str(exc.detail))
+    return error_response(error, dialect=dialect)
 
 
 def create_app(
@@ -111,7 +118,7 @@ def create_app(
     ``on_load_failed`` is called if a startup model fails to load (the CLI exits then).
     """
     services = services or build_services(config)
-    responses = ResponsesEndpoint(services.store)
+    served = endpoints(services)
 
     def loaded(task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None and on_load_failed:
@@ -128,20 +135,21 @@ def create_app(
             services.pool.drain.start()
             app.state.loading.cancel()
             await asyncio.gather(app.state.loading, return_exceptions=True)
-            await responses.runs.aclose()
+            for endpoint in served:
+                await endpoint.aclose()
             await services.plugins.shutdown()
             await services.pool.aclose()
             await services.store.aclose()
 
     routes: list[BaseRoute] = [
-        *(endpoint_route(services, endpoint) for endpoint in endpoints(responses)),
-        *responses_routes(services, responses),
+        *(route for endpoint in served for route in endpoint_routes(services, endpoint)),
         *_models_routes(services),
         *_health_routes(services.pool),
         *admin_routes(services),
         *services.plugins.routes(),
     ]
-    middleware = []
+    dialects = [(endpoint.path, endpoint.errors) for endpoint in served]
+    middleware = [Middleware(ErrorDialects, prefixes=dialects)]
     if config.server.cors_origins:
         middleware.append(
             Middleware(

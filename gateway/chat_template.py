@@ -204,6 +204,7 @@ class ChatTemplate:
         content_is_safe: Callable[[str], bool] = lambda _: False,
         tools: str | None = None,
         reasoning_effort: str | None = None,
+        continue_final: bool = False,
     ) -> list[Segment]:
         """The prompt as template text and message content, in order.
 
@@ -213,7 +214,21 @@ class ChatTemplate:
         Otherwise the template transforms content in ways that cannot be traced; the whole
         prompt is returned as one template segment if every content is safe by
         ``content_is_safe`` (e.g. holds no control-token text), and a 400 is raised if not.
+
+        ``continue_final``: the last message is the start of the assistant's answer (a
+        prefill): the conversation before it is rendered with the generation prompt, and its
+        content follows as is, for the model to continue.
         """
+        if continue_final and messages and messages[-1].role == "assistant":
+            head = self.render_segments(
+                messages[:-1],
+                add_generation_prompt=True,
+                content_is_safe=content_is_safe,
+                tools=tools,
+                reasoning_effort=reasoning_effort,
+            )
+            prefill = messages[-1].content
+            return [*head, Segment(prefill, content=True)] if prefill else head
         _check_tool_texts(messages, tools, content_is_safe)
         real = self.render(
             messages,

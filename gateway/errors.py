@@ -1,13 +1,15 @@
 """The gateway's exception hierarchy. Each class knows how it presents itself on the wire.
 
 ``GatewayError.to_body`` is the one place an error becomes OpenAI's
-``{"error": {"message", "type", "param", "code"}}``.
+``{"error": {"message", "type", "param", "code"}}``. A wire API with another error shape
+(Anthropic's) brings its own :class:`ErrorDialect`; :mod:`gateway.http` picks the dialect of
+the route that failed.
 """
 
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 from typing_extensions import TypedDict
 
@@ -56,6 +58,22 @@ class GatewayError(Exception):
                 "code": self.code,
             }
         }
+
+
+class ErrorDialect(Protocol):
+    """How one wire API shows an error: its HTTP status and JSON body."""
+
+    def render(self, error: GatewayError) -> tuple[int, object]: ...
+
+
+class OpenAIErrors:
+    """OpenAI's error body, with the error's own status."""
+
+    def render(self, error: GatewayError) -> tuple[int, object]:
+        return error.status, error.to_body()
+
+
+OPENAI_ERRORS: ErrorDialect = OpenAIErrors()
 
 
 class InvalidRequest(GatewayError):

@@ -1,31 +1,70 @@
 """HTTP edge helpers: reading a bounded JSON body, and the one place errors become responses
-(:func:`error_response`, used by the exception handler and the middleware for bugs)."""
+(:func:`error_response`, used by the flow, the exception handler and the middleware for
+bugs), in the error dialect of the wire API whose path was asked (:class:`ErrorDialects`)."""
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Sequence
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import GatewayError, InternalError, PayloadTooLarge, UnsupportedMediaType
-from gateway.wire.responses import error_event
+from gateway.errors import (
+    OPENAI_ERRORS,
+    ErrorDialect,
+    GatewayError,
+    InternalError,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from gateway.wire.responses import json_line
 
 log = logging.getLogger("gateway.http")
 
 JSON_TYPES = ("application/json",)
 
 
-def error_response(err: GatewayError, headers: dict[str, str] | None = None) -> Response:
+_DIALECT = "error_dialect"
+
+
+def error_response(
+    err: GatewayError,
+    headers: dict[str, str] | None = None,
+    dialect: ErrorDialect = OPENAI_ERRORS,
+) -> Response:
     all_headers = {**(headers or {}), **err.headers}
+    status, body = dialect.render(err)
     return Response(
-        error_event(err.to_body()),
-        status_code=err.status,
-        media_type="application/json",
-        headers=all_headers,
+        json_line(body), status_code=status, media_type="application/json", headers=all_headers
     )
+
+
+def dialect_of(scope: Scope) -> ErrorDialect:
+    """The error dialect :class:`ErrorDialects` chose for this request (OpenAI's if none)."""
+    dialect = scope.get("state", {}).get(_DIALECT)
+    return dialect if dialect is not None else OPENAI_ERRORS
+
+
+class ErrorDialects:
+    """ASGI middleware: each request carries the error dialect of the wire API that owns its
+    path (``prefix`` itself or anything under ``prefix/``), so an error raised anywhere on
+    it (a plugin, a missing route, a bug) is shown in that API's shape."""
+
+    def __init__(self, app: ASGIApp, prefixes: Sequence[tuple[str, ErrorDialect]]) -> None:
+        self.app = app
+        self.prefixes = sorted(prefixes, key=lambda p: len(p[0]), reverse=True)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path: str = scope.get("path", "")
+            for prefix, dialect in self.prefixes:
+                if path == prefix or path.startswith(prefix + "/"):
+                    scope.setdefault("state", {})[_DIALECT] = dialect
+                    break
+        await self.app(scope, receive, send)
 
 
 async def read_json_body(request: Request, max_bytes: int) -> bytes:
@@ -49,9 +88,9 @@ async def read_json_body(request: Request, max_bytes: int) -> bytes:
 
 
 async def gateway_error_handler(request: Request, exc: Exception) -> Response:
-    """Every :class:`GatewayError` a route raises, as OpenAI's error body with its status."""
+    """Every :class:`GatewayError` a route raises, in its wire API's shape, with its status."""
     assert isinstance(exc, GatewayError)
-    return error_response(exc)
+    return error_response(exc, dialect=dialect_of(request.scope))
 
 
 class UnexpectedErrors:
@@ -83,4 +122,4 @@ class UnexpectedErrors:
             if not started:
                 error = InternalError(request_id)
                 headers = {"x-request-id": request_id}
-                await error_response(error, headers)(scope, receive, send)
+                await error_response(error, headers, dialect_of(scope))(scope, receive, send)

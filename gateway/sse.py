@@ -15,11 +15,11 @@ from typing import Protocol
 
 import anyio
 import anyio.abc
-from sse_starlette import EventSourceResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway.drain import Drain, shutdown_error
-from gateway.errors import GatewayError
+from gateway.errors import OPENAI_ERRORS, ErrorDialect, GatewayError
 from gateway.http import error_response
 
 log = logging.getLogger("gateway.sse")
@@ -79,6 +79,17 @@ class SendWatchdog:
                 scope.cancel()
 
 
+class _Ping(ServerSentEvent):
+    """A keep-alive that is a wire API's own event (Anthropic's ``ping``), framed already."""
+
+    def __init__(self, framed: bytes) -> None:
+        super().__init__()
+        self.framed = framed
+
+    def encode(self) -> bytes:
+        return self.framed
+
+
 class EventStream(EventSourceResponse):
     """An SSE response whose owner hears of its end however it ends, even if never iterated.
 
@@ -96,14 +107,20 @@ class EventStream(EventSourceResponse):
         drain: Drain,
         keepalive_s: float,
         send_timeout_s: float,
+        ping: bytes | None = None,
+        errors: ErrorDialect = OPENAI_ERRORS,
     ) -> None:
+        """``ping``: the keep-alive event (None: an SSE comment); ``errors``: the shape of a
+        503 sent instead of a stream stopped before its headers."""
         super().__init__(
             events,
             headers=headers,
             ping=keepalive_s,
+            ping_message_factory=None if ping is None else lambda: _Ping(ping),
             # sse-starlette must never cut a stream on shutdown itself: the drain deadline does
             shutdown_grace_period=math.inf,
         )
+        self.errors = errors
         self.owner = owner
         self.request_id = request_id
         self.extra_headers = headers
@@ -131,7 +148,7 @@ class EventStream(EventSourceResponse):
                     unwatch()
                 tg.cancel_scope.cancel()
             if last is not None and not watchdog.started:  # stopped before its headers: a 503
-                await error_response(error, self.extra_headers)(scope, receive, send)
+                await error_response(error, self.extra_headers, self.errors)(scope, receive, send)
             elif last is not None and watchdog.open:
                 log.warning("request %s: ended by the shutdown deadline", self.request_id)
                 await self._send_last(send, last)

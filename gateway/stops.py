@@ -17,6 +17,8 @@ class StopMatcher:
         self._hold = max((len(s) for s in self.stops), default=0)
         self._pending = ""
         self.stopped = False
+        #: The stop string that ended the text (the first in the text, if several).
+        self.matched: str | None = None
 
     def feed(self, text: str) -> str:
         if self.stopped:
@@ -24,8 +26,9 @@ class StopMatcher:
         if not self.stops:
             return text
         buf = self._pending + text
-        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, s) for s in self.stops if (i := buf.find(s)) >= 0]
+        if found:
+            cut, self.matched = min(found, key=lambda f: f[0])
             self.stopped = True
             self._pending = ""
             return buf[:cut]

@@ -234,7 +234,7 @@ class ScriptedBackend:
         if tail:
             yield TextDelta(tail, tokens=0)
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=produced)
-        yield Finish("length" if reason == "length" else "stop", usage)
+        yield Finish("length" if reason == "length" else "stop", usage, matcher.matched)
 
     async def _calls(self, prompt_tokens: int) -> AsyncGenerator[Delta, None]:
         produced = 0

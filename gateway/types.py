@@ -202,6 +202,9 @@ class GenerationRequest:
     #: Set by the core for a model whose output it parses (:mod:`gateway.output`): what the
     #: backend must enforce and how the prompt renders the tools.
     output: OutputPlan | None = None
+    #: The last message is an assistant's answer begun by the client (a prefill): the
+    #: generation continues it.
+    continue_final: bool = False
 
     def __post_init__(self) -> None:
         given = (self.messages, self.prompt, self.prompt_tokens)
@@ -303,13 +306,17 @@ class Finish:
 
     reason: FinishReason
     usage: Usage
+    #: The client's stop string that ended the text (None: the model ended it, or a limit).
+    stop_sequence: str | None = None
 
 
 #: Every kind of delta a backend yields. Each consumer matches them exhaustively
 #: (``match`` + ``assert_never``), so mypy names every place a new kind must be handled.
 Delta = TextDelta | ReasoningDelta | ToolCallDelta | EmbeddingDelta | Finish
 
-Endpoint = Literal["chat", "completion", "embeddings", "responses"]
+#: The wire API a request came in on (an endpoint's ``name``: "chat", "completion",
+#: "embeddings", "responses", "messages"...), for plugins' labels and messages.
+Endpoint = str
 
 
 class Capability(StrEnum):

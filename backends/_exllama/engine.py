@@ -364,7 +364,7 @@ class EngineLoop:
         cached = min(cached, ticket.prompt_tokens)
         self._counters.cached_prompt_tokens += cached
         usage = Usage(ticket.prompt_tokens, run.tokens, cached)
-        ticket.sink.put(Finish(reason, usage))
+        ticket.sink.put(Finish(reason, usage, run.matcher.matched))
 
     def _fail_all(self, error: GatewayError) -> None:
         running, self._running = self._running, {}

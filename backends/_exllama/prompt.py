@@ -79,6 +79,7 @@ class PromptBuilder:
             request.messages,
             tools=plan.template_tools if plan is not None else None,
             reasoning_effort=request.reasoning_effort,
+            continue_final=request.continue_final,
         )
         opened = (
             self.fmt is not None
@@ -94,6 +95,7 @@ class PromptBuilder:
         *,
         tools: str | None,
         reasoning_effort: str | None,
+        continue_final: bool = False,
     ) -> list[Segment]:
         if self.template is None:
             raise InvalidRequest(
@@ -107,6 +109,7 @@ class PromptBuilder:
             content_is_safe=self._is_plain,
             tools=tools,
             reasoning_effort=reasoning_effort,
+            continue_final=continue_final,
         )
 
     def _chat(self, segments: Sequence[Segment]) -> list[int]:

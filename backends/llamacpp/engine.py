@@ -443,7 +443,7 @@ class Engine:
         items: list[Item] = [self._text(job, text)] if text else []
         usage = Usage(prompt_tokens=len(job.prompt), completion_tokens=job.generated,
                       cached_tokens=job.cached)  # fmt: skip
-        items.append(Finish(reason, usage))
+        items.append(Finish(reason, usage, job.stops.matched))
         job.done = True
         self._running.remove(job)
         self.slots.release(job.seq_id, keep=True)

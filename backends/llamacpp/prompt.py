@@ -49,6 +49,7 @@ class PromptBuilder:
                 content_is_safe=lambda text: not tok.has_special_text(text),
                 tools=request.output.template_tools if request.output is not None else None,
                 reasoning_effort=request.reasoning_effort,
+                continue_final=request.continue_final,
             )
             parts = [(seg.text, not seg.content) for seg in segments]
             if self.fmt is not None and segments:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import assert_never
 
-from gateway.endpoints.base import Result, Stateless
 from gateway.endpoints.chunks import ChunkStream, completion_body, json_string
 from gateway.endpoints.logprobs import completion_logprobs
+from gateway.flow.contract import Result, Stateless
 from gateway.sse import frame
 from gateway.types import (
     ClientRequest,

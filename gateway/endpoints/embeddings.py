@@ -7,8 +7,8 @@ import base64
 import struct
 from dataclasses import dataclass
 
-from gateway.endpoints.base import Result, Stateless, StreamEncoder
 from gateway.errors import EngineError
+from gateway.flow.contract import Result, Stateless, StreamEncoder
 from gateway.types import ClientRequest, Endpoint
 from gateway.wire.convert import embeddings_request
 from gateway.wire.responses import dumps

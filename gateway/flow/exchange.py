@@ -19,8 +19,8 @@ import anyio
 from starlette.responses import Response
 
 from gateway.drain import Drain
-from gateway.endpoints.base import EndpointSpec, Result, StreamEncoder
 from gateway.errors import GatewayError
+from gateway.flow.contract import EndpointSpec, Result, StreamEncoder
 from gateway.flow.prepare import Admitted
 from gateway.flow.report import EndReport
 from gateway.flow.source import DeltaSource
@@ -124,7 +124,7 @@ class Exchange:
             error = as_gateway_error(exc, self.ctx.request_id)
             log.error("request %s failed: %s", self.ctx.request_id, error.message)
             await self.end("failed", error.status, error)
-            return error_response(error, self.ctx.response_headers)
+            return error_response(error, self.ctx.response_headers, self.endpoint.errors)
         except asyncio.CancelledError:
             await self.end("cancelled", 499)
             raise

@@ -11,8 +11,8 @@ from starlette.types import Receive
 from gateway.backend import Backend, chat_format_of
 from gateway.disconnect import unless_disconnected
 from gateway.drain import Drain
-from gateway.endpoints.base import EndpointSpec
 from gateway.errors import ContextLengthExceeded, InvalidRequest, ModelUnavailable
+from gateway.flow.contract import Parser
 from gateway.flow.lease import Lease
 from gateway.http import read_json_body
 from gateway.output.plan import plan_request
@@ -122,6 +122,16 @@ class Checked:
     sequences: int
     drain: Drain
 
+    @property
+    def prompt_tokens(self) -> int:
+        """The first prompt's tokens, as the backend counted them (0 if it could not)."""
+        tokenized = self.request.generations[0].tokenized if self.request.generations else None
+        return tokenized.count if tokenized is not None else 0
+
+    def release(self) -> None:
+        """Give up the model's lease without running (a request that only counts tokens)."""
+        self.entry.release()
+
     async def admit(self, receive: Receive | None = None) -> Admitted:
         """The sequences, given up if ``receive`` tells the client left; the model's lease is
         released if this fails (a full queue, its timeout, the shutdown, a cancel)."""
@@ -139,14 +149,14 @@ class Checked:
         return Admitted(self.request, lease, time.perf_counter() - queued)
 
 
-async def check(
-    services: Services, ctx: RequestContext, http: Request, endpoint: EndpointSpec
-) -> Checked:
-    """Everything that can fail because of the request, up to the model's queue."""
+async def check(services: Services, ctx: RequestContext, http: Request, parser: Parser) -> Checked:
+    """Everything that can fail because of the request, up to the model's queue: what every
+    endpoint and every token-counting route runs (the plugins, the body, the model's lookup
+    and load, the shutdown, disconnects, default limits, capabilities, the context)."""
     await services.plugins.on_request_headers(ctx)
     body = await read_json_body(http, services.config.server.max_body_bytes)
-    request = endpoint.parse(body, ctx.request_id)
-    request = await endpoint.resolve(request, ctx)
+    request = parser.parse(body, ctx.request_id)
+    request = await parser.resolve(request, ctx)
     ctx.response_headers.update(request.headers)
     entry = services.pool.resolve(request.model)
     request = with_default_max_tokens(request, entry.config.default_max_tokens)

@@ -1,18 +1,19 @@
-"""An endpoint as a Starlette route: prepare, then stream or collect, however it ends."""
+"""An endpoint as Starlette routes: its ``POST`` (prepare, then stream or collect, however it
+ends) and its own extra routes."""
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from gateway.disconnect import ClientDisconnected, unless_disconnected
-from gateway.endpoints.base import EndpointSpec, Running, StreamEncoder
 from gateway.errors import GatewayError
+from gateway.flow.contract import EndpointSpec, Running, StreamEncoder
 from gateway.flow.exchange import Exchange
 from gateway.flow.prepare import Checked, check
 from gateway.flow.report import report_unadmitted
@@ -31,8 +32,10 @@ def new_context(request: Request, endpoint: EndpointSpec) -> RequestContext:
     return RequestContext.of(request, request_id, response_headers={"x-request-id": request_id})
 
 
-def endpoint_route(services: Services, endpoint: EndpointSpec) -> Route:
-    return Route(endpoint.path, _handler(services, endpoint), methods=["POST"])
+def endpoint_routes(services: Services, endpoint: EndpointSpec) -> Sequence[BaseRoute]:
+    """``POST endpoint.path`` on the shared flow, then the endpoint's own routes."""
+    main = Route(endpoint.path, _handler(services, endpoint), methods=["POST"])
+    return [main, *endpoint.routes(services)]
 
 
 def _handler(
@@ -50,7 +53,7 @@ def _handler(
             admitted = await checked.admit(request.receive)
         except GatewayError as err:
             await report_unadmitted(plugins, ctx, "failed", err.status, err)
-            return error_response(err, ctx.response_headers)
+            return error_response(err, ctx.response_headers, endpoint.errors)
         except (ClientDisconnected, ClientDisconnect):
             await report_unadmitted(plugins, ctx, "cancelled", 499)
             return Response(status_code=499)
@@ -74,7 +77,7 @@ def _handler(
             error = as_gateway_error(exc, ctx.request_id)
             log.error("request %s failed: %s", ctx.request_id, error.message)
             await exchange.end("failed", error.status, error)
-            return error_response(error, ctx.response_headers)
+            return error_response(error, ctx.response_headers, endpoint.errors)
         return EventStream(
             exchange.events(),
             exchange,
@@ -83,6 +86,8 @@ def _handler(
             drain=services.pool.drain,
             keepalive_s=server.keepalive_s,
             send_timeout_s=server.send_timeout_s,
+            ping=endpoint.ping(),
+            errors=endpoint.errors,
         )
 
     return handle

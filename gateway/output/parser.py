@@ -85,7 +85,7 @@ class OutputParser:
                 reason = delta.reason
                 if self._call_index and reason == "stop":
                     reason = "tool_calls"
-                self._emit(Finish(reason, delta.usage))
+                self._emit(replace(delta, reason=reason))
             case ReasoningDelta() | ToolCallDelta() | EmbeddingDelta():
                 self._emit(delta)  # already structured (a backend that parses itself)
             case _:

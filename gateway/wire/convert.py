@@ -38,6 +38,7 @@ from gateway.wire.requests import (
     TextPart,
     WireModel,
 )
+from gateway.wire.shared import GENERATES, choose_tools, sampling_params
 
 log = logging.getLogger("gateway.wire")
 W = TypeVar("W", bound=WireModel)
@@ -201,18 +202,11 @@ def _logit_bias(wire: SamplingFields) -> tuple[tuple[int, float], ...]:
 
 
 def _sampling(wire: SamplingFields) -> SamplingParams:
-    top_k = wire.top_k if wire.top_k is not None and wire.top_k > 0 else 0
-    return SamplingParams(
-        temperature=1.0 if wire.temperature is None else wire.temperature,
-        top_p=1.0 if wire.top_p is None else wire.top_p,
-        top_k=top_k,
-        min_p=wire.min_p or 0.0,
-        presence_penalty=wire.presence_penalty or 0.0,
-        frequency_penalty=wire.frequency_penalty or 0.0,
-        repetition_penalty=wire.repetition_penalty or 1.0,
-        seed=wire.seed,
-        logit_bias=_logit_bias(wire),
-    )
+    return sampling_params(
+        temperature=wire.temperature, top_p=wire.top_p, top_k=wire.top_k, min_p=wire.min_p,
+        presence_penalty=wire.presence_penalty, frequency_penalty=wire.frequency_penalty,
+        repetition_penalty=wire.repetition_penalty, seed=wire.seed, logit_bias=_logit_bias(wire),
+    )  # fmt: skip
 
 
 def _stop(wire: SamplingFields) -> tuple[str, ...]:
@@ -292,19 +286,11 @@ def _tools(wire: ChatCompletionRequest) -> Tools | None:
         param = f"tools[{i}].function.parameters"
         parameters = schema_text(fn.parameters or _NO_PARAMETERS, param)
         specs.append(ToolSpec(fn.name, fn.description or "", parameters, bool(fn.strict)))
-    names = [s.name for s in specs]
-    if len(set(names)) != len(names):
-        raise InvalidRequest("tool names must be unique", param="tools")
     choice = wire.tool_choice
     parallel = wire.parallel_tool_calls is not False
     if isinstance(choice, NamedToolChoice):
-        if choice.function.name not in names:
-            raise InvalidRequest(
-                f"tool_choice names {choice.function.name[:64]!r}, which is not in 'tools'",
-                param="tool_choice",
-            )
-        return Tools(tuple(specs), "named", choice.function.name, parallel)
-    return Tools(tuple(specs), choice or "auto", None, parallel)
+        return choose_tools(specs, "named", choice.function.name, parallel=parallel)
+    return choose_tools(specs, choice or "auto", parallel=parallel)
 
 
 _NO_PARAMETERS: dict[str, object] = {"type": "object", "properties": {}}
@@ -401,7 +387,7 @@ def completion_request(body: bytes, request_id: str) -> ClientRequest:
     return replace(request, requires=tuple(requires))
 
 
-_GENERATES = (Requirement(Capability.COMPLETIONS, "model"),)
+_GENERATES = (GENERATES,)
 
 
 def _client_request(

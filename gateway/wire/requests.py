@@ -126,7 +126,9 @@ class SamplingFields(WireModel):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: Annotated[list[Message], Field(min_length=1)]
+    #: ``fail_fast``: the first bad message ends validation (a 2 MB body of 150,000 bad
+    #: messages is one error, not 150,000).
+    messages: Annotated[list[Message], Field(min_length=1, fail_fast=True)]
     max_completion_tokens: MaxTokens = None
     logprobs: StrictBool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None

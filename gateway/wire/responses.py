@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime
 
 from gateway.types import Usage
 
@@ -43,13 +44,30 @@ def json_line(value: object) -> str:
 def model_json(
     model_id: str, created: int, owned_by: str, state: str, context_length: int | None = None
 ) -> dict[str, object]:
-    """A ``/v1/models`` entry; ``max_model_len`` (vLLM's name) once the model is loaded."""
+    """A ``/v1/models`` entry both SDKs read: OpenAI's fields (``object``, ``created``,
+    ``owned_by``) and Anthropic's (``type``, ``display_name``, ``created_at``);
+    ``max_model_len`` (vLLM's name) once the model is loaded."""
     extra: dict[str, object] = {} if context_length is None else {"max_model_len": context_length}
+    stamp = datetime.fromtimestamp(created, UTC).isoformat().replace("+00:00", "Z")
     return {
         "id": model_id,
         "object": "model",
         "created": created,
         "owned_by": owned_by,
+        "type": "model",
+        "display_name": model_id,
+        "created_at": stamp,
         "state": state,
         **extra,
+    }
+
+
+def model_list(models: list[dict[str, object]]) -> dict[str, object]:
+    """``/v1/models``: OpenAI's list, with Anthropic's page fields (one page)."""
+    return {
+        "object": "list",
+        "data": models,
+        "has_more": False,
+        "first_id": models[0]["id"] if models else None,
+        "last_id": models[-1]["id"] if models else None,
     }

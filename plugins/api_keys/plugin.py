@@ -1,4 +1,5 @@
-"""Checks ``Authorization: Bearer <key>`` before the body is read, and the model after."""
+"""Checks the API key (``Authorization: Bearer <key>``, or Anthropic's ``x-api-key``) before
+the body is read, and the model after."""
 
 from __future__ import annotations
 
@@ -89,10 +90,11 @@ class ApiKeysPlugin(Plugin):
         return found
 
     async def on_request_headers(self, ctx: RequestContext) -> None:
-        presented = _bearer(ctx.headers.get("authorization"))
-        if presented is None:
+        presented = _bearer(ctx.headers.get("authorization")) or ctx.headers.get("x-api-key")
+        if not presented:
             raise AuthenticationError(
-                "Missing API key: send it in the Authorization header as 'Bearer <key>'.",
+                "Missing API key: send it in the Authorization header as 'Bearer <key>' "
+                "(or in x-api-key).",
                 code="missing_api_key",
                 headers=_CHALLENGE,
             )

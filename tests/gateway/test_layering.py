@@ -79,3 +79,17 @@ def test_the_core_imports_no_inference_library() -> None:
 def test_sse_framing_knows_no_endpoint_or_job() -> None:
     imported = _imports(GATEWAY / "sse.py")
     assert not {m for m in imported if m.startswith(("gateway.flow", "gateway.endpoints"))}
+
+
+def test_the_flow_imports_nothing_from_the_endpoints() -> None:
+    """Endpoints implement the flow's contract (:mod:`gateway.flow.contract`); the flow never
+    names one."""
+    for path in (GATEWAY / "flow").rglob("*.py"):
+        imported = _imports(path)
+        assert not {m for m in imported if m.startswith("gateway.endpoints")}, path
+
+
+def test_the_app_names_no_endpoint() -> None:
+    """The app mounts what the registry lists: it imports the registry, no endpoint module."""
+    imported = {m for m in _imports(GATEWAY / "app.py") if m.startswith("gateway.endpoints")}
+    assert imported <= {"gateway.endpoints", "gateway.endpoints.endpoints"}

@@ -33,6 +33,12 @@ WEATHER = {
 }
 
 
+MIXED = (
+    'Let me check. <tool_call>{"name": "weather", "arguments": {"city": "Paris", "days": 3}}'
+    "</tool_call> Done."
+)
+
+
 def text_of(item: Any) -> str:
     """The text of an item's first content part (the SDK's item union has no common field)."""
     return str(item.content[0].text)
@@ -42,6 +48,7 @@ def models(store: Path) -> dict[str, dict[str, Any]]:
     return {
         "m": {"reply": REPLY, "capabilities": TOOLS, "tool_format": "hermes"},
         "echo": {"echo": True},
+        "mixed": {"reply": MIXED, "capabilities": TOOLS, "tool_format": "hermes"},
         "caller": {"capabilities": TOOLS, "tool_calls": [{"name": "weather", "arguments": ARGS}]},
         "json": {
             "reply": '{"city": "Paris", "days": 3}',
@@ -763,3 +770,28 @@ def test_truncation_auto_drops_the_oldest_turns(tmp_path: Path) -> None:
         with pytest.raises(openai.BadRequestError) as err:
             c.responses.create(model="m", input=alone, truncation="auto")
         assert err.value.code == "context_length_exceeded"
+
+
+def test_create_and_stream_give_the_same_items_for_interleaved_text_and_calls(
+    client: OpenAI,
+) -> None:
+    """One segmenter for body and events: text, call, text in the order written (the body
+    once merged the texts into one message before the call)."""
+    kw: Any = {"model": "mixed", "input": "weather?", "tools": [WEATHER]}
+    body = client.responses.create(**kw)
+    with client.responses.stream(**kw) as stream:
+        final = stream.get_final_response()
+
+    def shape(items: Any) -> list[tuple[str, str]]:
+        return [
+            (i.type, text_of(i) if i.type == "message" else f"{i.name}:{i.arguments}")
+            for i in items
+        ]
+
+    assert shape(body.output) == shape(final.output) == [
+        ("message", "Let me check. "),
+        ("function_call", 'weather:{"city": "Paris", "days": 3}'),
+        ("message", "Done."),
+    ]
+    stored = client.responses.retrieve(body.id)
+    assert shape(stored.output) == shape(body.output)

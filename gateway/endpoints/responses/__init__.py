@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from starlette.responses import Response, StreamingResponse
+from starlette.routing import BaseRoute
 
-from gateway.endpoints.base import Result, Start
 from gateway.endpoints.responses.background import BackgroundRuns
 from gateway.endpoints.responses.convert import (
     ResponsesState,
@@ -23,8 +24,11 @@ from gateway.endpoints.responses.convert import (
 from gateway.endpoints.responses.events import ResponsesStreamEncoder
 from gateway.endpoints.responses.objects import items_of, response_object, status_of, usage_json
 from gateway.endpoints.responses.records import record_of
+from gateway.endpoints.responses.routes import responses_routes
 from gateway.errors import InvalidRequest
+from gateway.flow.contract import OpenAIDialect, Result, Start
 from gateway.plugins import RequestContext
+from gateway.services import Services
 from gateway.store import ResponseStore, StoredResponse
 from gateway.types import ClientRequest, Endpoint
 from gateway.wire.responses import dumps
@@ -42,12 +46,22 @@ class PreviousResponseNotFound(InvalidRequest):
 
 
 @dataclass(frozen=True)
-class ResponsesEndpoint:
+class ResponsesEndpoint(OpenAIDialect):
     store: ResponseStore
     runs: BackgroundRuns = field(default_factory=BackgroundRuns)
     name: Endpoint = "responses"
     path: str = "/v1/responses"
     id_prefix: str = "resp_"
+
+    @classmethod
+    def of(cls, services: Services) -> ResponsesEndpoint:
+        return cls(services.store, BackgroundRuns(drain=services.pool.drain))
+
+    def routes(self, services: Services) -> Sequence[BaseRoute]:
+        return responses_routes(services, self, self.runs)
+
+    async def aclose(self) -> None:
+        await self.runs.aclose()
 
     def parse(self, body: bytes, request_id: str) -> ClientRequest:
         return responses_request(body, request_id)
@@ -95,7 +109,7 @@ class ResponsesEndpoint:
         state = state_of(request)
         choice = result.choice(0)
         status, incomplete = status_of(choice.finish_reason)
-        output = items_of(state, choice, "incomplete" if incomplete else "completed")
+        output = items_of(state, choice.segments)
         response = response_object(
             state, response_id=response_id, created=created, model=request.model,
             status=status, output=output, usage=usage_json(result.usage, choice.reasoning_tokens),

@@ -21,9 +21,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from gateway.drain import Drain, shutdown_error
-from gateway.endpoints.base import Start
 from gateway.endpoints.responses.events import ResponsesStreamEncoder
 from gateway.errors import GatewayError
+from gateway.flow.contract import Start
 from gateway.generation import as_gateway_error
 
 log = logging.getLogger("gateway.responses")

@@ -3,16 +3,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 
 from gateway.endpoints.responses.items import item_json, parse_item, parse_items, to_messages
-from gateway.endpoints.responses.tools import (
-    ToolOrigin,
-    chat_tool_choice,
-    tool_set,
-    tools_for,
-)
+from gateway.endpoints.responses.tools import ToolOrigin, tool_set, tools_for
 from gateway.endpoints.responses.wire import (
     REFERENCE,
     TOOLS,
@@ -21,20 +15,16 @@ from gateway.endpoints.responses.wire import (
     TextFormat,
 )
 from gateway.errors import InvalidRequest, UnsupportedParameter
-from gateway.output.plan import template_tools
 from gateway.output.schemas import schema_text
 from gateway.types import (
-    Capability,
     ChatMessage,
     ClientRequest,
     GenerationRequest,
-    Passthrough,
-    Requirement,
     ResponseFormat,
     SamplingParams,
-    Tools,
 )
 from gateway.wire.convert import parse_body
+from gateway.wire.shared import features, sampling_params
 
 #: The ``include`` value that asks for each output token's logprobs.
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
@@ -86,14 +76,10 @@ def _response_format(fmt: TextFormat | None) -> ResponseFormat | None:
 
 
 def _sampling(wire: ResponsesRequest) -> SamplingParams:
-    return SamplingParams(
-        temperature=1.0 if wire.temperature is None else wire.temperature,
-        top_p=1.0 if wire.top_p is None else wire.top_p,
-        top_k=wire.top_k if wire.top_k is not None and wire.top_k > 0 else 0,
-        min_p=wire.min_p or 0.0,
-        repetition_penalty=wire.repetition_penalty or 1.0,
-        seed=wire.seed,
-    )
+    return sampling_params(
+        temperature=wire.temperature, top_p=wire.top_p, top_k=wire.top_k, min_p=wire.min_p,
+        repetition_penalty=wire.repetition_penalty, seed=wire.seed,
+    )  # fmt: skip
 
 
 def _check(wire: ResponsesRequest) -> None:
@@ -140,33 +126,6 @@ def _echo(wire: ResponsesRequest) -> dict[str, object]:
     }
 
 
-def _features(
-    tools: Tools | None, fmt: ResponseFormat | None, logprobs: bool
-) -> tuple[tuple[Requirement, ...], Passthrough]:
-    """What the request needs of the backend, and the chat-completions fields a remote
-    replica gets for it."""
-    requires = [Requirement(Capability.COMPLETIONS, "model")]
-    passthrough: list[tuple[str, str]] = []
-    if tools is not None:
-        requires.append(Requirement(Capability.TOOLS, "tools"))
-        passthrough.append(("tools", template_tools(tools.specs)))  # chat's shape
-        passthrough.append(("tool_choice", json.dumps(chat_tool_choice(tools))))
-        passthrough.append(("parallel_tool_calls", json.dumps(tools.parallel)))
-    if fmt is not None:
-        requires.append(Requirement(Capability.JSON_SCHEMA, "text.format"))
-        passthrough.append(("response_format", json.dumps(_chat_format(fmt), ensure_ascii=False)))
-    if logprobs:
-        requires.append(Requirement(Capability.LOGPROBS, "include"))
-    return tuple(requires), tuple(passthrough)
-
-
-def _chat_format(fmt: ResponseFormat) -> dict[str, object]:
-    if fmt.schema is None:
-        return {"type": "json_object"}
-    spec = {"name": fmt.name, "schema": json.loads(fmt.schema), "strict": fmt.strict}
-    return {"type": "json_schema", "json_schema": spec}
-
-
 def _references(raw: str | list[dict[str, object]]) -> tuple[int, ...]:
     """The places of ``item_reference`` entries in ``input`` (each with a string ``id``)."""
     if isinstance(raw, str):
@@ -202,7 +161,12 @@ def responses_request(body: bytes, request_id: str) -> ClientRequest:
         chosen = replace(chosen, limit=wire.max_tool_calls)
     fmt = _response_format(wire.text.format if wire.text is not None else None)
     logprobs = LOGPROBS_INCLUDE in (wire.include or ())
-    requires, passthrough = _features(chosen, fmt, logprobs)
+    requires, passthrough = features(
+        chosen,
+        fmt,
+        format_param="text.format",
+        logprobs_param="include" if logprobs else None,
+    )
     state = ResponsesState(
         echo=_echo(wire),
         items=tuple(items),

@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import assert_never
 
 from gateway.endpoints.responses.convert import ResponsesState, state_of
-from gateway.endpoints.responses.items import new_id
 from gateway.endpoints.responses.objects import (
-    ItemStatus,
+    Json,
+    answers,
+    block_item_id,
+    block_status,
     call_item,
-    call_item_id,
+    item_of,
     message_item,
     output_logprobs,
     reasoning_item,
@@ -26,38 +27,17 @@ from gateway.endpoints.responses.objects import (
 )
 from gateway.errors import GatewayError
 from gateway.sse import frame
-from gateway.types import (
-    ClientRequest,
-    Delta,
-    EmbeddingDelta,
-    Finish,
-    ReasoningDelta,
-    TextDelta,
-    ToolCallDelta,
-    Usage,
-)
+from gateway.types import ClientRequest, Delta, TokenLogprob, Usage
+from gateway.wire.blocks import Block, BlockEvent, Closed, Grew, Opened, Segmenter
 from gateway.wire.responses import json_line
 
-
-@dataclass
-class _Open:
-    """The output item being streamed."""
-
-    kind: str
-    item_id: str
-    index: int
-    text: list[str] = field(default_factory=list)
-    logprobs: list[dict[str, object]] = field(default_factory=list)
-    call_id: str = ""
-    name: str = ""
-    custom: bool = False
-
-
-Json = dict[str, object]
 Keep = Callable[[ResponsesState, dict[str, object]], Awaitable[None]]
 
 
 class ResponsesStreamEncoder:
+    """Events for the blocks the shared :class:`Segmenter` makes of the deltas: an output
+    item per block, as a collected body has them."""
+
     def __init__(self, request: ClientRequest, response_id: str, created: int, keep: Keep) -> None:
         self.request = request
         self.keep = keep
@@ -66,13 +46,17 @@ class ResponsesStreamEncoder:
         self.created = created
         self.sequence = 0
         self.output: list[dict[str, object]] = []
-        self.current: _Open | None = None
-        self.finish: Finish | None = None
-        self.reasoning_tokens = 0
+        self.segments = Segmenter()
+        #: Each open or finished block's item id.
+        self.item_ids: dict[int, str] = {}
         #: The final event was built (the response is stored if it is to be).
         self.finished = False
         #: The error the stream ended with, if it failed.
         self.failure: GatewayError | None = None
+
+    @property
+    def reasoning_tokens(self) -> int:
+        return self.segments.reasoning_tokens
 
     def _event(self, kind: str, **fields: object) -> bytes:
         body = {"type": kind, "sequence_number": self.sequence, **fields}
@@ -98,144 +82,115 @@ class ResponsesStreamEncoder:
         return [*created, self._event("response.in_progress", response=response)]
 
     def delta(self, index: int, delta: Delta) -> list[bytes]:
-        match delta:
-            case TextDelta(text=text, logprobs=logprobs):
-                events = self._open("message")
-                assert self.current is not None
-                self.current.text.append(text)
-                lp = output_logprobs(logprobs) if self.state.logprobs else []
-                self.current.logprobs.extend(lp)
-                return [
-                    *events,
-                    self._item_event(
-                        "response.output_text.delta", delta=text, content_index=0, logprobs=lp
-                    ),
-                ]
-            case ReasoningDelta(text=text, tokens=tokens):
-                self.reasoning_tokens += tokens
-                events = self._open("reasoning")
-                assert self.current is not None
-                self.current.text.append(text)
-                return [
-                    *events,
-                    self._item_event("response.reasoning_text.delta", delta=text, content_index=0),
-                ]
-            case ToolCallDelta(id=call_id, name=name, arguments=arguments):
-                events = self._open_call(call_id, name or "") if call_id is not None else []
-                assert self.current is not None and self.current.kind == "call"
-                self.current.text.append(arguments)
-                if arguments and not self.current.custom:  # a custom input comes whole, at its end
-                    events.append(
-                        self._item_event("response.function_call_arguments.delta", delta=arguments)
-                    )
-                return events
-            case Finish():
-                self.finish = delta
-                return self._close()
-            case EmbeddingDelta():
-                raise TypeError("a response carries no embedding")
+        return [e for event in self.segments.feed(delta) for e in self._block_event(event)]
+
+    def _block_event(self, event: BlockEvent) -> list[bytes]:
+        match event:
+            case Opened(block=block):
+                return self._opened(block)
+            case Grew(block=block, piece=piece, logprobs=logprobs):
+                return self._grew(block, piece, logprobs)
+            case Closed(block=block):
+                return self._closed(block)
             case _:
-                assert_never(delta)
+                assert_never(event)
 
-    def _item_event(self, kind: str, **fields: object) -> bytes:
-        assert self.current is not None
-        return self._event(
-            kind, item_id=self.current.item_id, output_index=self.current.index, **fields
-        )
+    def _item_event(self, block: Block, kind: str, **fields: object) -> bytes:
+        item_id = self.item_ids[block.index]
+        return self._event(kind, item_id=item_id, output_index=block.index, **fields)
 
-    def _open(self, kind: str) -> list[bytes]:
-        if self.current is not None and self.current.kind == kind:
-            return []
-        events = self._close()
-        item_id = new_id("msg" if kind == "message" else "rs")
-        self.current = _Open(kind, item_id, len(self.output))
-        if kind == "message":
+    def _opened(self, block: Block) -> list[bytes]:
+        item_id = self.item_ids[block.index] = block_item_id(self.state, block)
+        if block.kind == "call":
+            origin = self.state.origins.get(block.name)
+            item = call_item(item_id, block.call_id, block.name, "", origin, "in_progress")
+            part = None
+        elif block.kind == "text":
             item = message_item(item_id, [], "in_progress")
             part = text_part("", [] if self.state.logprobs else None)
         else:
             item = reasoning_item(item_id, None, "in_progress")
             part = {"type": "reasoning_text", "text": ""}
         self.output.append(item)
-        events.append(
-            self._event("response.output_item.added", output_index=self.current.index, item=item)
-        )
-        events.append(self._item_event("response.content_part.added", content_index=0, part=part))
+        events = [self._event("response.output_item.added", output_index=block.index, item=item)]
+        if part is not None:
+            events.append(
+                self._item_event(block, "response.content_part.added", content_index=0, part=part)
+            )
         return events
 
-    def _open_call(self, call_id: str, name: str) -> list[bytes]:
-        events = self._close()
-        origin = self.state.origins.get(name)
-        item_id = call_item_id(origin is not None and origin.custom)
-        custom = origin is not None and origin.custom
-        self.current = _Open(
-            "call", item_id, len(self.output), call_id=call_id, name=name, custom=custom
-        )
-        item = call_item(item_id, call_id, name, "", origin, "in_progress")
-        self.output.append(item)
-        events.append(
-            self._event("response.output_item.added", output_index=self.current.index, item=item)
-        )
-        return events
-
-    def _close(self) -> list[bytes]:
-        """The done events of the open item (its final form replaces it in the output)."""
-        item = self.current
-        if item is None:
+    def _grew(self, block: Block, piece: str, logprobs: tuple[TokenLogprob, ...]) -> list[bytes]:
+        if block.kind == "text":
+            lp = output_logprobs(logprobs)
+            return [
+                self._item_event(
+                    block, "response.output_text.delta", delta=piece, content_index=0,
+                    logprobs=lp if self.state.logprobs else [],
+                )
+            ]  # fmt: skip
+        if block.kind == "reasoning":
+            return [
+                self._item_event(
+                    block, "response.reasoning_text.delta", delta=piece, content_index=0
+                )
+            ]
+        origin = self.state.origins.get(block.name)
+        if origin is not None and origin.custom:  # a custom input comes whole, at its end
             return []
-        status: ItemStatus = "incomplete" if self._cut() else "completed"
-        text = "".join(item.text)
-        if item.kind == "message":
-            events, done = self._message_done(item, text, status)
-        elif item.kind == "reasoning":
-            events, done = self._reasoning_done(item, text, status)
+        return [self._item_event(block, "response.function_call_arguments.delta", delta=piece)]
+
+    def _closed(self, block: Block) -> list[bytes]:
+        """The done events of a block (its final item replaces it in the output)."""
+        item_id = self.item_ids[block.index]
+        done = item_of(self.state, block, item_id, block_status(self.segments, block))
+        if block.kind == "text":
+            events = self._message_done(block, done)
+        elif block.kind == "reasoning":
+            events = self._reasoning_done(block)
         else:
-            events, done = self._call_done(item, text, status)
-        self.current = None
-        self.output[item.index] = done
-        events.append(self._event("response.output_item.done", output_index=item.index, item=done))
+            events = self._call_done(block, done)
+        self.output[block.index] = done
+        events.append(self._event("response.output_item.done", output_index=block.index, item=done))
         return events
 
-    def _message_done(self, item: _Open, text: str, status: ItemStatus) -> tuple[list[bytes], Json]:
-        part = text_part(text, item.logprobs if self.state.logprobs else None)
-        done = {"content_index": 0, "text": text, "logprobs": item.logprobs}
-        events = [
-            self._item_event("response.output_text.done", **done),
-            self._item_event("response.content_part.done", content_index=0, part=part),
+    def _message_done(self, block: Block, done: Json) -> list[bytes]:
+        content = done["content"]
+        assert isinstance(content, list)
+        part = content[0]
+        logprobs = output_logprobs(block.logprobs) if self.state.logprobs else []
+        text = {"content_index": 0, "text": block.text, "logprobs": logprobs}
+        return [
+            self._item_event(block, "response.output_text.done", **text),
+            self._item_event(block, "response.content_part.done", content_index=0, part=part),
         ]
-        return events, message_item(item.item_id, [part], status)
 
-    def _reasoning_done(
-        self, item: _Open, text: str, status: ItemStatus
-    ) -> tuple[list[bytes], Json]:
-        part = {"type": "reasoning_text", "text": text}
-        events = [
-            self._item_event("response.reasoning_text.done", content_index=0, text=text),
-            self._item_event("response.content_part.done", content_index=0, part=part),
+    def _reasoning_done(self, block: Block) -> list[bytes]:
+        part = {"type": "reasoning_text", "text": block.text}
+        return [
+            self._item_event(
+                block, "response.reasoning_text.done", content_index=0, text=block.text
+            ),
+            self._item_event(block, "response.content_part.done", content_index=0, part=part),
         ]
-        return events, reasoning_item(item.item_id, text, status)
 
-    def _call_done(self, item: _Open, text: str, status: ItemStatus) -> tuple[list[bytes], Json]:
+    def _call_done(self, block: Block, done: Json) -> list[bytes]:
         """A function call's arguments are done; a custom tool's input comes whole here."""
-        origin = self.state.origins.get(item.name)
-        done = call_item(item.item_id, item.call_id, item.name, text, origin, status)
         if done["type"] != "custom_tool_call":
-            args = {"arguments": text, "name": done["name"]}
-            return [self._item_event("response.function_call_arguments.done", **args)], done
-        events = [
-            self._item_event("response.custom_tool_call_input.delta", delta=done["input"]),
-            self._item_event("response.custom_tool_call_input.done", input=done["input"]),
+            args = {"arguments": block.text, "name": done["name"]}
+            return [self._item_event(block, "response.function_call_arguments.done", **args)]
+        return [
+            self._item_event(block, "response.custom_tool_call_input.delta", delta=done["input"]),
+            self._item_event(block, "response.custom_tool_call_input.done", input=done["input"]),
         ]
-        return events, done
-
-    def _cut(self) -> bool:
-        return self.finish is not None and self.finish.reason == "length"
 
     async def end(self, usage: Usage) -> list[bytes]:
-        events = self._close()
-        if not self.output:  # nothing generated: one empty message, as a body has
-            events += self._open("message")
-            events += self._close()
-        status, incomplete = status_of(self.finish.reason if self.finish else None)
+        events = [e for event in self.segments.close() for e in self._block_event(event)]
+        if not answers(self.segments):  # no text and no call: one empty message, as a body has
+            empty = Block("text", len(self.output))
+            events += self._opened(empty)
+            events += self._closed(empty)
+        finish = self.segments.finish
+        status, incomplete = status_of(finish.reason if finish else None)
         response = self.final(usage, status, incomplete)
         await self.keep(self.state, response)
         self.finished = True

@@ -7,13 +7,14 @@ import json
 from collections.abc import Sequence
 from typing import Literal
 
-from gateway.endpoints.base import ChoiceResult, ToolCall
 from gateway.endpoints.responses.convert import ResponsesState
 from gateway.endpoints.responses.items import new_id
 from gateway.endpoints.responses.tools import ToolOrigin
 from gateway.errors import GatewayError
 from gateway.types import FinishReason, TokenLogprob, Usage
+from gateway.wire.blocks import Block, Segmenter
 
+Json = dict[str, object]
 Status = Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
 ItemStatus = Literal["in_progress", "completed", "incomplete"]
 
@@ -92,27 +93,46 @@ def call_item_id(custom: bool) -> str:
     return new_id("ctc" if custom else "fc")
 
 
-def items_of(
-    state: ResponsesState, choice: ChoiceResult, status: ItemStatus
-) -> list[dict[str, object]]:
-    """A collected choice's output items: reasoning, the message, then the calls."""
-    items: list[dict[str, object]] = []
-    if choice.reasoning:
-        items.append(reasoning_item(new_id("rs"), "".join(choice.reasoning), status))
-    if choice.text or not choice.tool_calls:
-        logprobs = output_logprobs(choice.logprobs) if state.logprobs else None
-        part = text_part("".join(choice.text), logprobs)
-        items.append(message_item(new_id("msg"), [part], status))
-    items.extend(_call(state, call, status) for call in choice.tool_calls)
+def block_item_id(state: ResponsesState, block: Block) -> str:
+    if block.kind == "call":
+        origin = state.origins.get(block.name)
+        return call_item_id(origin is not None and origin.custom)
+    return new_id("msg" if block.kind == "text" else "rs")
+
+
+def item_of(state: ResponsesState, block: Block, item_id: str, status: ItemStatus) -> Json:
+    """A finished block as its output item (a body's, a stream's ``output_item.done``)."""
+    if block.kind == "text":
+        logprobs = output_logprobs(block.logprobs) if state.logprobs else None
+        return message_item(item_id, [text_part(block.text, logprobs)], status)
+    if block.kind == "reasoning":
+        return reasoning_item(item_id, block.text, status)
+    origin = state.origins.get(block.name)
+    return call_item(item_id, block.call_id, block.name, block.text, origin, status)
+
+
+def block_status(segments: Segmenter, block: Block | None) -> ItemStatus:
+    """A block is incomplete when ``max_tokens`` cut the answer inside it (the last one)."""
+    last = block is None or block.index == len(segments.blocks) - 1
+    return "incomplete" if segments.cut and last else "completed"
+
+
+def answers(segments: Segmenter) -> bool:
+    """The blocks hold an answer (text or a call); if not, an empty message is the answer."""
+    return any(b.kind != "reasoning" for b in segments.blocks)
+
+
+def items_of(state: ResponsesState, segments: Segmenter) -> list[Json]:
+    """A collected choice's output items, one per block in the order written (as a stream
+    gives them)."""
+    items = [
+        item_of(state, b, block_item_id(state, b), block_status(segments, b))
+        for b in segments.blocks
+    ]
+    if not answers(segments):
+        empty = Block("text", len(items))
+        items.append(item_of(state, empty, new_id("msg"), block_status(segments, None)))
     return items
-
-
-def _call(state: ResponsesState, call: ToolCall, status: ItemStatus) -> dict[str, object]:
-    origin = state.origins.get(call.name)
-    custom = origin is not None and origin.custom
-    return call_item(
-        call_item_id(custom), call.id, call.name, "".join(call.arguments), origin, status
-    )
 
 
 def usage_json(usage: Usage, reasoning_tokens: int) -> dict[str, object]:

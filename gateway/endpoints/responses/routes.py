@@ -12,22 +12,43 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from gateway.endpoints.responses import ResponsesEndpoint
+from gateway.endpoints.responses.background import BackgroundRuns
 from gateway.endpoints.responses.convert import responses_request
 from gateway.endpoints.responses.wire import InputTokensRequest
-from gateway.errors import GatewayError, InvalidRequest, NotFound
-from gateway.flow.prepare import check_capabilities, fit
-from gateway.flow.report import report_unadmitted
-from gateway.http import read_json_body
+from gateway.errors import InvalidRequest, NotFound
+from gateway.flow.contract import EndpointSpec, Parser
+from gateway.flow.count import count_route
 from gateway.plugins import RequestContext
 from gateway.services import Services
 from gateway.store import StoredResponse
+from gateway.types import ClientRequest
 from gateway.wire.convert import parse_body
 
 MAX_PAGE = 100
 
 
-def responses_routes(services: Services, endpoint: ResponsesEndpoint) -> list[BaseRoute]:
+class InputTokens:
+    """``/v1/responses/input_tokens``: its body read as the response it would create."""
+
+    def __init__(self, endpoint: Parser) -> None:
+        self.endpoint = endpoint
+
+    def parse(self, body: bytes, request_id: str) -> ClientRequest:
+        wire = parse_body(InputTokensRequest, body)
+        raw = wire.model_dump_json(by_alias=True, exclude_none=True).encode()
+        return responses_request(raw, request_id)
+
+    async def resolve(self, request: ClientRequest, ctx: RequestContext) -> ClientRequest:
+        return await self.endpoint.resolve(request, ctx)
+
+
+def _input_tokens(count: int) -> dict[str, object]:
+    return {"object": "response.input_tokens", "input_tokens": count}
+
+
+def responses_routes(
+    services: Services, endpoint: EndpointSpec, runs: BackgroundRuns
+) -> list[BaseRoute]:
     store = services.store
 
     async def caller(request: Request) -> RequestContext:
@@ -47,7 +68,7 @@ def responses_routes(services: Services, endpoint: ResponsesEndpoint) -> list[Ba
         _, record = await owned(request)
         if request.query_params.get("stream", "false").lower() != "true":
             return Response(record.response, media_type="application/json")
-        run = endpoint.runs.get(record.id)
+        run = runs.get(record.id)
         if run is None:
             raise InvalidRequest(
                 "only a background response of this server can be streamed again",
@@ -69,42 +90,14 @@ def responses_routes(services: Services, endpoint: ResponsesEndpoint) -> list[Ba
         _, record = await owned(request)
         if json.loads(record.response).get("background") is not True:
             raise InvalidRequest("Only background responses can be cancelled.", param="response_id")
-        await endpoint.runs.cancel(record.id)  # a finished one stays as it is, as on OpenAI
+        await runs.cancel(record.id)  # a finished one stays as it is, as on OpenAI
         again = await store.get(record.id)
         return Response((again or record).response, media_type="application/json")
 
-    async def input_tokens(request: Request) -> Response:
-        """Counted as a response's prompt would be, under the same plugins (API keys, rate
-        limits: their end hook runs however it ends), and nothing generated or stored."""
-        ctx = RequestContext.of(request, "resp-" + uuid.uuid4().hex)
-        try:
-            await services.plugins.on_request_headers(ctx)
-            count = await count_input(request, ctx)
-        except GatewayError as err:
-            await report_unadmitted(services.plugins, ctx, "failed", err.status, err)
-            raise
-        await report_unadmitted(services.plugins, ctx, "completed", 200)
-        return JSONResponse({"object": "response.input_tokens", "input_tokens": count})
-
-    async def count_input(request: Request, ctx: RequestContext) -> int:
-        body = await read_json_body(request, services.config.server.max_body_bytes)
-        wire = parse_body(InputTokensRequest, body)
-        raw = wire.model_dump_json(by_alias=True, exclude_none=True).encode()
-        create = await endpoint.resolve(responses_request(raw, ctx.request_id), ctx)
-        entry = services.pool.resolve(create.model)
-        ctx.model, ctx.request = entry.name, create
-        await services.plugins.on_request(ctx, create)
-        backend = await entry.acquire()
-        try:
-            check_capabilities(create.model, backend.info, create)
-            create = await fit(backend, create)
-        finally:
-            entry.release()
-        tokenized = create.generations[0].tokenized
-        return tokenized.count if tokenized is not None else 0
-
     return [
-        Route("/v1/responses/input_tokens", input_tokens, methods=["POST"]),
+        count_route(
+            services, endpoint, "/v1/responses/input_tokens", InputTokens(endpoint), _input_tokens
+        ),
         Route("/v1/responses/{response_id}", retrieve, methods=["GET"]),
         Route("/v1/responses/{response_id}", delete, methods=["DELETE"]),
         Route("/v1/responses/{response_id}/input_items", input_items, methods=["GET"]),

@@ -156,9 +156,3 @@ def tools_for(
             param="tool_choice",
         )
     raise InvalidRequest(f"invalid 'tool_choice': {str(choice)[:64]!r}", param="tool_choice")
-
-
-def chat_tool_choice(tools: Tools) -> object:
-    if tools.choice == "named":
-        return {"type": "function", "function": {"name": tools.name}}
-    return tools.choice

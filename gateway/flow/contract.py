@@ -1,13 +1,18 @@
-"""What an endpoint is: a parser (bytes -> :class:`ClientRequest`) and encoders (deltas -> a
-JSON body, or SSE events). The request flow (:mod:`gateway.flow`) does everything else."""
+"""What an endpoint is, as the request flow sees it: the unit of a wire API.
+
+An endpoint brings its parser (bytes -> :class:`ClientRequest`), its encoders (deltas -> a
+JSON body, or SSE events), its error dialect (:class:`gateway.errors.ErrorDialect`), its extra
+routes and its cleanup. The flow (:mod:`gateway.flow`) does everything else, and imports
+nothing from the endpoints: they implement this contract.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, assert_never
+from typing import TYPE_CHECKING, Protocol, Self, assert_never
 
-from gateway.errors import GatewayError
+from gateway.errors import OPENAI_ERRORS, ErrorDialect, GatewayError
 from gateway.plugins import RequestContext
 from gateway.types import (
     ClientRequest,
@@ -22,9 +27,13 @@ from gateway.types import (
     ToolCallDelta,
     Usage,
 )
+from gateway.wire.blocks import Segmenter
 
 if TYPE_CHECKING:
     from starlette.responses import Response
+    from starlette.routing import BaseRoute
+
+    from gateway.services import Services
 
 
 @dataclass
@@ -47,8 +56,13 @@ class ChoiceResult:
     tool_calls: list[ToolCall] = field(default_factory=list)
     embedding: tuple[float, ...] | None = None
     finish: Finish | None = None
+    #: The answer as blocks (text, reasoning, calls in the order written), as a stream's
+    #: segmenter sees them.
+    segments: Segmenter = field(default_factory=Segmenter)
 
     def add(self, delta: Delta) -> None:
+        if not isinstance(delta, EmbeddingDelta):
+            self.segments.feed(delta)
         match delta:
             case TextDelta(text=text, logprobs=logprobs):
                 self.text.append(text)
@@ -125,23 +139,47 @@ class Running(Protocol):
 Start = Callable[["StreamEncoder"], Awaitable[Running]]
 
 
-class EndpointSpec(Protocol):
-    """A registered endpoint (see :mod:`gateway.endpoints`)."""
-
-    @property
-    def name(self) -> Endpoint: ...
-
-    @property
-    def path(self) -> str: ...
-
-    @property
-    def id_prefix(self) -> str: ...
+class Parser(Protocol):
+    """Bytes to a domain request, in two steps: :meth:`parse` (the body alone) and
+    :meth:`resolve` (with what the endpoint keeps, once the plugins said who is calling)."""
 
     def parse(self, body: bytes, request_id: str) -> ClientRequest: ...
 
     async def resolve(self, request: ClientRequest, ctx: RequestContext) -> ClientRequest:
         """The request completed from state the endpoint keeps (e.g. a stored conversation),
         after the plugins' header hook has said who is calling."""
+        ...
+
+
+class EndpointSpec(Parser, Protocol):
+    """A registered endpoint (see :mod:`gateway.endpoints`)."""
+
+    @property
+    def name(self) -> Endpoint: ...
+
+    @property
+    def path(self) -> str:
+        """Where it takes its requests (``POST``); its extra routes live under it."""
+        ...
+
+    @property
+    def id_prefix(self) -> str: ...
+
+    @property
+    def errors(self) -> ErrorDialect:
+        """How its errors look, on every route under :attr:`path`, before and after headers."""
+        ...
+
+    def ping(self) -> bytes | None:
+        """The keep-alive event of its streams (None: an SSE comment)."""
+        ...
+
+    def routes(self, services: Services) -> Sequence[BaseRoute]:
+        """Its routes beyond ``POST path`` (stored objects, token counting)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Free what it holds (background runs) when the server stops."""
         ...
 
     def stream_encoder(
@@ -160,9 +198,32 @@ class EndpointSpec(Protocol):
         ...
 
 
-class Stateless:
+class OpenAIDialect:
+    """The parts of :class:`EndpointSpec` an OpenAI endpoint shares: OpenAI's error body,
+    comment pings, no extra routes, nothing to free."""
+
+    @property
+    def errors(self) -> ErrorDialect:
+        return OPENAI_ERRORS
+
+    def ping(self) -> bytes | None:
+        return None
+
+    def routes(self, services: Services) -> Sequence[BaseRoute]:
+        return ()
+
+    async def aclose(self) -> None:
+        return None
+
+
+class Stateless(OpenAIDialect):
     """:meth:`EndpointSpec.resolve` and :meth:`EndpointSpec.background` of an endpoint that
     keeps nothing between requests (and never sets ``background``)."""
+
+    @classmethod
+    def of(cls, services: Services) -> Self:
+        """The endpoint for the registry (:mod:`gateway.endpoints`): it needs no service."""
+        return cls()
 
     async def resolve(self, request: ClientRequest, ctx: RequestContext) -> ClientRequest:
         return request

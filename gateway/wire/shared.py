@@ -1,0 +1,114 @@
+"""What every wire API maps the same way: sampling settings, tools and the tool choice, JSON
+response formats, and the chat-completions fields a remote replica gets for them.
+
+Each endpoint's converter reads its own wire shape and calls these; none writes them again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from gateway.errors import InvalidRequest
+from gateway.output.plan import template_tools
+from gateway.types import (
+    Capability,
+    Passthrough,
+    Requirement,
+    ResponseFormat,
+    SamplingParams,
+    ToolChoiceMode,
+    Tools,
+    ToolSpec,
+)
+
+#: What every text-generating request needs of its model's backend.
+GENERATES = Requirement(Capability.COMPLETIONS, "model")
+
+
+def sampling_params(
+    *,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    logit_bias: tuple[tuple[int, float], ...] = (),
+) -> SamplingParams:
+    """Sampling settings from the fields a request set (None: the neutral value)."""
+    return SamplingParams(
+        temperature=1.0 if temperature is None else temperature,
+        top_p=1.0 if top_p is None else top_p,
+        top_k=top_k if top_k is not None and top_k > 0 else 0,
+        min_p=min_p or 0.0,
+        presence_penalty=presence_penalty or 0.0,
+        frequency_penalty=frequency_penalty or 0.0,
+        repetition_penalty=repetition_penalty or 1.0,
+        seed=seed,
+        logit_bias=logit_bias,
+    )
+
+
+def choose_tools(
+    specs: Sequence[ToolSpec],
+    mode: ToolChoiceMode,
+    name: str | None = None,
+    *,
+    parallel: bool = True,
+    param: str = "tools",
+    choice_param: str = "tool_choice",
+) -> Tools:
+    """The request's :class:`Tools`: names unique, a named choice among them (400s naming
+    ``param`` / ``choice_param``)."""
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise InvalidRequest("tool names must be unique", param=param)
+    if mode == "named" and name not in names:
+        raise InvalidRequest(
+            f"{choice_param} names {str(name)[:64]!r}, which is not in '{param}'",
+            param=choice_param,
+        )
+    return Tools(tuple(specs), mode, name if mode == "named" else None, parallel)
+
+
+def chat_tool_choice(tools: Tools) -> object:
+    """The tool choice as chat completions say it (for a remote replica)."""
+    if tools.choice == "named":
+        return {"type": "function", "function": {"name": tools.name}}
+    return tools.choice
+
+
+def chat_format(fmt: ResponseFormat) -> dict[str, object]:
+    """A response format as chat completions' ``response_format`` (for a remote replica)."""
+    if fmt.schema is None:
+        return {"type": "json_object"}
+    spec = {"name": fmt.name, "schema": json.loads(fmt.schema), "strict": fmt.strict}
+    return {"type": "json_schema", "json_schema": spec}
+
+
+def features(
+    tools: Tools | None,
+    fmt: ResponseFormat | None,
+    *,
+    tools_param: str = "tools",
+    format_param: str = "response_format",
+    logprobs_param: str | None = None,
+) -> tuple[tuple[Requirement, ...], Passthrough]:
+    """What a request needs of its model's backend (each naming the field that needs it),
+    and the chat-completions fields a remote replica that has the capability gets for it."""
+    requires = [GENERATES]
+    passthrough: list[tuple[str, str]] = []
+    if tools is not None:
+        requires.append(Requirement(Capability.TOOLS, tools_param))
+        passthrough.append(("tools", template_tools(tools.specs)))  # chat's shape
+        passthrough.append(("tool_choice", json.dumps(chat_tool_choice(tools))))
+        passthrough.append(("parallel_tool_calls", json.dumps(tools.parallel)))
+    if fmt is not None:
+        requires.append(Requirement(Capability.JSON_SCHEMA, format_param))
+        passthrough.append(("response_format", json.dumps(chat_format(fmt), ensure_ascii=False)))
+    if logprobs_param is not None:
+        requires.append(Requirement(Capability.LOGPROBS, logprobs_param))
+    return tuple(requires), tuple(passthrough)
