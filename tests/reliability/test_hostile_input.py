@@ -588,6 +588,124 @@ def test_a_50_mb_body_is_refused_without_reading_it_all(
     assert_idle(server)
 
 
+# --- Anthropic's Messages API ---------------------------------------------------------------
+
+
+def assert_sane_message(r: httpx.Response) -> None:
+    """``/v1/messages``: a 4xx in Anthropic's error shape, or a whole message (its stream ends
+    with ``message_stop``, block indexes consecutive). Never a 5xx, never OpenAI's shape."""
+    assert r.status_code < 500, r.text
+    if r.status_code >= 400:
+        body = r.json()
+        assert body["type"] == "error" and set(body) == {"type", "error"}, body
+        assert body["error"]["type"].endswith("_error") and body["error"]["message"]
+        return
+    if r.headers["content-type"].startswith("text/event-stream"):
+        events = [json.loads(e) for e in sse_events(r.text)]
+        assert events[0]["type"] == "message_start" and events[-1]["type"] == "message_stop"
+        starts = [e["index"] for e in events if e["type"] == "content_block_start"]
+        assert starts == list(range(len(starts)))
+    else:
+        body = r.json()
+        assert body["type"] == "message" and body["stop_reason"], body
+
+
+anthropic_blocks = st.fixed_dictionaries(
+    {"type": st.sampled_from(["text", "tool_use", "tool_result", "thinking", "image",
+                              "redacted_thinking", "document"]) | json_values},
+    optional={
+        "text": json_values, "id": st.sampled_from(["toolu_1", ""]) | json_values,
+        "name": st.sampled_from(["f", "g"]) | json_values, "input": json_values,
+        "tool_use_id": json_values, "content": json_values, "is_error": json_values,
+        "thinking": json_values, "signature": json_values, "cache_control": json_values,
+    },
+)  # fmt: skip
+anthropic_messages = st.lists(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "assistant"]) | json_values,
+         "content": st.text(max_size=20) | st.lists(anthropic_blocks, max_size=3) | json_values},
+    )
+    | json_values,
+    max_size=4,
+)  # fmt: skip
+anthropic_tools = st.lists(
+    st.fixed_dictionaries(
+        {"name": st.sampled_from(["f", "g", "lookup"]) | json_values},
+        optional={"input_schema": schemas | json_values, "description": json_values,
+                  "type": st.sampled_from(["custom", "web_search_20250305"]) | json_values},
+    ),
+    max_size=3,
+)  # fmt: skip
+MESSAGES_COUNT = "/v1/messages/count_tokens"
+MESSAGES_FIELDS = [
+    "model", "max_tokens", "messages", "system", "stop_sequences", "stream", "temperature",
+    "top_p", "top_k", "metadata", "tools", "tool_choice", "thinking", "output_config",
+    "output_format", "service_tier", "context_management",
+]  # fmt: skip
+
+
+@FUZZ
+@given(
+    fields=st.dictionaries(
+        st.sampled_from(MESSAGES_FIELDS) | st.text(max_size=12), json_values, min_size=1,
+        max_size=4,
+    ),
+    model=st.sampled_from(["agent", "m"]),
+    path=st.sampled_from(["/v1/messages", "/v1/messages/count_tokens"]),
+)  # fmt: skip
+def test_messages_any_values_in_any_fields(
+    http: httpx.Client, fields: dict[str, Any], model: str, path: str
+) -> None:
+    body = {"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}],
+            **fields}  # fmt: skip
+    r = post_raw(http, dumps(body), path)
+    if path.endswith("count_tokens") and r.status_code == 200:
+        assert isinstance(r.json()["input_tokens"], int)
+    else:
+        assert_sane_message(r)
+
+
+@FUZZ
+@given(
+    msgs=anthropic_messages,
+    system=st.text(max_size=20) | st.lists(anthropic_blocks, max_size=2) | json_values,
+    tools=anthropic_tools | json_values,
+    tool_choice=st.fixed_dictionaries(
+        {"type": st.sampled_from(["auto", "any", "tool", "none"]) | json_values},
+        optional={"name": st.sampled_from(["f", "g"]) | json_values,
+                  "disable_parallel_tool_use": json_values},
+    ) | json_values,
+    thinking=st.fixed_dictionaries(
+        {"type": st.sampled_from(["enabled", "disabled", "adaptive"]) | json_values},
+        optional={"budget_tokens": json_values},
+    ) | json_values,
+    model=st.sampled_from(["agent", "echo"]),
+    stream=st.booleans(),
+)  # fmt: skip
+def test_messages_blocks_tools_and_thinking_never_5xx(
+    http: httpx.Client, msgs: Any, system: Any, tools: Any, tool_choice: Any, thinking: Any,
+    model: str, stream: bool,
+) -> None:  # fmt: skip
+    body = {
+        "model": model, "max_tokens": 16, "messages": msgs, "system": system, "tools": tools,
+        "tool_choice": tool_choice, "thinking": thinking, "stream": stream,
+    }  # fmt: skip
+    assert_sane_message(post_raw(http, dumps(body), "/v1/messages"))
+    count = {k: v for k, v in body.items() if k not in ("max_tokens", "stream")}
+    r = post_raw(http, dumps(count), "/v1/messages/count_tokens")
+    if r.status_code != 200:
+        assert_sane_message(r)
+
+
+@FUZZ
+@given(
+    raw=st.binary(max_size=2000),
+    path=st.sampled_from(["/v1/messages", "/v1/messages/count_tokens"]),
+)
+def test_messages_arbitrary_bytes(http: httpx.Client, raw: bytes, path: str) -> None:
+    assert_sane_message(post_raw(http, raw, path))
+
+
 def test_the_fuzzing_left_nothing_behind(server: ServerThread, http: httpx.Client) -> None:
     assert_idle(server)
     r = http.post("/v1/chat/completions", json=chat("m", stream=False))
