@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from starlette.requests import Request
@@ -15,11 +16,11 @@ from gateway.errors import ContextLengthExceeded, InvalidRequest, ModelUnavailab
 from gateway.flow.contract import Parser
 from gateway.flow.lease import Lease
 from gateway.http import read_json_body
-from gateway.output.plan import plan_request
+from gateway.output.plan import plan_request, with_messages
 from gateway.plugins import RequestContext
 from gateway.pool import ModelEntry
 from gateway.services import Services
-from gateway.types import BackendInfo, ClientRequest
+from gateway.types import BackendInfo, ChatMessage, ClientRequest
 
 
 class CapabilityMissing(InvalidRequest):
@@ -77,38 +78,51 @@ def with_default_max_tokens(request: ClientRequest, default: int | None) -> Clie
     return replace(request, generations=gens)
 
 
-def without_oldest_turn(request: ClientRequest) -> ClientRequest | None:
-    """The conversation without its oldest turn: the first message after the leading system
-    messages, and what follows it up to the next user message (a call's results go with it).
-    None when only the last user turn is left."""
-    messages = request.generations[0].messages
-    if messages is None:
-        return None
+def turn_starts(messages: Sequence[ChatMessage]) -> tuple[int, tuple[int, ...]]:
+    """The leading system messages' count, and where each turn after the oldest one starts
+    (a user message; a call's results go with the turn that made the call). Dropping the
+    ``k`` oldest turns keeps ``messages[:head]`` and ``messages[starts[k - 1]:]``."""
     head = 0
     while head < len(messages) and messages[head].role in ("system", "developer"):
         head += 1
-    end = head + 1
-    while end < len(messages) and messages[end].role != "user":
-        end += 1
-    if end >= len(messages):
-        return None
-    kept = (*messages[:head], *messages[end:])
-    gens = tuple(replace(g, messages=kept) for g in request.generations)
-    return replace(request, generations=gens)
+    starts = tuple(i for i in range(head + 1, len(messages)) if messages[i].role == "user")
+    return head, starts
 
 
 async def fit(backend: Backend, request: ClientRequest) -> ClientRequest:
-    """The request planned and validated; with ``truncate``, its oldest turns dropped until
-    it fits the context (the last user turn always stays)."""
-    while True:
-        planned = await plan_request(request, chat_format_of(backend))
+    """The request planned and validated; with ``truncate``, as few of its oldest turns
+    dropped as make it fit the context (the last user turn always stays).
+
+    The plan (tool schemas, grammars) is made once; the shortest fit is found by a binary
+    search over how many turns go, so a conversation of ``t`` turns is rendered and
+    tokenized about ``log2(t) + 2`` times, not ``t`` times."""
+    fmt = chat_format_of(backend)
+    planned = await plan_request(request, fmt)
+    try:
+        return await validate(backend, planned)
+    except ContextLengthExceeded:
+        messages = request.generations[0].messages if request.truncate else None
+        if messages is None:
+            raise
+        head, starts = turn_starts(messages)
+        if not starts:
+            raise
+
+    def dropping(k: int) -> ClientRequest:
+        return with_messages(planned, (*messages[:head], *messages[starts[k - 1] :]), fmt)
+
+    # the fewest turns to drop: ``low`` do not fit, ``high`` does
+    best = await validate(backend, dropping(len(starts)))  # only the last turn: or a 400
+    low, high = 0, len(starts)
+    while high - low > 1:
+        mid = (low + high) // 2
         try:
-            return await validate(backend, planned)
+            fitted = await validate(backend, dropping(mid))
         except ContextLengthExceeded:
-            shorter = without_oldest_turn(request) if request.truncate else None
-            if shorter is None:
-                raise
-            request = shorter
+            low = mid
+        else:
+            high, best = mid, fitted
+    return best
 
 
 @dataclass(frozen=True)
@@ -169,7 +183,9 @@ async def check(services: Services, ctx: RequestContext, http: Request, parser: 
     backend = await unless_disconnected(drain.bounded(entry.acquire()), http.receive)
     try:
         check_capabilities(request.model, backend.info, request)
-        request = await fit(backend, request)
+        # rendering and tokenizing a long conversation (several times, with truncation):
+        # not for a client that left
+        request = await unless_disconnected(fit(backend, request), http.receive)
     except BaseException:
         entry.release()
         raise

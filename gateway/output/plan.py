@@ -123,6 +123,20 @@ async def plan_request(request: ClientRequest, fmt: ChatFormat | None) -> Client
     return replace(request, generations=gens)
 
 
+def with_messages(
+    planned: ClientRequest, messages: Sequence[ChatMessage], fmt: ChatFormat | None
+) -> ClientRequest:
+    """``planned`` (from :func:`plan_request`) for another conversation with the same tools
+    and formats (a shorter one, under ``truncation: "auto"``): its plan is kept, only the
+    messages are written as the model's format takes them; no schema is compiled again."""
+    kept = tuple(messages)
+    if fmt is not None and not fmt.tools.native:
+        tools = planned.generations[0].tools
+        kept = generic_messages(kept, tools.offered if tools is not None else ())
+    gens = tuple(replace(g, messages=kept) for g in planned.generations)
+    return replace(planned, generations=gens)
+
+
 def _completion_plan(request: GenerationRequest, fmt: ChatFormat) -> GenerationRequest:
     if request.response_format is None:
         return request
