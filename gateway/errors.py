@@ -84,6 +84,12 @@ class InvalidRequest(GatewayError):
 class ContextLengthExceeded(InvalidRequest):
     default_code = "context_length_exceeded"
 
+    #: The numbers behind the message, for dialects that word it their own way (None where
+    #: the error was raised without them).
+    limit: int | None = None
+    prompt_tokens: int | None = None
+    max_tokens: int | None = None
+
 
 class UnsupportedParameter(InvalidRequest):
     default_code = "unsupported_parameter"
@@ -218,11 +224,13 @@ def context_length_exceeded(
             f"you requested {least}{prompt_tokens + max_tokens} tokens ({least}{prompt_tokens} "
             f"in the {where}, {max_tokens} in the completion)"
         )
-    return ContextLengthExceeded(
+    error = ContextLengthExceeded(
         f"This model's maximum context length is {limit} tokens. However, {detail}. "
         f"Please reduce the length of the {where} or completion.",
         param=param,
     )
+    error.limit, error.prompt_tokens, error.max_tokens = limit, prompt_tokens, max_tokens
+    return error
 
 
 class ConfigError(Exception):

@@ -5,6 +5,7 @@ shape on every path before and after the headers, ``x-api-key``, the queue's 529
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,6 +51,12 @@ def server() -> Iterator[ServerThread]:
             },
             "broken": {"reply": "a b c d e f", "fail_after_tokens": 2},
             "echo": {"echo": True, "capabilities": TOOLS},
+            "echo-tools": {
+                "echo": True,
+                "capabilities": TOOLS,
+                "tool_format": "hermes",
+                "context_length": 200_000,
+            },
         },
         server={"keepalive_s": 0.05},
     )
@@ -68,6 +75,7 @@ def text_of(message: Message) -> str:
 
 
 def post(server: ServerThread, path: str, body: Any, **kw: Any) -> httpx.Response:
+    """A raw request (``httpx``), for what the SDK would not send or would hide."""
     return httpx.post(server.base_url + path, json=body, timeout=10, **kw)
 
 
@@ -319,3 +327,84 @@ def test_ping_is_anthropics_event(server: ServerThread) -> None:
     assert all(
         json.loads(line[6:])["type"] for line in r.text.splitlines() if line.startswith("data: ")
     )
+
+
+REMINDER = "<system-reminder>x</system-reminder>"
+BILLING = "x-anthropic-billing-header: cc_version=2.1.332.0b8; cc_entrypoint=sdk-cli;"
+DRAFT_2020_12 = "https://json-schema.org/draft/2020-12/schema"
+#: What Claude Code 2.1 sends for one print-mode turn (trimmed: a short system prompt, one
+#: tool), recorded against a stand-in server.
+CLAUDE_CODE_TURN: Any = {
+    "model": "claude-haiku-4-5",
+    "messages": [
+        {"role": "user", "content": [{"type": "text", "text": REMINDER},
+                                     {"type": "text", "text": "say hi",
+                                      "cache_control": {"type": "ephemeral"}}]},
+        {"role": "system", "content": [{"type": "text", "text": "# Environment\n - Platform: linux",
+                                        "cache_control": {"type": "ephemeral"}}],
+         "output_config": {"effort": "medium"}},
+    ],
+    "system": [
+        {"type": "text", "text": BILLING},
+        {"type": "text", "text": "You are a coding agent.", "cache_control": {"type": "ephemeral"}},
+    ],
+    "tools": [
+        {"name": "Read", "description": "Read a file",
+         "input_schema": {"$schema": DRAFT_2020_12, "type": "object",
+                          "properties": {"file_path": {"type": "string"},
+                                         "limit": {"type": "integer", "exclusiveMinimum": 0,
+                                                   "maximum": 9007199254740991}},
+                          "required": ["file_path"], "additionalProperties": False}},
+        {"name": "DeferredToolPlaceholder", "description": "d", "defer_loading": True,
+         "input_schema": {"type": "object", "properties": {}}},
+    ],
+    "metadata": {"user_id": '{"device_id":"abc","account_uuid":"","session_id":"s-1"}'},
+    "max_tokens": 32000,
+    "thinking": {"type": "enabled", "budget_tokens": 31999, "display": "omitted"},
+    "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+    "output_config": {"effort": "medium"},
+    "stream": True,
+}  # fmt: skip
+
+
+def test_a_claude_code_turn_is_served(server: ServerThread) -> None:
+    """System turns, the billing block, thinking display, context_management, deferred tools
+    and 2020-12 schemas are all accepted; the prompt keeps the system turn in place."""
+    headers = {
+        "anthropic-version": "2023-06-01",
+        "x-claude-code-session-id": "s-1",
+        "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14",
+    }
+    body = {**CLAUDE_CODE_TURN, "model": "echo-tools"}
+    r = post(server, "/v1/messages?beta=true", body, headers=headers)
+    assert r.status_code == 200, r.text
+    events = sse_json(r.text)
+    assert events[0]["type"] == "message_start" and events[-1]["type"] == "message_stop"
+    text = "".join(e["delta"].get("text", "") for e in events if e["type"] == "content_block_delta")
+    assert text == "# Environment\n - Platform: linux"  # the echo: the last turn, in place
+
+
+def test_the_billing_block_is_not_in_the_prompt(server: ServerThread) -> None:
+    body = {k: v for k, v in CLAUDE_CODE_TURN.items() if k not in ("stream", "tools")}
+    count = post(server, "/v1/messages/count_tokens", body).json()["input_tokens"]
+    without = {**body, "system": body["system"][1:]}
+    assert post(server, "/v1/messages/count_tokens", without).json()["input_tokens"] == count
+    as_text = {
+        **body,
+        "system": "x-anthropic-billing-header: cc_version=2; cch=99;\nYou are a coding agent.",
+    }
+    assert post(server, "/v1/messages/count_tokens", as_text).json()["input_tokens"] == count
+
+
+def test_a_context_overflow_is_worded_as_anthropic_words_it(server: ServerThread) -> None:
+    """Claude Code parses this sentence and retries with a smaller ``max_tokens``."""
+    body = {"model": "m", "max_tokens": 128000, "messages": HI}
+    r = post(server, "/v1/messages", body)
+    _anthropic_error(r, 400, "invalid_request_error")
+    found = re.search(
+        r"input length and `max_tokens` exceed context limit: (\d+) \+ (\d+) > (\d+)",
+        r.json()["error"]["message"],
+    )
+    assert found is not None and int(found[2]) == 128000 and int(found[3]) == 4096
+    chat = post(server, "/v1/chat/completions", {**body, "messages": HI})
+    assert "maximum context length" in chat.json()["error"]["message"]  # OpenAI's words there

@@ -50,10 +50,12 @@ from gateway.types import (
 from gateway.wire.convert import parse_body, validation_error
 from gateway.wire.shared import choose_tools, features, sampling_params
 
-#: The line Claude Code puts first in its system prompt, different in every request
-#: (``x-anthropic-billing-header: cc_version=...; cch=<hash>;``): kept, it would make every
-#: prompt differ from the previous turn's after a few tokens.
-_BILLING = re.compile(r"^x-anthropic-billing-header:[^\n]*(\n|$)", re.MULTILINE)
+#: The line Claude Code puts first in its system prompt (its own text block), which changes
+#: with the conversation and, on first-party hosts, with every request
+#: (``x-anthropic-billing-header: cc_version=...; cch=<hash>;``): kept, it would make prompts
+#: differ after a few tokens and defeat the prefix cache.
+BILLING_HEADER = "x-anthropic-billing-header:"
+_BILLING_LINE = re.compile(r"\Ax-anthropic-billing-header:[^\n]*\n?")
 _NO_SCHEMA: dict[str, object] = {"type": "object", "properties": {}}
 
 
@@ -161,11 +163,25 @@ def _assistant(message: MessageParam, i: int) -> ChatMessage:
 
 
 def system_text(system: str | Sequence[SystemText] | None) -> str | None:
-    """The system prompt as one text, without Claude Code's billing line."""
+    """The system prompt as one text, without Claude Code's billing line (a block of its own,
+    or the first line of a string)."""
     if system is None:
         return None
-    text = system if isinstance(system, str) else "\n\n".join(b.text for b in system)
-    return _BILLING.sub("", text, count=1)
+    if isinstance(system, str):
+        return _BILLING_LINE.sub("", system, count=1)
+    return "\n\n".join(b.text for b in system if not b.text.startswith(BILLING_HEADER))
+
+
+def _system_turn(message: MessageParam, i: int) -> ChatMessage:
+    """A ``system`` turn in the conversation: its text blocks, in place."""
+    texts = []
+    for j, block in enumerate(_blocks(message.content, f"messages[{i}].content")):
+        if not isinstance(block, TextBlock):
+            raise InvalidRequest(
+                "a system message holds text blocks", param=f"messages[{i}].content[{j}].type"
+            )
+        texts.append(block.text)
+    return ChatMessage("system", "\n\n".join(texts))
 
 
 def to_messages(wire: CountTokensRequest) -> tuple[ChatMessage, ...]:
@@ -176,8 +192,10 @@ def to_messages(wire: CountTokensRequest) -> tuple[ChatMessage, ...]:
     for i, message in enumerate(wire.messages):
         if message.role == "user":
             out.extend(_user(message, i))
-        else:
+        elif message.role == "assistant":
             out.append(_assistant(message, i))
+        elif message.content:  # an empty system turn (Claude Code's --bare) adds nothing
+            out.append(_system_turn(message, i))
     return tuple(out)
 
 
@@ -259,6 +277,8 @@ def messages_request(
 ) -> ClientRequest:
     """The request a Messages body (or a count_tokens body) stands for."""
     messages = to_messages(wire)
+    if not any(m.role != "system" for m in messages):
+        raise InvalidRequest("'messages' holds no user or assistant turn", param="messages")
     tools, hosted = _tools(wire)
     fmt = _output_format(wire)
     requires, passthrough = features(tools, fmt, format_param="output_config.format")
@@ -281,7 +301,7 @@ def messages_request(
         response_format=fmt,
         reasoning_effort=_effort(wire),
         affinity=_affinity(full, session),
-        continue_final=messages[-1].role == "assistant" and not messages[-1].tool_calls,
+        continue_final=_prefilled(messages),
     )
     thinking = wire.thinking is None or wire.thinking.type != "disabled"
     headers = (("x-gateway-ignored-tools", ",".join(hosted)),) if hosted else ()
@@ -294,6 +314,11 @@ def messages_request(
         endpoint_state=MessagesState(thinking=thinking),
         headers=headers,
     )
+
+
+def _prefilled(messages: tuple[ChatMessage, ...]) -> bool:
+    """A last assistant message (without calls) is the start of the answer."""
+    return bool(messages) and messages[-1].role == "assistant" and not messages[-1].tool_calls
 
 
 def _has_calls(message: MessageParam) -> bool:

@@ -4,7 +4,7 @@ shutting down), which the anthropic SDK and Claude Code retry."""
 
 from __future__ import annotations
 
-from gateway.errors import GatewayError
+from gateway.errors import ContextLengthExceeded, GatewayError
 
 #: Anthropic's error type for each HTTP status this server answers with.
 _TYPES = {
@@ -26,9 +26,23 @@ def status_of(error: GatewayError) -> int:
     return OVERLOADED if error.status == 503 else error.status
 
 
+def message_of(error: GatewayError) -> str:
+    """The error's message; a context overflow in Anthropic's own words, which clients parse
+    (Claude Code retries with ``max_tokens`` = limit - input - 1000)."""
+    if isinstance(error, ContextLengthExceeded) and error.limit is not None:
+        prompt, limit = error.prompt_tokens, error.limit
+        if error.max_tokens is None:
+            return f"prompt is too long: {prompt} tokens > {limit} maximum"
+        return (
+            f"input length and `max_tokens` exceed context limit: {prompt} + "
+            f"{error.max_tokens} > {limit}, decrease input length or `max_tokens` and try again"
+        )
+    return error.message
+
+
 def error_json(error: GatewayError) -> dict[str, object]:
     kind = _TYPES.get(status_of(error), "api_error")
-    return {"type": "error", "error": {"type": kind, "message": error.message}}
+    return {"type": "error", "error": {"type": kind, "message": message_of(error)}}
 
 
 class AnthropicErrors:

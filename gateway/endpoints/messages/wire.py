@@ -78,7 +78,10 @@ Content = StrictStr | Annotated[list[dict[str, object]], Field(max_length=MAX_BL
 
 
 class MessageParam(WireModel):
-    role: Literal["user", "assistant"]
+    """A turn. ``system`` turns come from Claude Code's per-turn control (its environment
+    section, at the end of a request and mid-conversation later)."""
+
+    role: Literal["user", "assistant", "system"]
     content: Content
 
 
