@@ -57,6 +57,7 @@ from gateway.wire.shared import choose_tools, features, sampling_params
 BILLING_HEADER = "x-anthropic-billing-header:"
 _BILLING_LINE = re.compile(r"\Ax-anthropic-billing-header:[^\n]*\n?")
 _NO_SCHEMA: dict[str, object] = {"type": "object", "properties": {}}
+_HEADER_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,7 @@ def _tool_specs(tools: Sequence[ToolParam]) -> tuple[list[ToolSpec], list[str]]:
     hosted: list[str] = []
     for i, tool in enumerate(tools):
         if tool.type not in (None, "custom"):
-            hosted.append(tool.name)
+            hosted.append(_HEADER_UNSAFE.sub("", tool.name)[:64])  # named in a header
             continue
         param = f"tools[{i}].input_schema"
         if tool.input_schema is None:
