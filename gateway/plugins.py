@@ -63,6 +63,10 @@ class RequestContext:
     #: The configured model names the caller may use, set by an authentication plugin; ``None``:
     #: every model. ``/v1/models`` lists only these; requests for others are refused.
     models: frozenset[str] | None = None
+    #: The caller's prefix-cache partition, set by an authentication plugin (a secret per API
+    #: key): mixed into each generation's ``cache_salt``, so no key reuses, or learns the
+    #: length of, a prefix another key's prompt left in the cache.
+    cache_salt: str | None = None
     #: The model as configured (not the alias), once resolved.
     model: str | None = None
     request: ClientRequest | None = None

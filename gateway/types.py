@@ -205,6 +205,10 @@ class GenerationRequest:
     #: The last message is an assistant's answer begun by the client (a prefill): the
     #: generation continues it.
     continue_final: bool = False
+    #: What partitions the prefix cache (vLLM's ``cache_salt``): a cached prefix is reused
+    #: (and counted in ``cached_tokens``) only for a request with the same salt. The core mixes
+    #: the caller's own salt (an API key's) into it; None: the unsalted partition.
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         given = (self.messages, self.prompt, self.prompt_tokens)

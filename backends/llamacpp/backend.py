@@ -18,7 +18,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from backends.llamacpp.config import LlamaCppConfig
-from backends.llamacpp.kv_tiers import SharedTiers
+from backends.llamacpp.kv_tiers import SharedTiers, salt_digest
 from gateway.backend import EngineStats
 from gateway.errors import InvalidRequest, ModelUnavailable, context_length_exceeded
 from gateway.output.formats import ChatFormat
@@ -251,9 +251,10 @@ class LlamaCppBackend:
             embed=self._embedding(request, model),
             constraint=constraint,
             logprobs=request.logprobs,
+            salt=salt_digest(request.cache_salt),
         )
         tiers = self._shared.tiers if job.embed is None else None
-        found = tiers.on_disk(prompt) if tiers is not None else None
+        found = tiers.on_disk(prompt, job.salt) if tiers is not None else None
         if tiers is not None and found is not None:  # read off the event loop and the engine
             await asyncio.to_thread(tiers.prefetch, found)
         engine.submit(job)

@@ -64,6 +64,8 @@ class Job:
     constraint: Constraint | None = None
     #: Report each token's logprob and this many alternatives (None: no logprobs).
     logprobs: int | None = None
+    #: The prefix-cache partition it may reuse and leaves its prefix in (a salt digest).
+    salt: str = ""
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     #: Set from the event loop when the client is gone.
     cancel_requested: bool = False
@@ -251,7 +253,7 @@ class Engine:
         while self._waiting and self.slots.can_admit():
             job = self._waiting.popleft()
             # an embedding needs every token's vector: nothing of it may come from the cache
-            placement = self.slots.acquire(job.prompt, reuse=job.embed is None)
+            placement = self.slots.acquire(job.prompt, reuse=job.embed is None, salt=job.salt)
             job.seq_id, job.n_past, job.cached = (
                 placement.seq_id,
                 placement.reused,

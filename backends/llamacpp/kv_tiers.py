@@ -6,12 +6,15 @@ the state's bytes. The host tier keeps entries in memory within ``host_cache_byt
 evicts goes to the disk tier (one file per entry, written by a thread of its own), which keeps
 ``disk_cache_bytes`` under ``disk_cache_dir/<fingerprint>/``.
 
-Lookup is by block hashes: every :data:`BLOCK` tokens of an entry's prefix is a chained hash
-in one index, so a prompt finds the entry sharing its longest block prefix in a few dict
-lookups, and then the exact common prefix. Every entry carries the :func:`fingerprint` of what
-makes a state valid (the model file, the K/V types, the llama.cpp build, the attention
-layout) and a checksum of its bytes: a file that does not match, is truncated or corrupt is
-deleted and never loaded.
+Lookup is by block hashes: every :data:`BLOCK` tokens of an entry's prefix is a chained hash in
+one index, so a prompt finds the entry sharing its longest block prefix in a few dict lookups,
+and then the exact common prefix. The chain starts from the entry's cache salt (a digest of the
+request's ``cache_salt``, see :func:`salt_digest`): a prompt finds only entries saved under its
+own salt, so one API key never reuses, or learns of, another key's prefix. Every entry carries
+the :func:`fingerprint` of what makes a state valid (the model file, the K/V types, the
+llama.cpp build, the attention layout) and a checksum of its salt, its tokens and its bytes: a
+file that does not match, is truncated or corrupt (its tokens changed included) is deleted and
+never loaded.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ log = logging.getLogger("backends.llamacpp.kv_tiers")
 
 #: Tokens per hashed block: a saved prefix is found by its first ``k * BLOCK`` tokens.
 BLOCK = 64
-_MAGIC = b"GWKV1\n"
+_MAGIC = b"GWKV2\n"
 _HEADER_LEN = struct.Struct("<I")
 
 
@@ -62,18 +65,29 @@ def fingerprint(model_path: Path, *, type_k: str, type_v: str, flash_attn: str) 
     return h.hexdigest()
 
 
-def block_hashes(tokens: Sequence[int], limit: int | None = None) -> Iterator[tuple[int, str]]:
-    """``(k * BLOCK, hash of the first k * BLOCK tokens)`` for each whole block (up to
-    ``limit`` tokens)."""
+def salt_digest(cache_salt: str | None) -> str:
+    """The partition a request's ``cache_salt`` names ("" for none): what the cells and the
+    tiers keep instead of the salt itself."""
+    if cache_salt is None:
+        return ""
+    return hashlib.blake2b(cache_salt.encode(), digest_size=16, person=b"kv-salt").hexdigest()
+
+
+def block_hashes(
+    tokens: Sequence[int], limit: int | None = None, salt: str = ""
+) -> Iterator[tuple[int, str]]:
+    """``(k * BLOCK, hash of the salt and the first k * BLOCK tokens)`` for each whole block
+    (up to ``limit`` tokens)."""
     end = len(tokens) if limit is None else min(limit, len(tokens))
-    h = hashlib.blake2b(digest_size=16)
+    h = hashlib.blake2b(salt.encode(), digest_size=16)
     for start in range(0, end - BLOCK + 1, BLOCK):
         h.update(struct.pack(f"<{BLOCK}i", *tokens[start : start + BLOCK]))
         yield start + BLOCK, h.copy().hexdigest()
 
 
-def _key(tokens: Sequence[int]) -> str:
-    return hashlib.blake2b(struct.pack(f"<{len(tokens)}i", *tokens), digest_size=16).hexdigest()
+def _key(tokens: Sequence[int], salt: str = "") -> str:
+    packed = struct.pack(f"<{len(tokens)}i", *tokens)
+    return hashlib.blake2b(salt.encode() + b"\0" + packed, digest_size=16).hexdigest()
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int], start: int = 0) -> int:
@@ -89,6 +103,12 @@ def common_prefix(a: Sequence[int], b: Sequence[int], start: int = 0) -> int:
 class Saved:
     tokens: tuple[int, ...]
     data: bytes
+    #: The :func:`salt_digest` it was cached under ("" for none).
+    salt: str = ""
+
+    @property
+    def key(self) -> str:
+        return _key(self.tokens, self.salt)
 
 
 @dataclass(frozen=True)
@@ -122,38 +142,43 @@ class _Index:
     """Entry keys by block hash, and each entry's tokens, for the entries of one tier."""
 
     tokens: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    salts: dict[str, str] = field(default_factory=dict)
     blocks: dict[str, set[str]] = field(default_factory=dict)
 
-    def add(self, key: str, tokens: tuple[int, ...]) -> None:
+    def add(self, key: str, tokens: tuple[int, ...], salt: str) -> None:
         self.tokens[key] = tokens
-        for _, h in block_hashes(tokens):
+        self.salts[key] = salt
+        for _, h in block_hashes(tokens, salt=salt):
             self.blocks.setdefault(h, set()).add(key)
 
     def remove(self, key: str) -> None:
         tokens = self.tokens.pop(key, None)
+        salt = self.salts.pop(key, "")
         if tokens is None:
             return
-        for _, h in block_hashes(tokens):
+        for _, h in block_hashes(tokens, salt=salt):
             keys = self.blocks.get(h)
             if keys is not None:
                 keys.discard(key)
                 if not keys:
                     del self.blocks[h]
 
-    def dominated(self, tokens: tuple[int, ...]) -> list[str]:
-        """The entries whose tokens are a prefix of ``tokens`` (a longer entry serves every
-        prompt they would, at least as well: the same conversation, saved again later)."""
-        keys = {k for _, h in block_hashes(tokens) for k in self.blocks.get(h, ())}
+    def dominated(self, tokens: tuple[int, ...], salt: str) -> list[str]:
+        """The entries of ``salt`` whose tokens are a prefix of ``tokens`` (a longer entry
+        serves every prompt they would, at least as well: the same conversation, saved again
+        later)."""
+        keys = {k for _, h in block_hashes(tokens, salt=salt) for k in self.blocks.get(h, ())}
         return [
             k for k in keys
             if len(t := self.tokens[k]) < len(tokens) and tokens[: len(t)] == t
         ]  # fmt: skip
 
-    def find(self, prompt: Sequence[int], limit: int) -> tuple[str, int] | None:
-        """The entry with the longest common prefix with ``prompt`` (at most ``limit``)."""
+    def find(self, prompt: Sequence[int], limit: int, salt: str) -> tuple[str, int] | None:
+        """The entry of ``salt`` with the longest common prefix with ``prompt`` (at most
+        ``limit``)."""
         candidates: set[str] = set()
         reached = 0
-        for n, h in block_hashes(prompt, limit):
+        for n, h in block_hashes(prompt, limit, salt):
             keys = self.blocks.get(h)
             if not keys:
                 break
@@ -177,11 +202,11 @@ class HostTier:
         if key in self.entries:
             self.entries.move_to_end(key)
             return []
-        for old_key in self.index.dominated(saved.tokens):
+        for old_key in self.index.dominated(saved.tokens, saved.salt):
             self.bytes -= len(self.entries.pop(old_key).data)
             self.index.remove(old_key)
         self.entries[key] = saved
-        self.index.add(key, saved.tokens)
+        self.index.add(key, saved.tokens, saved.salt)
         self.bytes += len(saved.data)
         evicted = []
         while self.bytes > self.budget and self.entries:
@@ -206,9 +231,11 @@ def _private_dirs(path: Path) -> None:
 
 
 class DiskTier:
-    """One file per entry: a magic line, a JSON header (fingerprint, tokens, size, checksum),
-    the state's bytes. Written as a temporary file renamed into place (a reader never sees
-    half a file; two processes on one directory each write whole files), by a writer thread.
+    """One file per entry: a magic line, a JSON header (fingerprint, salt, tokens, size, and the
+    checksum of the salt, the tokens and the state), the state's bytes; the file is named by
+    the hash of its salt and tokens. Written as a temporary file renamed into place (a
+    reader never sees half a file; two processes on one directory each write whole files),
+    by a writer thread.
     Another process may delete a file this one indexed: that is a miss. The entries hold
     prompts' tokens: the folders this creates are private (0700), the files too (0600)."""
 
@@ -246,19 +273,19 @@ class DiskTier:
                     tmp.unlink()
         files = sorted(self.dir.glob("*.kv"), key=lambda p: p.stat().st_mtime)
         for path in files:
-            read = self._read(path, body=False)
-            if read is None:
+            saved = self._read(path, body=False)
+            if saved is None:
                 self._drop(path)
                 continue
-            key = path.stem
-            self.sizes[key] = path.stat().st_size
-            self.bytes += self.sizes[key]
-            self.index.add(key, tuple(read[0]["tokens"]))  # type: ignore[arg-type]
+            self.sizes[saved.key] = path.stat().st_size
+            self.bytes += self.sizes[saved.key]
+            self.index.add(saved.key, saved.tokens, saved.salt)
         self._bound()
 
-    def _read(self, path: Path, *, body: bool) -> tuple[dict[str, object], bytes] | None:
-        """The file's header (and its state's bytes), or None if it is not a whole entry of
-        this fingerprint (the bytes are checked against the header's size and checksum)."""
+    def _read(self, path: Path, *, body: bool) -> Saved | None:
+        """The file's entry (without ``body``, its state's bytes left out), or None if it is
+        not a whole entry of this fingerprint: its name is the hash of its salt and tokens,
+        and (with ``body``) its checksum covers them and the state's bytes."""
         try:
             with path.open("rb") as f:
                 if f.read(len(_MAGIC)) != _MAGIC:
@@ -270,10 +297,16 @@ class DiskTier:
             return None
         if not (isinstance(header, dict) and header.get("fingerprint") == self.fp):
             return None
-        if not isinstance(header.get("tokens"), list):
+        tokens, salt = header.get("tokens"), header.get("salt")
+        if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
             return None
-        whole = header.get("nbytes") == len(data) and header.get("sha256") == _sha(data)
-        return (header, data) if whole or not body else None
+        if not isinstance(salt, str):
+            return None
+        saved = Saved(tuple(tokens), data, salt)
+        if path.stem != saved.key:
+            return None
+        whole = header.get("nbytes") == len(data) and header.get("sha256") == _checksum(saved)
+        return saved if whole or not body else None
 
     def _drop(self, path: Path) -> None:
         self.stats.dropped_corrupt += 1
@@ -287,7 +320,7 @@ class DiskTier:
     def put(self, saved: Saved, *, wait: bool = False) -> None:
         """Queue ``saved`` for writing unless it is on disk already; without ``wait``,
         dropped if the writer is that far behind (a decode step never waits for a disk)."""
-        if self.broken or self.has(_key(saved.tokens)):
+        if self.broken or self.has(saved.key):
             return
         try:
             self._queue.put(saved, block=wait)
@@ -311,13 +344,14 @@ class DiskTier:
     def _write(self, saved: Saved) -> None:
         if self.broken:
             return
-        key = _key(saved.tokens)
+        key = saved.key
         header = json.dumps(
             {
                 "fingerprint": self.fp,
+                "salt": saved.salt,
                 "tokens": list(saved.tokens),
                 "nbytes": len(saved.data),
-                "sha256": _sha(saved.data),
+                "sha256": _checksum(saved),
             }
         ).encode()
         head = _MAGIC + _HEADER_LEN.pack(len(header)) + header
@@ -329,10 +363,10 @@ class DiskTier:
         os.replace(tmp, self._path(key))
         size = len(head) + len(saved.data)
         with self._lock:
-            for old_key in self.index.dominated(saved.tokens):
+            for old_key in self.index.dominated(saved.tokens, saved.salt):
                 self._forget(old_key)
             if key not in self.sizes:
-                self.index.add(key, saved.tokens)
+                self.index.add(key, saved.tokens, saved.salt)
             self.bytes += size - self.sizes.get(key, 0)
             self.sizes[key] = size
             self.sizes.move_to_end(key)
@@ -353,9 +387,9 @@ class DiskTier:
         while self.bytes > self.budget and self.sizes:
             self._forget(next(iter(self.sizes)))
 
-    def find(self, prompt: Sequence[int], limit: int) -> tuple[str, int] | None:
+    def find(self, prompt: Sequence[int], limit: int, salt: str = "") -> tuple[str, int] | None:
         with self._lock:
-            return self.index.find(prompt, limit)
+            return self.index.find(prompt, limit, salt)
 
     def tokens_of(self, key: str) -> tuple[int, ...]:
         with self._lock:
@@ -375,8 +409,7 @@ class DiskTier:
             if path.exists():
                 self._drop(path)
             return None
-        header, data = read
-        return Saved(tuple(header["tokens"]), data)  # type: ignore[arg-type]
+        return read
 
     def close(self) -> None:
         """Write what is queued, then stop the writer."""
@@ -384,8 +417,12 @@ class DiskTier:
         self._writer.join()
 
 
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def _checksum(saved: Saved) -> str:
+    """What a disk entry's header vouches for: its salt, its tokens and the state's bytes."""
+    h = hashlib.sha256(saved.salt.encode() + b"\0")
+    h.update(struct.pack(f"<{len(saved.tokens)}i", *saved.tokens))
+    h.update(saved.data)
+    return h.hexdigest()
 
 
 class KVTiers:
@@ -402,7 +439,7 @@ class KVTiers:
     def save(self, saved: Saved) -> None:
         with self._lock:
             self.stats.saved += 1
-            self._keep(_key(saved.tokens), saved)
+            self._keep(saved.key, saved)
 
     def _keep(self, key: str, saved: Saved) -> None:
         host = self.host
@@ -411,12 +448,12 @@ class KVTiers:
             for entry in spilled:
                 self.disk.put(entry)
 
-    def on_disk(self, prompt: Sequence[int]) -> Found | None:
+    def on_disk(self, prompt: Sequence[int], salt: str = "") -> Found | None:
         """The disk entry ``prompt`` would be restored from, if the host tier has nothing as
         good and there is a host tier to read it into (a lookup: no I/O)."""
         if self.host is None or self.disk is None:
             return None
-        found = self.find(prompt, len(prompt) - 1)
+        found = self.find(prompt, len(prompt) - 1, salt)
         return found if found is not None and found.tier == "disk" else None
 
     def prefetch(self, found: Found) -> bool:
@@ -434,20 +471,21 @@ class KVTiers:
             self.stats.prefetch_s += time.perf_counter() - started
         return True
 
-    def find(self, prompt: Sequence[int], limit: int) -> Found | None:
-        """The saved prefix sharing the most tokens with ``prompt`` (host before disk)."""
+    def find(self, prompt: Sequence[int], limit: int, salt: str = "") -> Found | None:
+        """The saved prefix of ``salt`` sharing the most tokens with ``prompt`` (host before
+        disk)."""
         with self._lock:
-            return self._find(prompt, limit)
+            return self._find(prompt, limit, salt)
 
-    def _find(self, prompt: Sequence[int], limit: int) -> Found | None:
+    def _find(self, prompt: Sequence[int], limit: int, salt: str) -> Found | None:
         best: Found | None = None
-        if self.host is not None and (hit := self.host.index.find(prompt, limit)):
+        if self.host is not None and (hit := self.host.index.find(prompt, limit, salt)):
             key, n = hit
             best = Found(key, self.host.index.tokens[key], n, "host")
         if (
             self.disk is not None
             and not self.disk.broken
-            and (hit := self.disk.find(prompt, limit))
+            and (hit := self.disk.find(prompt, limit, salt))
         ):
             key, n = hit
             if best is None or n > best.n:

@@ -5,11 +5,13 @@ an engine. There are ``n_live + n_cached`` sequence ids sharing one unified pool
 at most ``n_live`` run at once; a finished sequence keeps its cells (a cached prefix) until it
 is evicted, least recently used first, when cells or ids run short.
 
-Placement: a new prompt goes where the longest prefix of it is already cached. A finished
-sequence whose whole cache is a prefix of the prompt (the same conversation, one turn later)
-is continued in place; a partial match is copied (``seq_cp`` shares the cells, it does not
-duplicate them) into a free id so the cached conversation it came from stays intact; a live
-sequence's prompt can be shared the same way.
+Placement: a new prompt goes where the longest prefix of it is already cached. Only a sequence
+cached under the prompt's salt (its request's ``cache_salt``, one per API key by default)
+counts: the cells of another salt share no prefix with it. A finished sequence whose whole cache
+is a prefix of the prompt (the same conversation, one turn later) is continued in place; a
+partial match is copied (``seq_cp`` shares the cells, it does not duplicate them) into a free id
+so the cached conversation it came from stays intact; a live sequence's prompt can be shared the
+same way.
 
 With :class:`backends.llamacpp.kv_tiers.KVTiers`, a cached prefix leaving the cells (evicted,
 or all of them at unload) is saved there first, and a prompt that shares more with a saved
@@ -49,6 +51,8 @@ class Entry:
     tokens: list[int] = field(default_factory=list)
     live: bool = False
     last_used: int = 0
+    #: The salt digest its tokens were cached under (:func:`kv_tiers.salt_digest`).
+    salt: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,13 +95,13 @@ class SlotManager:
     def can_admit(self) -> bool:
         return self.live < self.n_live
 
-    def acquire(self, prompt: Sequence[int], *, reuse: bool = True) -> Placement:
-        """A sequence id for ``prompt`` with as much of it cached there as possible (nothing
-        with ``reuse`` False: a fresh sequence, e.g. for an input to embed)."""
+    def acquire(self, prompt: Sequence[int], *, reuse: bool = True, salt: str = "") -> Placement:
+        """A sequence id for ``prompt`` with as much of it cached there as possible under
+        ``salt`` (nothing with ``reuse`` False: a fresh sequence, e.g. for an input to embed)."""
         assert self.can_admit(), "no free slot"
         self._clock += 1
-        best, reused = self._best_prefix(prompt) if reuse else (None, 0)
-        restored = self._restore(prompt, reused) if reuse else None
+        best, reused = self._best_prefix(prompt, salt) if reuse else (None, 0)
+        restored = self._restore(prompt, reused, salt) if reuse else None
         if restored is not None:
             return restored
         if best is not None and not best.live and reused == len(best.tokens):
@@ -110,6 +114,7 @@ class SlotManager:
             reused = len(best.tokens)
         else:
             self._evict(target)
+            target.salt = salt
             if best is not None and reused:
                 self.kv.seq_cp(best.seq_id, target.seq_id, 0, reused)
                 target.tokens = best.tokens[:reused]
@@ -117,13 +122,15 @@ class SlotManager:
         target.last_used = self._clock
         return Placement(target.seq_id, reused)
 
-    def _best_prefix(self, prompt: Sequence[int]) -> tuple[Entry | None, int]:
+    def _best_prefix(self, prompt: Sequence[int], salt: str) -> tuple[Entry | None, int]:
         if not self.prefix_reuse:
             return None, 0
         limit = len(prompt) - 1  # the last prompt token is always decoded (for its logits)
         best: Entry | None = None
         best_len = 0
         for e in self.entries:
+            if e.salt != salt:
+                continue
             n = min(common_prefix(e.tokens, prompt), limit)
             tie_prefers_idle = n == best_len and best is not None and best.live and not e.live
             if n > best_len or (n and tie_prefers_idle):
@@ -132,12 +139,13 @@ class SlotManager:
             return None, 0
         return best, best_len
 
-    def _restore(self, prompt: Sequence[int], in_cells: int) -> Placement | None:
-        """The saved prefix sharing more of ``prompt`` than the cells do, loaded into a free
-        sequence; None if there is none, or it could not be loaded (the caller goes on)."""
+    def _restore(self, prompt: Sequence[int], in_cells: int, salt: str) -> Placement | None:
+        """The saved prefix of ``salt`` sharing more of ``prompt`` than the cells do, loaded
+        into a free sequence; None if there is none, or it could not be loaded (the caller goes
+        on)."""
         if self.tiers is None:
             return None
-        found = self.tiers.find(prompt, len(prompt) - 1)
+        found = self.tiers.find(prompt, len(prompt) - 1, salt)
         if found is None or found.n <= max(in_cells, self.min_prefix - 1):
             return None
         target = self._free_entry(avoid=None)
@@ -153,6 +161,7 @@ class SlotManager:
             self.tiers.stats.misses += 1
             return None
         target.tokens = list(found.tokens)
+        target.salt = salt
         self._truncate(target, found.n)
         target.live = True
         target.last_used = self._clock
@@ -170,7 +179,7 @@ class SlotManager:
         """A cached prefix leaves the cells: saved to the tiers first (if long enough to be
         found there again)."""
         if self.tiers is not None and not e.live and len(e.tokens) >= BLOCK:
-            self.tiers.save(Saved(tuple(e.tokens), self.kv.save(e.seq_id)))
+            self.tiers.save(Saved(tuple(e.tokens), self.kv.save(e.seq_id), e.salt))
         self._clear(e)
 
     def spill_all(self) -> int:

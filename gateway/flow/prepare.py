@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -65,6 +66,21 @@ async def validate(backend: Backend, request: ClientRequest) -> ClientRequest:
         for i in range(first, min(first + per, len(gens))):
             gens[i] = replace(gens[i], tokenized=tokenized)
     return replace(request, generations=tuple(gens))
+
+
+def salted(request: ClientRequest, salt: str | None) -> ClientRequest:
+    """Each generation's ``cache_salt`` with the caller's (``ctx.cache_salt``) mixed in: a
+    client's own salt partitions its key's cache further, never joins another key's."""
+    if salt is None:
+        return request
+    gens = tuple(replace(g, cache_salt=mixed_salt(salt, g.cache_salt)) for g in request.generations)
+    return replace(request, generations=gens)
+
+
+def mixed_salt(caller: str, own: str | None) -> str:
+    if own is None:
+        return caller
+    return hashlib.sha256(f"{caller}\0{own}".encode()).hexdigest()
 
 
 def with_default_max_tokens(request: ClientRequest, default: int | None) -> ClientRequest:
@@ -174,6 +190,7 @@ async def check(services: Services, ctx: RequestContext, http: Request, parser: 
     ctx.response_headers.update(request.headers)
     entry = services.pool.resolve(request.model)
     request = with_default_max_tokens(request, entry.config.default_max_tokens)
+    request = salted(request, ctx.cache_salt)
     ctx.model, ctx.request = entry.name, request
     await services.plugins.on_request(ctx, request)
     if services.pool.draining:

@@ -341,6 +341,7 @@ def chat_request(body: bytes, request_id: str) -> ClientRequest:
         response_format=_response_format(wire),
         logprobs=(wire.top_logprobs or 0) if wire.logprobs else None,
         reasoning_effort=wire.reasoning_effort,
+        cache_salt=wire.cache_salt,
     )
     request = _client_request("chat", wire, _fan_out(base, wire.n, 0))
     return replace(request, requires=requires)
@@ -381,6 +382,7 @@ def completion_request(body: bytes, request_id: str) -> ClientRequest:
             response_format=_response_format(wire),
             logprobs=wire.logprobs,
             passthrough=_passthrough(wire, fields),
+            cache_salt=wire.cache_salt,
         )
         generations.extend(_fan_out(base, wire.n, p * wire.n))
     request = _client_request("completion", wire, generations, echo=wire.echo)

@@ -21,6 +21,8 @@ MAX_N = 128
 #: documents 64 characters for its end-user ids; Codex sends UUIDs), echoed in responses and
 #: in every stored event: bounded.
 ClientId = Annotated[StrictStr, Field(max_length=256)]
+#: vLLM's ``cache_salt``: the prefix cache is shared only between requests with the same one.
+CacheSalt = Annotated[StrictStr, Field(min_length=1, max_length=256)]
 
 
 class WireModel(BaseModel):
@@ -118,6 +120,7 @@ class SamplingFields(WireModel):
     frequency_penalty: Penalty | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     user: ClientId | None = None
+    cache_salt: CacheSalt | None = None
     # vLLM's names for the extra samplers
     top_k: Annotated[int, Field(ge=-1)] | None = None
     min_p: Probability | None = None

@@ -26,6 +26,12 @@ class Key:
     limits: RateLimits
     admin: bool = False
 
+    @property
+    def cache_salt(self) -> str:
+        """This key's prefix-cache partition: its name under a secret only the server has (the
+        key's hash), so it is stable across restarts (the KV disk tier) and not guessable."""
+        return hmac.new(self.digest, b"cache_salt\0" + self.name.encode(), "sha256").hexdigest()
+
 
 def _bearer(header: str | None) -> str | None:
     if not header:
@@ -105,6 +111,7 @@ class ApiKeysPlugin(Plugin):
         ctx.limits = key.limits
         ctx.admin = key.admin
         ctx.models = key.models
+        ctx.cache_salt = key.cache_salt
 
     async def on_request(self, ctx: RequestContext, request: ClientRequest) -> None:
         key = self._by_name.get(ctx.principal or "")

@@ -194,6 +194,7 @@ def responses_request(body: bytes, request_id: str) -> ClientRequest:
         logprobs=(wire.top_logprobs or 0) if logprobs else None,
         reasoning_effort="high" if effort == "xhigh" else effort,
         affinity=wire.prompt_cache_key or request_id,  # a new chain starts here
+        cache_salt=wire.cache_salt,
     )
     headers = (("x-gateway-ignored-tools", ",".join(tools.ignored)),) if tools.ignored else ()
     return ClientRequest(

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, StrictBool, StrictInt, StrictStr
 
-from gateway.wire.requests import ClientId, Probability, Temperature, WireModel
+from gateway.wire.requests import CacheSalt, ClientId, Probability, Temperature, WireModel
 
 Id = Annotated[str, Field(min_length=1, max_length=256)]
 Name = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_.-]{1,128}$")]
@@ -175,6 +175,7 @@ class ResponsesRequest(WireModel):
     truncation: Literal["auto", "disabled"] | None = None
     include: list[StrictStr] | None = None
     prompt_cache_key: ClientId | None = None
+    cache_salt: CacheSalt | None = None
     stream_options: ResponsesStreamOptions | None = None
     store: StrictBool = True
     previous_response_id: Id | None = None

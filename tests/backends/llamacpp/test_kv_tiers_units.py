@@ -250,3 +250,62 @@ def test_disk_entries_are_private(tmp_path: Path) -> None:
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
     (entry,) = (root / FP).glob("*.kv")
     assert stat.S_IMODE(entry.stat().st_mode) == 0o600
+
+
+def test_slots_and_tiers_reuse_a_prefix_only_under_its_salt(tmp_path: Path) -> None:
+    """Issue 23 finding 6: the cells and the tiers matched prefixes by tokens alone, for every
+    API key; a prefix cached under one salt is no common prefix for another, in the cells,
+    the host tier and the disk tier (across a restart: the salt is in the file)."""
+    kv = FakeKV()
+    tiers = KVTiers(HostTier(1 << 20), None)
+    slots = SlotManager(kv, n_live=1, n_cached=1, n_cells=10_000, min_prefix=2, tiers=tiers)
+    a = list(tokens(1, 2 * BLOCK))
+    p = slots.acquire(a, salt="alice")
+    slots.extend(p.seq_id, a)
+    slots.release(p.seq_id, keep=True)
+    assert slots.acquire([*a, 5], salt="bob").reused == 0  # in the cells: not bob's
+    slots.release(1 - p.seq_id, keep=False)
+    assert slots.acquire([*a, 5], salt="alice").reused == 2 * BLOCK
+    slots.release(p.seq_id, keep=True)
+    for other in (2, 3):  # alice's prefix leaves the cells for the host tier
+        q = slots.acquire(list(tokens(other, 2 * BLOCK)), salt="alice")
+        slots.extend(q.seq_id, tokens(other, 2 * BLOCK))
+        slots.release(q.seq_id, keep=True)
+    assert tiers.find([*a, 5], 10_000, "bob") is None
+    assert tiers.find([*a, 5], 10_000) is None  # nor unsalted
+    found = tiers.find([*a, 5], 10_000, "alice")
+    assert found is not None and found.n == 2 * BLOCK
+    disk = DiskTier(tmp_path, FP, budget=1 << 20)
+    disk.put(Saved(tuple(a), b"state", "alice"), wait=True)
+    disk.close()
+    again = DiskTier(tmp_path, FP, budget=1 << 20)
+    assert again.find([*a, 5], 10_000, "bob") is None
+    hit = again.find([*a, 5], 10_000, "alice")
+    assert hit is not None and (loaded := again.load(hit[0])) is not None
+    assert loaded.salt == "alice" and loaded.data == b"state"
+    again.close()
+
+
+@pytest.mark.parametrize("renamed", [False, True])
+def test_an_entry_whose_header_tokens_were_changed_is_never_loaded(
+    tmp_path: Path, renamed: bool
+) -> None:
+    """Issue 23 finding 11: the checksum covered the state's bytes, not the header's tokens,
+    so an edited file restored a state under tokens it was not computed for; the name (the
+    hash of the salt and tokens) and the checksum now cover them."""
+    path = _entry_file(tmp_path, 5)
+    data = path.read_bytes()
+    first = str(tokens(5, 1)[0]).encode()
+    forged = data.replace(b"[" + first + b",", b"[" + str(int(first) + 1).encode() + b",", 1)
+    assert forged != data and len(forged) == len(data)
+    path.write_bytes(forged)
+    if renamed:  # named for the forged tokens: only the checksum can tell
+        changed = (tokens(5, 1)[0] + 1, *tokens(5, 3 * BLOCK)[1:])
+        path = path.rename(path.with_name(Saved(changed, b"").key + ".kv"))
+    disk = DiskTier(tmp_path, FP, budget=1 << 20)
+    for prompt in (tokens(5, 3 * BLOCK), (tokens(5, 1)[0] + 1, *tokens(5, 3 * BLOCK)[1:])):
+        found = disk.find(prompt, 10_000)
+        if found is not None:
+            assert disk.load(found[0]) is None
+    assert not path.exists() and disk.stats.dropped_corrupt == 1
+    disk.close()
