@@ -37,9 +37,9 @@ class GuardedStore:
         except Exception as err:
             raise self._unavailable(err) from err
 
-    async def find_item(self, item_id: str) -> StoredResponse | None:
+    async def find_item(self, owner: str | None, item_id: str) -> StoredResponse | None:
         try:
-            return await self.inner.find_item(item_id)
+            return await self.inner.find_item(owner, item_id)
         except Exception as err:
             raise self._unavailable(err) from err
 

@@ -35,8 +35,9 @@ class ResponseStore(Protocol):
         """The record, or None if there is none (or it expired)."""
         ...
 
-    async def find_item(self, item_id: str) -> StoredResponse | None:
-        """The latest record holding the item with this id (among its ``item_ids``)."""
+    async def find_item(self, owner: str | None, item_id: str) -> StoredResponse | None:
+        """The latest of ``owner``'s records holding the item with this id (among its
+        ``item_ids``). Item ids are the client's to choose: each owner has its own."""
         ...
 
     async def delete(self, response_id: str) -> bool: ...

@@ -1,5 +1,5 @@
 """Stored responses in Redis, shared by every gateway pointed at it: one hash per response
-with the store's TTL, one key per item id naming its response (same TTL); for the
+with the store's TTL, one key per owner and item id naming its response (same TTL); for the
 ``max_bytes`` bound, a sorted set of ids by age, each id's size and their total (expired
 records are the oldest, so they are the first reclaimed).
 
@@ -82,8 +82,9 @@ class RedisStore:
     def _key(self, response_id: str) -> str:
         return f"{self.prefix}:{response_id}"
 
-    def _item_key(self, item_id: str) -> str:
-        return f"{self.prefix}:item:{item_id}"
+    def _item_key(self, owner: str | None, item_id: str) -> str:
+        """Item ids are the client's: each owner has its own (an owner's name has no ':')."""
+        return f"{self.prefix}:item:{owner or ''}:{item_id}"
 
     def _tombstone(self, response_id: str) -> str:
         return f"{self.prefix}:deleted:{response_id}"
@@ -98,7 +99,7 @@ class RedisStore:
         keys = [
             *self._books(record.id),
             self._tombstone(record.id),
-            *(self._item_key(item_id) for item_id in record.item_ids),
+            *(self._item_key(record.owner, item_id) for item_id in record.item_ids),
         ]
         ttl = max(1, int(self.ttl_s))
         args: list[str | int | float] = [
@@ -131,10 +132,10 @@ class RedisStore:
             response_id, owner or None, int(created), response, items, context, root or ""
         )
 
-    async def find_item(self, item_id: str) -> StoredResponse | None:
+    async def find_item(self, owner: str | None, item_id: str) -> StoredResponse | None:
         """Its response, if that is still stored (an item key outliving its deleted or
         evicted response names nothing)."""
-        response_id = await self._redis.get(self._item_key(item_id))
+        response_id = await self._redis.get(self._item_key(owner, item_id))
         return None if response_id is None else await self.get(response_id)
 
     async def _forget(self, response_id: str, *, deleted: bool = False) -> tuple[bool, int]:

@@ -40,18 +40,27 @@ CREATE TABLE IF NOT EXISTS responses (
 );
 CREATE INDEX IF NOT EXISTS responses_by_age ON responses (created_at);
 CREATE INDEX IF NOT EXISTS responses_by_expiry ON responses (expires_at);
-CREATE TABLE IF NOT EXISTS items (
-    item_id TEXT PRIMARY KEY,
-    response_id TEXT NOT NULL
+CREATE TABLE IF NOT EXISTS owned_items (
+    owner TEXT NOT NULL,
+    item_id TEXT NOT NULL,
+    response_id TEXT NOT NULL,
+    PRIMARY KEY (owner, item_id)
 );
-CREATE INDEX IF NOT EXISTS items_by_response ON items (response_id);
+CREATE INDEX IF NOT EXISTS owned_items_by_response ON owned_items (response_id);
 CREATE TABLE IF NOT EXISTS deleted (
     id TEXT PRIMARY KEY,
     expires_at REAL NOT NULL
 );
 """
 _COLUMNS = "id, owner, created_at, response, input_items, context, root"
-_ORPHANS = "DELETE FROM items WHERE response_id NOT IN (SELECT id FROM responses)"
+_ORPHANS = "DELETE FROM owned_items WHERE response_id NOT IN (SELECT id FROM responses)"
+#: An index of items from before they were scoped by owner (one id for every owner).
+_OLD_ITEMS = """
+INSERT OR IGNORE INTO owned_items
+    SELECT COALESCE(r.owner, ''), i.item_id, i.response_id
+    FROM items i JOIN responses r ON r.id = i.response_id;
+DROP TABLE items;
+"""
 #: How long a deleted id is remembered at most (a background run outliving its delete).
 TOMBSTONE_S = 86400.0
 #: Worker threads of one store (each with its own connection: reads go on while a write
@@ -69,6 +78,9 @@ def _setup(db: sqlite3.Connection, timeout_s: float) -> None:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(_SCHEMA)
+            old = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'items'"
+            if db.execute(old).fetchone():
+                db.executescript(_OLD_ITEMS)
             return
         except sqlite3.OperationalError as err:
             if "locked" not in str(err) or attempt == attempts - 1:
@@ -180,8 +192,8 @@ class SQLiteStore:
                 ),
             )  # fmt: skip
             db.executemany(
-                "INSERT OR REPLACE INTO items VALUES (?, ?)",
-                [(item_id, record.id) for item_id in record.item_ids],
+                "INSERT OR REPLACE INTO owned_items VALUES (?, ?, ?)",
+                [(record.owner or "", item_id, record.id) for item_id in record.item_ids],
             )
             with self._lock:
                 estimate = self._estimate
@@ -212,7 +224,7 @@ class SQLiteStore:
                 doomed.append((rid,))
                 total -= size
             db.executemany("DELETE FROM responses WHERE id = ?", doomed)
-            db.executemany("DELETE FROM items WHERE response_id = ?", doomed)
+            db.executemany("DELETE FROM owned_items WHERE response_id = ?", doomed)
         with self._lock:
             self._estimate = total
 
@@ -226,14 +238,14 @@ class SQLiteStore:
 
         return await self._run(read)
 
-    async def find_item(self, item_id: str) -> StoredResponse | None:
+    async def find_item(self, owner: str | None, item_id: str) -> StoredResponse | None:
         columns = ", ".join(f"r.{c}" for c in _COLUMNS.split(", "))
 
         def read(db: sqlite3.Connection) -> StoredResponse | None:
             row = db.execute(
-                f"SELECT {columns} FROM items i JOIN responses r ON r.id = i.response_id "
-                "WHERE i.item_id = ? AND r.expires_at >= ?",
-                (item_id, time.time()),
+                f"SELECT {columns} FROM owned_items i JOIN responses r ON r.id = i.response_id "
+                "WHERE i.owner = ? AND i.item_id = ? AND r.expires_at >= ?",
+                (owner or "", item_id, time.time()),
             ).fetchone()
             return StoredResponse(*row) if row else None
 
@@ -245,7 +257,7 @@ class SQLiteStore:
 
         def remove(db: sqlite3.Connection) -> bool:
             db.execute("INSERT OR REPLACE INTO deleted VALUES (?, ?)", (response_id, until))
-            db.execute("DELETE FROM items WHERE response_id = ?", (response_id,))
+            db.execute("DELETE FROM owned_items WHERE response_id = ?", (response_id,))
             return db.execute("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount > 0
 
         return await self._run(remove)

@@ -144,16 +144,23 @@ async def _find_items(store: Any) -> None:
     deleted or evicted response's items find nothing."""
     await store.put(replace(record("a", owner="alice"), item_ids=("msg_1", "fc_1")))
     await store.put(replace(record("b"), item_ids=("msg_2",)))
-    found = await store.find_item("fc_1")
+    found = await store.find_item("alice", "fc_1")
     assert found is not None and found.id == "a" and found.owner == "alice"
-    assert await store.find_item("msg_9") is None
-    await store.put(replace(record("c"), item_ids=("msg_1",)))  # referenced again by c
-    assert (await store.find_item("msg_1")).id == "c"
+    assert await store.find_item("alice", "msg_9") is None
+    assert (await store.find_item(None, "msg_2")).id == "b"
+    # issue 23 finding 11: item ids are the client's; another owner's same id is its own
+    await store.put(replace(record("m", owner="mallory"), item_ids=("msg_1", "fc_1")))
+    assert (await store.find_item("alice", "fc_1")).id == "a"
+    assert (await store.find_item("mallory", "fc_1")).id == "m"
+    assert await store.find_item(None, "fc_1") is None
+    await store.put(replace(record("c", owner="alice"), item_ids=("msg_1",)))  # again, by c
+    assert (await store.find_item("alice", "msg_1")).id == "c"
     await store.delete("b")
-    assert await store.find_item("msg_2") is None
+    assert await store.find_item(None, "msg_2") is None
     for i in range(40):  # past the byte bound: a and c are evicted
         await store.put(record(f"big{i}", size=100))
-    assert await store.find_item("fc_1") is None and await store.find_item("msg_1") is None
+    assert await store.find_item("alice", "fc_1") is None
+    assert await store.find_item("alice", "msg_1") is None
     await store.aclose()
 
 

@@ -36,8 +36,12 @@ from gateway.wire.responses import dumps
 log = logging.getLogger("gateway.responses")
 
 
-def _item(record: StoredResponse, item_id: str) -> dict[str, object] | None:
+def _context(record: StoredResponse) -> list[object]:
     context = json.loads(record.context)
+    return context if isinstance(context, list) else []
+
+
+def _item(context: list[object], item_id: str) -> dict[str, object] | None:
     return next((i for i in context if isinstance(i, dict) and i.get("id") == item_id), None)
 
 
@@ -84,13 +88,23 @@ class ResponsesEndpoint(OpenAIDialect):
         return with_history(request, json.loads(record.context), record.root or record.id)
 
     async def _referenced(self, state: ResponsesState) -> dict[int, dict[str, object]]:
-        """The stored items the ``item_reference`` entries name (the caller's only), by place."""
+        """The stored items the ``item_reference`` entries name (the caller's only), by place:
+        each distinct id looked up once, each record read and parsed once."""
+        items: dict[str, dict[str, object] | None] = {}
+        contexts: dict[str, list[object]] = {}
         found: dict[int, dict[str, object]] = {}
         for i in state.references:
             item_id = state.pending_input[i]["id"]
             assert isinstance(item_id, str)
-            record = await self.store.find_item(item_id)
-            item = None if record is None or record.owner != state.owner else _item(record, item_id)
+            if item_id not in items:
+                record = await self.store.find_item(state.owner, item_id)
+                if record is not None and record.owner == state.owner:
+                    if record.id not in contexts:
+                        contexts[record.id] = _context(record)
+                    items[item_id] = _item(contexts[record.id], item_id)
+                else:
+                    items[item_id] = None
+            item = items[item_id]
             if item is None:
                 raise InvalidRequest(
                     f"Item with id {item_id[:64]!r} not found.", param=f"input[{i}].id"

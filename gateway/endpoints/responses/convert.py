@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from gateway.endpoints.responses.items import item_json, parse_item, parse_items, to_messages
+from gateway.endpoints.responses.items import (
+    MAX_ITEMS,
+    item_json,
+    parse_item,
+    parse_items,
+    to_messages,
+)
 from gateway.endpoints.responses.tools import ToolOrigin, tool_set, tools_for
 from gateway.endpoints.responses.wire import (
     REFERENCE,
@@ -144,6 +150,8 @@ def _input_items(
     given (its other entries checked now: a bad one is a 400 before any lookup)."""
     if not references or isinstance(raw, str):
         return parse_items(raw), ()
+    if len(raw) > MAX_ITEMS:  # before any reference is looked up
+        raise InvalidRequest(f"'input' has more than {MAX_ITEMS} items", param="input")
     for i, entry in enumerate(raw):
         if i not in references:
             parse_item(entry, f"input[{i}]")

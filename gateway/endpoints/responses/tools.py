@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
@@ -18,6 +19,13 @@ from gateway.wire.convert import validation_error
 
 log = logging.getLogger("gateway.responses")
 _NO_PARAMETERS: dict[str, object] = {"type": "object", "properties": {}}
+_NOT_A_NAME = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def tool_type_name(kind: object) -> str:
+    """A hosted tool's ``type`` as it may be named in a response header and a log line: only
+    ``[A-Za-z0-9_.-]``, at most 64 characters ("?" if nothing is left)."""
+    return _NOT_A_NAME.sub("", str(kind))[:64] or "?"
 
 
 @dataclass(frozen=True)
@@ -87,7 +95,9 @@ def tool_set(raw: list[dict[str, object]] | None) -> ToolSet:
         kind = entry.get("type")
         model = TOOLS.get(kind) if isinstance(kind, str) else None
         if model is None:
-            out.ignored.append(str(kind)[:64])
+            name = tool_type_name(kind)
+            if name not in out.ignored:
+                out.ignored.append(name)
             continue
         try:
             tool = model.model_validate(entry)
