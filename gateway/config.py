@@ -102,6 +102,17 @@ class ServerConfig(StrictModel):
     #: Proxies (IP addresses or networks) whose ``X-Forwarded-For`` names the client; none by
     #: default, so nothing is read from it and every peer is who it is.
     trusted_proxies: tuple[str, ...] = ()
+    #: A connection's request line and headers must arrive within this (from its opening, or
+    #: from the end of its last response): a slow sender holds no connection past it.
+    header_timeout_s: float = Field(10.0, gt=0)
+    #: A request's whole body must arrive within this (a 408 past it).
+    body_timeout_s: float = Field(30.0, gt=0)
+    #: An idle keep-alive connection is closed after this (uvicorn's ``timeout_keep_alive``).
+    idle_timeout_s: float = Field(5.0, gt=0)
+    #: Open connections (and requests in flight) at most; past it a new request gets a 503.
+    max_connections: int = Field(1024, ge=1)
+    #: The request line and headers of one request, in bytes at most (a 400 past it).
+    max_header_bytes: int = Field(64 * 1024, ge=4096)
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -128,6 +128,18 @@ class PayloadTooLarge(GatewayError):
         super().__init__(message, headers={"Connection": "close"})
 
 
+class RequestTimeout(GatewayError):
+    """408: the body did not arrive within ``[server].body_timeout_s``; the connection is
+    closed after it."""
+
+    status = 408
+    type = "invalid_request_error"
+    default_code = "request_timeout"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Connection": "close"})
+
+
 class UnsupportedMediaType(GatewayError):
     status = 415
     type = "invalid_request_error"

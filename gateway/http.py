@@ -4,6 +4,7 @@ bugs), in the error dialect of the wire API whose path was asked (:class:`ErrorD
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from gateway.errors import (
     GatewayError,
     InternalError,
     PayloadTooLarge,
+    RequestTimeout,
     UnsupportedMediaType,
 )
 from gateway.wire.responses import json_line
@@ -67,8 +69,9 @@ class ErrorDialects:
         await self.app(scope, receive, send)
 
 
-async def read_json_body(request: Request, max_bytes: int) -> bytes:
-    """The raw body of a JSON request, at most ``max_bytes`` (413 beyond, 415 if not JSON)."""
+async def read_json_body(request: Request, max_bytes: int, timeout_s: float = 30.0) -> bytes:
+    """The raw body of a JSON request, at most ``max_bytes`` (413 beyond, 415 if not JSON),
+    whole within ``timeout_s`` (408 past it)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype not in JSON_TYPES:
         raise UnsupportedMediaType(
@@ -79,11 +82,15 @@ async def read_json_body(request: Request, max_bytes: int) -> bytes:
         raise PayloadTooLarge(f"request body exceeds {max_bytes} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise PayloadTooLarge(f"request body exceeds {max_bytes} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise PayloadTooLarge(f"request body exceeds {max_bytes} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s") from None
     return b"".join(chunks)
 
 

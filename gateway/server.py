@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import signal
@@ -9,7 +10,9 @@ import sys
 from types import FrameType
 from typing import Any
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig, ServerConfig
@@ -25,6 +28,49 @@ def proxy_options(server: ServerConfig) -> dict[str, Any]:
     the port from it, would decide who the client is)."""
     trusted = list(server.trusted_proxies)
     return {"proxy_headers": bool(trusted), "forwarded_allow_ips": trusted or ""}
+
+
+class DeadlineH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on each request's line and headers: a
+    connection that has not sent them whole within ``header_timeout_s`` of opening, or of its
+    last response's end, is closed (uvicorn's own keep-alive timer stops at the first byte, so
+    a client sending a header a minute held its connection for ever)."""
+
+    header_timeout_s = 10.0
+    _waiting: object = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_header_deadline()
+
+    def _arm_header_deadline(self) -> None:
+        self._waiting = wait = object()
+        self.loop.call_later(self.header_timeout_s, self._header_deadline, wait)
+
+    def _header_deadline(self, wait: object) -> None:
+        """Close the connection if it still waits for the same request's headers."""
+        idle = self.conn.their_state is h11.IDLE
+        if wait is self._waiting and idle and not self.transport.is_closing():
+            self.transport.close()
+
+
+def uvicorn_options(server: ServerConfig) -> dict[str, Any]:
+    """uvicorn's options for ``[server]``: who may set ``X-Forwarded-For``, and the bounds on
+    what a connection may hold (headers' size and time, idle keep-alive, how many at once)."""
+    protocol = type(
+        "GatewayH11Protocol", (DeadlineH11Protocol,), {"header_timeout_s": server.header_timeout_s}
+    )
+    return {
+        **proxy_options(server),
+        "http": protocol,
+        "timeout_keep_alive": server.idle_timeout_s,
+        "limit_concurrency": server.max_connections,
+        "h11_max_incomplete_event_size": server.max_header_bytes,
+    }
 
 
 class _Server(uvicorn.Server):
@@ -69,7 +115,7 @@ async def run_server(
         # the drain deadline ends every stream (gateway.drain); this is the backstop after it
         timeout_graceful_shutdown=math.ceil(config.server.drain_timeout_s) + 2,
         lifespan="on",
-        **proxy_options(config.server),
+        **uvicorn_options(config.server),
     )
     server = _Server(uv_config, services.pool)
     uv_config.app = create_app(config, services, on_load_failed=server.on_load_failed)

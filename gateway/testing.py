@@ -300,11 +300,11 @@ class ServerThread:
         return self.services.pool.resolve(model).backend
 
     def __enter__(self) -> ServerThread:
-        from gateway.server import proxy_options
+        from gateway.server import uvicorn_options
 
         uv = uvicorn.Config(
             self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on",
-            timeout_graceful_shutdown=self._drain_s + 2, **proxy_options(self.config.server),
+            timeout_graceful_shutdown=self._drain_s + 2, **uvicorn_options(self.config.server),
         )  # fmt: skip
         self._server = server = uvicorn.Server(uv)
         self._thread = threading.Thread(target=server.run, name="gateway-test-server", daemon=True)

@@ -184,7 +184,8 @@ async def check(services: Services, ctx: RequestContext, http: Request, parser: 
     endpoint and every token-counting route runs (the plugins, the body, the model's lookup
     and load, the shutdown, disconnects, default limits, capabilities, the context)."""
     await services.plugins.on_request_headers(ctx)
-    body = await read_json_body(http, services.config.server.max_body_bytes)
+    server = services.config.server
+    body = await read_json_body(http, server.max_body_bytes, server.body_timeout_s)
     request = parser.parse(body, ctx.request_id)
     request = await parser.resolve(request, ctx)
     ctx.response_headers.update(request.headers)

@@ -4,7 +4,9 @@ put in a header or a log line."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -131,3 +133,72 @@ def test_an_old_item_index_is_scoped_on_open(tmp_path: Path) -> None:
         await store.aclose()
 
     asyncio.run(run())
+
+
+@pytest.fixture(scope="module")
+def limited() -> Iterator[ServerThread]:
+    server = {
+        "header_timeout_s": 0.5, "body_timeout_s": 0.5, "max_connections": 4,
+        "max_header_bytes": 8192,
+    }  # fmt: skip
+    with ServerThread(scripted_config(server=server)) as srv:
+        yield srv
+
+
+def _connect(srv: ServerThread) -> socket.socket:
+    host, port = srv.base_url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=5)
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    return out
+
+
+def test_headers_sent_slowly_lose_their_connection(limited: ServerThread) -> None:
+    """Issue 23 finding 11: no deadline on a request's headers (uvicorn's keep-alive timer
+    stops at the first byte): a client sending a byte now and then held its connection for
+    ever; past ``header_timeout_s`` it is closed."""
+    with _connect(limited) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        started = time.monotonic()
+        for _ in range(3):
+            time.sleep(0.2)
+            with contextlib.suppress(OSError):
+                sock.sendall(b"X-Slow: 1\r\n")
+        assert _read_all(sock) == b"" and time.monotonic() - started < 3
+
+
+def test_a_body_sent_slowly_is_a_408(limited: ServerThread) -> None:
+    """Issue 23 finding 11: no deadline on the body: a request could hold a handler (and the
+    plugins' state) for ever by sending its body slowly; past ``body_timeout_s``, a 408."""
+    with _connect(limited) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"model"'
+        )
+        reply = _read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 408") and b"request_timeout" in reply
+
+
+def test_headers_and_connections_are_bounded(limited: ServerThread) -> None:
+    """Issue 23 finding 11: no connection limit and uvicorn's defaults: past
+    ``max_header_bytes`` a 400, past ``max_connections`` a 503."""
+    with _connect(limited) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 10_000)
+        time.sleep(0.05)
+        with contextlib.suppress(OSError):
+            sock.sendall(b"\r\n\r\n")
+        assert _read_all(sock).startswith(b"HTTP/1.1 400")
+    idle = [_connect(limited) for _ in range(4)]
+    try:
+        time.sleep(0.05)
+        r = httpx.get(limited.base_url + "/health", timeout=5)
+        assert r.status_code == 503
+    finally:
+        for sock in idle:
+            sock.close()
+    time.sleep(0.1)
+    assert httpx.get(limited.base_url + "/health", timeout=5).status_code == 200
