@@ -191,7 +191,8 @@ class ModelEntry:
         try:
             await self.backend.start()
         except Exception as err:  # a load failure is reported to every waiter, not raised here
-            message = f"model {self.name!r} failed to load: {err}"
+            # the reason (paths, replica URLs, library messages) goes to the log and /admin
+            message = f"model {self.name!r} failed to load (the server log has the reason)"
             self.state, self.error, self._failure = ModelState.FAILED, str(err), (message, 5.0)
             log.error("model %s failed to load: %s", self.name, err)
             await self._discard_backend()

@@ -235,7 +235,7 @@ class EngineLoop:
         except BaseException as err:  # logged, recorded, every ticket failed: never silent
             log.exception("engine %s: loop crashed", self.name)
             self.failure = f"{type(err).__name__}: {err}"
-            self._fail_all(EngineError(f"the engine loop crashed: {type(err).__name__}: {err}"))
+            self._fail_all(EngineError("the engine loop crashed (the server log has why)"))
         finally:
             with self._cond:
                 self._stopped = True
@@ -297,9 +297,9 @@ class EngineLoop:
     def _iterate(self) -> None:
         try:
             results = self.model.generator.iterate()
-        except Exception as err:
+        except Exception:
             log.exception("engine %s: generator step failed", self.name)
-            self._fail_all(EngineError(f"the engine failed: {type(err).__name__}: {err}"))
+            self._fail_all(EngineError("the engine failed (the server log has why)"))
             return
         # Counters first, deliveries after: a requester that has its Finish sees them current.
         self._update_kv()

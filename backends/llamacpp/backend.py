@@ -167,7 +167,8 @@ class LlamaCppBackend:
         if self._engine is None or self._model is None:
             raise ModelUnavailable(f"model {self.name!r} is not loaded")
         if self._engine.failure is not None:
-            raise ModelUnavailable(f"model {self.name!r} failed: {self._engine.failure}")
+            # the reason was logged when the engine failed; /admin shows it
+            raise ModelUnavailable(f"model {self.name!r} failed (the server log has the reason)")
         return self._engine, self._model
 
     async def validate(self, request: GenerationRequest) -> TokenizedPrompt:

@@ -194,7 +194,7 @@ class Engine:
         except Exception as err:  # a bug or a fatal llama.cpp error: fail everything, stop
             log.exception("engine of model %s failed", self.name)
             self.failure = err
-            self._fail_all(EngineError(f"the llama.cpp engine failed: {err}"))
+            self._fail_all(EngineError("the llama.cpp engine failed (the server log has why)"))
         else:
             self._fail_all(ModelUnavailable(f"model {self.name!r} was unloaded"))
             self._spill()

@@ -88,7 +88,9 @@ async def test_failed_load_answers_every_waiter_and_is_retried(pools: list[Model
     entry = pool.resolve("m")
     results = await asyncio.gather(*(entry.acquire() for _ in range(5)), return_exceptions=True)
     assert all(isinstance(r, ModelUnavailable) for r in results)
-    assert all("told to fail on start" in str(r) for r in results)
+    # issue 23 finding 11: the load error's text (paths, URLs) is the log's and /admin's
+    assert all("failed to load" in str(r) and "told to fail" not in str(r) for r in results)
+    assert entry.error is not None and "told to fail on start" in entry.error
     assert entry.state is ModelState.FAILED and entry.leases == 0
     started = time.monotonic()
     with pytest.raises(ModelUnavailable):  # the next request tries again (a new load)

@@ -259,7 +259,8 @@ def test_generator_failure_fails_running_and_engine_recovers(
     model.generator.fail_next_iterate = RuntimeError("CUDA error: an illegal memory access")
     for s in sinks:
         err = s.wait()[-1]
-        assert isinstance(err, EngineError) and "illegal memory access" in err.message
+        # issue 23 finding 11: the library's text is the log's, not the client's
+        assert isinstance(err, EngineError) and "illegal memory access" not in err.message
     assert model.generator.num_remaining_jobs() == 0
     model.script = words("back")
     _, sink = submit(engine, spec())
@@ -280,7 +281,7 @@ def test_a_crashed_loop_reports_its_failure(engine_factory: Factory) -> None:
 
     engine._step = broken  # type: ignore[method-assign]
     err = sink.wait()[-1]
-    assert isinstance(err, EngineError) and "a bug in the loop" in err.message
+    assert isinstance(err, EngineError) and "a bug in the loop" not in err.message
     wait_until(lambda: engine.failure is not None)
     assert engine.failure == "RuntimeError: a bug in the loop"
     with pytest.raises(EngineStopped):
