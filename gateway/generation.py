@@ -46,9 +46,10 @@ async def generate(backend: Backend, gen: GenerationRequest) -> AsyncGenerator[D
 
 
 async def merge(
-    backend: Backend, generations: Sequence[GenerationRequest]
+    backend: Backend, generations: Sequence[GenerationRequest], at_once: int | None = None
 ) -> AsyncGenerator[tuple[int, Delta], None]:
-    """Yield ``(choice index, delta)`` from every generation as they come.
+    """Yield ``(choice index, delta)`` from every generation as they come, at most
+    ``at_once`` of them running at a time (the sequences admission granted; None: all).
 
     Closing this iterator closes every backend stream at once (their ``finally`` runs).
     """
@@ -61,9 +62,11 @@ async def merge(
     #: a delta, the error that ended a generation, or None when a generation is over
     queue: asyncio.Queue[tuple[int, Delta | Exception | None]] = asyncio.Queue()
 
+    turns = asyncio.Semaphore(at_once or len(generations))
+
     async def pump(gen: GenerationRequest) -> None:
         try:
-            async with aclosing(generate(backend, gen)) as stream:
+            async with turns, aclosing(generate(backend, gen)) as stream:
                 async for delta in stream:
                     queue.put_nowait((gen.index, delta))
         except Exception as err:  # handed to the consumer, which raises it

@@ -49,7 +49,9 @@ class Exchange:
         self.created = int(time.time())
         self.progress = Progress(self.request.choices_per_prompt, ctx.started)
         self.report = EndReport(plugins, ctx, self.progress, admitted.queue_wait_s)
-        self.source = DeltaSource(self.lease.backend, self.request.generations)
+        self.source = DeltaSource(
+            self.lease.backend, self.request.generations, self.lease.sequences
+        )
         #: A background request's encoder comes from its endpoint (it began the response
         #: while the request waited in the queue).
         self.encoder: StreamEncoder | None = encoder or (

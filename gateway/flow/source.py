@@ -11,11 +11,14 @@ from gateway.types import Delta, GenerationRequest
 
 
 class DeltaSource:
-    """``(choice index, delta)`` pairs from a backend's streams; :meth:`aclose` stops them all
-    (their backends' ``finally`` runs) and is idempotent."""
+    """``(choice index, delta)`` pairs from a backend's streams, at most ``at_once`` running
+    at a time (the request's admitted sequences); :meth:`aclose` stops them all (their
+    backends' ``finally`` runs) and is idempotent."""
 
-    def __init__(self, backend: Backend, generations: Sequence[GenerationRequest]) -> None:
-        self._deltas = merge(backend, generations)
+    def __init__(
+        self, backend: Backend, generations: Sequence[GenerationRequest], at_once: int
+    ) -> None:
+        self._deltas = merge(backend, generations, at_once)
         self._first: asyncio.Task[tuple[int, Delta] | None] | None = None
 
     async def open(self, grace_s: float) -> None:

@@ -21,7 +21,7 @@ import pytest
 from gateway.config import ResponsesConfig
 from gateway.store import StoredResponse
 from gateway.testing import ServerThread
-from tests.gateway.helpers import scripted_config
+from tests.gateway.helpers import scripted, scripted_config
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -202,3 +202,36 @@ def test_headers_and_connections_are_bounded(limited: ServerThread) -> None:
             sock.close()
     time.sleep(0.1)
     assert httpx.get(limited.base_url + "/health", timeout=5).status_code == 200
+
+
+def test_a_load_error_reaches_the_log_not_the_client(caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 23 finding 11: a model's load error (file paths, replica URLs, library text)
+    was the client's 503 message; the client learns that the load failed, the log why."""
+    config = scripted_config({"m": {"fail_on_start": True}})
+    with caplog.at_level(logging.ERROR), ServerThread(config, wait_ready=False) as srv:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        r = httpx.post(srv.base_url + "/v1/chat/completions", json=body, timeout=20)
+    assert r.status_code == 503
+    message = r.json()["error"]["message"]
+    assert "failed to load" in message and "told to fail" not in message
+    assert any("told to fail on start" in rec.getMessage() for rec in caplog.records)
+
+
+def test_a_request_runs_only_the_sequences_it_was_granted() -> None:
+    """Issue 23 finding 11: an embeddings request of 64 inputs, admitted for the model's 2
+    sequences, ran 64 backend streams at once (64 upstream requests to a replica); its
+    inputs take turns on the 2 it holds."""
+    models = {
+        "emb": {
+            "capabilities": ["embeddings"], "prefill_delay_s": 0.01,
+            "batching": {"max_concurrent": 2},
+        }
+    }  # fmt: skip
+    with ServerThread(scripted_config(models)) as srv:
+        inputs = [f"input {i}" for i in range(64)]
+        r = httpx.post(
+            srv.base_url + "/v1/embeddings", json={"model": "emb", "input": inputs}, timeout=20
+        )
+        assert r.status_code == 200 and len(r.json()["data"]) == 64
+        record = scripted(srv.backend("emb")).record
+        assert len(record.finished) == 64 and record.max_active == 2
