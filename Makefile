@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint typecheck pytest bench codex
+.PHONY: install serve test lint typecheck pytest bench codex claude
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh
 	VENV=$(VENV) scripts/bootstrap.sh
@@ -20,6 +20,16 @@ $(CODEX):
 
 codex: $(CODEX)
 
+# Claude Code (npm; its native binary comes in a per-platform optional npm package), a client the
+# tests drive against /v1/messages; never committed (.peers/).
+CLAUDE_VERSION := 2.1.332
+CLAUDE := .peers/claude/node_modules/.bin/claude
+
+$(CLAUDE):
+	npm install --silent --no-audit --no-fund --prefix .peers/claude @anthropic-ai/claude-code@$(CLAUDE_VERSION)
+
+claude: $(CLAUDE)
+
 serve: install
 	$(BIN)/gateway serve $(ARGS)
 
@@ -33,7 +43,7 @@ typecheck: install
 # The coverage gate: what the suite reached when it was set (94.7%), never lower.
 COVERAGE := --cov=gateway --cov=backends --cov=plugins --cov-report=term:skip-covered --cov-fail-under=94
 
-pytest: install codex
+pytest: install codex claude
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q $(COVERAGE) $(PYTEST_ARGS)
 
 test: lint typecheck pytest
