@@ -205,6 +205,9 @@ class GenerationRequest:
     #: The last message is an assistant's answer begun by the client (a prefill): the
     #: generation continues it.
     continue_final: bool = False
+    #: The wire API the request came in on, for a backend that can forward it in kind (a
+    #: fleet whose replicas serve Anthropic's Messages API); None: OpenAI's.
+    wire_api: str | None = None
     #: What partitions the prefix cache (vLLM's ``cache_salt``): a cached prefix is reused
     #: (and counted in ``cached_tokens``) only for a request with the same salt. The core mixes
     #: the caller's own salt (an API key's) into it; None: the unsalted partition.

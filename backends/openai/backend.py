@@ -182,7 +182,7 @@ class OpenAIBackend:
         return TokenizedPrompt()  # unknown until the replica reports usage
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
-        body = request_body(request, self.upstream_model)
+        body = request_body(request, self.upstream_model, self.config.messages_api)
         tried: list[Replica] = []
         last: ReplicaFailed | None = None
         for _ in range(self.config.max_attempts):

@@ -15,8 +15,10 @@ from typing import TypeVar
 
 import httpx
 
+from backends.openai import messages
 from backends.openai.config import OpenAIConfig, TimeoutsConfig
 from backends.openai.errors import ReplicaFailed, UpstreamError, UpstreamTimeout, upstream_error
+from backends.openai.messages import MessagesDecoder
 from backends.openai.stream import ChunkDecoder, sse_data
 from gateway.types import ChatMessage, Delta, EmbeddingDelta, Finish, GenerationRequest, Usage
 
@@ -49,12 +51,21 @@ def embeddings_body(request: GenerationRequest, model: str) -> bytes:
     return json.dumps(body, ensure_ascii=False).encode()
 
 
-def request_body(request: GenerationRequest, model: str) -> bytes:
+def in_kind(request: GenerationRequest, messages_api: bool) -> bool:
+    """The request goes to the replicas' ``/v1/messages`` (it came in on the Messages API and
+    they serve it), not as a chat completion."""
+    return messages_api and request.wire_api == "messages" and request.is_chat
+
+
+def request_body(request: GenerationRequest, model: str, messages_api: bool = False) -> bytes:
     """The upstream JSON body: one choice, streamed, usage included; neutral samplers omitted
     (a replica that does not know ``top_k`` then never sees it). Fields the model's declared
-    capabilities let through (``tools``, ``response_format``...) go as the client sent them."""
+    capabilities let through (``tools``, ``response_format``...) go as the client sent them.
+    A Messages request to replicas that serve that API goes in kind."""
     if request.embed is not None:
         return embeddings_body(request, model)
+    if in_kind(request, messages_api):
+        return messages.messages_body(request, model)
     body: dict[str, object] = {
         "model": model,
         "stream": True,
@@ -116,6 +127,8 @@ class ReplicaClient:
         headers = {"accept": "text/event-stream"}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
+            if config.messages_api:  # Anthropic's own API reads only this one
+                headers["x-api-key"] = api_key
         t = config.timeouts
         self.http = httpx.AsyncClient(
             base_url=url,
@@ -155,10 +168,13 @@ class ReplicaClient:
                 yield delta
             return
         clock = _Clock(self.config.timeouts)
+        native = in_kind(request, self.config.messages_api)
         path = "/v1/chat/completions" if request.is_chat else "/v1/completions"
-        upstream = self.http.build_request(
-            "POST", path, content=body, headers={"content-type": "application/json"}
-        )
+        headers = {"content-type": "application/json"}
+        if native:
+            path = messages.PATH
+            headers.update(messages.HEADERS)
+        upstream = self.http.build_request("POST", path, content=body, headers=headers)
         no_headers = clock.why(clock.first_byte_at, False)
         response = await self._within(
             clock.first_byte_at, no_headers, self.http.send(upstream, stream=True)
@@ -167,7 +183,9 @@ class ReplicaClient:
             if response.status_code != 200:
                 raw = await self._within(clock.first_byte_at, no_headers, _read_some(response))
                 raise upstream_error(response.status_code, raw, response.headers.get("retry-after"))
-            decoder = ChunkDecoder(chat=request.is_chat)
+            decoder: ChunkDecoder | MessagesDecoder = (
+                MessagesDecoder() if native else ChunkDecoder(chat=request.is_chat)
+            )
             events = sse_data(response.aiter_lines())
             deadline = clock.first_byte_at
             while not decoder.done:

@@ -113,6 +113,10 @@ class OpenAIConfig(ModelConfig):
     #: What the replicas serve beyond streamed chat and text completions; requests that use
     #: these fields get them passed through unchanged (default: none, a 400 naming the field).
     capabilities: tuple[Literal["tools", "json_schema", "embeddings"], ...] = ()
+    #: The replicas also serve Anthropic's ``/v1/messages`` (this gateway, llama-server, vLLM,
+    #: Anthropic's API): requests that came in on it go there in kind; otherwise they are
+    #: converted to chat completions.
+    messages_api: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> OpenAIConfig:

@@ -72,7 +72,7 @@ def upstream_error(status: int, body: bytes, retry_after: str | None = None) -> 
         return cls(message, param=param, code=code)
     if status == 413:
         return PayloadTooLarge(message)
-    if status in (429, 503):
+    if status in (429, 503, 529):  # 529: Anthropic's overloaded_error
         seconds = float(retry_after) if retry_after and retry_after.isdigit() else 1.0
         return ReplicaFailed(Overloaded(f"replica busy: {message}", retry_after_s=seconds))
     return ReplicaFailed(UpstreamError(f"replica answered {status}: {message}"))

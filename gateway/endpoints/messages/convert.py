@@ -303,6 +303,7 @@ def messages_request(
         reasoning_effort=_effort(wire),
         affinity=_affinity(full, session),
         continue_final=_prefilled(messages),
+        wire_api="messages",
     )
     thinking = wire.thinking is None or wire.thinking.type != "disabled"
     headers = (("x-gateway-ignored-tools", ",".join(hosted)),) if hosted else ()

@@ -13,7 +13,10 @@ Json = dict[str, object]
 
 
 def tool_use_id(call_id: str) -> str:
-    """Anthropic's ``toolu_`` id for a call the core named ``call_...``."""
+    """Anthropic's ``toolu_`` id for a call the core named ``call_...`` (a replica's own
+    ``toolu_`` id is kept)."""
+    if call_id.startswith("toolu_"):
+        return call_id
     return "toolu_" + call_id.removeprefix("call_")
 
 
