@@ -52,6 +52,23 @@ def sampling_params(
     )
 
 
+#: The tool choices every wire API has, by the names each gives them.
+_MODES: dict[str, ToolChoiceMode] = {
+    "auto": "auto",
+    "none": "none",
+    "required": "required",  # OpenAI's name
+    "any": "required",  # Anthropic's
+}
+
+
+def choice_mode(value: object, param: str = "tool_choice") -> ToolChoiceMode:
+    """A tool choice's mode by its wire name (``auto``, ``none``, ``required`` / ``any``)."""
+    mode = _MODES.get(value) if isinstance(value, str) else None
+    if mode is None:
+        raise InvalidRequest(f"invalid '{param}': {str(value)[:64]!r}", param=param)
+    return mode
+
+
 def choose_tools(
     specs: Sequence[ToolSpec],
     mode: ToolChoiceMode,

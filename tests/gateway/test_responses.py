@@ -583,6 +583,8 @@ def slow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     """A model that takes ~0.1 s a word (background runs, cancelled midway)."""
     table = {
         "slow": {"reply": REPLY, "token_delay_s": 0.1},
+        # 100 words: a cancel sent after its first token lands midway, however busy the machine
+        "long": {"reply": " ".join(["word"] * 100), "token_delay_s": 0.1},
         "broken": {"reply": REPLY, "fail_after_tokens": 2},
         "single": {
             "reply": REPLY, "token_delay_s": 0.1,
@@ -619,16 +621,16 @@ def test_background_runs_on_and_is_polled(slow: ServerThread) -> None:
 
 def test_background_cancel_frees_the_sequence(slow: ServerThread) -> None:
     with OpenAI(base_url=slow.base_url + "/v1", api_key="x") as c:
-        r = c.responses.create(model="slow", input="hi", background=True)
-        wait_for(lambda: scripted(slow.backend("slow")).record.tokens_generated > 0)
+        r = c.responses.create(model="long", input="hi", background=True)
+        wait_for(lambda: scripted(slow.backend("long")).record.tokens_generated > 0)
         cancelled = c.responses.cancel(r.id)
         assert cancelled.status == "cancelled"
         assert c.responses.retrieve(r.id).status == "cancelled"
         again = c.responses.cancel(r.id)  # cancelling twice changes nothing
         assert again.status == "cancelled"
-    record = scripted(slow.backend("slow")).record
+    record = scripted(slow.backend("long")).record
     assert record.active == 0 and any(rid.startswith(r.id) for rid in record.cancelled)
-    admission = slow.services.pool.resolve("slow").admission
+    admission = slow.services.pool.resolve("long").admission
     assert admission.active == 0
 
 

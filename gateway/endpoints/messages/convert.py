@@ -48,7 +48,7 @@ from gateway.types import (
     ToolSpec,
 )
 from gateway.wire.convert import parse_body, validation_error
-from gateway.wire.shared import choose_tools, features, sampling_params
+from gateway.wire.shared import choice_mode, choose_tools, features, sampling_params
 
 #: The line Claude Code puts first in its system prompt (its own text block), which changes
 #: with the conversation and, on first-party hosts, with every request
@@ -229,8 +229,7 @@ def _tools(wire: CountTokensRequest) -> tuple[Tools | None, list[str]]:
             raise InvalidRequest("'tool_choice.name' is a required property", param="tool_choice")
         tools = choose_tools(specs, "named", choice.name, choice_param="tool_choice.name")
     else:
-        mode = {"auto": "auto", "any": "required", "none": "none"}[choice.type]
-        tools = choose_tools(specs, mode, parallel=parallel)  # type: ignore[arg-type]
+        tools = choose_tools(specs, choice_mode(choice.type), parallel=parallel)
     return Tools(tools.specs, tools.choice, tools.name, parallel), hosted
 
 

@@ -14,8 +14,9 @@ from gateway.endpoints.responses.items import qualified
 from gateway.endpoints.responses.wire import TOOLS, CustomTool, FunctionTool, NamespaceTool
 from gateway.errors import InvalidRequest, UnsupportedParameter
 from gateway.output.schemas import schema_text
-from gateway.types import Tools, ToolSpec
+from gateway.types import ToolChoiceMode, Tools, ToolSpec
 from gateway.wire.convert import validation_error
+from gateway.wire.shared import choice_mode
 
 log = logging.getLogger("gateway.responses")
 _NO_PARAMETERS: dict[str, object] = {"type": "object", "properties": {}}
@@ -127,7 +128,7 @@ def _named(choice: dict[str, object], names: set[str]) -> str:
     return name
 
 
-def _allowed(choice: dict[str, object], tools: ToolSet) -> tuple[list[ToolSpec], str]:
+def _allowed(choice: dict[str, object], tools: ToolSet) -> tuple[list[ToolSpec], ToolChoiceMode]:
     mode = choice.get("mode", "auto")
     allowed = choice.get("tools")
     if mode not in ("auto", "required") or not isinstance(allowed, list) or not allowed:
@@ -137,7 +138,7 @@ def _allowed(choice: dict[str, object], tools: ToolSet) -> tuple[list[ToolSpec],
         )
     names = {t.name for t in tools.specs}
     picked = {_named(a if isinstance(a, dict) else {}, names) for a in allowed}
-    return [t for t in tools.specs if t.name in picked], str(mode)
+    return [t for t in tools.specs if t.name in picked], choice_mode(mode)
 
 
 def tools_for(
@@ -151,8 +152,8 @@ def tools_for(
             return None
         raise InvalidRequest("'tool_choice' is set but 'tools' offers no tool", param="tool_choice")
     if choice is None or choice in ("auto", "none", "required"):
-        mode = "auto" if choice is None else str(choice)
-        return Tools(tuple(tools.specs), mode, None, parallel_ok)  # type: ignore[arg-type]
+        mode = choice_mode(choice or "auto")
+        return Tools(tuple(tools.specs), mode, None, parallel_ok)
     if isinstance(choice, dict):
         kind = choice.get("type")
         if kind in ("function", "custom"):
@@ -160,7 +161,7 @@ def tools_for(
             return Tools(tuple(tools.specs), "named", name, parallel_ok)
         if kind == "allowed_tools":
             specs, mode = _allowed(choice, tools)
-            return Tools(tuple(specs), mode, None, parallel_ok)  # type: ignore[arg-type]
+            return Tools(tuple(specs), mode, None, parallel_ok)
         raise UnsupportedParameter(
             f"tool_choice {str(kind)[:64]!r} names a hosted tool this server cannot run",
             param="tool_choice",
