@@ -259,11 +259,9 @@ def _effort(wire: CountTokensRequest) -> str | None:
     return effort or "medium"
 
 
-def _affinity(wire: MessagesRequest | None, session: str | None) -> str | None:
-    """What keeps a conversation on one replica: Claude Code's session id, or the client's
-    ``metadata.user_id``."""
-    if session:
-        return session[:256]
+def _affinity(wire: MessagesRequest | None) -> str | None:
+    """What keeps a conversation on one replica: the client's ``metadata.user_id`` (Claude
+    Code's session header, when sent, replaces it: see the endpoint's ``resolve``)."""
     user_id = (wire.metadata or {}).get("user_id") if wire is not None else None
     return user_id[:256] if isinstance(user_id, str) and user_id else None
 
@@ -273,7 +271,6 @@ def messages_request(
     request_id: str,
     *,
     max_tokens: int | None = None,
-    session: str | None = None,
 ) -> ClientRequest:
     """The request a Messages body (or a count_tokens body) stands for."""
     messages = to_messages(wire)
@@ -300,7 +297,7 @@ def messages_request(
         tools=tools,
         response_format=fmt,
         reasoning_effort=_effort(wire),
-        affinity=_affinity(full, session),
+        affinity=_affinity(full),
         continue_final=_prefilled(messages),
         wire_api="messages",
     )
