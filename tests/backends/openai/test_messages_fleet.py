@@ -121,3 +121,26 @@ def test_other_fleets_get_a_chat_completion(
     body = client.messages.create(model="talker-chat", max_tokens=50, messages=HI)
     assert text_of(body) == "one two three four five"
     assert upstream_ids(servers, "talker")[-1].startswith("chatcmpl-")
+
+
+def test_claude_codes_session_keeps_a_conversation_on_one_replica() -> None:
+    """``X-Claude-Code-Session-Id`` is the affinity key: turns whose first messages differ
+    (Claude Code's reminders change) still go to the replica that holds the session."""
+    ups = [scripted_upstream({"talker": {"reply": "ok", "capabilities": ALL}}) for _ in range(3)]
+    with ServerThread(ups[0]) as a, ServerThread(ups[1]) as b, ServerThread(ups[2]) as c:
+        replicas = [{"url": s.base_url} for s in (a, b, c)]
+        table = {"replicas": replicas, "balancing": "affinity", "messages_api": True,
+                 "health": {"path": "/ready"}}  # fmt: skip
+        with ServerThread(front_config({"talker": table})) as front:
+            for session in ("s-1", "s-2", "s-3"):
+                headers = {"x-claude-code-session-id": session}
+                with anthropic.Anthropic(
+                    base_url=front.base_url, api_key="k", max_retries=0, default_headers=headers
+                ) as client:
+                    for turn in range(4):
+                        ask: Any = [{"role": "user", "content": f"turn {turn} of {session}"}]
+                        client.messages.create(model="talker", max_tokens=4, messages=ask)
+                served = [len(scripted(s.backend("talker")).record.started) for s in (a, b, c)]
+                assert sorted(served) == [0, 0, 4], (session, served)
+                for s in (a, b, c):
+                    scripted(s.backend("talker")).record.started.clear()
