@@ -235,3 +235,38 @@ def test_a_request_runs_only_the_sequences_it_was_granted() -> None:
         assert r.status_code == 200 and len(r.json()["data"]) == 64
         record = scripted(srv.backend("emb")).record
         assert len(record.finished) == 64 and record.max_active == 2
+
+
+def test_the_header_deadline_leaves_an_idle_keep_alive_connection_alone(
+    limited: ServerThread,
+) -> None:
+    """Issue 23 finding 11: the header deadline runs from a request's first byte, not from
+    the last response (an idle keep-alive connection is the keep-alive timer's: a client
+    reusing it within ``idle_timeout_s`` must not find it closed)."""
+    request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+
+    def answer(sock: socket.socket) -> bytes:
+        out = b""
+        while not out.endswith(b"}") and (chunk := sock.recv(65536)):
+            out += chunk
+        return out
+
+    with _connect(limited) as sock:
+        sock.sendall(request)
+        assert answer(sock).startswith(b"HTTP/1.1 200")
+        time.sleep(0.8)  # past header_timeout_s (0.5), within idle_timeout_s (5)
+        sock.sendall(request)
+        assert answer(sock).startswith(b"HTTP/1.1 200")
+
+
+def test_jinja2_is_pinned_past_its_sandbox_escapes() -> None:
+    """Issue 23 finding 11: ``jinja2>=3.1`` admitted versions whose sandbox (what renders a
+    model's chat template) can be escaped (CVE-2024-56326, CVE-2025-27516: fixed in 3.1.6)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    root = Path(__file__).resolve().parents[2]
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    (jinja,) = [Requirement(d) for d in deps if Requirement(d).name == "jinja2"]
+    assert not jinja.specifier.contains("3.1.5") and jinja.specifier.contains("3.1.6")
