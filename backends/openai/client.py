@@ -90,6 +90,8 @@ def request_body(request: GenerationRequest, model: str, messages_api: bool = Fa
         "logit_bias": {str(t): b for t, b in s.logit_bias} or None,
         "max_tokens": request.max_tokens,
         "stop": list(request.stop) or None,
+        # the prefix-cache partition (vLLM's name; this gateway's too): a key's salt travels on
+        "cache_salt": request.cache_salt,
     }
     body.update({k: v for k, v in optional.items() if v is not None})
     body.update({name: json.loads(raw) for name, raw in request.passthrough})
@@ -152,10 +154,13 @@ class ReplicaClient:
             async with asyncio.timeout_at(deadline):
                 return await work
         except TimeoutError:
-            raise ReplicaFailed(UpstreamTimeout(f"replica {self.url} {why}")) from None
+            raise ReplicaFailed(UpstreamTimeout(f"a replica {why}"), f"{self.url} {why}") from None
         except httpx.RequestError as err:
             detail = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-            raise ReplicaFailed(UpstreamError(f"replica {self.url}: {detail}")) from None
+            raise ReplicaFailed(
+                UpstreamError(f"a replica could not be reached: {type(err).__name__}"),
+                f"{self.url}: {detail}",
+            ) from None
 
     async def generate(
         self, request: GenerationRequest, body: bytes
@@ -198,7 +203,8 @@ class ReplicaClient:
                 if decoder.pieces:
                     deadline = clock.next_chunk_at()
             if not decoder.finished:
-                raise ReplicaFailed(UpstreamError(f"replica {self.url} ended the stream early"))
+                ended = "ended the stream early"
+                raise ReplicaFailed(UpstreamError(f"a replica {ended}"), f"{self.url} {ended}")
             if decoder.done:  # read to the end, so the connection goes back to the pool
                 with suppress(ReplicaFailed):
                     await self._within(clock.next_chunk_at(), "", _drain(events))
@@ -219,7 +225,8 @@ class ReplicaClient:
             raise upstream_error(response.status_code, raw, response.headers.get("retry-after"))
         vector, usage = _embedding(response.content)
         if vector is None:
-            raise ReplicaFailed(UpstreamError(f"replica {self.url} sent no embedding"))
+            none = "sent no embedding"
+            raise ReplicaFailed(UpstreamError(f"a replica {none}"), f"{self.url} {none}")
         return [EmbeddingDelta(vector), Finish("stop", usage)]
 
     async def context_length(self, model: str, timeout_s: float) -> int | None:

@@ -31,10 +31,11 @@ class UpstreamTimeout(UpstreamError):
 
 
 class ReplicaFailed(Exception):
-    """One replica could not serve one request; the next one may. ``error`` is for the client."""
+    """One replica could not serve one request; the next one may. ``error`` is for the client
+    (it never names the replica's address); ``str()`` is for the log (``detail``: with it)."""
 
-    def __init__(self, error: GatewayError) -> None:
-        super().__init__(error.message)
+    def __init__(self, error: GatewayError, detail: str | None = None) -> None:
+        super().__init__(detail or error.message)
         self.error = error
 
 

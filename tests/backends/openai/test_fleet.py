@@ -254,6 +254,7 @@ def test_silence_between_chunks_is_an_error_event_and_closes_upstream(
     assert '"content":"x"' in r.text and "[DONE]" not in events
     error = json.loads(events[-1])["error"]
     assert error["code"] == "upstream_timeout" and "between_chunks_s=0.3" in error["message"]
+    assert not any(s.base_url in error["message"] for s in replicas)  # addresses stay inside
     wait_for(lambda: sum(len(rec.cancelled) for rec in records) == 1, what="upstream cancelled")
 
 

@@ -216,6 +216,8 @@ def test_request_body_streams_with_usage_and_omits_neutral_samplers() -> None:
     }
     text = json.loads(request_body(GenerationRequest(request_id="t", prompt="p"), "up"))
     assert text["prompt"] == "p" and "messages" not in text and "top_p" not in text
+    salted = GenerationRequest(request_id="s", prompt="p", cache_salt="key-a")
+    assert json.loads(request_body(salted, "up"))["cache_salt"] == "key-a"  # vLLM's partition
 
 
 async def lines(*items: str) -> AsyncIterator[str]:
