@@ -790,10 +790,14 @@ def test_create_and_stream_give_the_same_items_for_interleaved_text_and_calls(
             for i in items
         ]
 
-    assert shape(body.output) == shape(final.output) == [
-        ("message", "Let me check. "),
-        ("function_call", 'weather:{"city": "Paris", "days": 3}'),
-        ("message", "Done."),
-    ]
+    assert (
+        shape(body.output)
+        == shape(final.output)
+        == [
+            ("message", "Let me check. "),
+            ("function_call", 'weather:{"city": "Paris", "days": 3}'),
+            ("message", "Done."),
+        ]
+    )
     stored = client.responses.retrieve(body.id)
     assert shape(stored.output) == shape(body.output)
