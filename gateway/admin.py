@@ -175,7 +175,7 @@ def describe(entry: ModelEntry) -> dict[str, object]:
         "idle_unload_after_s": entry.config.idle_unload_after_s,
         "footprint": footprint,
         "kv_tiers": backend.cache_tiers() if isinstance(backend, HasCacheTiers) else None,
-        "error": entry.error,
+        "error": entry.error or entry.engine_failure,
     }
 
 

@@ -391,9 +391,15 @@ class ModelPool:
         results = await asyncio.gather(
             *(e.ensure_loaded() for e in startup), return_exceptions=True
         )
-        failed = [r for r in results if isinstance(r, BaseException)]
+        failed = [
+            (e, r) for e, r in zip(startup, results, strict=True) if isinstance(r, BaseException)
+        ]
         if failed:
-            raise failed[0]
+            entry, err = failed[0]
+            if entry.error is None or not isinstance(err, ModelUnavailable):
+                raise err
+            # for the operator (the CLI's one line): the reason clients are not told
+            raise ModelUnavailable(f"model {entry.name!r} failed to load: {entry.error}") from err
         self.started = True
 
     async def aclose(self) -> None:

@@ -162,6 +162,8 @@ class EngineLoop:
         self._stopped = False
         #: Why the loop crashed, if it did (the model must then be reloaded).
         self.failure: str | None = None
+        #: The last failed generator step's error (the log's and the operator's, not clients').
+        self.step_error: str | None = None
 
     # ---- the requesters' side (any thread) ----
 
@@ -207,8 +209,9 @@ class EngineLoop:
         if not sink.done.wait(timeout_s):
             self.cancel(ticket)
             raise EngineError(f"the warm-up generation took longer than {timeout_s:.0f} s")
-        if isinstance(sink.last, GatewayError):
-            raise EngineError(f"the warm-up generation failed: {sink.last.message}")
+        if isinstance(sink.last, GatewayError):  # a load error: for the log and the operator
+            reason = self.failure or self.step_error or sink.last.message
+            raise EngineError(f"the warm-up generation failed: {reason}")
 
     def stats(self) -> EngineStats:
         c = self._counters
@@ -297,8 +300,9 @@ class EngineLoop:
     def _iterate(self) -> None:
         try:
             results = self.model.generator.iterate()
-        except Exception:
+        except Exception as err:
             log.exception("engine %s: generator step failed", self.name)
+            self.step_error = f"{type(err).__name__}: {err}"
             self._fail_all(EngineError("the engine failed (the server log has why)"))
             return
         # Counters first, deliveries after: a requester that has its Finish sees them current.

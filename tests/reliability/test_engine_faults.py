@@ -112,7 +112,10 @@ def test_real_engine_fault_mid_stream(monkeypatch: pytest.MonkeyPatch) -> None:
         events = sse_events(r.text)
         errors = _errors(events)
         assert len(errors) == 1 and events[-1].startswith('{"error"'), events[-3:]
-        assert "injected fault" in errors[0]["error"]["message"]
+        message = errors[0]["error"]["message"]  # the fault's text is the log's (issue 23 #11)
+        assert "engine failed" in message and "injected fault" not in message
+        admin = httpx.get(srv.base_url + "/admin/models").json()
+        assert "injected fault" in json.dumps(admin)  # the operator sees it
         adm = srv.services.pool.resolve(FAULTY).admission
         wait_for(lambda: adm.active == 0, 5)
         # the dead engine is visible: not ready, the model's state is "failed"
