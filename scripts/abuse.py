@@ -190,6 +190,13 @@ class Abuse:
         f.saw(r.status_code)
         return r
 
+    async def background(self, f: Finding, prompt: str, max_output_tokens: int) -> str | None:
+        """Start a background response of key ``a``; its id (None if refused)."""
+        body = {"model": MODEL, "input": prompt, "background": True,
+                "max_output_tokens": max_output_tokens}  # fmt: skip
+        r = await self.post(f, "/v1/responses", body)
+        return r.json()["id"] if r is not None and r.status_code == 200 else None
+
     async def get(self, f: Finding, path: str, key: str = "a", **kw: Any) -> httpx.Response | None:
         try:
             r = await self.client.get(path, headers=self.headers(key), **kw)
@@ -202,12 +209,9 @@ class Abuse:
     # -- the findings ------------------------------------------------------------------------
 
     async def f1_follow_past_the_end(self, f: Finding) -> None:
-        body = {"model": MODEL, "input": "Count to twenty.", "background": True,
-                "max_output_tokens": 32}  # fmt: skip
-        r = await self.post(f, "/v1/responses", body)
-        if r is None or r.status_code != 200:
+        rid = await self.background(f, "Count to twenty.", 32)
+        if rid is None:
             return
-        rid = r.json()["id"]
         with contextlib.suppress(httpx.TimeoutException):
             async with self.client.stream(
                 "GET", f"/v1/responses/{rid}", params={"stream": "true", "starting_after": 100000},
@@ -319,12 +323,9 @@ class Abuse:
             await self.post(f, "/v1/chat/completions", body)
 
     async def f9_delete_running(self, f: Finding) -> None:
-        body = {"model": MODEL, "input": "Write a long story.", "background": True,
-                "max_output_tokens": 64}  # fmt: skip
-        r = await self.post(f, "/v1/responses", body)
-        if r is None or r.status_code != 200:
+        rid = await self.background(f, "Write a long story.", 64)
+        if rid is None:
             return
-        rid = r.json()["id"]
         gone = await self.client.delete(f"/v1/responses/{rid}", headers=self.headers("a"))
         f.saw(gone.status_code)
         await asyncio.sleep(2)

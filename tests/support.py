@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import httpx
+import pytest
 from openai import OpenAI
 
 
@@ -229,3 +230,33 @@ class RedisServer:
             self.process.terminate()
             self.process.wait(timeout=10)
             self.process = None
+
+
+def peer_cli(path: Path, name: str, target: str) -> Path:
+    """A client CLI ``make`` installs into ``.peers/`` (Codex, Claude Code): skipped where it is
+    missing, a failure under ``CI=1`` (CI cannot pass its tests silently)."""
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} missing at {path} (make {target} installs it)")
+        pytest.skip(f"{name} not installed (make {target})")
+    return path
+
+
+def run_group(
+    command: list[str], cwd: Path, env: dict[str, str], timeout_s: float
+) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` in its own process group, all of it killed on timeout (node launchers
+    whose native child would outlive a plain kill), with what it printed so far in the
+    failure."""
+    with subprocess.Popen(
+        command, cwd=cwd, env=env, text=True, start_new_session=True,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    ) as proc:  # fmt: skip
+        try:
+            out, err = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            name = Path(command[0]).name
+            pytest.fail(f"{name} ran past {timeout_s} s; its output: {out[-3000:]}{err[-3000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)

@@ -56,13 +56,23 @@ class ChoiceResult:
     tool_calls: list[ToolCall] = field(default_factory=list)
     embedding: tuple[float, ...] | None = None
     finish: Finish | None = None
-    #: The answer as blocks (text, reasoning, calls in the order written), as a stream's
-    #: segmenter sees them.
-    segments: Segmenter = field(default_factory=Segmenter)
+    #: The answer's deltas in order, for :attr:`segments`.
+    _written: list[Delta] = field(default_factory=list, repr=False)
+    _segments: Segmenter | None = field(default=None, repr=False)
+
+    @property
+    def segments(self) -> Segmenter:
+        """The answer as blocks (text, reasoning, calls in the order written), as a stream's
+        segmenter sees them; made when a body first asks (chat's never does)."""
+        if self._segments is None:
+            self._segments = Segmenter()
+            for delta in self._written:
+                self._segments.feed(delta)
+        return self._segments
 
     def add(self, delta: Delta) -> None:
         if not isinstance(delta, EmbeddingDelta):
-            self.segments.feed(delta)
+            self._written.append(delta)
         match delta:
             case TextDelta(text=text, logprobs=logprobs):
                 self.text.append(text)

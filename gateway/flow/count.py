@@ -6,17 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.disconnect import ClientDisconnected
-from gateway.errors import GatewayError
 from gateway.flow.contract import EndpointSpec, Parser
 from gateway.flow.prepare import check
 from gateway.flow.report import report_unadmitted
-from gateway.flow.route import new_context
-from gateway.http import error_response
+from gateway.flow.route import new_context, unadmitted
 from gateway.services import Services
 
 #: The count as the wire API answers it.
@@ -34,18 +31,8 @@ def count_route(
         ctx = new_context(request, endpoint)
         try:
             checked = await check(services, ctx, request, parser)
-        except GatewayError as err:
-            await report_unadmitted(plugins, ctx, "failed", err.status, err)
-            return error_response(err, ctx.response_headers, endpoint.errors)
-        except (ClientDisconnected, ClientDisconnect):
-            await report_unadmitted(plugins, ctx, "cancelled", 499)
-            return Response(status_code=499)
-        except BaseException as exc:  # a bug or a shutdown: the end hook still runs
-            failed = isinstance(exc, Exception)
-            await report_unadmitted(
-                plugins, ctx, *(("failed", 500) if failed else ("cancelled", 499))
-            )
-            raise
+        except BaseException as exc:
+            return await unadmitted(exc, plugins, ctx, endpoint)
         checked.release()
         await report_unadmitted(plugins, ctx, "completed", 200)
         return JSONResponse(answer(checked.prompt_tokens), headers=ctx.response_headers)

@@ -19,7 +19,7 @@ from gateway.flow.prepare import Checked, check
 from gateway.flow.report import report_unadmitted
 from gateway.generation import as_gateway_error
 from gateway.http import error_response
-from gateway.plugins import Outcome, RequestContext
+from gateway.plugins import Outcome, PluginChain, RequestContext
 from gateway.services import Services
 from gateway.sse import EventStream
 
@@ -30,6 +30,23 @@ def new_context(request: Request, endpoint: EndpointSpec) -> RequestContext:
     request_id = endpoint.id_prefix + uuid.uuid4().hex
     request.state.request_id = request_id  # for the unexpected-error handler
     return RequestContext.of(request, request_id, response_headers={"x-request-id": request_id})
+
+
+async def unadmitted(
+    exc: BaseException, plugins: PluginChain, ctx: RequestContext, endpoint: EndpointSpec
+) -> Response:
+    """The answer to a request that ended before admission, its end hook run however it ended
+    (it frees rate limits): a :class:`GatewayError` in the endpoint's shape, a 499 for a client
+    that left; a bug or a shutdown is re-raised once reported."""
+    if isinstance(exc, GatewayError):
+        await report_unadmitted(plugins, ctx, "failed", exc.status, exc)
+        return error_response(exc, ctx.response_headers, endpoint.errors)
+    if isinstance(exc, ClientDisconnected | ClientDisconnect):
+        await report_unadmitted(plugins, ctx, "cancelled", 499)
+        return Response(status_code=499)
+    outcome: Outcome = "failed" if isinstance(exc, Exception) else "cancelled"
+    await report_unadmitted(plugins, ctx, outcome, 500 if outcome == "failed" else 499)
+    raise exc
 
 
 def endpoint_routes(services: Services, endpoint: EndpointSpec) -> Sequence[BaseRoute]:
@@ -51,16 +68,8 @@ def _handler(
             if checked.request.background:
                 return await _background(_Starter(services, endpoint, checked, ctx))
             admitted = await checked.admit(request.receive)
-        except GatewayError as err:
-            await report_unadmitted(plugins, ctx, "failed", err.status, err)
-            return error_response(err, ctx.response_headers, endpoint.errors)
-        except (ClientDisconnected, ClientDisconnect):
-            await report_unadmitted(plugins, ctx, "cancelled", 499)
-            return Response(status_code=499)
-        except BaseException as exc:  # a bug or a shutdown: the end hook still runs (frees limits)
-            outcome: Outcome = "failed" if isinstance(exc, Exception) else "cancelled"
-            await report_unadmitted(plugins, ctx, outcome, 500 if outcome == "failed" else 499)
-            raise
+        except BaseException as exc:
+            return await unadmitted(exc, plugins, ctx, endpoint)
         exchange = Exchange(endpoint, admitted, ctx, plugins, services.pool.drain)
         if not admitted.request.stream:
             try:

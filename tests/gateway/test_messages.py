@@ -15,8 +15,8 @@ import pytest
 from anthropic.types import Message
 
 from gateway.testing import ServerThread
-from tests.gateway.helpers import scripted_config
-from tests.support import sse_json
+from tests.gateway.helpers import scripted, scripted_config
+from tests.support import sse_json, wait_for
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -408,3 +408,19 @@ def test_a_context_overflow_is_worded_as_anthropic_words_it(server: ServerThread
     assert found is not None and int(found[2]) == 128000 and int(found[3]) == 4096
     chat = post(server, "/v1/chat/completions", {**body, "messages": HI})
     assert "maximum context length" in chat.json()["error"]["message"]  # OpenAI's words there
+
+
+def test_a_client_leaving_a_stream_frees_its_sequence() -> None:
+    """A Messages stream whose client leaves mid-answer: the generation is cancelled and the
+    model's sequence goes back to the queue at once."""
+    slow = {"token_delay_s": 0.05, "reply": " ".join(["w"] * 200)}
+    with ServerThread(scripted_config({"slow": slow})) as srv:
+        body = {"model": "slow", "max_tokens": 500, "messages": HI, "stream": True}
+        with httpx.stream("POST", srv.base_url + "/v1/messages", json=body, timeout=10) as r:
+            lines = r.iter_lines()
+            while "content_block_delta" not in next(lines):
+                pass  # generating
+        record = scripted(srv.backend("slow")).record
+        admission = srv.services.pool.resolve("slow").admission
+        wait_for(lambda: admission.active == 0 and record.active == 0, what="the slot freed")
+        assert len(record.cancelled) == 1 and record.tokens_generated < 200

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +32,7 @@ import pytest
 
 from gateway.testing import ServerThread
 from tests.backends.llamacpp.conftest import SMOL, model_table, serve
+from tests.support import peer_cli, run_group
 
 ROOT = Path(__file__).resolve().parents[3]
 CLAUDE = ROOT / ".peers" / "claude" / "node_modules" / ".bin" / "claude"
@@ -53,11 +53,7 @@ HAIKU = "claude-haiku-4-5"
 
 @pytest.fixture(scope="module")
 def claude() -> Path:
-    if not CLAUDE.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"Claude Code missing at {CLAUDE} (make claude installs it)")
-        pytest.skip("Claude Code not installed (make claude)")
-    return CLAUDE
+    return peer_cli(CLAUDE, "Claude Code", "claude")
 
 
 @pytest.fixture(scope="module")
@@ -86,24 +82,6 @@ def claude_print(
         "DISABLE_TELEMETRY": "1", "DISABLE_ERROR_REPORTING": "1",
     }  # fmt: skip
     return run_group(command, work, env, timeout_s=180)
-
-
-def run_group(
-    command: list[str], cwd: Path, env: dict[str, str], timeout_s: float
-) -> subprocess.CompletedProcess[str]:
-    """Run ``command`` in its own process group, all of it killed on timeout, with what it
-    printed so far in the failure."""
-    with subprocess.Popen(
-        command, cwd=cwd, env=env, text=True, start_new_session=True,
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    ) as proc:  # fmt: skip
-        try:
-            out, err = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            pytest.fail(f"claude ran past {timeout_s} s; its output: {out[-3000:]}{err[-3000:]}")
-    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 def test_claude_print_completes_a_turn(

@@ -11,7 +11,6 @@ off. What remains is what Codex sends every turn: developer and user messages as
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 
 from gateway.testing import ServerThread
 from tests.backends.llamacpp.conftest import SMOL, model_table, serve
+from tests.support import peer_cli, run_group
 
 ROOT = Path(__file__).resolve().parents[3]
 CODEX = ROOT / ".peers" / "codex" / "node_modules" / ".bin" / "codex"
@@ -31,11 +31,7 @@ TRIMMED = ("multi_agent", "goals", "plugins", "skill_search", "apps", "view_imag
 
 @pytest.fixture(scope="module")
 def codex() -> Path:
-    if not CODEX.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"Codex CLI missing at {CODEX} (make codex installs it)")
-        pytest.skip("Codex CLI not installed (make codex)")
-    return CODEX
+    return peer_cli(CODEX, "Codex CLI", "codex")
 
 
 @pytest.fixture(scope="module")
@@ -64,25 +60,6 @@ def codex_exec(
     command += [arg for f in TRIMMED for arg in ("--disable", f)]
     env = {**os.environ, "CODEX_HOME": str(home), "NO_COLOR": "1"}
     return run_group([*command, prompt], work, env, timeout_s=90)
-
-
-def run_group(
-    command: list[str], cwd: Path, env: dict[str, str], timeout_s: float
-) -> subprocess.CompletedProcess[str]:
-    """Run ``command`` in its own process group, all of it killed on timeout (``codex`` is a
-    node launcher whose native child would outlive a plain kill), with what it printed so far
-    in the failure."""
-    with subprocess.Popen(
-        command, cwd=cwd, env=env, text=True, start_new_session=True,
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    ) as proc:  # fmt: skip
-        try:
-            out, err = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            pytest.fail(f"codex ran past {timeout_s} s; its output: {err[-3000:]}")
-    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 def test_codex_exec_completes_a_turn(

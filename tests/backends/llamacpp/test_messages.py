@@ -26,24 +26,20 @@ from tests.backends.llamacpp.conftest import SMOL, model_table, serve
 pytestmark = pytest.mark.timeout(120)
 
 GREEDY = {"temperature": 0}
-WEATHER = {
-    "name": "get_weather",
-    "description": "The current weather in a city.",
-    "input_schema": {
+
+
+def city_tool(name: str, description: str) -> dict[str, Any]:
+    """A tool that takes one short ``city`` string."""
+    schema = {
         "type": "object",
         "properties": {"city": {"type": "string", "maxLength": 40}},
         "required": ["city"],
-    },
-}
-TIME = {
-    "name": "get_time",
-    "description": "The local time in a city.",
-    "input_schema": {
-        "type": "object",
-        "properties": {"city": {"type": "string", "maxLength": 40}},
-        "required": ["city"],
-    },
-}
+    }
+    return {"name": name, "description": description, "input_schema": schema}
+
+
+WEATHER = city_tool("get_weather", "The current weather in a city.")
+TIME = city_tool("get_time", "The local time in a city.")
 SCHEMAS = {"get_weather": WEATHER["input_schema"], "get_time": TIME["input_schema"]}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
