@@ -51,6 +51,10 @@ class ToolSpec:
     #: The request field that holds ``parameters`` (named in a 400; None: chat's
     #: ``tools[i].function.parameters``).
     param: str | None = None
+    #: A custom tool's input format, ``(syntax, definition)`` with syntax ``text`` (any
+    #: text), ``lark`` or ``regex``: the model writes the input raw where its tool-call
+    #: format can (``parameters`` is its JSON form, ``{"input": "..."}``). None: a function.
+    freeform: tuple[str, str] | None = None
 
 
 ToolChoiceMode = Literal["auto", "none", "required", "named"]

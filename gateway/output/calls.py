@@ -1,5 +1,6 @@
-"""Reading one tool call's JSON as its text arrives: the name as soon as it is whole, the
-arguments as raw fragments (streamed as the model writes them)."""
+"""Reading one tool call as its text arrives: a JSON call's name as soon as it is whole, its
+arguments as raw fragments (streamed as the model writes them); a custom tool's raw call
+(:class:`RawCall`) as the JSON arguments ``{"input": ...}`` of its input."""
 
 from __future__ import annotations
 
@@ -168,3 +169,58 @@ class CallObject:
             except ValueError:
                 decoded = raw
             self._pending.append(decoded if isinstance(decoded, str) else raw)
+
+
+class RawCall:
+    """A custom tool's raw call (``name`` read from its first line): its input is every
+    character up to the first ``close`` marker, handed on as the JSON arguments
+    ``{"input": "..."}`` (the text escaped piece by piece as it streams), so that what the
+    client gets decodes to the input exactly as the model wrote it."""
+
+    def __init__(self, name: str, close: str) -> None:
+        self.name: str | None = name
+        self.close = close
+        self.saw_arguments = True
+        self.phase: Literal["input", "done"] = "input"
+        self._pending: list[str] = ['{"input": "']
+
+    @property
+    def done(self) -> bool:
+        return self.phase == "done"
+
+    def take_arguments(self) -> str:
+        text = "".join(self._pending)
+        self._pending.clear()
+        return text
+
+    def _input(self, text: str) -> None:
+        if text:
+            self._pending.append(json.dumps(text, ensure_ascii=False)[1:-1])
+
+    def feed(self, text: str, *, final: bool = False) -> int:
+        """Read ``text``; returns how many characters were used: up to and including the
+        closing marker, or all but a tail that could begin it (all, if ``final``)."""
+        if self.done:
+            return 0
+        at = text.find(self.close)
+        if at >= 0:
+            self._input(text[:at])
+            self._end()
+            return at + len(self.close)
+        keep = 0 if final else _tail(text, self.close)
+        self._input(text[: len(text) - keep])
+        if final:
+            self._end()
+        return len(text) - keep
+
+    def _end(self) -> None:
+        self._pending.append('"}')
+        self.phase = "done"
+
+
+def _tail(text: str, marker: str) -> int:
+    """How many trailing characters of ``text`` could begin ``marker``."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-n:]):
+            return n
+    return 0

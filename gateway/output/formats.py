@@ -13,6 +13,12 @@ model in config (``tool_format``).
 - ``mistral_args``: ``[TOOL_CALLS]name[ARGS]{...}`` per call (Mistral's newer templates).
 - ``generic``: for templates that know no tools (SmolLM2's): the tools are described in the
   system prompt and calls are written as in ``hermes``.
+
+A custom tool (the Responses API's free-form tools: its input is text, maybe under a Lark or
+regex grammar) is called raw where the format has a closing marker: ``hermes`` and
+``generic`` write ``<tool_call>name\n`` then the input exactly as meant (no JSON escaping)
+then ``</tool_call>``. The other formats write its JSON form,
+``{"name": ..., "arguments": {"input": "..."}}``.
 """
 
 from __future__ import annotations
@@ -45,6 +51,11 @@ class ToolFormat:
     arguments_key: str = "arguments"
     #: Calls are written into the template by the template itself (it takes ``tools=``).
     native: bool = True
+
+    @property
+    def raw(self) -> bool:
+        """A custom tool's call is ``call_open`` name, newline, its raw input, ``call_close``."""
+        return self.name in ("hermes", "generic")
 
     @property
     def markers(self) -> tuple[str, ...]:

@@ -6,15 +6,24 @@ a call (``<tool_call>{"name": "f", "arguments": `` ... ``}</tool_call>``) is lit
 arguments are ``%json{schema}`` with the tool's schema as given (its ``$ref``s intact).
 Markers that are single control tokens of the model are named as tokens (``<[id]>``): they
 never match text.
+
+A custom tool's call, in a format that writes it raw (:attr:`ToolFormat.raw`), is its name and
+a newline, then its input under the tool's own grammar (a Lark grammar nested as
+``%lark{...}``, a regex as a terminal, any text), then the closing marker.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from functools import lru_cache
 
+import llguidance
+
+from gateway.errors import InvalidRequest, UnsupportedParameter
 from gateway.output.formats import ChatFormat, ToolFormat
-from gateway.output.schemas import closed
+from gateway.output.panics import EnginePanic, no_panics
+from gateway.output.schemas import MAX_SCHEMA_CHARS, closed
 from gateway.types import ResponseFormat, Tools, ToolSpec
 
 #: JSON written the way models write it (and never endless white space).
@@ -36,6 +45,59 @@ def json_rule(schema: str) -> str:
 def _regex(text: str) -> str:
     """``text`` matched literally inside a Lark ``/regex/``."""
     return re.escape(text).replace("/", "\\/")
+
+
+def regex_body(definition: str) -> str:
+    """A regex (Rust syntax, as a custom tool's ``regex`` format gives it) as the body of a
+    Lark ``/regex/``: its slashes and line breaks escaped, an anchor at either end dropped (a
+    terminal matches whole)."""
+    out: list[str] = []
+    chars = iter(definition)
+    for c in chars:
+        if c == "\\":
+            out.append(c + next(chars, "\\"))
+        elif c == "/":
+            out.append("\\/")
+        else:
+            out.append({"\n": "\\n", "\r": "\\r"}.get(c, c))
+    if out and out[0] == "^":
+        out.pop(0)
+    if out and out[-1] == "$":
+        out.pop()
+    return "".join(out)
+
+
+def freeform_grammar(syntax: str, definition: str) -> str:
+    """A custom tool's format as a whole Lark grammar of its input."""
+    if syntax == "lark":
+        return definition
+    if syntax == "regex":
+        return f"start: INPUT\nINPUT: /{regex_body(definition)}/\n"
+    return "start: /(?s:.*)/\n"
+
+
+@lru_cache(maxsize=256)
+def _freeform_error(syntax: str, definition: str) -> str:
+    """Why a custom tool's grammar does not compile ("" if it does)."""
+    try:
+        with no_panics():
+            grammar = llguidance.LLMatcher.grammar_from_lark(freeform_grammar(syntax, definition))
+            error = llguidance.LLMatcher.validate_grammar(grammar)
+    except EnginePanic as err:
+        return str(err)
+    return error.strip().splitlines()[0] if error else ""
+
+
+def check_freeform(syntax: str, definition: str, param: str) -> None:
+    """A 400 naming ``param`` (``tools[i].format``) if llguidance cannot compile a custom
+    tool's grammar (run once per grammar: the result is cached)."""
+    if len(definition) > MAX_SCHEMA_CHARS:
+        raise InvalidRequest(
+            f"the grammar in '{param}' is longer than {MAX_SCHEMA_CHARS} characters", param=param
+        )
+    reason = _freeform_error(syntax, definition)
+    if reason:
+        raise InvalidRequest(f"invalid {syntax} grammar in '{param}': {reason}", param=param)
 
 
 def _name_args(b: GrammarBuilder, tool: ToolSpec) -> str:
@@ -91,7 +153,41 @@ class GrammarBuilder:
         return "\n".join([head, *self.rules, *base]) + "\n"
 
 
+def _raw_call(b: GrammarBuilder, fmt: ToolFormat, tool: ToolSpec) -> str:
+    """A custom tool's raw call after its opening marker, its closing marker included: the
+    input ends at the first closing marker (as the parser reads it)."""
+    assert tool.freeform is not None
+    syntax, definition = tool.freeform
+    head = json.dumps(tool.name + "\n", ensure_ascii=False)
+    close = fmt.call_close
+    n = len(b.rules)
+    if syntax == "lark":
+        b.rules.append(f"input{n}: %lark {{\n{definition}\n}}")
+        return f"{head} input{n} {b.lit(close)}"
+    if syntax == "regex":
+        if close in b.fmt.special:
+            b.rules.append(f"INPUT{n}: /{regex_body(definition)}/")
+            return f"{head} INPUT{n} {b.lit(close)}"
+        # lazy, the marker inside: a greedy input would run over the marker
+        b.rules.append(f"input{n}[lazy]: /(?:{regex_body(definition)}){_regex(close)}/")
+        return f"{head} input{n}"
+    return f"{head} {b.until(close)}"
+
+
+def _json_call(fmt: ToolFormat, tool: ToolSpec) -> ToolSpec:
+    """``tool`` as its call is written in JSON (a 400 for a Lark grammar: llguidance cannot
+    enforce one inside a JSON string)."""
+    if tool.freeform is not None and tool.freeform[0] == "lark":
+        raise UnsupportedParameter(
+            f"custom tool {tool.name!r}: its Lark grammar cannot be enforced in this model's "
+            f"{fmt.name!r} tool-call format (its input is a JSON string there)",
+            param=tool.param or "tools",
+        )
+    return tool
+
+
 def _call(b: GrammarBuilder, fmt: ToolFormat, tool: ToolSpec) -> str:
+    tool = _json_call(fmt, tool)
     if fmt.name == "mistral_args":
         return f"{b.lit(fmt.start)} {_name_args(b, tool)}"
     args = json_rule(tool.parameters)
@@ -106,13 +202,22 @@ def _repeat(expr: str, times: int) -> str:
 def _calls(b: GrammarBuilder, tools: Tools, *, started: bool) -> str:
     """The calls; ``started``: the first call's opening marker is already written."""
     fmt = b.fmt.tools
-    b.rules.append("call: " + " | ".join(_call(b, fmt, t) for t in tools.offered))
     more = tools.max_calls - 1
-    if fmt.name in ("hermes", "generic"):
-        close = b.lit(fmt.call_close)
-        b.rules.append(f"block: {b.lit(fmt.call_open)} WS? call WS? {close}")
-        first = f"WS? call WS? {close}" if started else "block"
+    if fmt.raw:
+        raw = [t for t in tools.offered if t.freeform is not None]
+        calls = [t for t in tools.offered if t.freeform is None]
+        bodies = []
+        if calls:
+            b.rules.append("call: " + " | ".join(_call(b, fmt, t) for t in calls))
+            bodies.append(f"WS? call WS? {b.lit(fmt.call_close)}")
+        if raw:
+            b.rules.append("raw: " + " | ".join(_raw_call(b, fmt, t) for t in raw))
+            bodies.append("WS? raw")
+        b.rules.append("body: " + " | ".join(bodies))
+        b.rules.append(f"block: {b.lit(fmt.call_open)} body")
+        first = "body" if started else "block"
         return first + _repeat("(WS? block)", more)
+    b.rules.append("call: " + " | ".join(_call(b, fmt, t) for t in tools.offered))
     if fmt.name == "llama3":
         return "call" + _repeat('(";" WS? call)', more)
     if fmt.name == "mistral":
@@ -122,7 +227,8 @@ def _calls(b: GrammarBuilder, tools: Tools, *, started: bool) -> str:
     # mistral_args: every call carries its own marker
     if not started:
         return "call" + _repeat("(WS? call)", more)
-    b.rules.append("first: " + " | ".join(_name_args(b, t) for t in tools.offered))
+    names = (_name_args(b, _json_call(fmt, t)) for t in tools.offered)
+    b.rules.append("first: " + " | ".join(names))
     return "first" + _repeat("(WS? call)", more)
 
 

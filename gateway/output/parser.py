@@ -5,6 +5,10 @@ Markup never reaches the content: where the text so far ends with what could be 
 a marker (``<tool`` of ``<tool_call>``), that much is held back until it either completes the
 marker or cannot. Each tool call's first delta carries its id and name, later ones only more
 of the raw arguments text (as OpenAI streams them).
+
+In a format that writes custom tools' calls raw (:attr:`ToolFormat.raw`), a call whose
+opening marker is followed by a name and a newline (not ``{``) is one: its input is the text
+up to the closing marker, handed on as the arguments ``{"input": "..."}``.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import string
 from dataclasses import replace
 from typing import Literal, assert_never
 
-from gateway.output.calls import CallObject
+from gateway.output.calls import CallObject, RawCall
 from gateway.output.formats import ChatFormat
 from gateway.types import (
     Delta,
@@ -31,6 +35,9 @@ Mode = Literal["content", "reasoning", "calls"]
 _ALPHABET = string.ascii_letters + string.digits
 _NAME_ARGS = re.compile(r"([A-Za-z0-9_.\-]+)\[ARGS\]")
 _NAME_ARGS_PREFIX = re.compile(r"[A-Za-z0-9_.\-]*(\[(A(R(G(S)?)?)?)?)?")
+#: A raw call's first line: the tool's name (as long as the Responses API allows, namespaced).
+_RAW_NAME = re.compile(r"([A-Za-z0-9_.\-]{1,300})\n")
+_RAW_NAME_PREFIX = re.compile(r"[A-Za-z0-9_.\-]{0,300}")
 #: Where a call object holds its arguments (Llama 3 says ``parameters``).
 ARGUMENT_KEYS = ("arguments", "parameters")
 
@@ -64,7 +71,8 @@ class OutputParser:
         self._out: list[Delta] = []
         self._tokens = 0
         self._logprobs: list[TokenLogprob] = []
-        self._call: CallObject | None = None
+        self._call: CallObject | RawCall | None = None
+        self._opened = False  # a call's opening marker was the last thing read
         self._call_index = 0
         self._named = False
         self._started = False  # any non-space content emitted
@@ -138,6 +146,7 @@ class OutputParser:
                 self.mode = "reasoning"
             else:
                 self.mode = "calls"
+                self._opened = marker == self.tools.call_open
             return
         keep = 0 if final else _held_back(buf, markers)
         self._text(buf[: len(buf) - keep])
@@ -173,9 +182,12 @@ class OutputParser:
         self._think(buf[: len(buf) - keep])
         self._buf = buf[len(buf) - keep :]
 
-    def _feed_call(self) -> None:
-        assert self._call is not None
-        used = self._call.feed(self._buf)
+    def _feed_call(self, *, final: bool = False) -> None:
+        call = self._call
+        assert call is not None
+        used = (
+            call.feed(self._buf, final=final) if isinstance(call, RawCall) else call.feed(self._buf)
+        )
         self._buf = self._buf[used:]
         self._call_progress()
 
@@ -190,11 +202,23 @@ class OutputParser:
         for glue in self._glue():
             if buf.startswith(glue):
                 self._buf = buf[len(glue) :]
+                self._opened = glue == self.tools.call_open
                 return
+        opened, self._opened = self._opened, False
         if buf.startswith("{"):
             self._call = CallObject(ARGUMENT_KEYS)
             self._feed_call()
             return
+        if opened and self.tools.raw:
+            match = _RAW_NAME.match(buf)
+            if match:
+                self._buf = buf[match.end() :]
+                self._call = RawCall(match.group(1), self.tools.call_close)
+                self._feed_call()
+                return
+            if not final and _RAW_NAME_PREFIX.fullmatch(buf):
+                self._opened = True
+                return
         if self.tools.name == "mistral_args":
             match = _NAME_ARGS.match(buf)
             if match:
@@ -237,7 +261,10 @@ class OutputParser:
         self._named = False
 
     def _flush_call(self) -> None:
-        """The stream ended inside a call (cut by max_tokens): keep what was named."""
+        """The stream ended inside a call (cut by max_tokens): keep what was named (and all of
+        a raw call's input)."""
+        if isinstance(self._call, RawCall):
+            self._feed_call(final=True)
         if self._call is not None:
             self._call_progress()
             if self._call is not None:

@@ -15,7 +15,14 @@ from dataclasses import replace
 from gateway.output.formats import ChatFormat
 from gateway.output.grammar import grammar_for
 from gateway.output.schemas import check_schema
-from gateway.types import ChatMessage, ClientRequest, GenerationRequest, OutputPlan, ToolSpec
+from gateway.types import (
+    ChatMessage,
+    ClientRequest,
+    GenerationRequest,
+    OutputPlan,
+    Tools,
+    ToolSpec,
+)
 
 
 def template_tools(tools: Sequence[ToolSpec]) -> str:
@@ -45,7 +52,7 @@ def plan_output(request: GenerationRequest, fmt: ChatFormat) -> GenerationReques
     offered = tools.offered if tools is not None else ()
     messages = request.messages
     if messages is not None and not fmt.tools.native:
-        messages = generic_messages(messages, offered)
+        messages = generic_messages(messages, offered, raw_names(tools))
     needed = offered or request.response_format is not None or fmt.reasoning is not None
     if not needed and messages == request.messages:
         return request
@@ -68,22 +75,69 @@ GENERIC_INSTRUCTIONS = (
     '<tool_call>{{"name": "<function name>", "arguments": <arguments as a JSON object>}}'
     "</tool_call>"
 )
+#: Added when a custom tool (free-text input) is offered.
+GENERIC_RAW_INSTRUCTIONS = (
+    '\nTo call a function that takes free text (it has "input", not "parameters"), answer '
+    "with nothing but <tool_call><function name>, a new line, then the text as it is (not "
+    "JSON), then </tool_call>"
+)
+_FREEFORM_INPUT = {
+    "text": "free text",
+    "regex": "free text matching this regular expression: {}",
+    "lark": "free text in this Lark grammar:\n{}",
+}
 
 
-def call_text(name: str, arguments: str) -> str:
+def raw_names(tools: Tools | None) -> frozenset[str]:
+    """The names of the request's custom tools (whose calls are written raw where the format
+    allows)."""
+    specs = tools.specs if tools is not None else ()
+    return frozenset(t.name for t in specs if t.freeform is not None)
+
+
+def _raw_input(arguments: str) -> str | None:
+    """A custom tool call's input from its JSON arguments ``{"input": "..."}``."""
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        return None
+    if isinstance(value, dict) and isinstance(value.get("input"), str):
+        return str(value["input"])
+    return None
+
+
+def call_text(name: str, arguments: str, *, raw: bool = False) -> str:
+    """A call as the model writes it (``raw``: a custom tool's, its input unescaped)."""
+    text = _raw_input(arguments) if raw else None
+    if text is not None:
+        return f"<tool_call>{name}\n{text}</tool_call>"
     return (
         f'<tool_call>{{"name": {json.dumps(name)}, "arguments": {arguments or "{}"}}}</tool_call>'
     )
 
 
+def _described(tool: ToolSpec) -> str:
+    if tool.freeform is None:
+        return json.dumps(_tool_dict(tool)["function"])
+    syntax, definition = tool.freeform
+    about: dict[str, object] = {"name": tool.name}
+    if tool.description:
+        about["description"] = tool.description
+    about["input"] = _FREEFORM_INPUT.get(syntax, "free text").format(definition)
+    return json.dumps(about, ensure_ascii=False)
+
+
 def generic_messages(
-    messages: Sequence[ChatMessage], tools: Sequence[ToolSpec]
+    messages: Sequence[ChatMessage],
+    tools: Sequence[ToolSpec],
+    raw: frozenset[str] = frozenset(),
 ) -> tuple[ChatMessage, ...]:
-    """The conversation for a template that knows no tools."""
+    """The conversation for a template that knows no tools; calls of the tools named in
+    ``raw`` (custom tools) are written raw."""
     out: list[ChatMessage] = []
     for m in messages:
         if m.tool_calls:
-            calls = "".join(call_text(c.name, c.arguments) for c in m.tool_calls)
+            calls = "".join(call_text(c.name, c.arguments, raw=c.name in raw) for c in m.tool_calls)
             out.append(replace(m, content=m.content + calls, tool_calls=()))
         elif m.role == "tool":
             result = f"<tool_response>\n{m.content}\n</tool_response>"
@@ -94,8 +148,10 @@ def generic_messages(
         else:
             out.append(m)
     if tools:
-        described = "\n".join(json.dumps(_tool_dict(t)["function"]) for t in tools)
+        described = "\n".join(_described(t) for t in tools)
         instructions = GENERIC_INSTRUCTIONS.format(tools=described)
+        if any(t.freeform is not None for t in tools):
+            instructions += GENERIC_RAW_INSTRUCTIONS
         if out and out[0].role in ("system", "developer"):
             out[0] = replace(out[0], content=f"{out[0].content}\n\n{instructions}")
         else:
@@ -132,7 +188,7 @@ def with_messages(
     kept = tuple(messages)
     if fmt is not None and not fmt.tools.native:
         tools = planned.generations[0].tools
-        kept = generic_messages(kept, tools.offered if tools is not None else ())
+        kept = generic_messages(kept, tools.offered if tools is not None else (), raw_names(tools))
     gens = tuple(replace(g, messages=kept) for g in planned.generations)
     return replace(planned, generations=gens)
 

@@ -201,3 +201,54 @@ def test_tokens_are_accounted_once() -> None:
         out += parser.feed(TextDelta(piece, tokens=2))
     counted = sum(d.tokens for d in out if isinstance(d, TextDelta | ToolCallDelta))
     assert counted == 10  # the closing marker's tokens are owed to no later delta
+
+
+#: A custom tool's raw input: quotes, backslashes, new lines, a JSON look-alike, a partial
+#: closing marker, non-ASCII.
+RAW_INPUT = (
+    '*** Begin Patch\n+print("a \\"b\\" \\\\n")\n{"input": 1} </tool_cal x\n\té✓\\\n*** End Patch\n'
+)
+
+
+def _calls(deltas: list[Delta]) -> dict[int, tuple[str | None, str]]:
+    calls: dict[int, tuple[str | None, str]] = {}
+    for d in deltas:
+        if isinstance(d, ToolCallDelta):
+            name, args = calls.get(d.call, (None, ""))
+            calls[d.call] = (name or d.name, args + d.arguments)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["generic", "hermes"])
+@pytest.mark.parametrize("how", ["chars", "whole", "random0", "random1", "random2", "random3"])
+def test_a_raw_call_keeps_its_input_exactly(name: ToolFormatName, how: str) -> None:
+    text = (
+        "Sure.<tool_call>apply_patch\n"
+        + RAW_INPUT
+        + "</tool_call>\n<tool_call>"
+        + json.dumps({"name": "add", "arguments": ADD})
+        + "</tool_call><tool_call> note\n</tool_call>"
+    )
+    seed = int(how[-1]) if how.startswith("random") else 0
+    deltas = run(ChatFormat(FORMATS[name]), cuts(text, how.rstrip("0123456789"), seed))
+    content = "".join(d.text for d in deltas if isinstance(d, TextDelta))
+    assert content == "Sure."
+    calls = _calls(deltas)
+    assert calls[0][0] == "apply_patch" and json.loads(calls[0][1]) == {"input": RAW_INPUT}
+    assert calls[1][0] == "add" and json.loads(calls[1][1]) == ADD
+    assert calls[2][0] == "note" and json.loads(calls[2][1]) == {"input": ""}
+    assert isinstance(deltas[-1], Finish) and deltas[-1].reason == "tool_calls"
+
+
+def test_a_raw_call_cut_by_max_tokens_keeps_its_input() -> None:
+    parser = OutputParser(ChatFormat(FORMATS["generic"]), parse_tools=True)
+    out = parser.feed(TextDelta('<tool_call>note\nab"c</tool'))
+    out += parser.feed(Finish("length", Usage(1, 5)))
+    assert _calls(out) == {0: ("note", json.dumps({"input": 'ab"c</tool'}))}
+
+
+def test_text_after_a_call_is_no_raw_call() -> None:
+    text = "<tool_call>note\nx</tool_call>\nDone.\nAll good"
+    deltas = run(ChatFormat(FORMATS["generic"]), list(text))
+    assert "".join(d.text for d in deltas if isinstance(d, TextDelta)) == "Done.\nAll good"
+    assert _calls(deltas) == {0: ("note", '{"input": "x"}')}

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from gateway.endpoints.responses.items import qualified
 from gateway.endpoints.responses.wire import TOOLS, CustomTool, FunctionTool, NamespaceTool
 from gateway.errors import InvalidRequest, UnsupportedParameter
+from gateway.output.grammar import check_freeform
 from gateway.output.schemas import schema_text
 from gateway.types import ToolChoiceMode, Tools, ToolSpec
 from gateway.wire.convert import validation_error
@@ -53,19 +54,31 @@ class ToolSet:
         self.origins[spec.name] = origin
 
 
-def custom_parameters(tool: CustomTool, where: str) -> dict[str, object]:
-    """A custom tool's input as the one string property ``input`` of its arguments; a regex
-    format constrains that string, a Lark grammar cannot be enforced inside JSON: a 400."""
-    text: dict[str, object] = {"type": "string"}
+def freeform(tool: CustomTool, where: str) -> tuple[str, str]:
+    """A custom tool's input format as :attr:`ToolSpec.freeform`: ``("text", "")``, or its
+    Lark or regex grammar once llguidance compiles it (a 400 naming its format if not)."""
     fmt = tool.format
-    if fmt is not None and fmt.type == "grammar":
-        if fmt.syntax != "regex" or not fmt.definition:
-            raise UnsupportedParameter(
-                f"custom tool {tool.name!r}: only 'text' and 'regex' grammar formats are "
-                "enforced by this server",
-                param=f"{where}.format",
-            )
-        text["pattern"] = f"^(?:{fmt.definition})$"
+    if fmt is None or fmt.type == "text":
+        return ("text", "")
+    param = f"{where}.format"
+    if fmt.syntax is None or not fmt.definition:
+        raise InvalidRequest(
+            f"custom tool {tool.name!r}: a grammar format needs 'syntax' (lark or regex) and "
+            "a 'definition'",
+            param=param,
+        )
+    check_freeform(fmt.syntax, fmt.definition, param)
+    return (fmt.syntax, fmt.definition)
+
+
+def custom_parameters(tool: CustomTool, where: str) -> dict[str, object]:
+    """A custom tool's input as the one string property ``input`` of its arguments (its call
+    in a tool-call format that cannot write it raw, and for a remote replica); a regex
+    format constrains that string."""
+    text: dict[str, object] = {"type": "string"}
+    syntax, definition = freeform(tool, where)
+    if syntax == "regex":
+        text["pattern"] = f"^(?:{definition})$"
     return {
         "type": "object",
         "properties": {"input": text},
@@ -85,7 +98,9 @@ def _function(tool: FunctionTool, namespace: str | None, where: str) -> tuple[To
 def _custom(tool: CustomTool, namespace: str | None, where: str) -> tuple[ToolSpec, ToolOrigin]:
     name = qualified(tool.name, namespace)
     parameters = json.dumps(custom_parameters(tool, where))
-    spec = ToolSpec(name, tool.description or "", parameters, True, f"{where}.format")
+    spec = ToolSpec(
+        name, tool.description or "", parameters, True, f"{where}.format", freeform(tool, where)
+    )
     return spec, ToolOrigin(tool.name, namespace, custom=True)
 
 

@@ -1,0 +1,191 @@
+"""Custom tools (the Responses API's free-form tools) with a Lark, regex or no grammar: a call in
+the model's own format with the input raw where the format allows, under the tool's grammar,
+and a grammar llguidance cannot compile is a 400 naming the tool's format. Codex's own
+``apply_patch`` grammar is taken from the installed Codex CLI."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.endpoints.responses.objects import custom_input
+from gateway.endpoints.responses.tools import tool_set, tools_for
+from gateway.errors import InvalidRequest, UnsupportedParameter
+from gateway.output.formats import FORMATS, ChatFormat, ToolFormatName
+from gateway.output.grammar import grammar_for, regex_body
+from gateway.output.plan import call_text, generic_messages, raw_names
+from gateway.types import ChatMessage, ToolCallRef, Tools, ToolSpec
+from tests.gateway.test_output_grammar import accepts
+
+ROOT = Path(__file__).resolve().parents[2]
+CODEX_PACKAGES = ROOT / ".peers" / "codex" / "node_modules" / "@openai"
+_GRAMMAR_START = b"start: begin_patch hunk+ end_patch\n"
+_GRAMMAR_END = b"%import common.LF\n"
+
+
+def codex_apply_patch_grammar() -> str:
+    """The Lark grammar of Codex's free-form ``apply_patch`` tool, read from the installed
+    Codex CLI (its native binary holds it as text); skipped where Codex is not installed."""
+    binaries = sorted(CODEX_PACKAGES.glob("codex*/vendor/*/bin/codex*"))
+    for path in binaries:
+        data = path.read_bytes()
+        start = data.find(_GRAMMAR_START)
+        end = data.find(_GRAMMAR_END, start)
+        if start >= 0 and end > start:
+            return data[start : end + len(_GRAMMAR_END)].decode()
+    if not binaries:
+        pytest.skip(f"Codex CLI not installed under {CODEX_PACKAGES} (make codex)")
+    pytest.fail(f"no apply_patch grammar in {[str(p) for p in binaries]}")
+
+
+@pytest.fixture(scope="module")
+def apply_patch() -> dict[str, Any]:
+    """Codex's ``apply_patch`` tool as Codex declares it."""
+    return {
+        "type": "custom",
+        "name": "apply_patch",
+        "description": "Use the `apply_patch` tool to edit files. This is a FREEFORM tool.",
+        "format": {"type": "grammar", "syntax": "lark", "definition": codex_apply_patch_grammar()},
+    }
+
+
+PATCH = (
+    '*** Begin Patch\n*** Add File: src/a b.py\n+print("it\'s \\"quoted\\" \\\\ \\n")\n'
+    "*** Update File: README.md\n@@ intro\n-old line\n+new line\n context\n*** End Patch\n"
+)
+NOT_A_PATCH = '*** Begin Patch\n{"input": "x"}\n*** End Patch\n'
+ADD = ToolSpec("add", parameters='{"type": "object", "properties": {"a": {"type": "integer"}}}')
+PIN = ToolSpec("pin", param="tools[1].format", freeform=("regex", "^[0-9]{4}$"))
+PIN_FORMAT = {"type": "grammar", "syntax": "regex", "definition": "[0-9]{4}"}
+NOTE = ToolSpec("note", param="tools[2].format", freeform=("text", ""))
+
+
+def _spec(tool: dict[str, Any]) -> ToolSpec:
+    return tool_set([tool]).specs[0]
+
+
+def _fmt(name: ToolFormatName) -> ChatFormat:
+    return ChatFormat(FORMATS[name])
+
+
+def raw(name: str, text: str) -> str:
+    return f"<tool_call>{name}\n{text}</tool_call>"
+
+
+@pytest.mark.parametrize("fmt", ["generic", "hermes"])
+def test_codex_apply_patch_grammar_is_enforced(
+    apply_patch: dict[str, Any], fmt: ToolFormatName
+) -> None:
+    spec = _spec(apply_patch)
+    assert spec.freeform is not None and spec.freeform[0] == "lark"
+    named = grammar_for(_fmt(fmt), Tools((spec, ADD), "named", "apply_patch"), None)
+    assert accepts(named, raw("apply_patch", PATCH))
+    assert accepts(named, raw("apply_patch", PATCH.rstrip("\n")))  # its final LF is optional
+    assert not accepts(named, raw("apply_patch", NOT_A_PATCH))
+    assert not accepts(named, raw("apply_patch", PATCH.replace("*** Update", "*** Patch")))
+    assert not accepts(named, raw("apply_patch", PATCH + "\n"))  # nothing after the input
+    assert not accepts(named, '<tool_call>{"name": "apply_patch", "arguments": {"input": "x"}}')
+    # auto: text, then a call of either tool, the function's in JSON
+    auto = grammar_for(_fmt(fmt), Tools((spec, ADD)), None)
+    call_a = '<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>'
+    assert accepts(auto, "I will patch it." + raw("apply_patch", PATCH) + call_a)
+    assert not accepts(auto, "I will patch it." + raw("apply_patch", NOT_A_PATCH))
+    assert not accepts(auto, raw("add", "{}"))
+
+
+def test_regex_and_text_inputs_are_raw() -> None:
+    tools = Tools((ADD, PIN, NOTE), "required")
+    grammar = grammar_for(_fmt("generic"), tools, None)
+    assert accepts(grammar, raw("pin", "1234"))
+    assert not accepts(grammar, raw("pin", "12345"))
+    assert not accepts(grammar, raw("pin", '"1234"'))
+    text = 'any "text" \\ with\nnew lines {"input": 1}'
+    assert accepts(grammar, raw("note", text) + raw("pin", "0000"))
+    assert not accepts(grammar, raw("note", "a</tool_call>b"))  # the marker ends the input
+
+
+@pytest.mark.parametrize(
+    ("definition", "body"),
+    [("^a/b$", "a\\/b"), ("a\\/b", "a\\/b"), ("x\ny", "x\\ny"), ("\\$$", "\\$")],
+)
+def test_a_regex_becomes_a_lark_terminal(definition: str, body: str) -> None:
+    assert regex_body(definition) == body
+
+
+@pytest.mark.parametrize("fmt", ["llama3", "mistral", "mistral_args"])
+def test_formats_without_raw_calls_write_the_json_form(
+    apply_patch: dict[str, Any], fmt: ToolFormatName
+) -> None:
+    pin = _spec({"type": "custom", "name": "pin", "format": PIN_FORMAT})
+    grammar = grammar_for(_fmt(fmt), Tools((pin,), "required"), None)
+    good = {"name": "pin", "arguments": {"input": "1234"}}
+    bad = {"name": "pin", "arguments": {"input": "12a4"}}
+    wraps: dict[str, Callable[[dict[str, Any]], str]] = {
+        "llama3": lambda c: json.dumps({"name": c["name"], "parameters": c["arguments"]}),
+        "mistral": lambda c: "[TOOL_CALLS][" + json.dumps(c) + "]",
+        "mistral_args": lambda c: f"[TOOL_CALLS]pin[ARGS]{json.dumps(c['arguments'])}",
+    }
+    wrap = wraps[fmt]
+    assert accepts(grammar, wrap(good)) and not accepts(grammar, wrap(bad))
+    # a Lark grammar cannot be enforced inside a JSON string: a 400 naming the tool's format
+    patch = tool_set([{"type": "function", "name": "f"}, apply_patch]).specs[1]
+    with pytest.raises(UnsupportedParameter) as err:
+        grammar_for(_fmt(fmt), Tools((patch,), "auto"), None)
+    assert err.value.param == "tools[1].format" and fmt in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        {"type": "grammar", "syntax": "lark", "definition": "start: 'a'"},
+        {"type": "grammar", "syntax": "lark", "definition": "start: a\n"},
+        {"type": "grammar", "syntax": "lark", "definition": 'start: "a" }\nx: "b"'},
+        {"type": "grammar", "syntax": "lark", "definition": ""},
+        {"type": "grammar", "syntax": "regex", "definition": "[0-9"},
+        {"type": "grammar", "definition": "start: a"},
+    ],
+)
+def test_a_grammar_llguidance_cannot_compile_is_a_400(fmt: dict[str, Any]) -> None:
+    tools: list[dict[str, object]] = [
+        {"type": "function", "name": "f"},
+        {"type": "custom", "name": "t", "format": fmt},
+    ]
+    with pytest.raises(InvalidRequest) as err:
+        tool_set(tools)
+    assert err.value.param == "tools[1].format"
+
+
+def test_a_custom_tool_is_chosen_by_name(apply_patch: dict[str, Any]) -> None:
+    tools = tool_set([{"type": "function", "name": "f"}, apply_patch])
+    chosen = tools_for(tools, {"type": "custom", "name": "apply_patch"}, None)
+    assert chosen is not None and chosen.choice == "named" and chosen.name == "apply_patch"
+    assert [t.name for t in chosen.offered] == ["apply_patch"]
+
+
+def test_history_writes_custom_calls_raw() -> None:
+    arguments = json.dumps({"input": PATCH})
+    call = ToolCallRef("c1", "apply_patch", arguments)
+    json_call = ToolCallRef("c2", "add", '{"a": 1}')
+    messages = (
+        ChatMessage("user", "fix it"),
+        ChatMessage("assistant", "", tool_calls=(call, json_call)),
+        ChatMessage("tool", "Done!", tool_call_id="c1"),
+    )
+    spec = ToolSpec("apply_patch", "Edit files", freeform=("lark", "start: x"))
+    tools = Tools((spec, ADD))
+    out = generic_messages(messages, tools.offered, raw_names(tools))
+    assert out[2].content == raw("apply_patch", PATCH) + call_text("add", '{"a": 1}')
+    system = out[0].content
+    assert '"input": "free text in this Lark grammar:\\nstart: x"' in system
+    assert "then the text as it is (not JSON)" in system
+    # a call of a tool that is no custom tool (or no longer offered) stays JSON
+    assert generic_messages(messages, ())[1].content.startswith('<tool_call>{"name": "apply')
+
+
+def test_the_client_gets_the_input_exactly() -> None:
+    for text in (PATCH, '{"input": "nested"}', "", "\\"):
+        assert custom_input(json.dumps({"input": text})) == text
