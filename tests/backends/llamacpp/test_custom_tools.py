@@ -1,0 +1,56 @@
+"""Codex's free-form ``apply_patch`` tool (a custom tool with a Lark grammar, taken from the
+installed Codex CLI) on the real SmolLM2 over ``/v1/responses``: chosen by name, the model's
+call is a ``custom_tool_call`` whose input is a patch the grammar accepts, streamed and not."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from openai import OpenAI
+
+from gateway.testing import ServerThread
+from tests.backends.llamacpp.conftest import SMOL, client_for
+from tests.gateway.test_custom_tools import codex_apply_patch_grammar
+from tests.gateway.test_output_grammar import accepts
+
+pytestmark = pytest.mark.timeout(60)
+#: The patch to write is in the request: a 135M model left to invent one loops on a line.
+PATCH = "*** Begin Patch\n*** Add File: hello.txt\n+hi\n*** End Patch\n"
+ASK = f"Call apply_patch with this patch:\n{PATCH}"
+
+
+@pytest.fixture(scope="module")
+def client(smol_server: ServerThread) -> OpenAI:
+    return client_for(smol_server)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["body", "stream"])
+def test_codex_apply_patch_call_follows_its_grammar(client: OpenAI, stream: bool) -> None:
+    grammar = codex_apply_patch_grammar()
+    tool: Any = {
+        "type": "custom",
+        "name": "apply_patch",
+        "description": "Use the `apply_patch` tool to edit files. This is a FREEFORM tool, "
+        "so do not wrap the patch in JSON.",
+        "format": {"type": "grammar", "syntax": "lark", "definition": grammar},
+    }
+    kw: Any = {
+        "model": SMOL, "input": ASK, "tools": [tool], "max_output_tokens": 64,
+        "tool_choice": {"type": "custom", "name": "apply_patch"}, "temperature": 0,
+    }  # fmt: skip
+    if stream:
+        with client.responses.stream(**kw) as s:
+            events = list(s)
+            response = s.get_final_response()
+        inputs = [e for e in events if e.type == "response.custom_tool_call_input.done"]
+        deltas = [e.delta for e in events if e.type == "response.custom_tool_call_input.delta"]
+    else:
+        response = client.responses.create(**kw)
+    [call] = response.output
+    assert response.status == "completed", response
+    assert call.type == "custom_tool_call" and call.name == "apply_patch", call
+    assert accepts(grammar, call.input), call.input
+    assert call.input.startswith("*** Begin Patch\n*** Add File: ")
+    if stream:
+        assert [e.input for e in inputs] == ["".join(deltas)] == [call.input]
