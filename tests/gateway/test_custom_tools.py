@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from openai import OpenAI
 
 from gateway.endpoints.responses.objects import custom_input
 from gateway.endpoints.responses.tools import tool_set, tools_for
@@ -18,7 +19,9 @@ from gateway.errors import InvalidRequest, UnsupportedParameter
 from gateway.output.formats import FORMATS, ChatFormat, ToolFormatName
 from gateway.output.grammar import grammar_for, regex_body
 from gateway.output.plan import call_text, generic_messages, raw_names
+from gateway.testing import ServerThread
 from gateway.types import ChatMessage, ToolCallRef, Tools, ToolSpec
+from tests.gateway.helpers import scripted_config
 from tests.gateway.test_output_grammar import accepts
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -189,3 +192,39 @@ def test_history_writes_custom_calls_raw() -> None:
 def test_the_client_gets_the_input_exactly() -> None:
     for text in (PATCH, '{"input": "nested"}', "", "\\"):
         assert custom_input(json.dumps({"input": text})) == text
+
+
+@pytest.mark.timeout(60)
+def test_the_input_reaches_the_client_exactly_streamed_and_not(apply_patch: dict[str, Any]) -> None:
+    """A scripted model (generic format) that writes a raw call: the Responses API's
+    ``custom_tool_call.input``, its input events and a stored turn's history all hold it."""
+    reply = "<tool_call>apply_patch\n" + PATCH + "</tool_call>"
+    table = {
+        "reply": reply,
+        "capabilities": ["streaming", "completions", "tools"],
+        "tool_format": "generic",
+    }
+    kw: Any = {
+        "model": "m", "input": "patch it", "tools": [apply_patch],
+        "tool_choice": {"type": "custom", "name": "apply_patch"},
+    }  # fmt: skip
+    with (
+        ServerThread(scripted_config({"m": table})) as srv,
+        OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0) as client,
+    ):
+        body = client.responses.create(**kw)
+        [call] = body.output
+        assert call.type == "custom_tool_call" and call.input == PATCH
+        assert call.id.startswith("ctc") and body.status == "completed"
+        events = list(client.responses.create(**kw, stream=True))
+        deltas = [e.delta for e in events if e.type == "response.custom_tool_call_input.delta"]
+        done = [e.input for e in events if e.type == "response.custom_tool_call_input.done"]
+        last: Any = events[-1]
+        assert deltas == done == [PATCH] and last.response.output[0].input == PATCH
+        # the call goes back into the conversation with its output: accepted
+        turn: Any = [
+            call.to_dict(),
+            {"type": "custom_tool_call_output", "call_id": call.call_id, "output": "Done!"},
+        ]
+        again = client.responses.create(**{**kw, "input": turn, "tool_choice": "auto"})
+        assert again.status == "completed"
