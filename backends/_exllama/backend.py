@@ -29,6 +29,7 @@ from gateway.errors import (
     ModelUnavailable,
     context_length_exceeded,
 )
+from gateway.output.finish.steering import Budget
 from gateway.output.formats import ChatFormat, chat_format
 from gateway.output.matchers import Grammars, request_grammar
 from gateway.types import (
@@ -236,7 +237,10 @@ class ExllamaBackend:
         constraint = None
         if grammar is not None:
             stops = loaded.model.stop_token_ids
-            constraint = await asyncio.to_thread(loaded.grammars.constraint, *grammar, stops)
+            steer = self.config.budget_steering
+            budget = Budget(request, spec.max_new_tokens) if steer else None
+            make = loaded.grammars.constraint
+            constraint = await asyncio.to_thread(make, *grammar, stops, budget)
         shows = request.output is not None and bool(loaded.chat_format.special)
         return replace(spec, constraint=constraint, decode_special=shows)
 

@@ -21,6 +21,7 @@ from backends.llamacpp.config import LlamaCppConfig
 from backends.llamacpp.kv_tiers import SharedTiers, salt_digest
 from gateway.backend import EngineStats
 from gateway.errors import InvalidRequest, ModelUnavailable, context_length_exceeded
+from gateway.output.finish.steering import Budget
 from gateway.output.formats import ChatFormat
 from gateway.output.matchers import request_grammar
 from gateway.types import (
@@ -237,15 +238,18 @@ class LlamaCppBackend:
             loop.call_soon_threadsafe(queue.put_nowait, items)
 
         limit = model.n_ctx_slot - len(prompt)
+        max_new = min(request.max_tokens or limit, limit)
         grammar = request_grammar(request)
         constraint = None
         if grammar is not None:
             stops = (model.tokenizer.eos,)
-            constraint = await asyncio.to_thread(model.grammars.constraint, *grammar, stops)
+            budget = Budget(request, max_new) if model.config.budget_steering else None
+            make = model.grammars.constraint
+            constraint = await asyncio.to_thread(make, *grammar, stops, budget)
         job = Job(
             request_id=request.request_id,
             prompt=prompt,
-            max_new=min(request.max_tokens or limit, limit),
+            max_new=max_new,
             params=request.sampling,
             stop=request.stop,
             deliver=deliver,

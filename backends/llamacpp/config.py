@@ -92,6 +92,9 @@ class LlamaCppConfig(ModelConfig):
     chat_template_file: FilePath | None = None
     #: How the model writes tool calls (default: detected from the chat template).
     tool_format: ToolFormatName | None = None
+    #: Steer constrained answers (JSON, forced tool calls) to finish within ``max_tokens``
+    #: (:mod:`gateway.output.finish`); off: they may be cut off (``length``), as elsewhere.
+    budget_steering: bool = True
     #: Limits for rendering the chat template.
     template_render_timeout_s: float = Field(1.0, gt=0, le=60)
     template_max_output_bytes: int = Field(4_000_000, ge=1024)

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import llguidance
 
 from gateway.errors import InvalidRequest
+from gateway.output.finish.steering import Budget, Steering, steering_for
 from gateway.output.panics import EnginePanic, no_panics
 from gateway.types import GenerationRequest
 
@@ -95,8 +96,30 @@ class Grammars:
             raise InvalidRequest(f"'{param}' cannot be enforced: {reason}", param=param)
         return llguidance.LLMatcher(tokenizer, compiled, log_level=0, limits=LIMITS)
 
-    def constraint(self, grammar: str, param: str, stop_tokens: Sequence[int]) -> Constraint:
-        return Constraint(self.matcher(grammar, param), self.tokenizer().vocab_size, stop_tokens)
+    def narrowed(self, grammar: str) -> llguidance.LLMatcher | None:
+        """A matcher for a finisher's narrowed grammar (not cached: each is one sequence's);
+        None if it does not compile."""
+        try:
+            with no_panics():
+                matcher = self._build(grammar, "narrowed")
+        except (EnginePanic, InvalidRequest):
+            return None
+        return None if matcher.is_error() else matcher
+
+    def constraint(
+        self,
+        grammar: str,
+        param: str,
+        stop_tokens: Sequence[int],
+        budget: Budget | None = None,
+    ) -> Constraint:
+        """One sequence's grammar; with its ``budget``, steered to finish within it."""
+        steer = None
+        if budget is not None:
+            tokenizer = self.tokenizer()
+            steer = lambda: steering_for(budget, tokenizer, self.narrowed)  # noqa: E731
+        matcher = self.matcher(grammar, param)
+        return Constraint(matcher, self.tokenizer().vocab_size, stop_tokens, steer=steer)
 
 
 class Constraint:
@@ -104,9 +127,17 @@ class Constraint:
     on a worker thread while the model runs, never at the same time as :meth:`accept`)."""
 
     def __init__(
-        self, matcher: llguidance.LLMatcher, n_vocab: int, stop_tokens: Sequence[int]
+        self,
+        matcher: llguidance.LLMatcher,
+        n_vocab: int,
+        stop_tokens: Sequence[int],
+        *,
+        steer: Callable[[], Steering | None] | None = None,
     ) -> None:
-        self.matcher = matcher
+        self.matcher = self._base = matcher
+        self._steer = steer
+        #: Watches the budget; its narrowed grammar replaces :attr:`matcher` when due.
+        self.steering = steer() if steer is not None else None
         self.n_vocab = n_vocab
         #: The packed mask (little-endian 32-bit words; bit ``i & 31`` of word ``i >> 5`` is
         #: token i), one buffer for the sequence's life: engines view it without a copy.
@@ -122,19 +153,34 @@ class Constraint:
     def compute_mask(self) -> bytearray:
         """The mask of the tokens the grammar allows next (into :attr:`mask`). After an
         error or the end of the grammar: only the stop tokens, so the sequence ends."""
-        m = self.matcher
+        m, forced = self.matcher, None
         if self.panic is None and not m.is_error() and not m.is_stopped():
             try:
                 with no_panics():
-                    m.unsafe_compute_mask_ptr(self._address, len(self.mask))
+                    m = self._steered(m)
+                    forced = self._forced(m)
+                    if forced is None:
+                        m.unsafe_compute_mask_ptr(self._address, len(self.mask))
             except EnginePanic as err:
                 self.panic = str(err)
             if self.panic is None and not m.is_error():
-                return self.mask
+                return self.mask if forced is None else self._only((forced,))
+        return self._only(self._stops)
+
+    def _only(self, tokens: Sequence[int]) -> bytearray:
         self.mask[:] = bytes(len(self.mask))
-        for token in self._stops:
+        for token in tokens:
             self.mask[token >> 3] |= 1 << (token & 7)  # little-endian words: bytes in order
         return self.mask
+
+    def _forced(self, m: llguidance.LLMatcher) -> int | None:
+        """Once steered, text the grammar forces (keys, brackets, markers) is written in its
+        usual tokens (the first of llguidance's fast-forward tokens), not spelled out in
+        more: what the budget was planned with. The model chooses nothing there."""
+        if self.steering is None or not self.steering.steers:
+            return None
+        tokens = m.compute_ff_tokens()
+        return tokens[0] if tokens and 0 <= tokens[0] < self.n_vocab else None
 
     def accept(self, token: int) -> None:
         """Advance past the sampled ``token`` (a no-op once the grammar ended or failed)."""
@@ -145,17 +191,38 @@ class Constraint:
             with no_panics():
                 if m.consume_token(int(token)):
                     self.accepted += 1
+                    if self.steering is not None:
+                        self.steering.accepted(int(token))
         except EnginePanic as err:
             self.panic = str(err)
 
+    def _steered(self, m: llguidance.LLMatcher) -> llguidance.LLMatcher:
+        """The matcher to follow: the narrowed one once the budget calls for it."""
+        if self.steering is None:
+            return m
+        narrowed = self.steering.next()
+        if narrowed is None:
+            return m
+        self.matcher = narrowed
+        return narrowed
+
+    @property
+    def steered(self) -> int:
+        """How many times this sequence's grammar was narrowed to fit its budget."""
+        return self.steering.steers if self.steering is not None else 0
+
     def reset(self) -> None:
+        self.matcher = self._base
         self.matcher.reset()
         self.accepted = 0
+        self.steering = self._steer() if self._steer is not None else None
 
     def rollback(self, n: int) -> bool:
         """Undo the last ``n`` accepted tokens; False if the matcher cannot."""
         if n > self.accepted or self.panic is not None or self.matcher.is_error():
             return False
+        if self.steering is not None and n and not self.steering.take_back(n):
+            return False  # past the start of the narrowed grammar
         self.matcher.rollback(n)
         self.accepted -= n
         return not self.matcher.is_error()
