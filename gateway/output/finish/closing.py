@@ -11,7 +11,7 @@ the alternatives its keys and values still allow, the one with the shortest fini
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from gateway.output.finish.schemas import (
@@ -46,6 +46,7 @@ class Writer(Protocol):
     def join(self, parts: list[str]) -> str: ...
     def choice(self, options: list[str]) -> str: ...
     def open_key(self, written: int) -> str: ...
+    def new_key(self) -> str: ...
 
 
 class TextWriter:
@@ -67,6 +68,9 @@ class TextWriter:
     def open_key(self, written: int) -> str:
         return '"'
 
+    def new_key(self) -> str:
+        return '""'
+
 
 class LarkWriter:
     def __init__(self, narrow: Narrow) -> None:
@@ -87,6 +91,9 @@ class LarkWriter:
 
     def open_key(self, written: int) -> str:
         return self.narrow.string({}, written=written)
+
+    def new_key(self) -> str:
+        return self.narrow.string({})
 
 
 @dataclass(frozen=True)
@@ -120,15 +127,42 @@ def _rest(t: Tracker, w: Writer, *, text_mode: bool) -> str:
     parts: list[str] = []
     if s is not None and s.key:
         parts.append(_key_rest(s, frames[0], w, text_mode=text_mode))
+    elif s is not None and frames and not frames[0].array:
+        parts.append(_value_rest(t.doc, s, frames[0], w, text_mode=text_mode))
     else:
         if s is not None:
-            parts.append(_scalar_text(s) if text_mode else _scalar_expr(t.doc, s, w))
+            part = _scalar_part(t.doc, s, w, text_mode=text_mode)
+            if part is None:
+                raise Unsupported("a scalar no schema allows")
+            parts.append(part)
         if frames:
             state = "after" if s is not None else frames[0].state
             space = s is None and not t.white and t.last in (0x2C, 0x3A)  # right after , or :
             parts.append(_container(t.doc, frames[0], state, w, space=space, child=s is not None))
     parts += [_container(t.doc, f, "after", w, space=False, child=True) for f in frames[1:]]
     return w.join(parts)
+
+
+def _value_rest(doc: Doc, s: Scalar, frame: Frame, w: Writer, *, text_mode: bool) -> str:
+    """The value being written in an object, and the rest of the object, for each schema the
+    object may still follow (a tagged union's tag decides which)."""
+    options: list[str] = []
+    for o in frame.schemas:
+        sub = key_schema(o, frame.keys[-1])
+        fits = replace(s, schemas=doc.options(sub if sub is not None else {}))
+        value = _scalar_part(doc, fits, w, text_mode=text_mode)
+        if value is not None:
+            rest = _object_rest(doc, o, frame, "after", w, False)
+            options.append(w.join([value, rest]))
+    if not options:
+        raise Unsupported("a value no schema allows")
+    return w.choice(options)
+
+
+def _scalar_part(doc: Doc, s: Scalar, w: Writer, *, text_mode: bool) -> str | None:
+    """The end (text) or the whole (grammar) of the scalar being written; None if none of its
+    schemas allows what is written."""
+    return _scalar_text(s) if text_mode else _scalar_expr(doc, s, w)
 
 
 def _key_rest(s: Scalar, frame: Frame, w: Writer, *, text_mode: bool) -> str:
@@ -149,7 +183,7 @@ def _key_rest(s: Scalar, frame: Frame, w: Writer, *, text_mode: bool) -> str:
                                    w.text("}")]))  # fmt: skip
         extra = key_schema(o, "\0")
         if extra is not None:
-            key = "a" * _cut_bytes(s.raw) + '"' if text_mode else w.open_key(s.chars)
+            key = _string_end(s) + '"' if text_mode else w.open_key(s.chars)
             rest = _members(o, missing, w)
             options.append(w.join([key, w.text(": "), w.value(extra), rest, w.text("}")]))
     if not options:
@@ -207,9 +241,9 @@ def _any_key(doc: Doc, s: Schema, f: Frame, w: Writer) -> str:
                for n, v in props.items() if n not in f.keys]  # fmt: skip
     extra = key_schema(s, "\0")
     if extra is not None:
-        options.append(w.join([w.open_key(0), w.text(": "), w.value(extra)]))
+        options.append(w.join([w.new_key(), w.text(": "), w.value(extra)]))
     if not options:
-        options.append(w.join([w.open_key(0), w.text(": "), w.value({})]))
+        options.append(w.join([w.new_key(), w.text(": "), w.value({})]))
     return w.choice(options)
 
 
@@ -230,23 +264,36 @@ def _array_rest(
     return w.join([*items, w.text("]")])
 
 
-def _scalar_text(s: Scalar) -> str:
+def _scalar_text(s: Scalar) -> str | None:
     """The shortest end of the scalar being written."""
     raw = s.raw.decode(errors="replace")
     if s.kind == "number":
         return "0" if raw[-1:] in ("-", ".", "e", "E", "+") else ""
     if s.kind == "literal":
         return next((w[len(raw) :] for w in LITERALS if w.startswith(raw)), "")
-    cut = "a" * _cut_bytes(s.raw)  # the rest of a character a token split
+    cut = _string_end(s)
     ends: list[str] = []
     for o in s.schemas:
         if "const" in o or "enum" in o:
-            values = [o["const"]] if "const" in o else o["enum"]
-            ends += [dumps(v)[1 + len(raw) :] for v in values if dumps(v)[1:].startswith(raw)]
+            ends += [v[1 + len(raw) :] for v in _values(o, raw)]
         elif kind(o) in ("string", "any"):
             sample = Shortest.string(o)
             ends.append("a" * max(0, len(sample) - len(raw)) + '"')
-    return cut + (min(ends, key=len) if ends else '"')
+    return cut + min(ends, key=len) if ends else None
+
+
+def _values(o: Schema, raw: str) -> list[str]:
+    """The JSON texts of a const or enum that begin as ``raw`` (a string's content so far)."""
+    values = [o["const"]] if "const" in o else o["enum"]
+    texts = [dumps(v) for v in values]
+    return [t for t in texts if t.startswith('"') and t[1:].startswith(raw)]
+
+
+def _string_end(s: Scalar) -> str:
+    """What the string being written needs before it may close: the rest of an escape or of
+    a character a token split."""
+    escape = "n" if s.escape == -1 else "0" * s.escape
+    return escape + "a" * _cut_bytes(s.raw)
 
 
 def _cut_bytes(raw: bytes | bytearray) -> int:
@@ -259,7 +306,7 @@ def _cut_bytes(raw: bytes | bytearray) -> int:
     return 0
 
 
-def _scalar_expr(doc: Doc, s: Scalar, w: Writer) -> str:
+def _scalar_expr(doc: Doc, s: Scalar, w: Writer) -> str | None:
     """The narrowed grammar of the scalar being written, from its first byte."""
     assert isinstance(w, LarkWriter)
     raw = s.raw.decode(errors="replace")
@@ -273,9 +320,12 @@ def _scalar_expr(doc: Doc, s: Scalar, w: Writer) -> str:
             options.append(_open_number(raw, k == "integer", w.narrow.chars))
         elif s.kind == "literal" and k == "any":
             options += [lit(x) for x in LITERALS if x.startswith(raw)]
+        elif k == "value" and s.kind == "string":
+            if _values(o, raw):
+                options.append(doc.embed(o))
         elif _same_kind(s, o):
             options.append(doc.embed(o))
-    return w.choice(options or [doc.embed({})])
+    return w.choice(options) if options else None
 
 
 def _open_number(raw: str, integer: bool, chars: int) -> str:

@@ -133,6 +133,9 @@ class Answer(Envelope):
         narrow = Narrow(self.tracker.doc, chars)
         rest = narrowed(self.tracker, narrow)
         back = None if rest.back is None else self.start + rest.back
+        t = self.tracker
+        if self.reasoning is not None and not t.stack and t.scalar is None and not t.done:
+            return Finish(back, f"WS? {rest.body}", narrow.bounded)  # white space may follow
         return Finish(back, rest.body, narrow.bounded)
 
 
@@ -329,9 +332,11 @@ def envelope_for(request: GenerationRequest) -> Envelope | None:
         return None
     fmt = plan.format
     opened = request.tokenized is not None and request.tokenized.reasoning_open
-    tools = request.tools.offered if request.tools is not None else ()
-    if tools:
-        if fmt is None or fmt.tools.name not in ("hermes", "generic"):
+    offered = request.tools.offered if request.tools is not None else ()
+    if offered:
+        # a custom tool's raw input follows its own grammar: the finisher steers the others
+        tools = tuple(t for t in offered if t.freeform is None)
+        if fmt is None or fmt.tools.name not in ("hermes", "generic") or not tools:
             return None
         forced = request.tools is not None and request.tools.choice in ("required", "named")
         return Calls(fmt, tools, forced=forced, opened=opened)
