@@ -77,22 +77,26 @@ PET: dict[str, Any] = {  # a tagged union behind $refs, as pydantic writes one
         },
         "Dog": {
             "type": "object",
-            "properties": {"kind": {"const": "dog"}, "tricks": {"type": "array",
-                           "items": {"type": "string"}, "minItems": 2}},
+            "properties": {
+                "kind": {"const": "dog"},
+                "tricks": {"type": "array", "items": {"type": "string"}, "minItems": 2},
+            },
             "required": ["kind", "tricks"],
-        },  # fmt: skip
+        },
     },
     "type": "object",
     "properties": {
-        "pets": {"type": "array", "items": {"anyOf": [{"$ref": "#/$defs/Cat"},
-                                                      {"$ref": "#/$defs/Dog"}]}},
+        "pets": {
+            "type": "array",
+            "items": {"anyOf": [{"$ref": "#/$defs/Cat"}, {"$ref": "#/$defs/Dog"}]},
+        },
         "owner": {"anyOf": [{"type": "string"}, {"type": "null"}]},
         "score": {"type": "number"},
         "ok": {"type": "boolean"},
         "when": {"type": "string", "format": "date"},
     },
     "required": ["pets", "owner", "score", "ok", "when"],
-}  # fmt: skip
+}
 PERSON_DOC = {
     "name": 'Ann "the" Smith\\é',
     "age": -42,
@@ -228,7 +232,7 @@ def test_a_wide_budget_is_never_narrowed() -> None:
 def test_a_budget_below_the_shortest_answer_is_left_alone() -> None:
     shortest_answer = house({"name": "", "age": 0, "role": "user", "tags": [""],
                              "address": {"street": "", "city": ""}, "email": ""})  # fmt: skip
-    text, why, steered = generate(request(PERSON), len(shortest_answer) - 5, 0)
+    _, why, steered = generate(request(PERSON), len(shortest_answer) - 5, 0)
     assert (why, steered) == ("length", 0)
 
 
