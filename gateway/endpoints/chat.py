@@ -1,13 +1,22 @@
-"""``POST /v1/chat/completions``: messages in, ``chat.completion`` (or its chunks) out."""
+"""``POST /v1/chat/completions``: messages in, ``chat.completion`` (or its chunks) out.
+
+A call of a custom tool (free-text input) is ``{"id", "type": "custom", "custom": {"name",
+"input"}}`` with the input exactly as the model wrote it; streamed, its first piece is that
+(the input so far) and later pieces ``{"index", "custom": {"input": ...}}`` carry more of it
+(the SDK has no chunk type for them: this is the function-call delta's shape, ``custom`` for
+``function`` and ``input`` for ``arguments``).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import assert_never
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Literal, assert_never
 
 from gateway.endpoints.chunks import ChunkStream, completion_body, json_string
 from gateway.endpoints.logprobs import chat_logprobs
-from gateway.flow.contract import ChoiceResult, Result, Stateless
+from gateway.flow.contract import ChoiceResult, Result, Stateless, ToolCall
 from gateway.sse import frame
 from gateway.types import (
     ClientRequest,
@@ -15,20 +24,90 @@ from gateway.types import (
     EmbeddingDelta,
     Endpoint,
     Finish,
+    GenerationRequest,
     ReasoningDelta,
     TextDelta,
     ToolCallDelta,
 )
 from gateway.wire.convert import chat_request
 from gateway.wire.responses import dumps
+from gateway.wire.shared import custom_input
 
 _OPEN = '},"logprobs":null,"finish_reason":null}]}'
+
+
+def custom_names(generation: GenerationRequest) -> frozenset[str]:
+    """The names of a generation's custom tools (whose calls carry free text)."""
+    tools = generation.tools
+    specs = tools.specs if tools is not None else ()
+    return frozenset(t.name for t in specs if t.freeform is not None)
+
+
+#: The start of a custom call's JSON arguments, up to its input's first character.
+_HEAD = re.compile(r'\s*\{\s*"input"\s*:\s*"')
+_SQUEEZED_HEAD = '{"input":"'
+#: JSON string text that decodes alone: characters and whole escapes.
+_STRING = re.compile(r'(?:[^"\\]+|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*')
+#: What could begin an escape, cut by the end of a piece.
+_PART_ESCAPE = re.compile(r"\\(?:u[0-9a-fA-F]{0,3})?")
+_HIGH_SURROGATE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}$")
+
+
+@dataclass
+class CustomInput:
+    """A custom call's input, piece by piece, from the pieces of its JSON arguments
+    ``{"input": "..."}`` (as the core carries it): what each piece adds to the decoded
+    input, an escape cut in two held back until it is whole. Arguments of another shape
+    (never written under the tool's grammar) come whole at the call's end, as
+    :func:`custom_input` reads them."""
+
+    state: Literal["head", "input", "done"] = "head"
+    _buf: str = ""
+    _arguments: list[str] = field(default_factory=list)
+
+    def feed(self, piece: str) -> str:
+        self._arguments.append(piece)
+        if self.state == "done":
+            return ""
+        self._buf += piece
+        if self.state == "head":
+            match = _HEAD.match(self._buf)
+            if match is None:
+                return ""
+            self._buf = self._buf[match.end() :]
+            self.state = "input"
+        return self._decode()
+
+    def _decode(self) -> str:
+        buf = self._buf
+        end = _STRING.match(buf)
+        assert end is not None  # it matches the empty string
+        body, rest = buf[: end.end()], buf[end.end() :]
+        if rest.startswith('"'):
+            self.state = "done"
+            rest = ""
+        elif rest and not _PART_ESCAPE.fullmatch(rest):  # not JSON: the rest as it is
+            body, rest = body + json.dumps(rest)[1:-1], ""
+        elif _HIGH_SURROGATE.search(body):  # its low half may come next
+            body, rest = body[:-6], body[-6:] + rest
+        self._buf = rest
+        return str(json.loads(f'"{body}"'))
+
+    def end(self) -> str:
+        """The input not yet handed on, at the call's end."""
+        if self.state != "head":
+            return ""
+        self.state = "done"
+        return custom_input("".join(self._arguments)) if self._arguments else ""
 
 
 class ChatStreamEncoder(ChunkStream):
     def __init__(self, request: ClientRequest, response_id: str, created: int) -> None:
         super().__init__("chat.completion.chunk", request, response_id, created)
         self._prefixes: dict[int, str] = {}
+        self._custom_names = {g.index: custom_names(g) for g in request.generations}
+        #: The custom calls of each choice being streamed, by their number.
+        self._custom: dict[int, dict[int, CustomInput]] = {}
 
     def _prefix(self, index: int) -> str:
         prefix = self._prefixes.get(index)
@@ -58,19 +137,49 @@ class ChatStreamEncoder(ChunkStream):
                     )
                 ]
             case ToolCallDelta():
-                call = dumps(_tool_call_piece(delta))
-                return [frame(f'{self._prefix(index)}"tool_calls":[{call}]{_OPEN}')]
+                call = self._call_piece(index, delta)
+                return [] if call is None else [self._calls(index, [call])]
             case Finish(reason=reason):
+                ends = self._end_calls(index)
                 return [
+                    *([self._calls(index, ends)] if ends else []),
                     frame(
                         f'{self.head.text}[{{"index":{index},"delta":{{}},"logprobs":null,'
                         f'"finish_reason":"{reason}"}}]}}'
-                    )
+                    ),
                 ]
             case EmbeddingDelta():
                 raise TypeError("a chat completion carries no embedding")
             case _:
                 assert_never(delta)
+
+    def _calls(self, index: int, pieces: list[dict[str, object]]) -> bytes:
+        calls = ",".join(dumps(p) for p in pieces)
+        return frame(f'{self._prefix(index)}"tool_calls":[{calls}]{_OPEN}')
+
+    def _call_piece(self, index: int, delta: ToolCallDelta) -> dict[str, object] | None:
+        """A call's piece as a chunk carries it (None: a custom call's piece that adds
+        nothing to its input yet)."""
+        calls = self._custom.setdefault(index, {})
+        if delta.id is not None and delta.name in self._custom_names.get(index, ()):
+            calls[delta.call] = decoder = CustomInput()
+            custom = {"name": delta.name, "input": decoder.feed(delta.arguments)}
+            return {"index": delta.call, "id": delta.id, "type": "custom", "custom": custom}
+        decoder_or_none = calls.get(delta.call)
+        if decoder_or_none is None:
+            return _tool_call_piece(delta)
+        text = decoder_or_none.feed(delta.arguments)
+        return {"index": delta.call, "custom": {"input": text}} if text else None
+
+    def _end_calls(self, index: int) -> list[dict[str, object]]:
+        """The input the choice's custom calls hold back at its end (arguments of another
+        shape than ``{"input": ...}``)."""
+        pieces: list[dict[str, object]] = []
+        for call, decoder in self._custom.pop(index, {}).items():
+            text = decoder.end()
+            if text:
+                pieces.append({"index": call, "custom": {"input": text}})
+        return pieces
 
 
 def _tool_call_piece(delta: ToolCallDelta) -> dict[str, object]:
@@ -82,7 +191,16 @@ def _tool_call_piece(delta: ToolCallDelta) -> dict[str, object]:
     return {"index": delta.call, "id": delta.id, "type": "function", "function": function}
 
 
-def _message(choice: ChoiceResult) -> dict[str, object]:
+def _call_json(call: ToolCall, custom: frozenset[str]) -> dict[str, object]:
+    arguments = "".join(call.arguments)
+    if call.name in custom:
+        named = {"name": call.name, "input": custom_input(arguments)}
+        return {"id": call.id, "type": "custom", "custom": named}
+    function = {"name": call.name, "arguments": arguments}
+    return {"id": call.id, "type": "function", "function": function}
+
+
+def _message(choice: ChoiceResult, custom: frozenset[str]) -> dict[str, object]:
     message: dict[str, object] = {
         "role": "assistant",
         "content": "".join(choice.text) if choice.text or not choice.tool_calls else None,
@@ -91,14 +209,7 @@ def _message(choice: ChoiceResult) -> dict[str, object]:
     if choice.reasoning:
         message["reasoning_content"] = message["reasoning"] = "".join(choice.reasoning)
     if choice.tool_calls:
-        message["tool_calls"] = [
-            {
-                "id": call.id,
-                "type": "function",
-                "function": {"name": call.name, "arguments": "".join(call.arguments)},
-            }
-            for call in choice.tool_calls
-        ]
+        message["tool_calls"] = [_call_json(call, custom) for call in choice.tool_calls]
     return message
 
 
@@ -125,7 +236,7 @@ class ChatEndpoint(Stateless):
             choices.append(
                 {
                     "index": g.index,
-                    "message": _message(choice),
+                    "message": _message(choice, custom_names(g)),
                     "logprobs": chat_logprobs(choice.logprobs) if g.logprobs is not None else None,
                     "finish_reason": choice.finish_reason,
                 }

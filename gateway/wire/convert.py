@@ -11,6 +11,7 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 
 from gateway.errors import InvalidRequest, UnsupportedParameter
+from gateway.output.plan import template_tools
 from gateway.output.schemas import schema_text
 from gateway.types import (
     Capability,
@@ -29,16 +30,28 @@ from gateway.types import (
 )
 from gateway.wire.requests import (
     FORBIDDEN_FIELDS,
+    AllowedToolsChoice,
     ChatCompletionRequest,
     CompletionRequest,
+    CustomTool,
     EmbeddingsRequest,
+    FunctionTool,
     Message,
+    MessageCustomToolCall,
+    NamedCustomChoice,
     NamedToolChoice,
     SamplingFields,
     TextPart,
     WireModel,
 )
-from gateway.wire.shared import GENERATES, choose_tools, sampling_params
+from gateway.wire.shared import (
+    GENERATES,
+    chat_tool_choice,
+    choose_tools,
+    custom_arguments,
+    custom_tool,
+    sampling_params,
+)
 
 log = logging.getLogger("gateway.wire")
 W = TypeVar("W", bound=WireModel)
@@ -170,7 +183,10 @@ def _tool_calls(msg: Message, i: int) -> tuple[ToolCallRef, ...]:
             "only assistant messages carry tool_calls", param=f"messages[{i}].tool_calls"
         )
     return tuple(
-        ToolCallRef(c.id, c.function.name, c.function.arguments) for c in msg.tool_calls or ()
+        ToolCallRef(c.id, c.custom.name, custom_arguments(c.custom.input))
+        if isinstance(c, MessageCustomToolCall)
+        else ToolCallRef(c.id, c.function.name, c.function.arguments)
+        for c in msg.tool_calls or ()
     )
 
 
@@ -264,33 +280,100 @@ def _passthrough(wire: SamplingFields, fields: list[str]) -> Passthrough:
 
 
 def _chat_features(
-    wire: ChatCompletionRequest, messages: tuple[ChatMessage, ...]
+    wire: ChatCompletionRequest, messages: tuple[ChatMessage, ...], tools: Tools | None
 ) -> tuple[tuple[Requirement, ...], Passthrough]:
     requires, fields = _shared_features(wire, bool(wire.logprobs))
+    converted: Passthrough = ()
     if wire.tools:
         requires.append(Requirement(Capability.TOOLS, "tools"))
-        fields += [f for f in _TOOL_FIELDS if getattr(wire, f) is not None]
+        if tools is not None and _only_functions(wire):
+            fields += [f for f in _TOOL_FIELDS if getattr(wire, f) is not None]
+        elif tools is not None:  # as functions: the calls come back as the backend reads them
+            converted = _function_form(tools)
     for i, m in enumerate(messages):
         if m.tool_calls:  # rendering a call back to the model takes its tool-call format
             requires.append(Requirement(Capability.TOOLS, f"messages[{i}].tool_calls"))
             break
-    return tuple(dict.fromkeys(requires)), _passthrough(wire, fields)
+    return tuple(dict.fromkeys(requires)), _passthrough(wire, fields) + converted
+
+
+def _only_functions(wire: ChatCompletionRequest) -> bool:
+    """The tools and the tool choice are function tools only, as every OpenAI-compatible
+    server reads them."""
+    tools = wire.tools or ()
+    choice = wire.tool_choice
+    return not any(isinstance(t, CustomTool) for t in tools) and not isinstance(
+        choice, (NamedCustomChoice, AllowedToolsChoice)
+    )
+
+
+def _function_form(tools: Tools) -> Passthrough:
+    """Custom tools (and an ``allowed_tools`` choice) for a remote replica: the functions
+    they are to the core (a custom tool's input the string ``input`` of its arguments)."""
+    return (
+        ("tools", template_tools(tools.specs)),
+        ("tool_choice", json.dumps(chat_tool_choice(tools))),
+        ("parallel_tool_calls", json.dumps(tools.parallel)),
+    )
+
+
+def _tool_spec(tool: FunctionTool | CustomTool, i: int) -> ToolSpec:
+    if isinstance(tool, CustomTool):
+        c = tool.custom
+        fmt = c.format
+        grammar = None
+        if fmt is not None and fmt.type == "grammar":
+            grammar = (
+                (None, None)
+                if fmt.grammar is None
+                else (fmt.grammar.syntax, fmt.grammar.definition)
+            )
+        return custom_tool(c.name, c.description, grammar, f"tools[{i}].custom.format")
+    fn = tool.function
+    param = f"tools[{i}].function.parameters"
+    parameters = schema_text(fn.parameters or _NO_PARAMETERS, param)
+    return ToolSpec(fn.name, fn.description or "", parameters, bool(fn.strict))
+
+
+def _choice_name(
+    specs: list[ToolSpec], choice: NamedToolChoice | NamedCustomChoice, param: str
+) -> str:
+    """The tool a named choice names, which must be of its kind (a 400 naming ``param``)."""
+    custom = isinstance(choice, NamedCustomChoice)
+    name = choice.custom.name if isinstance(choice, NamedCustomChoice) else choice.function.name
+    for spec in specs:
+        if spec.name == name and (spec.freeform is not None) != custom:
+            kind, other = ("custom", "function") if custom else ("function", "custom")
+            raise InvalidRequest(
+                f"{param} names the {other} tool {name[:64]!r} as a {kind} tool", param=param
+            )
+    return name
 
 
 def _tools(wire: ChatCompletionRequest) -> Tools | None:
     if not wire.tools:
         return None
-    specs = []
-    for i, tool in enumerate(wire.tools):
-        fn = tool.function
-        param = f"tools[{i}].function.parameters"
-        parameters = schema_text(fn.parameters or _NO_PARAMETERS, param)
-        specs.append(ToolSpec(fn.name, fn.description or "", parameters, bool(fn.strict)))
+    specs = [_tool_spec(tool, i) for i, tool in enumerate(wire.tools)]
     choice = wire.tool_choice
     parallel = wire.parallel_tool_calls is not False
-    if isinstance(choice, NamedToolChoice):
-        return choose_tools(specs, "named", choice.function.name, parallel=parallel)
-    return choose_tools(specs, choice or "auto", parallel=parallel)
+    match choice:
+        case NamedToolChoice() | NamedCustomChoice():
+            name = _choice_name(specs, choice, "tool_choice")
+            return choose_tools(specs, "named", name, parallel=parallel)
+        case AllowedToolsChoice(allowed_tools=allowed):
+            choose_tools(specs, "auto")  # the names are unique
+            picked = set()
+            for j, entry in enumerate(allowed.tools):
+                param = f"tool_choice.allowed_tools.tools[{j}]"
+                name = _choice_name(specs, entry, param)
+                choose_tools(specs, "named", name, choice_param=param)  # it is there
+                picked.add(name)
+            offered = [s for s in specs if s.name in picked]
+            return choose_tools(offered, allowed.mode, parallel=parallel)
+        case None:
+            return choose_tools(specs, "auto", parallel=parallel)
+        case _:
+            return choose_tools(specs, choice, parallel=parallel)
 
 
 _NO_PARAMETERS: dict[str, object] = {"type": "object", "properties": {}}
@@ -329,7 +412,8 @@ def chat_request(body: bytes, request_id: str) -> ClientRequest:
             "set max_tokens or max_completion_tokens, not both", param="max_tokens"
         )
     messages = _messages(wire)
-    requires, passthrough = _chat_features(wire, messages)
+    tools = _tools(wire)
+    requires, passthrough = _chat_features(wire, messages, tools)
     base = GenerationRequest(
         request_id=request_id,
         messages=messages,
@@ -337,7 +421,7 @@ def chat_request(body: bytes, request_id: str) -> ClientRequest:
         max_tokens=wire.max_completion_tokens or wire.max_tokens,
         stop=_stop(wire),
         passthrough=passthrough,
-        tools=_tools(wire),
+        tools=tools,
         response_format=_response_format(wire),
         logprobs=(wire.top_logprobs or 0) if wire.logprobs else None,
         reasoning_effort=wire.reasoning_effort,

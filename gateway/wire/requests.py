@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    Tag,
+)
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
@@ -51,11 +60,48 @@ class MessageToolCall(WireModel):
     function: CalledFunction
 
 
+class CalledCustom(WireModel):
+    name: Annotated[str, Field(min_length=1, max_length=256)]
+    #: Free text, exactly as the model wrote it.
+    input: StrictStr
+
+
+class MessageCustomToolCall(WireModel):
+    id: Annotated[str, Field(min_length=1, max_length=256)]
+    type: Literal["custom"]
+    custom: CalledCustom
+
+
+def by_type(tags: dict[str, str], default: str | None = None) -> Discriminator:
+    """A union told apart by its ``type`` (``default`` where it is left out): an unknown
+    type is one error naming the ones there are (union tags name no field: no wire model
+    has a field named as a tag)."""
+
+    def tag(value: object) -> str | None:
+        if isinstance(value, dict):
+            kind = value.get("type", default)
+        else:  # a model already made
+            kind = getattr(value, "type", None)
+        return tags.get(kind) if isinstance(kind, str) else None
+
+    expected = " or ".join(repr(k) for k in tags)
+    return Discriminator(
+        tag, custom_error_type="invalid_type", custom_error_message=f"'type' must be {expected}"
+    )
+
+
+AnyToolCall = Annotated[
+    Annotated[MessageToolCall, Tag("FunctionCall")]
+    | Annotated[MessageCustomToolCall, Tag("CustomCall")],
+    by_type({"function": "FunctionCall", "custom": "CustomCall"}, default="function"),
+]
+
+
 class Message(WireModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextPart | OtherPart] | None = None
     name: StrictStr | None = None
-    tool_calls: list[MessageToolCall] | None = None
+    tool_calls: list[AnyToolCall] | None = None
     tool_call_id: StrictStr | None = None
     #: An assistant's earlier reasoning, under vLLM's new name and the older one.
     reasoning: StrictStr | None = None
@@ -81,6 +127,38 @@ class FunctionTool(WireModel):
     function: FunctionDefinition
 
 
+class GrammarDefinition(WireModel):
+    syntax: Literal["lark", "regex"] | None = None
+    definition: StrictStr | None = None
+
+
+class CustomFormat(WireModel):
+    """``{"type": "text"}`` (any text) or ``{"type": "grammar", "grammar": {"syntax": "lark" |
+    "regex", "definition": ...}}``."""
+
+    type: Literal["text", "grammar"]
+    grammar: GrammarDefinition | None = None
+
+
+class CustomDefinition(WireModel):
+    name: ToolName
+    description: StrictStr | None = None
+    format: CustomFormat | None = None
+
+
+class CustomTool(WireModel):
+    """A tool whose input is free text (optionally in a Lark or regex grammar)."""
+
+    type: Literal["custom"]
+    custom: CustomDefinition
+
+
+AnyTool = Annotated[
+    Annotated[FunctionTool, Tag("FunctionTool")] | Annotated[CustomTool, Tag("CustomTool")],
+    by_type({"function": "FunctionTool", "custom": "CustomTool"}),
+]
+
+
 class NamedFunction(WireModel):
     name: StrictStr
 
@@ -88,6 +166,28 @@ class NamedFunction(WireModel):
 class NamedToolChoice(WireModel):
     type: Literal["function"]
     function: NamedFunction
+
+
+class NamedCustomChoice(WireModel):
+    type: Literal["custom"]
+    custom: NamedFunction
+
+
+class AllowedTools(WireModel):
+    mode: Literal["auto", "required"]
+    tools: Annotated[list[NamedToolChoice | NamedCustomChoice], Field(min_length=1, max_length=128)]
+
+
+class AllowedToolsChoice(WireModel):
+    """The model may call only these of ``tools`` (the rest stay in the request, unoffered)."""
+
+    type: Literal["allowed_tools"]
+    allowed_tools: AllowedTools
+
+
+ToolChoice = (
+    Literal["none", "auto", "required"] | NamedToolChoice | NamedCustomChoice | AllowedToolsChoice
+)
 
 
 class JsonSchemaFormat(WireModel):
@@ -135,8 +235,8 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: MaxTokens = None
     logprobs: StrictBool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    tools: Annotated[list[FunctionTool], Field(max_length=128)] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tools: Annotated[list[AnyTool], Field(max_length=128)] | None = None
+    tool_choice: ToolChoice | None = None
     parallel_tool_calls: StrictBool | None = None
     functions: list[dict[str, object]] | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None

@@ -1,5 +1,6 @@
-"""What every wire API maps the same way: sampling settings, tools and the tool choice, JSON
-response formats, and the chat-completions fields a remote replica gets for them.
+"""What every wire API maps the same way: sampling settings, tools (custom tools too) and the
+tool choice, JSON response formats, and the chat-completions fields a remote replica gets for
+them.
 
 Each endpoint's converter reads its own wire shape and calls these; none writes them again.
 """
@@ -10,6 +11,7 @@ import json
 from collections.abc import Sequence
 
 from gateway.errors import InvalidRequest
+from gateway.output.grammar import check_freeform
 from gateway.output.plan import template_tools
 from gateway.types import (
     Capability,
@@ -89,6 +91,64 @@ def choose_tools(
             param=choice_param,
         )
     return Tools(tuple(specs), mode, name if mode == "named" else None, parallel)
+
+
+#: A custom tool's grammar as its wire API gives it: ``(syntax, definition)``, either possibly
+#: missing (a 400); None: the ``text`` format (any text).
+Grammar = tuple[str | None, str | None] | None
+
+
+def _freeform(name: str, grammar: Grammar, param: str) -> tuple[str, str]:
+    """A custom tool's input format as :attr:`ToolSpec.freeform`: ``("text", "")``, or its
+    Lark or regex grammar once llguidance compiles it (a 400 naming ``param`` if not)."""
+    if grammar is None:
+        return ("text", "")
+    syntax, definition = grammar
+    if syntax is None or not definition:
+        raise InvalidRequest(
+            f"custom tool {name[:64]!r}: a grammar format needs 'syntax' (lark or regex) and "
+            "a 'definition'",
+            param=param,
+        )
+    check_freeform(syntax, definition, param)
+    return (syntax, definition)
+
+
+def custom_tool(name: str, description: str | None, grammar: Grammar, param: str) -> ToolSpec:
+    """A custom tool (free-text input, OpenAI's ``custom`` tool of the Responses and the Chat
+    Completions APIs) as a :class:`ToolSpec`; ``param`` names its format (in a 400).
+
+    Its input is also the one string property ``input`` of JSON arguments (its call in a
+    tool-call format that cannot write it raw, and for a remote replica); a regex format
+    constrains that string."""
+    freeform = _freeform(name, grammar, param)
+    text: dict[str, object] = {"type": "string"}
+    if freeform[0] == "regex":
+        text["pattern"] = f"^(?:{freeform[1]})$"
+    parameters = {
+        "type": "object",
+        "properties": {"input": text},
+        "required": ["input"],
+        "additionalProperties": False,
+    }
+    return ToolSpec(name, description or "", json.dumps(parameters), True, param, freeform)
+
+
+def custom_arguments(text: str) -> str:
+    """A custom tool's free-text input as the JSON arguments the core carries for it."""
+    return json.dumps({"input": text}, ensure_ascii=False)
+
+
+def custom_input(arguments: str) -> str:
+    """A custom tool call's input, exactly as the model wrote it, from the JSON arguments
+    ``{"input": "..."}`` the core carries for it (the text itself if they are not that)."""
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        return arguments
+    if isinstance(value, dict) and isinstance(value.get("input"), str):
+        return str(value["input"])
+    return arguments
 
 
 def chat_tool_choice(tools: Tools) -> object:

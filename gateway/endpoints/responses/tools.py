@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -13,11 +12,10 @@ from pydantic import ValidationError
 from gateway.endpoints.responses.items import qualified
 from gateway.endpoints.responses.wire import TOOLS, CustomTool, FunctionTool, NamespaceTool
 from gateway.errors import InvalidRequest, UnsupportedParameter
-from gateway.output.grammar import check_freeform
 from gateway.output.schemas import schema_text
 from gateway.types import ToolChoiceMode, Tools, ToolSpec
 from gateway.wire.convert import validation_error
-from gateway.wire.shared import choice_mode
+from gateway.wire.shared import choice_mode, custom_tool
 
 log = logging.getLogger("gateway.responses")
 _NO_PARAMETERS: dict[str, object] = {"type": "object", "properties": {}}
@@ -54,39 +52,6 @@ class ToolSet:
         self.origins[spec.name] = origin
 
 
-def freeform(tool: CustomTool, where: str) -> tuple[str, str]:
-    """A custom tool's input format as :attr:`ToolSpec.freeform`: ``("text", "")``, or its
-    Lark or regex grammar once llguidance compiles it (a 400 naming its format if not)."""
-    fmt = tool.format
-    if fmt is None or fmt.type == "text":
-        return ("text", "")
-    param = f"{where}.format"
-    if fmt.syntax is None or not fmt.definition:
-        raise InvalidRequest(
-            f"custom tool {tool.name!r}: a grammar format needs 'syntax' (lark or regex) and "
-            "a 'definition'",
-            param=param,
-        )
-    check_freeform(fmt.syntax, fmt.definition, param)
-    return (fmt.syntax, fmt.definition)
-
-
-def custom_parameters(tool: CustomTool, where: str) -> dict[str, object]:
-    """A custom tool's input as the one string property ``input`` of its arguments (its call
-    in a tool-call format that cannot write it raw, and for a remote replica); a regex
-    format constrains that string."""
-    text: dict[str, object] = {"type": "string"}
-    syntax, definition = freeform(tool, where)
-    if syntax == "regex":
-        text["pattern"] = f"^(?:{definition})$"
-    return {
-        "type": "object",
-        "properties": {"input": text},
-        "required": ["input"],
-        "additionalProperties": False,
-    }
-
-
 def _function(tool: FunctionTool, namespace: str | None, where: str) -> tuple[ToolSpec, ToolOrigin]:
     name = qualified(tool.name, namespace)
     param = f"{where}.parameters"
@@ -96,11 +61,10 @@ def _function(tool: FunctionTool, namespace: str | None, where: str) -> tuple[To
 
 
 def _custom(tool: CustomTool, namespace: str | None, where: str) -> tuple[ToolSpec, ToolOrigin]:
+    fmt = tool.format
+    grammar = None if fmt is None or fmt.type == "text" else (fmt.syntax, fmt.definition)
     name = qualified(tool.name, namespace)
-    parameters = json.dumps(custom_parameters(tool, where))
-    spec = ToolSpec(
-        name, tool.description or "", parameters, True, f"{where}.format", freeform(tool, where)
-    )
+    spec = custom_tool(name, tool.description, grammar, f"{where}.format")
     return spec, ToolOrigin(tool.name, namespace, custom=True)
 
 
