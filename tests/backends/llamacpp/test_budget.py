@@ -73,8 +73,10 @@ ORDER_TOOL: Any = {
     "type": "function",
     "function": {"name": "place_order", "description": "Place an order.", "parameters": ORDER},
 }
-ASK_PERSON = [{"role": "user", "content": "Describe a retired sailor from Lisbon."}]
-ASK_ORDER = [{"role": "user", "content": "Order three gifts with options for a baker in Lyon."}]
+ASK_PERSON: Any = [{"role": "user", "content": "Describe a retired sailor from Lisbon."}]
+ASK_ORDER: Any = [
+    {"role": "user", "content": "Order three gifts with options for a baker in Lyon."}
+]
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +133,7 @@ def test_a_forced_call_finishes_within_a_tight_budget(client: OpenAI) -> None:
 
 
 def test_json_object_finishes_where_the_plain_grammar_runs_out(client: OpenAI) -> None:
-    ask = [{"role": "user", "content": "Describe a potter in Kyoto as a JSON object."}]
+    ask: Any = [{"role": "user", "content": "Describe a potter in Kyoto as a JSON object."}]
     kw: Any = {"messages": ask, "response_format": {"type": "json_object"}, "temperature": 0}
     plain = client.chat.completions.create(model=PLAIN, max_tokens=150, **kw)
     assert plain.choices[0].finish_reason == "length"  # SmolLM2 loops inside the object
@@ -150,10 +152,10 @@ def test_responses_text_format_finishes(client: OpenAI) -> None:
 
 
 def test_messages_forced_tool_finishes(server: ServerThread) -> None:
-    tool = {"name": "place_order", "description": "Place an order.", "input_schema": ORDER}
+    tool: Any = {"name": "place_order", "description": "Place an order.", "input_schema": ORDER}
     with anthropic.Anthropic(base_url=server.base_url, api_key="t", max_retries=0) as c:
         message = c.messages.create(
-            model=SMOL, max_tokens=100, messages=ASK_ORDER, tools=[tool],  # type: ignore[arg-type]
+            model=SMOL, max_tokens=100, messages=ASK_ORDER, tools=[tool],
             tool_choice={"type": "tool", "name": "place_order"},
         )  # fmt: skip
     assert message.stop_reason == "tool_use"
