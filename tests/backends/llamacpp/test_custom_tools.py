@@ -1,6 +1,7 @@
 """Codex's free-form ``apply_patch`` tool (a custom tool with a Lark grammar, taken from the
 installed Codex CLI) on the real SmolLM2 over ``/v1/responses``: chosen by name, the model's
-call is a ``custom_tool_call`` whose input is a patch the grammar accepts, streamed and not."""
+call is a ``custom_tool_call`` whose input is a patch the grammar accepts, streamed and not; a
+custom tool with a small Lark grammar over ``/v1/chat/completions`` likewise."""
 
 from __future__ import annotations
 
@@ -54,3 +55,52 @@ def test_codex_apply_patch_call_follows_its_grammar(client: OpenAI, stream: bool
     assert call.input.startswith("*** Begin Patch\n*** Add File: ")
     if stream:
         assert [e.input for e in inputs] == ["".join(deltas)] == [call.input]
+
+
+#: A small bounded language: a 135M model finishes it well within its tokens.
+SETTING = 'start: "set " KEY " = " VALUE\nKEY: /[a-z]{1,12}/\nVALUE: /[0-9]{1,4}/\n'
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("stream", [False, True], ids=["body", "stream"])
+def test_chat_custom_tool_call_follows_its_grammar(client: OpenAI, stream: bool) -> None:
+    """The same free-form tool over ``/v1/chat/completions``, spelled as the SDK spells it:
+    the answer's call is ``{"type": "custom", "custom": {"name", "input"}}`` and its input
+    is one the grammar accepts (streamed: the ``custom.input`` pieces put together)."""
+    tool: Any = {
+        "type": "custom",
+        "custom": {
+            "name": "settings",
+            "description": "Change a setting, e.g. `set volume = 3`.",
+            "format": {"type": "grammar", "grammar": {"syntax": "lark", "definition": SETTING}},
+        },
+    }
+    kw: Any = {
+        "model": SMOL, "messages": [{"role": "user", "content": "Set the volume to 7."}],
+        "tools": [tool], "tool_choice": {"type": "custom", "custom": {"name": "settings"}},
+        "max_tokens": 48, "temperature": 0,
+    }  # fmt: skip
+    if stream:
+        calls: dict[int, dict[str, Any]] = {}
+        finish = None
+        for chunk in client.chat.completions.create(**kw, stream=True):
+            for choice in chunk.choices:
+                finish = choice.finish_reason or finish
+                for piece in choice.delta.tool_calls or ():
+                    data = piece.to_dict()
+                    if piece.index in calls:
+                        calls[piece.index]["custom"]["input"] += data["custom"]["input"]
+                    else:
+                        calls[piece.index] = data
+        [call] = calls.values()
+        assert call["type"] == "custom" and call["id"], call
+        name, text = call["custom"]["name"], call["custom"]["input"]
+    else:
+        body = client.chat.completions.create(**kw)
+        finish = body.choices[0].finish_reason
+        [made] = body.choices[0].message.tool_calls or []
+        assert made.type == "custom", made
+        name, text = made.custom.name, made.custom.input
+    assert finish == "tool_calls" and name == "settings"
+    assert accepts(SETTING, text), text
+    assert text.startswith("set "), text
