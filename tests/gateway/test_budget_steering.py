@@ -149,11 +149,20 @@ def test_every_prefix_finishes_and_the_two_walks_agree(schema: dict[str, Any], d
         assert matcher.is_accepting(), (cut, rest.body)
 
 
-def request(schema: dict[str, Any] | None = None, tools: Tools | None = None) -> GenerationRequest:
+def request(
+    schema: dict[str, Any] | None = None,
+    tools: Tools | None = None,
+    fmt: ChatFormat = GENERIC,
+) -> GenerationRequest:
     rf = None if tools is not None else ResponseFormat(json.dumps(schema) if schema else None)
     messages = (ChatMessage("user", "hi"),)
     gen = GenerationRequest("r", messages=messages, response_format=rf, tools=tools)
-    return plan_output(gen, GENERIC)
+    return plan_output(gen, fmt)
+
+
+def allowed_tokens(c: Any) -> list[int]:
+    mask = unpack(c.compute_mask(), EOS + 1)
+    return [t for t in range(EOS + 1) if mask[t]]
 
 
 def generate(
@@ -167,7 +176,7 @@ def generate(
     c = GRAMMARS.constraint(gen.output.grammar, "x", [EOS], budget)
     out = bytearray()
     for _ in range(limit):
-        allowed = [t for t in range(EOS + 1) if unpack(c.compute_mask(), EOS + 1)[t]]
+        allowed = allowed_tokens(c)
         closing = [t for t in allowed if t in b'"}]' or t == EOS]
         if closer and closing:
             token = closing[0]
@@ -184,9 +193,15 @@ def generate(
     return out.decode(errors="replace"), "length", c.steered
 
 
-def call_arguments(text: str) -> Any:
-    body = text.split("<tool_call>", 1)[1].rsplit("</tool_call>", 1)[0]
-    call = json.loads(body)
+def call_arguments(text: str, layout: str = "generic") -> Any:
+    """The one call in ``text``, written in ``layout``."""
+    if layout == "llama3":
+        call = json.loads(text.removeprefix("<|python_tag|>"))
+        return call["name"], call["parameters"]
+    if layout == "mistral":
+        (call,) = json.loads(text.removeprefix("[TOOL_CALLS]"))
+    else:
+        call = json.loads(text.split("<tool_call>", 1)[1].rsplit("</tool_call>", 1)[0])
     return call["name"], call["arguments"]
 
 
@@ -208,14 +223,15 @@ def test_an_adversary_ends_a_json_object_answer_within_its_budget(seed: int) -> 
     assert isinstance(json.loads(text), dict)
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_an_adversary_ends_a_forced_call_within_its_budget(seed: int) -> None:
+@pytest.mark.parametrize("layout", ["generic", "hermes", "llama3", "mistral"])
+@pytest.mark.parametrize("seed", range(3))
+def test_an_adversary_ends_a_forced_call_within_its_budget(seed: int, layout: str) -> None:
     tools = Tools((PERSON_TOOL, PET_TOOL), "required")
-    text, why, _ = generate(request(tools=tools), 260, seed)
-    assert why == "stop", text
-    name, arguments = call_arguments(text)
+    fmt = ChatFormat(FORMATS[layout])  # type: ignore[index]
+    text, why, steered = generate(request(tools=tools, fmt=fmt), 260, seed)
+    assert why == "stop" and steered >= 1, text
+    name, arguments = call_arguments(text, layout)  # one call: none starts once narrowed
     jsonschema.validate(arguments, PERSON if name == "save_person" else PET)
-    assert text.count("<tool_call>") == 1  # a narrowed grammar starts no further call
 
 
 def test_without_steering_the_adversary_runs_out() -> None:
@@ -247,7 +263,7 @@ def test_a_call_begun_under_auto_is_steered_once_opened() -> None:
     rnd = random.Random(1)
     out = bytearray(b"Sure. <tool_call>")
     for _ in range(220 - len(out)):
-        allowed = [t for t in range(EOS + 1) if unpack(c.compute_mask(), EOS + 1)[t]]
+        allowed = allowed_tokens(c)
         opening = [t for t in allowed if t not in b'"}]' and t != EOS] or allowed
         token = rnd.choice(opening)
         if token == EOS:
@@ -276,7 +292,7 @@ def test_thinking_is_not_steered_and_the_answer_after_it_is() -> None:
     rnd = random.Random(2)
     out = bytearray()
     while not c.complete:
-        allowed = [t for t in range(EOS + 1) if unpack(c.compute_mask(), EOS + 1)[t]]
+        allowed = allowed_tokens(c)
         opening = [t for t in allowed if t not in b'"}]' and t != EOS] or allowed
         token = rnd.choice(opening)
         c.accept(token)

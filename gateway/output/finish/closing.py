@@ -117,6 +117,27 @@ def narrowed(tracker: Tracker, narrow: Narrow) -> Rest:
     return Rest(back, _rest(tracker, LarkWriter(narrow), text_mode=False))
 
 
+def dearest_step(tracker: Tracker) -> str:
+    """The most one step of the model can add to the shortest finish: one more item in an
+    open array, or the dearest optional key not yet written in an open object (a single
+    token may close a value and open the next)."""
+    short = Shortest(tracker.doc)
+    worst = ""
+    for frame in tracker.stack:
+        for s in frame.schemas:
+            if frame.array:
+                cap = s.get("maxItems")
+                if not isinstance(cap, int) or frame.count + 1 < cap:
+                    worst = max(worst, ", " + short.value(item_schema(s, frame.count + 1)), key=len)
+                continue
+            names = [n for n in properties(s) if n not in frame.keys and n not in required(s)]
+            steps = [f", {dumps(n)}: {short.value(properties(s)[n])}" for n in names]
+            if key_schema(s, "\0") is not None:
+                steps.append(', "": 0')
+            worst = max([worst, *steps], key=len)
+    return worst
+
+
 def _rest(t: Tracker, w: Writer, *, text_mode: bool) -> str:
     if t.done:
         return ""
@@ -173,10 +194,10 @@ def _key_rest(s: Scalar, frame: Frame, w: Writer, *, text_mode: bool) -> str:
     for o in frame.schemas:
         o = {"type": "object"} if kind(o) == "any" else o
         missing = [n for n in required(o) if n not in frame.keys]
-        for name in properties(o):
+        fits = [n for n in properties(o) if n not in frame.keys and dumps(n)[1:].startswith(raw)]
+        needed = [n for n in fits if n in missing]
+        for name in needed or fits:  # an optional key only if the text written chose it
             text = dumps(name)
-            if name in frame.keys or not text[1:].startswith(raw):
-                continue
             key = text[1 + len(raw) :] if text_mode else lit(text)
             rest = _members(o, [m for m in missing if m != name], w)
             options.append(w.join([key, w.text(": "), w.value(properties(o)[name]), rest,

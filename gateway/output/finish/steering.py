@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import llguidance
 
-from gateway.output.finish.envelope import Envelope, envelope_for
+from gateway.output.finish.calls import Calls, layout_of
+from gateway.output.finish.envelope import Answer, Envelope
 from gateway.output.finish.schemas import Unsupported, lit
 from gateway.output.grammar import MAX_SPACE
 from gateway.types import GenerationRequest
@@ -31,7 +32,7 @@ CHARS_PER_TOKEN = 3
 #: Tokens of headroom per string still to write when steering begins.
 PER_STRING = 6
 #: Narrowings per sequence, at most (the first, then re-narrowings after an overrun).
-MAX_STEERS = 4
+MAX_STEERS = 8
 BASE_RULES = f"WS: /[ \\t\\r\\n]{{1,{MAX_SPACE}}}/\n"
 
 log = logging.getLogger("gateway.output.finish")
@@ -88,8 +89,9 @@ class Steering:
         return True
 
     def need(self) -> tuple[int, int] | None:
-        """Tokens the shortest finish takes (with the margin) and the strings it leaves to
-        write; None: nothing to steer now."""
+        """Tokens the shortest finish takes (with the margin), and the budget left below which
+        steering begins (that, a few tokens per string still to write, and the dearest step
+        the model may take next); None: nothing to steer now."""
         env = self.envelope
         if self._need is not None and self._need[0] == env.version:
             return self._need[1], self._need[2]
@@ -100,11 +102,17 @@ class Steering:
             return None
         if text is None:
             return None
-        tokens = len(self.tokenizer.tokenize_str(text)) if text else 0
+        tokens = self._count(text)
         strings = text.count('""') + (1 if env.string is not None else 0)
         # an empty string's quotes tokenize together; with text in between they cannot
-        self._need = (env.version, tokens + strings + margin(tokens), strings)
-        return self._need[1], self._need[2]
+        need = tokens + strings + margin(tokens)
+        # the model may take its dearest step next (one token may open a new item or key)
+        watch = need + PER_STRING * strings + self._count(env.dearest_step())
+        self._need = (env.version, need, watch)
+        return need, watch
+
+    def _count(self, text: str) -> int:
+        return len(self.tokenizer.tokenize_str(text)) if text else 0
 
     def next(self) -> llguidance.LLMatcher | None:
         """A narrowed matcher to follow from now on, when the budget calls for one."""
@@ -116,17 +124,17 @@ class Steering:
         needed = self.need()
         if needed is None:
             return None
-        need, strings = needed
+        need, watch = needed
         left = self.limit - len(self.tokens)
         if self.steers == 0:
             if not self.tokens and need > left:
                 self.off = "the budget cannot fit the shortest answer"
                 return None
-            if left > need + PER_STRING * strings:
+            if left > watch:
                 return None
         elif left >= need:
             return None
-        return self._narrow(max(0, left - need), strings)
+        return self._narrow(max(0, left - need))
 
     def _rate(self) -> float:
         """Characters per token this sequence has written (at most :data:`CHARS_PER_TOKEN`):
@@ -136,12 +144,12 @@ class Steering:
         chars = len(self.envelope.text.decode(errors="replace"))
         return min(CHARS_PER_TOKEN, max(0.25, chars / len(self.tokens)))
 
-    def _narrow(self, room: int, strings: int) -> llguidance.LLMatcher | None:
+    def _narrow(self, room: int) -> llguidance.LLMatcher | None:
         env = self.envelope
         self.steers += 1
         try:
             probe = env.narrowed(0)
-            bounded = probe.bounded if probe is not None else strings
+            bounded = probe.bounded if probe is not None else 1
             finish = env.narrowed(int(room * self._rate()) // max(1, bounded))
         except Unsupported as err:
             self.off = str(err)
@@ -183,3 +191,27 @@ def steering_for(
     if envelope is None:
         return None
     return Steering(envelope, budget.limit, tokenizer, compile_grammar)
+
+
+def envelope_for(request: GenerationRequest) -> Envelope | None:
+    """The envelope of a constrained generation (None: nothing the finisher can steer)."""
+    plan = request.output
+    if plan is None or plan.grammar is None:
+        return None
+    fmt = plan.format
+    opened = request.tokenized is not None and request.tokenized.reasoning_open
+    offered = request.tools.offered if request.tools is not None else ()
+    if offered:
+        # a custom tool's raw input follows its own grammar: the finisher steers the others
+        tools = tuple(t for t in offered if t.freeform is None)
+        layout = layout_of(fmt) if fmt is not None else None
+        if fmt is None or layout is None or not tools:
+            return None
+        assert request.tools is not None
+        forced = request.tools.choice in ("required", "named")
+        more = request.tools.max_calls > 1
+        return Calls(fmt, layout, tools, forced=forced, opened=opened, more=more)
+    rf = request.response_format
+    if rf is None:
+        return None
+    return Answer(fmt, rf.schema or '{"type": "object"}', opened=opened)
