@@ -175,6 +175,7 @@ def describe(entry: ModelEntry) -> dict[str, object]:
         "idle_unload_after_s": entry.config.idle_unload_after_s,
         "footprint": footprint,
         "kv_tiers": backend.cache_tiers() if isinstance(backend, HasCacheTiers) else None,
+        "download": entry.download.as_json() if entry.download is not None else None,
         "error": entry.error or entry.engine_failure,
     }
 

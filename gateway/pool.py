@@ -21,7 +21,8 @@ from gateway.backend import (
 )
 from gateway.config import GatewayConfig, ModelConfig
 from gateway.drain import Drain
-from gateway.errors import ModelNotFound, ModelUnavailable
+from gateway.errors import ModelNotFound, ModelUnavailable, Overloaded
+from gateway.hub import DownloadProgress, HubError, HubSource, HubSourced, hub_source_of
 from gateway.lifecycle import Lifecycle
 from gateway.types import Delta, GenerationRequest
 
@@ -30,6 +31,8 @@ log = logging.getLogger("gateway.pool")
 
 class ModelState(StrEnum):
     UNLOADED = "unloaded"
+    #: Its files are being fetched from the Hugging Face Hub (then it loads).
+    DOWNLOADING = "downloading"
     LOADING = "loading"
     LOADED = "loaded"
     #: Loaded, being evicted: running requests finish, new ones wait for the reload.
@@ -75,6 +78,11 @@ class ModelEntry:
         #: Out of the configuration (removed or replaced): takes no new request.
         self.retired = False
         self._load: asyncio.Task[None] | None = None
+        #: The table with its Hub files' local path, once fetched (None: not a Hub model, or
+        #: not fetched yet).
+        self._local: ModelConfig | None = None
+        #: The latest fetch from the Hub (bytes, rate), if any.
+        self.download: DownloadProgress | None = None
         self._failure: tuple[str, float] | None = None
         self._no_leases = asyncio.Event()
         self._no_leases.set()
@@ -82,7 +90,8 @@ class ModelEntry:
         self._not_evicting.set()
 
     def _new_backend(self) -> Backend:
-        backend = backend_factory(self.config.backend).create(self.name, self.config)
+        config = self._local or self.config
+        backend = backend_factory(config.backend).create(self.name, config)
         if self.router is not None and isinstance(backend, Delegating):
             backend.bind_router(self.router)
         return backend
@@ -122,7 +131,9 @@ class ModelEntry:
         self.last_used = time.monotonic()
         self.lifecycle.cancel_idle(self)
         try:
-            return await self._loaded()
+            # waiting for a download is bounded like a wait in the queue (503, Retry-After)
+            wait_s = self.config.batching.queue_timeout_s if self.needs_fetch else None
+            return await self._loaded(wait_s)
         except BaseException:
             self.release()
             raise
@@ -146,16 +157,31 @@ class ModelEntry:
             await self._not_evicting.wait()
             self._check_retired()
 
-    async def _loaded(self) -> Backend:
+    @property
+    def needs_fetch(self) -> bool:
+        """A Hub model whose files are not fetched (or checked in the cache) yet."""
+        return self._local is None and hub_source_of(self.config) is not None
+
+    async def _loaded(self, wait_s: float | None = None) -> Backend:
         while not self.loaded:
             self._check_retired()
             if self.lifecycle.closed:
                 raise ModelUnavailable("the server is shutting down")
             if self._load is None or self._load.done():
-                self._load = asyncio.create_task(
-                    self.lifecycle.load(self), name=f"load {self.name}"
-                )
-            await asyncio.shield(self._load)
+                self._load = asyncio.create_task(self._fetch_and_load(), name=f"load {self.name}")
+            waiting = asyncio.timeout(wait_s)
+            try:
+                async with waiting:
+                    await asyncio.shield(self._load)
+            except TimeoutError:
+                if not waiting.expired():
+                    raise
+                assert wait_s is not None
+                progress = f" ({self.download.describe()})" if self.download else ""
+                raise Overloaded(
+                    f"model {self.name!r} is being downloaded{progress}: waited {wait_s:g} s",
+                    retry_after_s=wait_s,
+                ) from None
             if not self.loaded and self._failure is not None:
                 message, retry_after_s = self._failure
                 raise ModelUnavailable(message, retry_after_s=retry_after_s)
@@ -167,6 +193,41 @@ class ModelEntry:
                 f"model {self.name!r} was reconfigured or removed just now: retry",
                 retry_after_s=1,
             )
+
+    async def _fetch_and_load(self) -> None:
+        source = hub_source_of(self.config)
+        if source is not None and self._local is None and not await self._fetch(source):
+            return
+        await self.lifecycle.load(self)
+
+    async def _fetch(self, source: HubSource) -> bool:
+        """Fetch the model's files into the Hugging Face cache (or find them there); a failure
+        is recorded for every waiter, as a failed load is."""
+        from gateway.hub.fetch import fetch
+
+        assert isinstance(self.config, HubSourced)
+        progress = self.download = DownloadProgress(f"model {self.name} ({source.label})")
+        self.state, self._failure = ModelState.DOWNLOADING, None
+        try:
+            path = await asyncio.to_thread(fetch, source, progress)
+        except HubError as err:
+            message = f"model {self.name!r} could not be fetched (the server log has the reason)"
+            self.state, self.error, self._failure = ModelState.FAILED, str(err), (message, 5.0)
+            log.error("model %s: %s", self.name, err)
+            return False
+        except BaseException:  # cancelled: the download stops at its next chunk, resumable
+            progress.cancel()
+            self.state = ModelState.UNLOADED
+            raise
+        self._local = self.config.with_local_files(path)
+        self.backend = self._new_backend()  # the old one never started
+        self.state = ModelState.UNLOADED
+        log.info("model %s: %s is in the Hugging Face cache: %s", self.name, source.label, path)
+        return True
+
+    def stop_download(self) -> None:
+        if self.download is not None:
+            self.download.cancel()
 
     # -- transitions, driven by the lifecycle --------------------------------------------------
 
@@ -403,4 +464,6 @@ class ModelPool:
         self.started = True
 
     async def aclose(self) -> None:
+        for entry in self.entries.values():
+            entry.stop_download()  # a download thread must not hold the process open
         await self.lifecycle.aclose()

@@ -8,11 +8,13 @@ the sequences it decodes together.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Self
 
 from pydantic import Field, field_validator, model_validator
 
 from gateway.config import BatchingConfig, FilePath, KVCacheConfig, ModelConfig
+from gateway.hub import HubError, HubSource, parse_spec
 from gateway.output.formats import ToolFormatName
 
 PAGE_SIZE = 256
@@ -66,8 +68,14 @@ class ExllamaKVCache(KVCacheConfig):
 
 
 class ExllamaModelConfig(ModelConfig):
-    #: A model directory: config.json, *.safetensors, tokenizer.json, tokenizer_config.json.
-    model_dir: FilePath
+    #: A model directory: config.json, *.safetensors, tokenizer.json, tokenizer_config.json
+    #: (``model_dir`` in config.toml; exactly one of it and ``hf``).
+    local_dir: FilePath | None = Field(None, alias="model_dir")
+    #: A Hugging Face Hub repo (``org/repo``) holding such a folder (an EXL2/EXL3 quant),
+    #: fetched whole into the HF cache; ``revision`` picks its branch (EXL2 repos keep one
+    #: bitrate per branch, e.g. ``4.0bpw``).
+    hf: str | None = None
+    revision: str = "main"
     #: A Jinja chat template file overriding tokenizer_config.json's ``chat_template``.
     chat_template_file: FilePath | None = None
     #: How the model writes tool calls (default: detected from the chat template).
@@ -80,6 +88,35 @@ class ExllamaModelConfig(ModelConfig):
     template_max_output_bytes: int = Field(4_000_000, ge=1024)
     kv_cache: ExllamaKVCache = ExllamaKVCache()
     batching: ExllamaBatching = ExllamaBatching()
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Self:
+        if (self.local_dir is None) == (self.hf is None):
+            raise ValueError("give exactly one of model_dir (a folder) and hf (org/repo)")
+        if self.hf is not None:
+            try:
+                self.hub_source()
+            except HubError as err:
+                raise ValueError(f"hf: {err}") from None
+        return self
+
+    @property
+    def model_dir(self) -> Path:
+        """The model folder (for ``hf``: once fetched, see :meth:`with_local_files`)."""
+        if self.local_dir is None:
+            raise ValueError(f"{self.hf}: not downloaded from the Hub yet")
+        return self.local_dir
+
+    def hub_source(self) -> HubSource | None:
+        if self.hf is None or self.local_dir is not None:
+            return None
+        spec = parse_spec(self.hf, revision=self.revision, kind="folder")
+        if spec.file or spec.quant:
+            raise HubError(f"{self.hf}: an ExLlama model is a whole repo (org/repo), not a file")
+        return spec
+
+    def with_local_files(self, path: Path) -> Self:
+        return self.model_copy(update={"local_dir": path})
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ class LlamaCppFactory:
         assert isinstance(config, LlamaCppConfig)
         kv = config.kv_cache
         key = (
-            name, config.model_path, config.flash_attn, kv.type_k, kv.type_v,
+            name, config.local_path or config.hf, config.flash_attn, kv.type_k, kv.type_v,
             kv.host_cache_bytes, kv.disk_cache_bytes, kv.disk_dir(),
         )  # fmt: skip
         return LlamaCppBackend(name, config, self._tiers.setdefault(key, SharedTiers()))
@@ -37,7 +37,18 @@ class LlamaCppFactory:
         from backends.llamacpp.memory import estimate
 
         assert isinstance(config, LlamaCppConfig)
-        return estimate(config, gpu_devices)
+        return estimate(local_files(config), gpu_devices)
+
+
+def local_files(config: LlamaCppConfig) -> LlamaCppConfig:
+    """``config`` with its Hub model's path if the files are in the cache (no network); a
+    ``ValueError`` saying it is not downloaded (and its size on the Hub, when online) if not."""
+    from gateway.hub.plan import local_or_explain
+
+    source = config.hub_source()
+    if source is None:
+        return config
+    return config.with_local_files(local_or_explain(source))
 
 
 factory = LlamaCppFactory()

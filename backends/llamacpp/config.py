@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from gateway.config import BatchingConfig, FilePath, KVCacheConfig, ModelConfig
+from gateway.hub import HubError, HubSource
+from gateway.hub.spec import parse_spec
 from gateway.output.formats import ToolFormatName
 
 KVType = Literal["f16", "q8_0", "q4_0"]
@@ -85,9 +87,24 @@ class LlamaCppBatching(BatchingConfig):
     n_threads_batch: int | None = Field(None, ge=1, le=512)
 
 
+class NotFetched(ValueError):
+    """A Hub model's path was asked for before its files were fetched."""
+
+
 class LlamaCppConfig(ModelConfig):
     backend: str = "llamacpp"
-    model_path: FilePath
+    #: The GGUF file (``model_path`` in config.toml; exactly one of it and ``hf``). For a split
+    #: GGUF, its first shard (``-00001-of-0000N.gguf``): llama.cpp loads the rest beside it.
+    local_path: FilePath | None = Field(None, alias="model_path")
+    #: A Hugging Face Hub repo (``org/repo``) to fetch the GGUF from, into the HF cache.
+    hf: str | None = None
+    #: The file in ``hf`` (default: picked by ``quant``).
+    file: str | None = None
+    #: A quant tag (``Q4_K_M``) picking the file in ``hf``, case-insensitively; default: Q4_K_M,
+    #: else Q4_0, Q4_1, Q8_0, else the first GGUF.
+    quant: str | None = None
+    #: Branch, tag or commit of ``hf``.
+    revision: str = "main"
     #: A Jinja chat template file overriding the GGUF's ``tokenizer.chat_template``.
     chat_template_file: FilePath | None = None
     #: How the model writes tool calls (default: detected from the chat template).
@@ -118,6 +135,15 @@ class LlamaCppConfig(ModelConfig):
 
     @model_validator(mode="after")
     def _check(self) -> LlamaCppConfig:
+        if (self.local_path is None) == (self.hf is None):
+            raise ValueError("give exactly one of model_path (a GGUF file) and hf (org/repo)")
+        if self.hf is None and (self.file or self.quant or self.revision != "main"):
+            raise ValueError("file, quant and revision go with hf (a Hub repo)")
+        if self.hf is not None:
+            try:
+                self.hub_source()
+            except HubError as err:
+                raise ValueError(f"hf: {err}") from None
         kv = self.kv_cache
         quantized = [k for k in ("type_k", "type_v") if getattr(kv, k) != "f16"]
         if quantized and self.flash_attn == "off":
@@ -142,6 +168,22 @@ class LlamaCppConfig(ModelConfig):
         ):
             raise ValueError("tensor_split: fractions must be >= 0 with a positive sum")
         return self
+
+    @property
+    def model_path(self) -> Path:
+        """The GGUF to load (for ``hf``: once fetched into the cache, see :meth:`with_local_files`)."""
+        if self.local_path is None:
+            raise NotFetched(f"{self.hf}: not fetched from the Hub yet")
+        return self.local_path
+
+    def hub_source(self) -> HubSource | None:
+        if self.hf is None or self.local_path is not None:
+            return None
+        spec = parse_spec(self.hf, revision=self.revision)  # "org/repo:QUANT" works too
+        return HubSource(spec.repo, self.file or spec.file, self.quant or spec.quant, spec.revision)
+
+    def with_local_files(self, path: Path) -> LlamaCppConfig:
+        return self.model_copy(update={"local_path": path})
 
     @property
     def n_ctx_total(self) -> int:

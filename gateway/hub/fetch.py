@@ -34,7 +34,8 @@ from huggingface_hub.file_download import (
     http_get,
     repo_folder_name,
 )
-from huggingface_hub.utils import WeakFileLock, build_hf_headers
+from huggingface_hub.utils._fixes import WeakFileLock
+from huggingface_hub.utils._headers import build_hf_headers
 
 from gateway.hub.errors import DownloadCancelled, HubError, NotDownloaded
 from gateway.hub.progress import DownloadProgress
@@ -319,6 +320,7 @@ def fetch(source: HubSource, progress: DownloadProgress | None = None) -> Path:
         except NotDownloaded as err:
             return _from_cache(source, str(err))
         progress.plan(resolved.total_bytes)
+        progress.mmproj = resolved.mmproj
         try:
             for remote in resolved.files:
                 _place(resolved, remote, progress)

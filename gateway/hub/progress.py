@@ -8,7 +8,7 @@ import threading
 import time
 from typing import Any
 
-from huggingface_hub.utils import tqdm as hf_tqdm
+from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 
 from gateway.hub.errors import DownloadCancelled
 
@@ -34,6 +34,8 @@ class DownloadProgress:
         #: Bytes fetched over the network by this download (what the rate counts).
         self.fetched_bytes = 0
         self.file: str | None = None
+        #: A vision projector (``mmproj-*.gguf``) found beside the model (not fetched).
+        self.mmproj: str | None = None
         self.started = time.monotonic()
         self.finished: float | None = None
         self._lock = threading.Lock()
@@ -96,7 +98,7 @@ class DownloadProgress:
             def __init__(self, *args: Any, **kwargs: Any) -> None:
                 kwargs["disable"] = True
                 kwargs.pop("name", None)
-                super().__init__(*args, **kwargs)
+                super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
 
             def update(self, n: float | None = 1) -> bool | None:
                 progress.add(int(n or 0))
