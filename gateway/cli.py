@@ -198,7 +198,9 @@ def pull(
         raise typer.Exit(1) from None
     typer.echo(str(path))
     if progress.mmproj:
-        typer.echo(f"note: the repo has a vision projector, {progress.mmproj} (not fetched)")
+        typer.echo(
+            f"note: the repo has a vision projector, {progress.mmproj} (not fetched)", err=True
+        )
 
 
 @app.command()

@@ -171,7 +171,7 @@ class LlamaCppConfig(ModelConfig):
 
     @property
     def model_path(self) -> Path:
-        """The GGUF to load (for ``hf``: once fetched into the cache, see :meth:`with_local_files`)."""
+        """The GGUF to load (for ``hf``: once fetched, see :meth:`with_local_files`)."""
         if self.local_path is None:
             raise NotFetched(f"{self.hf}: not fetched from the Hub yet")
         return self.local_path

@@ -45,9 +45,13 @@ def cached_models() -> list[CachedModel]:
             names = tuple(sorted(f.file_name for f in rev.files))
             out.append(
                 CachedModel(
-                    repo.repo_id, rev.commit_hash, tuple(sorted(rev.refs)), rev.size_on_disk,
-                    names, rev.snapshot_path,
-                )  # fmt: skip
+                    repo.repo_id,
+                    rev.commit_hash,
+                    tuple(sorted(rev.refs)),
+                    rev.size_on_disk,
+                    names,
+                    rev.snapshot_path,
+                )
             )
     return out
 
@@ -86,9 +90,7 @@ def _remove_files(repo: CachedRepoInfo, source: HubSource) -> int:
         raise HubError(f"{source.label}: no such files in the Hugging Face cache")
     for f in doomed:
         f.file_path.unlink(missing_ok=True)
-    linked = {
-        p.resolve() for p in (repo.repo_path / "snapshots").rglob("*") if p.is_symlink()
-    }
+    linked = {p.resolve() for p in (repo.repo_path / "snapshots").rglob("*") if p.is_symlink()}
     freed = 0
     for blob in {f.blob_path for f in doomed}:
         if blob not in linked and blob.exists():

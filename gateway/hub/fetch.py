@@ -124,7 +124,7 @@ def resolve(source: HubSource) -> Resolved:
     try:
         info = api.model_info(source.repo, revision=source.revision, files_metadata=True)
     except Exception as err:
-        if _unreachable(err) or isinstance(err, OSError) and not isinstance(err, HfHubHTTPError):
+        if _unreachable(err) or (isinstance(err, OSError) and not isinstance(err, HfHubHTTPError)):
             raise NotDownloaded(
                 f"{source.label}: the Hub cannot be reached ({_first_line(err)})"
             ) from err

@@ -24,7 +24,8 @@ def _size(n: float) -> str:
 
 
 class DownloadProgress:
-    """Counters one download updates (from its thread); :meth:`cancel` stops it at its next chunk."""
+    """Counters one download updates (from its thread); :meth:`cancel` stops it at the next
+    chunk."""
 
     def __init__(self, label: str, *, log_every_s: float = 5.0) -> None:
         self.label = label

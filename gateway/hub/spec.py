@@ -70,7 +70,7 @@ def parse_spec(spec: str, *, revision: str = "main", kind: Kind = "gguf") -> Hub
 
 def looks_like_hub_spec(spec: str) -> bool:
     """Whether ``--model`` names a Hub repo rather than a file on this machine."""
-    if spec.startswith(("/", ".", "~")) or spec.lower().endswith(".gguf") and ":" not in spec:
+    if spec.startswith(("/", ".", "~")) or (spec.lower().endswith(".gguf") and ":" not in spec):
         return False
     try:
         parse_spec(spec)

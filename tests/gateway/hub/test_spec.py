@@ -60,9 +60,9 @@ def test_quant_picks_files(quant: str | None, files: tuple[str, ...]) -> None:
 def test_missing_quant_file_and_shard_are_one_line_errors() -> None:
     with pytest.raises(HubError, match=r"org/repo: no GGUF for quant 'Q2_K' \(it has: F16, Q4_K_M"):
         select_gguf(HubSource("org/repo", quant="Q2_K"), NAMES)
-    with pytest.raises(HubError, match="no file 'x.gguf'"):
+    with pytest.raises(HubError, match=r"no file 'x\.gguf'"):
         select_gguf(HubSource("org/repo", file="x.gguf"), NAMES)
-    with pytest.raises(HubError, match="shard Model-F16-00002-of-00003.gguf is missing"):
+    with pytest.raises(HubError, match=r"shard Model-F16-00002-of-00003\.gguf is missing"):
         select_gguf(HubSource("org/repo", quant="F16"), [n for n in NAMES if "00002" not in n])
     with pytest.raises(HubError, match="has no GGUF"):
         select_gguf(HubSource("org/repo"), ["README.md"])
