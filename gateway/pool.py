@@ -61,6 +61,11 @@ class ModelEntry:
         self.config = config
         self.lifecycle = lifecycle
         self.router = router
+        #: The table with its Hub files' local path, once fetched (None: not a Hub model, or
+        #: not fetched yet).
+        self._local: ModelConfig | None = None
+        #: The latest fetch from the Hub (bytes, rate), if any.
+        self.download: DownloadProgress | None = None
         self.backend: Backend = self._new_backend()
         b = config.batching
         self.admission = Admission(name, b.max_concurrent, b.max_queue, b.queue_timeout_s)
@@ -78,11 +83,6 @@ class ModelEntry:
         #: Out of the configuration (removed or replaced): takes no new request.
         self.retired = False
         self._load: asyncio.Task[None] | None = None
-        #: The table with its Hub files' local path, once fetched (None: not a Hub model, or
-        #: not fetched yet).
-        self._local: ModelConfig | None = None
-        #: The latest fetch from the Hub (bytes, rate), if any.
-        self.download: DownloadProgress | None = None
         self._failure: tuple[str, float] | None = None
         self._no_leases = asyncio.Event()
         self._no_leases.set()
