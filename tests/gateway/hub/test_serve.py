@@ -33,7 +33,7 @@ def _client(server: ServerThread) -> OpenAI:
 def _single(spec: str) -> Any:
     cfg = single_model_config(spec)
     table = cfg.models[spec]
-    batching = table.batching.model_copy(update={"n_threads": 1})  # type: ignore[attr-defined]
+    batching = table.batching.model_copy(update={"n_threads": 1})
     return parse_config(
         {"models": {spec: {**table.model_dump(by_alias=True), "batching": batching.model_dump()}}},
         cfg.source,
@@ -110,7 +110,7 @@ def test_on_demand_download_serves_eight_waiting_requests(
 
         def all_waiting() -> bool:
             seen = _admin(server)
-            return seen["state"] == "downloading" and seen["leases"] == 8
+            return bool(seen["state"] == "downloading" and seen["leases"] == 8)
 
         wait_for(all_waiting, 20, "8 requests waiting on the download")
         assert _admin(server)["download"]["total_bytes"] == size
