@@ -1,6 +1,6 @@
 """Constrained answers within ``max_tokens``: budget steering on vs off, on the same model.
 
-    python bench/bench_budget.py [--gguf PATH] [--runs 100] [--concurrency 8]
+    python bench/bench_budget.py [--gguf PATH] [--runs 100] [--plain-runs N] [--concurrency 8]
         [--temperatures 0 1.0] [--cases person tool object] [--json out.json] [--plot out.png]
 
 One ``gateway serve`` holds the model file twice: ``steered`` (``budget_steering = true``, the
@@ -192,7 +192,8 @@ async def bench(base_url: str, args: argparse.Namespace) -> list[Tally]:
             for temp in args.temperatures:
                 for i in range(args.runs):
                     body = request(case, SUBJECTS[i % len(SUBJECTS)] + f" (#{i})", budget, temp)
-                    for model in ("steered", "plain"):
+                    models = ("steered", "plain") if i < args.plain_runs else ("steered",)
+                    for model in models:
                         key = (case, budget, temp, model)
                         tally = tallies.setdefault(key, Tally(case, budget, temp, model))
                         jobs.append((model, body, case, tally))
@@ -266,6 +267,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--gguf", type=Path, default=None, help="model file (default: SmolLM2)")
     p.add_argument("--runs", type=int, default=100, help="requests per case, budget and temp")
+    p.add_argument("--plain-runs", type=int, default=None, help="runs of the plain model")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--threads", type=int, default=min(4, len(os.sched_getaffinity(0))))
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
@@ -274,6 +276,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plot", default="")
     args = p.parse_args(argv)
     args.gguf = args.gguf or default_gguf()
+    args.plain_runs = args.runs if args.plain_runs is None else min(args.plain_runs, args.runs)
     return args
 
 
