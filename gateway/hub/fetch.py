@@ -17,6 +17,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx2
 from huggingface_hub import HfApi, constants, hf_hub_download
@@ -216,6 +217,22 @@ def _check_space(folder: Path, need: int, label: str) -> None:
         )
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or _DEFAULT_PORTS.get(scheme, 0)
+
+
+def _hub_host(url: str, location: str) -> bool:
+    """Whether ``location`` (where ``url`` redirects) is the Hub itself: the same origin, or the
+    endpoint's (as ``huggingface_hub``'s own download decides whether the token goes along)."""
+    hub = {_origin(url), _origin(constants.ENDPOINT), _origin("https://huggingface.co")}
+    return _origin(location) in hub | {_origin("https://hf.co")}
+
+
 def _download_blob(resolved: Resolved, remote: RemoteFile, progress: DownloadProgress) -> None:
     """Fetch one file's blob into the cache (resuming a partial one), verified, under its lock."""
     source = resolved.source
@@ -224,6 +241,8 @@ def _download_blob(resolved: Resolved, remote: RemoteFile, progress: DownloadPro
     )
     headers = build_hf_headers()
     meta = get_hf_file_metadata(url, headers=headers, endpoint=constants.ENDPOINT)
+    if not _hub_host(url, meta.location):  # a CDN (signed URL): HF_TOKEN stays with the Hub
+        headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
     if meta.etag is None:
         raise HubError(f"{source.label}: the Hub gave no ETag for {remote.name}")
     if meta.xet_file_data is not None:  # Xet storage: the library resumes through its own cache

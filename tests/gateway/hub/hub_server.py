@@ -9,7 +9,8 @@ uses to resolve and download model files, serving repos from local files.
   ``RevisionNotFound``, ``EntryNotFound``.
 
 Knobs for the tests: a download rate limit, files served corrupt (same size, one byte flipped),
-gated repos; every request is logged (method, path, Range).
+gated repos, file bodies redirected to a second host (a CDN, as the Hub's LFS files are: it
+records the headers it gets); every request is logged (method, path, Range).
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ class HubState:
     #: Bytes per second for file bodies (0: as fast as it goes).
     rate: int = 0
     log: list[tuple[str, str, str | None]] = field(default_factory=list)
+    #: A second server's URL (:func:`cdn_server`): file bodies are redirected there (302).
+    cdn_url: str | None = None
+    #: The headers of every request the CDN got (lower-case names).
+    cdn_headers: list[dict[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add_repo(self, repo: str, files: dict[str, Path]) -> None:
@@ -104,7 +109,14 @@ class _Handler(BaseHTTPRequestHandler):
         with self.state.lock:
             self.state.log.append((self.command, path, self.headers.get("Range")))
         parts = path.strip("/").split("/")
-        if parts[:2] == ["api", "models"] and len(parts) >= 4:
+        if self.server.cdn:
+            with self.state.lock:
+                self.state.cdn_headers.append({k.lower(): v for k, v in self.headers.items()})
+            if parts[0] == "cdn" and len(parts) >= 4:
+                self._cdn("/".join(parts[1:3]), "/".join(parts[3:]), body)
+            else:
+                self._error(404, "NotFound", f"no route {path}")
+        elif parts[:2] == ["api", "models"] and len(parts) >= 4:
             self._model_info("/".join(parts[2:4]), parts[4:])
         elif len(parts) >= 5 and parts[2] == "resolve":
             self._resolve("/".join(parts[:2]), parts[3], "/".join(parts[4:]), body)
@@ -159,6 +171,25 @@ class _Handler(BaseHTTPRequestHandler):
         if f is None:
             self._error(404, "EntryNotFound", f"{name} does not exist", commit=commit)
             return
+        if self.state.cdn_url is not None:  # a signed CDN URL, as the Hub sends for LFS files
+            self.send_response(302)
+            self.send_header("Location", f"{self.state.cdn_url}/cdn/{repo}/{name}")
+            self.send_header("X-Linked-Etag", f'"{f.sha256}"')
+            self.send_header("X-Linked-Size", str(f.size))
+            self.send_header("X-Repo-Commit", commit)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self._body(f, name, body, commit)
+
+    def _cdn(self, repo: str, name: str, body: bool) -> None:
+        f = self.state.repos.get(repo, {}).get(name)
+        if f is None:
+            self._error(404, "NotFound", f"no file {repo}/{name}")
+            return
+        self._body(f, name, body, None)
+
+    def _body(self, f: HubFile, name: str, body: bool, commit: str | None) -> None:
         start = 0
         wanted = self.headers.get("Range")
         if wanted and wanted.startswith("bytes=") and body:
@@ -170,7 +201,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("ETag", f'"{f.sha256}"')
         self.send_header("X-Linked-Etag", f'"{f.sha256}"')
         self.send_header("X-Linked-Size", str(f.size))
-        self.send_header("X-Repo-Commit", commit)
+        if commit is not None:
+            self.send_header("X-Repo-Commit", commit)
         self.send_header("Content-Length", str(length))
         if start:
             self.send_header("Content-Range", f"bytes {start}-{f.size - 1}/{f.size}")
@@ -202,13 +234,17 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     state: HubState
+    #: The CDN (file bodies at ``/cdn/{repo}/{file}``), not the Hub.
+    cdn = False
 
 
 @contextmanager
-def hub_server(state: HubState) -> Iterator[str]:
-    """Serve ``state`` on 127.0.0.1 (a free port); yields the endpoint URL."""
+def hub_server(state: HubState, *, cdn: bool = False) -> Iterator[str]:
+    """Serve ``state`` on 127.0.0.1 (a free port); yields the endpoint URL. ``cdn``: the second
+    host the Hub redirects file bodies to (set ``state.cdn_url`` to its URL)."""
     server = _Server(("127.0.0.1", 0), _Handler)
     server.state = state
+    server.cdn = cdn
     thread = threading.Thread(target=server.serve_forever, name="hub stand-in", daemon=True)
     thread.start()
     try:

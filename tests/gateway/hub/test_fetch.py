@@ -18,6 +18,7 @@ import pytest
 from gateway.hub import HubError, NotDownloaded, parse_spec
 from gateway.hub.fetch import fetch
 from tests.gateway.hub.conftest import TINY_REPO, Hub, gateway_cli
+from tests.gateway.hub.hub_server import hub_server
 from tests.support import wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -238,3 +239,17 @@ def test_plan_and_check_config_before_download(hub: Hub, tmp_path: Path) -> None
     assert _pull(hub, f"{TINY_REPO}:Q4_K_M").returncode == 0
     fetched = cli("plan", str(config), "--gpu", "24GB", offline=True)
     assert fetched.returncode == 0 and "not downloaded" not in fetched.stdout, fetched.stdout
+
+
+def test_the_token_is_not_sent_to_a_cdn(hub: Hub, tiny_files: dict[str, Path]) -> None:
+    """File bodies redirected to another host (the Hub's LFS CDN) are fetched without HF_TOKEN,
+    as ``huggingface_hub``'s own download does; the Hub itself gets it."""
+    hub.monkeypatch.setenv("HF_TOKEN", "hf_secret_token")
+    hub.state.gated.add(TINY_REPO)  # the Hub answers only with the token
+    with hub_server(hub.state, cdn=True) as cdn:
+        hub.state.cdn_url = cdn
+        path = fetch(parse_spec(f"{TINY_REPO}:Q4_K_M"))
+    assert path.read_bytes() == tiny_files["Tiny-Q4_K_M.gguf"].read_bytes()
+    assert hub.state.cdn_headers  # the body came from the CDN
+    assert all("authorization" not in h for h in hub.state.cdn_headers)
+    assert not any("hf_secret_token" in v for h in hub.state.cdn_headers for v in h.values())
