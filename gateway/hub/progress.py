@@ -53,11 +53,27 @@ class DownloadProgress:
             self.done_bytes += already
 
     def add(self, n: int) -> None:
-        if self._cancelled.is_set():
-            raise DownloadCancelled(f"download of {self.label} stopped")
+        """``n`` bytes of the file written into the cache (a negative ``n``: a restart)."""
+        self._check_cancelled()
         with self._lock:
             self.done_bytes += n
+        self._maybe_log()
+
+    def add_transfer(self, n: int) -> None:
+        """``n`` bytes received over the network (Xet: fewer than written, by dedup)."""
+        self._check_cancelled()
+        with self._lock:
             self.fetched_bytes += n
+
+    def _check_cancelled(self) -> None:
+        if self._cancelled.is_set():
+            raise DownloadCancelled(f"download of {self.label} stopped")
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def _maybe_log(self) -> None:
         now = time.monotonic()
         if now - self._logged >= self._log_every_s:
             self._logged = now
@@ -92,7 +108,13 @@ class DownloadProgress:
         }
 
     def tqdm_class(self) -> type[hf_tqdm]:
-        """A tqdm class for huggingface_hub's downloads that counts into this object."""
+        """A tqdm class for huggingface_hub's downloads that counts into this object.
+
+        ``update`` counts bytes written to the file, ``update_transfer`` bytes received. With
+        ``update_transfer`` on the class, huggingface_hub 2.x (``http_get``, and the Xet
+        path's ``XetDownloadProgressReporter``) makes one bar of it and calls both: without it
+        the Xet path makes a second bar whose ``update`` counts the network bytes again.
+        """
         progress = self
 
         class Counted(hf_tqdm):
@@ -104,5 +126,11 @@ class DownloadProgress:
             def update(self, n: float | None = 1) -> bool | None:
                 progress.add(int(n or 0))
                 return None
+
+            def update_transfer(self, n: float | None = 1) -> None:
+                progress.add_transfer(int(n or 0))
+
+            def set_transfer_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+                pass
 
         return Counted
