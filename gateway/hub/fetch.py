@@ -313,15 +313,30 @@ def _place(resolved: Resolved, remote: RemoteFile, progress: DownloadProgress) -
         progress.begin_file(remote.name, remote.size)
         return pointer
     _download_blob(resolved, remote, progress)
-    # the blob is in place: the library links it into the snapshot and writes refs/<revision>
+    # the blob is in place: the library links it into the snapshot of the commit resolved (not
+    # the branch: it may have moved since), and fetch() points refs/<revision> at that commit
     found = hf_hub_download(
-        source.repo, remote.name, revision=source.revision, endpoint=constants.ENDPOINT
+        source.repo, remote.name, revision=resolved.commit, endpoint=constants.ENDPOINT
     )
     assert isinstance(found, str)
     path = Path(found)
-    if path.stat().st_size != remote.size:
+    if path != pointer or path.stat().st_size != remote.size:
         raise HubError(f"{source.label}: {remote.name} in the cache is not the Hub's file")
     return path
+
+
+def _write_ref(resolved: Resolved) -> None:
+    """``refs/<revision>``: the commit the files were fetched at (as the library writes it)."""
+    revision = resolved.source.revision
+    if revision == resolved.commit:
+        return
+    ref = _storage(resolved.source.repo) / "refs" / revision
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    if ref.is_file() and ref.read_text().strip() == resolved.commit:
+        return
+    tmp = ref.with_name(f".{ref.name}.{os.getpid()}.tmp")
+    tmp.write_text(resolved.commit)
+    os.replace(tmp, ref)
 
 
 def fetch(source: HubSource, progress: DownloadProgress | None = None) -> Path:
@@ -343,6 +358,7 @@ def fetch(source: HubSource, progress: DownloadProgress | None = None) -> Path:
         try:
             for remote in resolved.files:
                 _place(resolved, remote, progress)
+            _write_ref(resolved)
         except (HubError, DownloadCancelled):
             raise
         except Exception as err:

@@ -48,7 +48,14 @@ class HubState:
     cdn_headers: list[dict[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    #: Commits ``main`` pointed to before (:meth:`add_repo` again moves it); still served.
+    old_commits: dict[str, set[str]] = field(default_factory=dict)
+
     def add_repo(self, repo: str, files: dict[str, Path]) -> None:
+        """Add a repo, or move its ``main`` to a new commit with these files (the old commit
+        stays resolvable: the stand-in serves today's files under it)."""
+        if repo in self.repos:
+            self.old_commits.setdefault(repo, set()).add(self.commit(repo))
         self.repos[repo] = {name: _describe(path) for name, path in files.items()}
 
     def commit(self, repo: str) -> str:
@@ -131,10 +138,14 @@ class _Handler(BaseHTTPRequestHandler):
         if repo in self.state.gated and "authorization" not in self.headers:
             self._error(401, "GatedRepo", f"Access to model {repo} is restricted")
             return None
-        if rev not in ("main", self.state.commit(repo)):
+        if rev not in ("main", self.state.commit(repo), *self.state.old_commits.get(repo, ())):
             self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
             return None
         return files
+
+    def _commit(self, repo: str, rev: str) -> str:
+        """The commit ``rev`` names (an old one stays itself)."""
+        return rev if rev in self.state.old_commits.get(repo, ()) else self.state.commit(repo)
 
     def _model_info(self, repo: str, rest: list[str]) -> None:
         rev = rest[1] if len(rest) >= 2 and rest[0] == "revision" else "main"
@@ -151,7 +162,7 @@ class _Handler(BaseHTTPRequestHandler):
             for name, f in sorted(files.items())
         ]
         doc = {
-            "_id": repo, "id": repo, "modelId": repo, "sha": self.state.commit(repo),
+            "_id": repo, "id": repo, "modelId": repo, "sha": self._commit(repo, rev),
             "private": False, "gated": repo in self.state.gated, "disabled": False,
             "downloads": 0, "likes": 0, "tags": ["gguf"], "siblings": siblings,
         }  # fmt: skip
@@ -166,7 +177,7 @@ class _Handler(BaseHTTPRequestHandler):
         files = self._repo(repo, rev)
         if files is None:
             return
-        commit = self.state.commit(repo)
+        commit = self._commit(repo, rev)
         f = files.get(name)
         if f is None:
             self._error(404, "EntryNotFound", f"{name} does not exist", commit=commit)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.hub import HubError, NotDownloaded, parse_spec
+from gateway.hub import HubError, HubSource, NotDownloaded, parse_spec
 from gateway.hub.fetch import fetch
 from tests.gateway.hub.conftest import TINY_REPO, Hub, gateway_cli
 from tests.gateway.hub.hub_server import hub_server
@@ -253,3 +253,27 @@ def test_the_token_is_not_sent_to_a_cdn(hub: Hub, tiny_files: dict[str, Path]) -
     assert hub.state.cdn_headers  # the body came from the CDN
     assert all("authorization" not in h for h in hub.state.cdn_headers)
     assert not any("hf_secret_token" in v for h in hub.state.cdn_headers for v in h.values())
+
+
+def test_a_branch_that_moves_mid_fetch(hub: Hub, tiny_files: dict[str, Path]) -> None:
+    """``main`` moves to a new commit between the resolve and the download: the files are the
+    resolved commit's, in its snapshot, and ``refs/main`` names that commit."""
+    import gateway.hub.fetch as fetching
+
+    real_resolve = fetching.resolve
+    before = hub.state.commit(TINY_REPO)
+
+    def resolve_then_push(source: HubSource) -> fetching.Resolved:
+        resolved = real_resolve(source)
+        hub.state.add_repo(TINY_REPO, {**tiny_files, "NEW.md": tiny_files["README.md"]})
+        return resolved
+
+    hub.monkeypatch.setattr(fetching, "resolve", resolve_then_push)
+    path = fetch(parse_spec(f"{TINY_REPO}:Q4_K_M"))
+    assert path.parent.name == before and path.is_file()
+    assert path.read_bytes() == tiny_files["Tiny-Q4_K_M.gguf"].read_bytes()
+    repo = hub.cache / "models--test-org--Tiny-GGUF"
+    assert (repo / "refs" / "main").read_text() == before
+    assert [p.name for p in (repo / "snapshots").iterdir()] == [before]
+    hub.offline()
+    assert fetch(parse_spec(f"{TINY_REPO}:Q4_K_M")) == path  # the cache agrees
