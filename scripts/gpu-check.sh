@@ -3,8 +3,9 @@
 # python 3.12, torch 2.11.0+cu130, nvcc 13.0, transformers, and no network. Everything else comes from the
 # git-ignored folder .gpu-kit/ (filled on the CPU machine by scripts/gpu-kit/build.sh; carry it).
 #
-# usage: scripts/gpu-check.sh OUTDIR [--part all|llama-exl2|exl3] [--deadline SECONDS]
-#        scripts/gpu-check.sh [OUTDIR] --dry-run      (CPU/CI: check the kit's MANIFEST and size budget)
+# usage: scripts/gpu-check.sh OUTDIR [--part all|llama-exl2|exl3|sizes] [--deadline SECONDS]
+#        scripts/gpu-check.sh [OUTDIR] --dry-run      (CPU/CI: the kit's MANIFEST and size budget, then
+#                                                      the `sizes` steps with tiny models on the CPU)
 #
 # Steps, each logged with its elapsed seconds and run under its own `timeout` (a failing step never stops
 # the later ones; all limits are cut to fit the overall deadline, default 450 s):
@@ -12,6 +13,13 @@
 #   (prebuilt, JIT fallback), exl3-jit (background, all cores but two), tiny-models (HF fp16 + GGUF),
 #   smoke-llama, exl2-convert, smoke-exl2, pytest-gpu (-m gpu, not exllamav3), bench, exl3-convert,
 #   smoke-exl3, pytest-gpu-exl3, bench-exl3.
+# --part sizes (issue 29, real model sizes; same deadline): env, install-wheels, install-project,
+#   llama-server (the CUDA binary carried in .gpu-kit/bin, built from the same sources as the wheel),
+#   real-sizes (scripts/gpu-kit/real_sizes.py: Llama-3-8B-shaped Q4_K_M and Q8_0 GGUFs made with the
+#   gguf package, `gateway serve` beside llama-server and llama_cpp.server at 1/8/32/64 streams x 256
+#   tokens, the bandwidth roofline, the engine-loop profile at 64 streams) -> OUTDIR/real-sizes.md,
+#   to be copied to docs/gpu-check/. --dry-run runs the same driver with --tiny on the CPU
+#   (GPU_CHECK_DRY_SIZES=0 leaves it out).
 # Tests find the models through GATEWAY_TEST_HF_MODEL, GATEWAY_TEST_GGUF_MODEL, GATEWAY_TEST_EXL2_MODEL and
 # GATEWAY_TEST_EXL3_MODEL (a test whose variable is unset should skip). bench/bench_backends.py, if present,
 # gets the same variables plus GATEWAY_BENCH_OUT (a folder whose files land in the report) and
@@ -21,6 +29,7 @@
 # OUTDIR receives at most 7 files (the device tool brings back 8): report.md, gpu-check.log, junit-gpu.xml,
 # junit-gpu-exl3.xml, logs.tar.gz (every step's log and result), and exllamav2_ext.so.gz / exllamav3_ext.so.gz
 # when an extension had to be JIT-compiled here (carry them next time; exllamav3's only if under 15 MiB).
+# --part sizes writes report.md, gpu-check.log, logs.tar.gz and real-sizes.md.
 set -uo pipefail
 
 SELF=$(readlink -f "${BASH_SOURCE[0]}")
@@ -66,10 +75,12 @@ dry_run() {
     local bad=0 f tree kit=0
     log "dry run: repo $REPO, kit $KIT"
     bash -n "$SELF" || bad=1
-    for f in build.sh make_tiny_models.py smoke.py requirements-device.txt slim_wheel.py make_torch_stubs.py; do
+    for f in build.sh make_tiny_models.py smoke.py requirements-device.txt slim_wheel.py make_torch_stubs.py \
+        real_sizes.py add_llama_server.sh; do
         [ -f "$KIT_SCRIPTS/$f" ] || { echo "  missing scripts/gpu-kit/$f"; bad=1; }
     done
     bash -n "$KIT_SCRIPTS/build.sh" || bad=1
+    bash -n "$KIT_SCRIPTS/add_llama_server.sh" || bad=1
     if command -v python3 > /dev/null; then
         python3 - "$KIT_SCRIPTS" <<'EOF' || bad=1
 import ast, pathlib, sys
@@ -94,8 +105,32 @@ EOF
     printf '  travels: repo %s MiB + kit %s MiB = %s MiB (device limit %s MiB)\n' \
         "$((tree / 1048576))" "$((kit / 1048576))" "$(((tree + kit) / 1048576))" "$TRAVEL_MIB"
     [ $((tree + kit)) -le $((TRAVEL_MIB * 1048576)) ] || { echo "  working tree + kit over $TRAVEL_MIB MiB"; bad=1; }
+    if [ "${GPU_CHECK_DRY_SIZES:-1}" != 0 ]; then dry_sizes || bad=1; fi
     if [ "$bad" = 0 ]; then log "dry run OK"; else log "dry run FAILED"; fi
     return $bad
+}
+
+dry_sizes() {  # the `sizes` steps with tiny models on the CPU (every step: card, build, models, servers, report)
+    local py=${PYTHON:-} out rc bin=()
+    [ -n "$py" ] || { [ -x "$REPO/.venv/bin/python" ] && py=$REPO/.venv/bin/python; } || py=python3
+    out=${DRY_OUTDIR:-$(mktemp -d)}
+    [ -n "${LLAMA_SERVER:-}" ] && bin=(--llama-server "$LLAMA_SERVER")
+    log "dry run: real-sizes steps with tiny models on the CPU ($py, out $out)"
+    timeout -k 5 "${GPU_CHECK_DRY_SIZES_LIMIT:-75}" "$py" "$KIT_SCRIPTS/real_sizes.py" "$out/real-sizes" --tiny \
+        --models "$out/models" --report "$out/real-sizes.md" --deadline-s 60 --start-timeout-s 40 "${bin[@]}" \
+        > "$out/real-sizes.log" 2>&1
+    rc=$?
+    grep -E '^\[real-sizes' "$out/real-sizes.log" | cut -c1-200 | sed 's/^/  /'
+    if [ "$rc" = 0 ] && [ -f "$out/real-sizes.md" ]; then
+        grep -E '^\| (gateway|llama-server|llama_cpp.server) ' "$out/real-sizes.md" | sed 's/^/  /'
+        log "real-sizes dry run OK: $out/real-sizes.md"
+    else
+        tail -n 30 "$out/real-sizes.log" | sed 's/^/  | /'
+        log "real-sizes dry run FAILED (rc=$rc)"
+        rc=1
+    fi
+    [ -n "${DRY_OUTDIR:-}" ] || rm -rf "$out"
+    return "$rc"
 }
 
 # ------------------------------------------------------------------------------------ step functions (GPU)
@@ -180,6 +215,27 @@ print('exllamav3 ext', getattr(e.exllamav3_ext, '__file__', e.exllamav3_ext), ro
 }
 
 fn_tiny_models() { "$PY" "$KIT_SCRIPTS/make_tiny_models.py" "$MODELS"; }
+
+fn_llama_server() {  # the carried CUDA llama-server (+ its own libraries), linked to the wheel's libllama/ggml
+    local f
+    export LD_LIBRARY_PATH=$WORK/bin:$SITE/llama_cpp/lib:$LD_LIBRARY_PATH
+    rm -rf "$WORK/bin" && mkdir -p "$WORK/bin"
+    for f in "$KIT"/bin/*.gz; do gunzip -c "$f" > "$WORK/bin/$(basename "$f" .gz)" || return 1; done
+    chmod +x "$WORK/bin/llama-server"
+    ldd "$WORK/bin/llama-server" | grep -E 'not found|llama|ggml|mtmd|cuda'
+    ! ldd "$WORK/bin/llama-server" | grep -q 'not found' || return 1
+    "$WORK/bin/llama-server" --version
+}
+
+fn_real_sizes() {  # $1 = seconds the driver may use (it stops starting servers before then)
+    local bin=()
+    export LD_LIBRARY_PATH=$WORK/bin:$SITE/llama_cpp/lib:$LD_LIBRARY_PATH
+    [ -x "$WORK/bin/llama-server" ] && ok llama-server && bin=(--llama-server "$WORK/bin/llama-server")
+    cd "$REPO" || return 1
+    # shellcheck disable=SC2086
+    "$PY" "$KIT_SCRIPTS/real_sizes.py" "$LOGS/real-sizes" --models "$WORK/real-size-models" \
+        --report "$OUTDIR/real-sizes.md" --deadline-s "$1" "${bin[@]}" ${GPU_CHECK_SIZES_ARGS:-}
+}
 
 fn_exl2_convert() {
     rm -rf "$WORK/exl2-work" "$MODELS/llama-tiny-exl2" && mkdir -p "$WORK/exl2-work"
@@ -314,6 +370,7 @@ write_report() {
             echo; echo "## $(basename "$f" .log)"; echo; echo '```'; tail -n 40 "$f"; echo '```'
         done
         for f in "$LOGS"/bench*/*.md; do [ -f "$f" ] && { echo; cat "$f"; }; done
+        [ -f "$OUTDIR/real-sizes.md" ] && { echo; sed 's/^#/##/' "$OUTDIR/real-sizes.md"; }
         while IFS=$'\t' read -r name status secs limit; do
             case $status in ok | skipped*) continue ;; esac
             [ -f "$LOGS/$name.log" ] || continue
@@ -445,6 +502,18 @@ part_exl3() {
     fi
 }
 
+part_sizes() {  # issue 29: real model sizes (no tiny models, no ExLlama)
+    if [ -f "$KIT/bin/llama-server.gz" ]; then
+        step llama-server 30 fn_llama_server
+    else
+        skip llama-server "no .gpu-kit/bin/llama-server.gz (scripts/gpu-kit/add_llama_server.sh)"
+    fi
+    local t
+    t=$(limit_for 600)
+    # the driver's own deadline leaves 20 s to write its report before this step's timeout
+    step real-sizes "$t" fn_real_sizes $((t > 40 ? t - 20 : 20))
+}
+
 main_gpu() {
     mkdir -p "$OUTDIR"
     OUTDIR=$(readlink -f "$OUTDIR")
@@ -456,11 +525,15 @@ main_gpu() {
     step env 30 fn_env
     step install-wheels 120 fn_install_wheels
     step install-project 90 fn_install_project
-    [ "$PART" = llama-exl2 ] || bg_step exl3-jit 420 fn_exl3_jit
-    step tiny-models 120 fn_tiny_models &&
-        export GATEWAY_TEST_HF_MODEL=$MODELS/llama-tiny-hf GATEWAY_TEST_GGUF_MODEL=$MODELS/llama-tiny-f16.gguf
-    [ "$PART" = exl3 ] || part_llama_exl2
-    [ "$PART" = llama-exl2 ] || part_exl3
+    if [ "$PART" = sizes ]; then
+        part_sizes
+    else
+        [ "$PART" = llama-exl2 ] || bg_step exl3-jit 420 fn_exl3_jit
+        step tiny-models 120 fn_tiny_models &&
+            export GATEWAY_TEST_HF_MODEL=$MODELS/llama-tiny-hf GATEWAY_TEST_GGUF_MODEL=$MODELS/llama-tiny-f16.gguf
+        [ "$PART" = exl3 ] || part_llama_exl2
+        [ "$PART" = llama-exl2 ] || part_exl3
+    fi
     write_report
     log "done in ${SECONDS}s: $OUTDIR"
     ls -la "$OUTDIR"
@@ -482,14 +555,14 @@ while [ $# -gt 0 ]; do
         --dry-run) DRY=1 ;;
         --part) PART=$2; shift ;;
         --deadline) DEADLINE=$2; shift ;;
-        -h | --help) sed -n '2,25p' "$SELF"; exit 0 ;;
+        -h | --help) sed -n '2,/^set -uo/p' "$SELF" | sed '$d'; exit 0 ;;
         -*) echo "unknown option $1" >&2; exit 2 ;;
         *) OUTDIR=$1 ;;
     esac
     shift
 done
-case $PART in all | llama-exl2 | exl3) ;; *) echo "--part must be all, llama-exl2 or exl3" >&2; exit 2 ;; esac
+case $PART in all | llama-exl2 | exl3 | sizes) ;; *) echo "--part must be all, llama-exl2, exl3 or sizes" >&2; exit 2 ;; esac
 export DEADLINE
 if [ "$DRY" = 1 ]; then dry_run; exit $?; fi
-[ -n "$OUTDIR" ] || { echo "usage: $0 OUTDIR [--part all|llama-exl2|exl3] [--deadline S] | [--dry-run]" >&2; exit 2; }
+[ -n "$OUTDIR" ] || { echo "usage: $0 OUTDIR [--part all|llama-exl2|exl3|sizes] [--deadline S] | [--dry-run]" >&2; exit 2; }
 main_gpu

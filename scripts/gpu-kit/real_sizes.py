@@ -355,6 +355,7 @@ def serve_profiled(profile_path: str, gateway_argv: list[str]) -> None:
     snapshots taken around a load. ``llama_synchronize`` after ``llama_decode`` moves the wait
     for the GPU, which the first sampler call would pay anyway, into the decode bucket.
     """
+    sys.path.insert(0, str(REPO))
     from backends.llamacpp import engine as engine_mod
     from backends.llamacpp import sampling as sampling_mod
 
