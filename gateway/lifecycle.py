@@ -41,6 +41,11 @@ class Resident(Protocol):
     @property
     def loaded(self) -> bool: ...
 
+    @property
+    def effective_config(self) -> ModelConfig:
+        """``config`` with its fetched Hub files in place (``config`` itself otherwise)."""
+        ...
+
     def mark_queued(self) -> None: ...
 
     def mark_loading(self) -> None: ...
@@ -138,12 +143,17 @@ def _host(estimate: MemoryEstimate | None, gpu_devices: int) -> int:
 
 
 def estimate_memory(entry: Resident, gpu_devices: int) -> MemoryEstimate | None:
-    """The backend's estimate for a model, or None if it gives none (logged if it fails)."""
-    factory = backend_factory(entry.config.backend)
+    """The backend's estimate for a model, or None if it gives none (logged if it fails).
+
+    A Hub model is estimated from the files it was fetched to (its ``effective_config``); the
+    estimate never asks the network (it runs under the load lock).
+    """
+    config = entry.effective_config
+    factory = backend_factory(config.backend)
     if not isinstance(factory, EstimatesMemory):
         return None
     try:
-        return factory.memory_estimate(entry.config, gpu_devices)
+        return factory.memory_estimate(config, gpu_devices)
     except (OSError, ValueError) as err:
         log.warning("model %s: no memory estimate (%s); counted as 0 bytes", entry.name, err)
         return None

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from gateway.backend import EstimatesMemory, MemoryEstimate, MemoryOption, backend_factory
 from gateway.config import GatewayConfig, ModelConfig
+from gateway.hub.plan import planned_config
 from gateway.lifecycle import format_bytes
 
 GiB = 1 << 30
@@ -173,8 +174,8 @@ def make_plan(config: GatewayConfig, gpus: Sequence[Device], reserve_bytes: int)
         if not isinstance(factory, EstimatesMemory):
             item.problem = f"backend {model.backend!r} gives no memory estimate"
         else:
-            try:
-                item.estimate = factory.memory_estimate(model, len(gpus))
+            try:  # a Hub model: estimated from its cached files, else "not downloaded"
+                item.estimate = factory.memory_estimate(planned_config(model), len(gpus))
             except (OSError, ValueError) as err:
                 item.problem = f"no estimate: {err}"
         if item.estimate is not None:

@@ -9,6 +9,7 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from pathlib import Path
 
 from gateway.admission import Admission
 from gateway.backend import (
@@ -61,9 +62,9 @@ class ModelEntry:
         self.config = config
         self.lifecycle = lifecycle
         self.router = router
-        #: The table with its Hub files' local path, once fetched (None: not a Hub model, or
-        #: not fetched yet).
-        self._local: ModelConfig | None = None
+        #: Its Hub files' local path (a GGUF or a folder), once fetched (None: not a Hub model,
+        #: or not fetched yet); applied to the current table (:attr:`effective_config`).
+        self._local: Path | None = None
         #: The latest fetch from the Hub (bytes, rate), if any.
         self.download: DownloadProgress | None = None
         self.backend: Backend = self._new_backend()
@@ -89,8 +90,15 @@ class ModelEntry:
         self._not_evicting = asyncio.Event()
         self._not_evicting.set()
 
+    @property
+    def effective_config(self) -> ModelConfig:
+        """The table with its fetched Hub files in place (what is loaded and estimated)."""
+        if self._local is not None and isinstance(self.config, HubSourced):
+            return self.config.with_local_files(self._local)
+        return self.config
+
     def _new_backend(self) -> Backend:
-        config = self._local or self.config
+        config = self.effective_config
         backend = backend_factory(config.backend).create(self.name, config)
         if self.router is not None and isinstance(backend, Delegating):
             backend.bind_router(self.router)
@@ -219,7 +227,7 @@ class ModelEntry:
             progress.cancel()
             self.state = ModelState.UNLOADED
             raise
-        self._local = self.config.with_local_files(path)
+        self._local = path
         self.backend = self._new_backend()  # the old one never started
         self.state = ModelState.UNLOADED
         log.info("model %s: %s is in the Hugging Face cache: %s", self.name, source.label, path)

@@ -33,22 +33,13 @@ class LlamaCppFactory:
         return LlamaCppBackend(name, config, self._tiers.setdefault(key, SharedTiers()))
 
     def memory_estimate(self, config: ModelConfig, gpu_devices: int) -> MemoryEstimate:
-        """From the GGUF header (see :mod:`backends.llamacpp.memory`); nothing is loaded."""
+        """From the GGUF header (see :mod:`backends.llamacpp.memory`); nothing is loaded. A Hub
+        model is estimated once its files are in place (:meth:`LlamaCppConfig.with_local_files`,
+        ``gateway.hub.plan.planned_config``): this never asks the network."""
         from backends.llamacpp.memory import estimate
 
         assert isinstance(config, LlamaCppConfig)
-        return estimate(local_files(config), gpu_devices)
-
-
-def local_files(config: LlamaCppConfig) -> LlamaCppConfig:
-    """``config`` with its Hub model's path if the files are in the cache (no network); a
-    ``ValueError`` saying it is not downloaded (and its size on the Hub, when online) if not."""
-    from gateway.hub.plan import local_or_explain
-
-    source = config.hub_source()
-    if source is None:
-        return config
-    return config.with_local_files(local_or_explain(source))
+        return estimate(config, gpu_devices)
 
 
 factory = LlamaCppFactory()
