@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -170,13 +171,55 @@ def cached_path(source: HubSource) -> Path | None:
     if not snapshot.is_dir():
         return None
     if source.kind == "folder":
-        return snapshot if any(snapshot.iterdir()) else None
+        return snapshot if _folder_complete(source.repo, commit, snapshot) else None
     names = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
     try:
         selection = select_gguf(source, names)
     except HubError:
         return None
     return snapshot / selection.primary
+
+
+def _marker(repo: str, commit: str) -> Path:
+    """Where a folder fetched whole lists its files (beside the library's locks, which
+    ``scan_cache_dir`` skips)."""
+    return hub_cache() / ".locks" / _storage(repo).name / f"{commit}.gateway-complete.json"
+
+
+def _mark_complete(resolved: Resolved) -> None:
+    marker = _marker(resolved.source.repo, resolved.commit)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    tmp = marker.with_name(f".{marker.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({f.name: f.size for f in resolved.files}))
+    os.replace(tmp, marker)
+
+
+def _folder_complete(repo: str, commit: str, snapshot: Path) -> bool:
+    """Every file of the folder is in the snapshot: the list the gateway wrote when it fetched
+    it; without one (another tool fetched it), config.json and every weight file its index
+    names, with no download of the repo left unfinished."""
+    try:
+        listed = json.loads(_marker(repo, commit).read_text())
+    except (OSError, ValueError):
+        listed = None
+    if isinstance(listed, dict):
+        return all(
+            (snapshot / name).is_file() and (snapshot / name).stat().st_size == size
+            for name, size in listed.items()
+        )
+    if any((_storage(repo) / "blobs").glob("*.incomplete")):
+        return False
+    if not (snapshot / "config.json").is_file():
+        return False
+    weights: set[str] = set()
+    for index in snapshot.glob("*.safetensors.index.json"):
+        try:
+            weights |= set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return False
+    if not weights:
+        weights = {p.name for p in snapshot.glob("*.safetensors")}
+    return bool(weights) and all((snapshot / w).is_file() for w in weights)
 
 
 def _git_blob_sha1(path: Path) -> str:
@@ -359,6 +402,8 @@ def fetch(source: HubSource, progress: DownloadProgress | None = None) -> Path:
             for remote in resolved.files:
                 _place(resolved, remote, progress)
             _write_ref(resolved)
+            if source.kind == "folder":
+                _mark_complete(resolved)
         except (HubError, DownloadCancelled):
             raise
         except Exception as err:

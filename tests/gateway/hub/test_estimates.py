@@ -13,7 +13,7 @@ import pytest
 
 import gateway.hub.fetch as fetching
 from gateway.config import LifecycleConfig, parse_config
-from gateway.hub import HubSource, parse_spec
+from gateway.hub import HubError, HubSource, NotDownloaded, parse_spec
 from gateway.hub.fetch import fetch
 from gateway.lifecycle import Lifecycle, estimate_memory
 from gateway.planner import Device, make_plan
@@ -78,3 +78,24 @@ def test_lifecycle_estimates_the_fetched_files(hub: Hub) -> None:
         assert entry.effective_config.hub_source() is None  # type: ignore[attr-defined]
 
     asyncio.run(main())
+
+
+def test_a_half_fetched_folder_is_not_cached(hub: Hub, exl_repo: dict[str, Path]) -> None:
+    from gateway.hub.fetch import cached_path
+
+    source = parse_spec(EXL_REPO, kind="folder")
+    hub.state.corrupt.add("model.safetensors")  # config.json arrives, the weights do not
+    with pytest.raises(HubError, match="corrupt"):
+        fetch(source)
+    snapshots = hub.cache / "models--test-org--Tiny-exl2" / "snapshots"
+    assert [p.name for p in snapshots.glob("*/*")] == ["config.json"]
+    assert cached_path(source) is None
+    hub.offline()
+    with pytest.raises(NotDownloaded):
+        fetch(source)
+    hub.offline(False)
+    hub.state.corrupt.clear()
+    folder = fetch(source)
+    assert cached_path(source) == folder
+    (folder / "model.safetensors").unlink()  # removed by hand: not complete any more
+    assert cached_path(source) is None
