@@ -71,10 +71,13 @@ class Steering:
         self.starts: list[int] = []  # each token's first byte in the output
         self.steers = 0
         self.off: str | None = None
-        self._need: tuple[int, int, int] | None = None  # (version, tokens, strings)
+        self._need: tuple[int, int, int, int] | None = None  # (version, need, watch, dearest)
         self._first = 0  # the first token the narrowed grammar took
+        self._next_look = 0  # no look at the budget before this many tokens
 
     def accepted(self, token: int) -> None:
+        if self.off is not None and self.steers == 0:
+            return  # never steered, never will be: nothing to follow
         self.starts.append(len(self.envelope.text))
         self.tokens.append(token)
         self.envelope.feed(self.tokenizer.decode_bytes([token]))
@@ -95,6 +98,7 @@ class Steering:
         env = self.envelope
         if self._need is not None and self._need[0] == env.version:
             return self._need[1], self._need[2]
+        self._need = None
         try:
             text = env.shortest()
         except Unsupported as err:
@@ -107,8 +111,9 @@ class Steering:
         # an empty string's quotes tokenize together; with text in between they cannot
         need = tokens + strings + margin(tokens)
         # the model may take its dearest step next (one token may open a new item or key)
-        watch = need + PER_STRING * strings + self._count(env.dearest_step())
-        self._need = (env.version, need, watch)
+        dearest = self._count(env.dearest_step())
+        watch = need + PER_STRING * strings + dearest
+        self._need = (env.version, need, watch, dearest)
         return need, watch
 
     def _count(self, text: str) -> int:
@@ -121,6 +126,8 @@ class Steering:
         if self.envelope.lost:
             self.off = "the output left the shapes the finisher follows"
             return None
+        if self.steers == 0 and len(self.tokens) < self._next_look:
+            return None
         needed = self.need()
         if needed is None:
             return None
@@ -131,10 +138,17 @@ class Steering:
                 self.off = "the budget cannot fit the shortest answer"
                 return None
             if left > watch:
+                self._rest_a_while(left - watch)
                 return None
         elif left >= need:
             return None
         return self._narrow(max(0, left - need))
+
+    def _rest_a_while(self, slack: int) -> None:
+        """Look again only when the budget could have come near: each token adds at most the
+        dearest step to the shortest finish (one token opens one item or key at most)."""
+        dearest = self._need[3] if self._need is not None else 0
+        self._next_look = len(self.tokens) + max(1, slack // (dearest + 2))
 
     def _rate(self) -> float:
         """Characters per token this sequence has written (at most :data:`CHARS_PER_TOKEN`):
