@@ -161,3 +161,12 @@ def test_messages_forced_tool_finishes(server: ServerThread) -> None:
     assert message.stop_reason == "tool_use"
     (block,) = [b for b in message.content if b.type == "tool_use"]
     jsonschema.validate(block.input, ORDER)
+
+
+def test_completions_json_object_finishes(client: OpenAI) -> None:
+    reply = client.completions.create(
+        model=SMOL, prompt="A JSON object describing a beekeeper in Oregon:\n", max_tokens=60,
+        temperature=1.0, seed=5, extra_body={"response_format": {"type": "json_object"}},
+    )  # fmt: skip
+    assert reply.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(reply.choices[0].text), dict)
