@@ -23,7 +23,14 @@ from gateway.backend import (
 from gateway.config import GatewayConfig, ModelConfig
 from gateway.drain import Drain
 from gateway.errors import ModelNotFound, ModelUnavailable, Overloaded
-from gateway.hub import DownloadProgress, HubError, HubSource, HubSourced, hub_source_of
+from gateway.hub import (
+    DownloadCancelled,
+    DownloadProgress,
+    HubError,
+    HubSource,
+    HubSourced,
+    hub_source_of,
+)
 from gateway.lifecycle import Lifecycle
 from gateway.types import Delta, GenerationRequest
 
@@ -84,6 +91,8 @@ class ModelEntry:
         #: Out of the configuration (removed or replaced): takes no new request.
         self.retired = False
         self._load: asyncio.Task[None] | None = None
+        #: Set once its Hub files are fetched (or found in the cache).
+        self._fetched = asyncio.Event()
         self._failure: tuple[str, float] | None = None
         self._no_leases = asyncio.Event()
         self._no_leases.set()
@@ -177,23 +186,36 @@ class ModelEntry:
                 raise ModelUnavailable("the server is shutting down")
             if self._load is None or self._load.done():
                 self._load = asyncio.create_task(self._fetch_and_load(), name=f"load {self.name}")
-            waiting = asyncio.timeout(wait_s)
-            try:
-                async with waiting:
-                    await asyncio.shield(self._load)
-            except TimeoutError:
-                if not waiting.expired():
-                    raise
-                assert wait_s is not None
-                progress = f" ({self.download.describe()})" if self.download else ""
-                raise Overloaded(
-                    f"model {self.name!r} is being downloaded{progress}: waited {wait_s:g} s",
-                    retry_after_s=wait_s,
-                ) from None
+            if wait_s is not None and self.needs_fetch:
+                await self._download_wait(self._load, wait_s)
+            await asyncio.shield(self._load)
+            if not self.loaded:
+                self._check_retired()
             if not self.loaded and self._failure is not None:
                 message, retry_after_s = self._failure
                 raise ModelUnavailable(message, retry_after_s=retry_after_s)
         return self.backend
+
+    async def _download_wait(self, load: asyncio.Task[None], wait_s: float) -> None:
+        """Wait while the model's files are fetched, for at most ``wait_s`` (then a 503 with
+        Retry-After: the download goes on); its load after that is waited for as any load."""
+        waiting = asyncio.timeout(wait_s)
+        try:
+            async with waiting:
+                while self.needs_fetch and not load.done():
+                    fetched = asyncio.ensure_future(self._fetched.wait())
+                    try:
+                        await asyncio.wait({load, fetched}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        fetched.cancel()
+        except TimeoutError:
+            if not waiting.expired():
+                raise
+            progress = f" ({self.download.describe()})" if self.download else ""
+            raise Overloaded(
+                f"model {self.name!r} is being downloaded{progress}: waited {wait_s:g} s",
+                retry_after_s=wait_s,
+            ) from None
 
     def _check_retired(self) -> None:
         if self.retired:
@@ -218,6 +240,11 @@ class ModelEntry:
         self.state, self._failure = ModelState.DOWNLOADING, None
         try:
             path = await asyncio.to_thread(fetch, source, progress)
+        except DownloadCancelled as err:  # retired or shutting down: not a failure to report
+            self.state = ModelState.UNLOADED
+            self._failure = (f"model {self.name!r}: its download was stopped: retry", 1.0)
+            log.info("model %s: %s (the partial file is kept, to be resumed)", self.name, err)
+            return False
         except HubError as err:
             message = f"model {self.name!r} could not be fetched (the server log has the reason)"
             self.state, self.error, self._failure = ModelState.FAILED, str(err), (message, 5.0)
@@ -228,6 +255,7 @@ class ModelEntry:
             self.state = ModelState.UNLOADED
             raise
         self._local = path
+        self._fetched.set()
         self.backend = self._new_backend()  # the old one never started
         self.state = ModelState.UNLOADED
         log.info("model %s: %s is in the Hugging Face cache: %s", self.name, source.label, path)
@@ -318,6 +346,7 @@ class ModelEntry:
 
     def retire(self) -> None:
         self.retired = True
+        self.stop_download()  # stops at its next chunk; the partial file is kept
         if self.state is ModelState.LOADED:
             self.begin_drain()
 

@@ -5,6 +5,8 @@ their first request (8 requests waiting on one download; a wait past the queue t
 
 from __future__ import annotations
 
+import asyncio
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -145,3 +147,62 @@ def test_corrupt_download_is_never_loaded(hub: Hub) -> None:
         assert seen["loads"] == 0
         hub.state.corrupt.clear()
         assert _chat(server).status_code == 200  # the next request fetches it afresh
+
+
+def test_a_slow_load_of_a_cached_model_is_not_a_503(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``queue_timeout_s`` bounds the wait for a download only: a cached model that takes
+    longer than that to load is waited for, as any load."""
+    from backends.llamacpp.backend import LlamaCppBackend
+    from gateway.hub import parse_spec
+    from gateway.hub.fetch import fetch
+
+    fetch(parse_spec(f"{TINY_REPO}:Q4_K_M"))
+    start = LlamaCppBackend.start
+
+    async def slow_start(self: LlamaCppBackend) -> None:
+        await asyncio.sleep(1.0)
+        await start(self)
+
+    monkeypatch.setattr(LlamaCppBackend, "start", slow_start)
+    with ServerThread(_on_demand(queue_timeout_s=0.3)) as server:
+        assert _chat(server).status_code == 200
+
+
+def test_a_model_retired_while_downloading_stops_its_download(hub: Hub, tmp_path: Path) -> None:
+    """A hot reload that removes (or changes) a model stops its download at the next chunk
+    (huggingface_hub reads 10 MiB at a time), keeping the partial file; the model is not shown
+    as failed."""
+    from dataclasses import replace
+
+    from gateway.errors import ModelUnavailable
+    from gateway.pool import ModelPool, ModelState
+
+    big = tmp_path / "Big-Q4_K_M.gguf"
+    big.write_bytes(os.urandom(32 << 20))
+    hub.state.add_repo("test-org/Big-GGUF", {big.name: big})
+    hub.state.rate = 16 << 20  # a 10 MiB chunk in ~0.6 s, the file in ~2 s
+
+    async def main() -> None:
+        config = _on_demand()
+        table = config.models["tiny"].model_copy(update={"hf": "test-org/Big-GGUF"})
+        config = replace(config, models={"tiny": table})
+        pool = ModelPool(config)
+        entry = pool.entries["tiny"]
+        load = asyncio.create_task(entry.ensure_loaded())
+        await asyncio.to_thread(
+            wait_for, lambda: entry.download is not None and entry.download.done_bytes > 0, 10,
+            "the first chunk downloaded",
+        )  # fmt: skip
+        pool.reconfigure(replace(config, models={}))
+        with pytest.raises(ModelUnavailable, match="reconfigured or removed"):
+            await asyncio.wait_for(load, 10)
+        await pool.lifecycle.aclose()
+        assert entry.download is not None
+        assert entry.download.cancelled and entry.download.done_bytes < big.stat().st_size
+        assert entry.state is not ModelState.FAILED and entry.error is None
+
+    asyncio.run(main())
+    blobs = hub.cache / "models--test-org--Big-GGUF" / "blobs"
+    assert [p.suffix for p in blobs.iterdir()] == [".incomplete"]
