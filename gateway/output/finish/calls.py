@@ -18,7 +18,15 @@ from dataclasses import dataclass
 
 from gateway.output.finish.closing import dearest_step, narrowed, shortest
 from gateway.output.finish.envelope import Envelope, Finish
-from gateway.output.finish.schemas import Doc, Narrow, Shortest, Unsupported, dumps, lit
+from gateway.output.finish.schemas import (
+    Doc,
+    Narrow,
+    Shortest,
+    Unsupported,
+    alternatives,
+    dumps,
+    lit,
+)
 from gateway.output.finish.tracker import Scalar, Tracker
 from gateway.output.formats import ChatFormat
 from gateway.output.grammar import GrammarBuilder
@@ -268,8 +276,7 @@ class Calls(Envelope):
             args = narrow.value(doc.root)
             exprs.append(f"{lit(self._head_text(name))} {args}")
             bounded = max(bounded, narrow.bounded)
-        unique = list(dict.fromkeys(exprs))
-        return (unique[0] if len(unique) == 1 else "(" + " | ".join(unique) + ")"), bounded
+        return alternatives(exprs), bounded
 
     def _names(self, call: _Call) -> list[str]:
         """The tools the head written so far may still name."""

@@ -21,6 +21,7 @@ from gateway.output.finish.schemas import (
     Schema,
     Shortest,
     Unsupported,
+    alternatives,
     dumps,
     item_schema,
     key_schema,
@@ -86,8 +87,7 @@ class LarkWriter:
         return " ".join(p for p in parts if p)
 
     def choice(self, options: list[str]) -> str:
-        unique = list(dict.fromkeys(options))
-        return unique[0] if len(unique) == 1 else "(" + " | ".join(unique) + ")"
+        return alternatives(options)
 
     def open_key(self, written: int) -> str:
         return self.narrow.string({}, written=written)
@@ -99,7 +99,8 @@ class LarkWriter:
 @dataclass(frozen=True)
 class Rest:
     """What finishes the JSON: from byte ``back`` of the tracked text (the start of the scalar
-    being written; None: from the end), ``text`` or the grammar ``expr``."""
+    being written; None: from the end), its ``body``: the shortest text or a Lark
+    expression."""
 
     back: int | None
     body: str

@@ -47,6 +47,12 @@ def lit(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+def alternatives(exprs: list[str]) -> str:
+    """Lark expressions as one (each once, in order)."""
+    unique = list(dict.fromkeys(exprs))
+    return unique[0] if len(unique) == 1 else "(" + " | ".join(unique) + ")"
+
+
 class Doc:
     """One root schema: ``$ref``\\ s resolve against it."""
 
@@ -270,10 +276,10 @@ class Narrow:
     def value(self, schema: object, depth: int = 0) -> str:
         if depth > MAX_DEPTH:
             raise Unsupported("required values nest too deep")
-        exprs = list(dict.fromkeys(self._one(s, depth) for s in self.doc.options(schema)))
+        exprs = [self._one(s, depth) for s in self.doc.options(schema)]
         if not exprs:
             raise Unsupported("a schema with no alternative")
-        return exprs[0] if len(exprs) == 1 else "(" + " | ".join(exprs) + ")"
+        return alternatives(exprs)
 
     def _one(self, s: Schema, depth: int) -> str:
         k = kind(s)

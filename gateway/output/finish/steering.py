@@ -181,7 +181,7 @@ class Steering:
         except UnicodeDecodeError:
             self.off = "a token splits a character before the value"
             return None
-        matcher = self.compile(f"start: {head}{finish.body}\n{BASE_RULES}")
+        matcher = self.compile(f"start: {head}{finish.body or lit('')}\n{BASE_RULES}")
         replay = self.tokens[first:]
         if matcher is None or matcher.try_consume_tokens(replay) != len(replay):
             self.off = "the narrowed grammar does not take the tokens written"
