@@ -48,6 +48,7 @@ class Envelope:
         self._decided = self.thinking or self.reasoning is None
         #: Where the answer starts (after the reasoning); None: not yet.
         self.start: int | None = 0 if self.reasoning is None else None
+        self._searched = 0  # the reasoning's end marker is not before this offset
 
     def feed(self, data: bytes) -> None:
         self.text += data
@@ -71,7 +72,9 @@ class Envelope:
             elif head and not opening.startswith(head[: len(opening)]):
                 self._decided, self.start = True, 0
             return
-        end = self.text.find(self.reasoning.end.encode())
+        marker = self.reasoning.end.encode()
+        end = self.text.find(marker, self._searched)
+        self._searched = max(0, len(self.text) - len(marker) + 1)
         if end >= 0:
             self.thinking = False
             self.start = end + len(self.reasoning.end)
