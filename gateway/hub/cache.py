@@ -6,9 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import scan_cache_dir
+from huggingface_hub import CachedRepoInfo, HFCacheInfo, scan_cache_dir
 from huggingface_hub.errors import CacheNotFound
-from huggingface_hub.utils._cache_manager import CachedRepoInfo, HFCacheInfo
 
 from gateway.hub.errors import HubError
 from gateway.hub.fetch import hub_cache

@@ -16,11 +16,14 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx2
+from filelock import Timeout
 from huggingface_hub import HfApi, constants, hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -30,14 +33,22 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+
+# http_get (a resumable GET into a file we hold) and repo_folder_name (the cache's folder name)
+# have no public equivalent: pyproject pins huggingface_hub to 2.4.x, and a test checks that our
+# blob and lock paths are the ones hf_hub_download uses.
 from huggingface_hub.file_download import (
     get_hf_file_metadata,
     hf_hub_url,
     http_get,
     repo_folder_name,
 )
-from huggingface_hub.utils._fixes import WeakFileLock
-from huggingface_hub.utils._headers import build_hf_headers
+
+# public (in huggingface_hub.utils.__all__, which is built at run time: mypy cannot see it)
+from huggingface_hub.utils import (  # type: ignore[attr-defined]
+    WeakFileLock,
+    build_hf_headers,
+)
 
 from gateway.hub.errors import DownloadCancelled, HubError, NotDownloaded
 from gateway.hub.progress import DownloadProgress
@@ -46,6 +57,8 @@ from gateway.hub.spec import HubSource, select_gguf
 #: Free space kept beyond a download's size (the cache's filesystem is not filled to the brim).
 DISK_MARGIN_BYTES = 64 << 20
 _CHUNK = 8 << 20
+#: How often a wait for another process's lock on a blob checks whether it was cancelled.
+LOCK_POLL_S = 1.0
 
 
 def hub_cache() -> Path:
@@ -222,34 +235,52 @@ def _folder_complete(repo: str, commit: str, snapshot: Path) -> bool:
     return bool(weights) and all((snapshot / w).is_file() for w in weights)
 
 
-def _git_blob_sha1(path: Path) -> str:
+def _hash_file(path: Path, h: hashlib._Hash, check: Callable[[], None] | None) -> str:
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            if check is not None:
+                check()  # a shutdown does not wait for a large file's hash
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _git_blob_sha1(path: Path, check: Callable[[], None] | None = None) -> str:
     h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode(), usedforsecurity=False)
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    return _hash_file(path, h, check)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+def _sha256(path: Path, check: Callable[[], None] | None = None) -> str:
+    return _hash_file(path, hashlib.sha256(), check)
 
 
-def verify(path: Path, remote: RemoteFile) -> str | None:
-    """Why ``path`` is not ``remote`` (size, then sha256 or git blob id), or None if it is."""
+def verify(path: Path, remote: RemoteFile, check: Callable[[], None] | None = None) -> str | None:
+    """Why ``path`` is not ``remote`` (size, then sha256 or git blob id), or None if it is.
+    ``check`` is called between chunks (it raises to stop)."""
     size = path.stat().st_size
     if size != remote.size:
         return f"{size} bytes, the Hub says {remote.size}"
     if remote.sha256 is not None:
-        got = _sha256(path)
+        got = _sha256(path, check)
         return None if got == remote.sha256 else f"sha256 {got}, the Hub says {remote.sha256}"
     if remote.blob_id is not None:
-        got = _git_blob_sha1(path)
+        got = _git_blob_sha1(path, check)
         return None if got == remote.blob_id else f"git blob {got}, the Hub says {remote.blob_id}"
     return None
+
+
+@contextmanager
+def _blob_lock(lock: Path, progress: DownloadProgress) -> Iterator[None]:
+    """The library's lock on a blob (another process may hold it for a long download): waited
+    for in steps of :data:`LOCK_POLL_S`, stopping if the download is cancelled meanwhile."""
+    with ExitStack() as stack:
+        while True:
+            progress.check_cancelled()
+            try:
+                stack.enter_context(WeakFileLock(str(lock), timeout=LOCK_POLL_S))
+            except Timeout:
+                continue
+            break
+        yield
 
 
 def _check_space(folder: Path, need: int, label: str) -> None:
@@ -300,7 +331,7 @@ def _download_blob(resolved: Resolved, remote: RemoteFile, progress: DownloadPro
     lock = hub_cache() / ".locks" / storage.name / f"{meta.etag}.lock"
     blob.parent.mkdir(parents=True, exist_ok=True)
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with WeakFileLock(str(lock)):
+    with _blob_lock(lock, progress):
         if blob.exists():  # another process fetched it while we waited for the lock
             progress.begin_file(remote.name, remote.size)
             return
@@ -326,7 +357,8 @@ def _download_blob(resolved: Resolved, remote: RemoteFile, progress: DownloadPro
                     f"{source.label}: writing {remote.name} failed: {err.strerror} "
                     f"(the partial file is kept: free some space and fetch it again)"
                 ) from err
-            if isinstance(err, HfHubHTTPError) or "Consistency check" in str(err):
+            # http_get's own size check is a bare OSError (no errno)
+            if isinstance(err, HfHubHTTPError) or (type(err) is OSError and err.errno is None):
                 raise HubError(
                     f"{source.label}: downloading {remote.name} failed: {_first_line(err)}"
                 ) from err
@@ -338,7 +370,7 @@ def _download_blob(resolved: Resolved, remote: RemoteFile, progress: DownloadPro
                     "fetch it again to resume"
                 ) from err
             raise
-        problem = verify(partial, remote)
+        problem = verify(partial, remote, progress.check_cancelled)
         if problem is not None:
             partial.unlink(missing_ok=True)
             raise HubError(

@@ -54,18 +54,19 @@ class DownloadProgress:
 
     def add(self, n: int) -> None:
         """``n`` bytes of the file written into the cache (a negative ``n``: a restart)."""
-        self._check_cancelled()
+        self.check_cancelled()
         with self._lock:
             self.done_bytes += n
         self._maybe_log()
 
     def add_transfer(self, n: int) -> None:
         """``n`` bytes received over the network (Xet: fewer than written, by dedup)."""
-        self._check_cancelled()
+        self.check_cancelled()
         with self._lock:
             self.fetched_bytes += n
 
-    def _check_cancelled(self) -> None:
+    def check_cancelled(self) -> None:
+        """Raise :class:`DownloadCancelled` if :meth:`cancel` was called."""
         if self._cancelled.is_set():
             raise DownloadCancelled(f"download of {self.label} stopped")
 
