@@ -23,7 +23,7 @@ import llguidance
 from gateway.errors import InvalidRequest, UnsupportedParameter
 from gateway.output.formats import ChatFormat, ToolFormat
 from gateway.output.panics import EnginePanic, no_panics
-from gateway.output.schemas import MAX_SCHEMA_CHARS, closed
+from gateway.output.schemas import closed
 from gateway.types import ResponseFormat, Tools, ToolSpec
 
 #: JSON written the way models write it (and never endless white space).
@@ -76,6 +76,134 @@ def freeform_grammar(syntax: str, definition: str) -> str:
     return "start: /(?s:.*)/\n"
 
 
+#: A custom tool's grammar is compiled by llguidance, whose compiler recurses along rule
+#: references: a chain of ~2700 rules (fewer where references sit inside parentheses)
+#: overflows the stack and kills the process (no panic to catch). Its text is bounded, and a
+#: Lark grammar's rules are counted and their references' depth weighed before llguidance
+#: sees it (a reference costs 1, plus 2 per bracket around it: measured, a reference inside
+#: ``(...)*`` costs llguidance ~2.7 times a bare one); 600 leaves a margin of over 4.
+MAX_FREEFORM_CHARS = 32 * 1024
+MAX_LARK_RULES = 1000
+MAX_LARK_DEPTH = 600
+_LARK_TOKEN = re.compile(
+    r"""(?P<skip>"(?:[^"\\\n]|\\.)*"i?|//[^\n]*|/(?:[^/\\\n]|\\.)+/[imslux]*|\s+)
+    |(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<open>[(\[{])|(?P<close>[)\]}])|.""",
+    re.X | re.S,
+)
+_LARK_DEFINITION = re.compile(
+    r"^[ \t]*(?:[?!]?([A-Za-z_][A-Za-z0-9_]*)(?:\.-?\d+)?(?:\[[^\]\n]*\])?[ \t]*:|%)", re.M
+)
+
+
+def lark_shape(definition: str) -> tuple[int, int]:
+    """A Lark grammar's number of rules (terminals too) and the weighted depth of its rule
+    references (the longest path through them; a cycle counted whole), read without
+    compiling it: linear in its length."""
+    starts = {m.start(): m.group(1) for m in _LARK_DEFINITION.finditer(definition)}
+    refs: dict[str, set[str]] = {}
+    weight: dict[str, int] = {}
+    current: str | None = None
+    own_name = False
+    nest = 0
+    for m in _LARK_TOKEN.finditer(definition):
+        if m.start() in starts:
+            current, own_name, nest = starts[m.start()], True, 0
+            if current is not None:
+                refs.setdefault(current, set())
+                weight.setdefault(current, 1)
+        kind = m.lastgroup
+        if kind == "open":
+            nest += 1
+        elif kind == "close":
+            nest = max(0, nest - 1)
+        elif kind == "name" and current is not None:
+            if own_name:
+                own_name = False
+            else:
+                refs[current].add(m.group())
+                weight[current] = max(weight[current], 1 + 2 * nest)
+    return len(refs), _longest_path(refs, weight)
+
+
+def _longest_path(refs: dict[str, set[str]], weight: dict[str, int]) -> int:
+    """The heaviest path through the references, each strongly connected set of rules
+    counted whole (Tarjan's, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on_stack: set[str] = set()
+    stack: list[str] = []
+    component: dict[str, int] = {}
+    heaviest: list[int] = []  # per component, the heaviest path starting in it
+    for root in refs:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(refs[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next((c for c in children if c in refs), None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(refs[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[node])
+            if low[node] != index[node]:
+                continue
+            members = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                members.append(member)
+                if member == node:
+                    break
+            n = len(heaviest)
+            for member in members:
+                component[member] = n
+            below = [  # components found earlier: all reachable ones are done
+                heaviest[component[c]]
+                for member in members
+                for c in refs[member]
+                if c in component and component[c] != n
+            ]
+            heaviest.append(sum(weight[m] for m in members) + max(below, default=0))
+    return max(heaviest, default=0)
+
+
+def freeform_limits(syntax: str, definition: str, param: str) -> None:
+    """A 400 naming ``param`` for a custom tool's grammar too large for llguidance to be
+    handed safely (cheap: run when the request is read)."""
+    if len(definition) > MAX_FREEFORM_CHARS:
+        raise InvalidRequest(
+            f"the grammar in '{param}' is longer than {MAX_FREEFORM_CHARS} characters",
+            param=param,
+        )
+    if syntax != "lark":
+        return
+    rules, depth = lark_shape(definition)
+    if rules > MAX_LARK_RULES:
+        raise InvalidRequest(
+            f"the Lark grammar in '{param}' has {rules} rules (at most {MAX_LARK_RULES})",
+            param=param,
+        )
+    if depth > MAX_LARK_DEPTH:
+        raise InvalidRequest(
+            f"the Lark grammar in '{param}' nests too deeply: its rule references chain "
+            f"{depth} deep (at most {MAX_LARK_DEPTH}; a reference inside brackets counts 2 "
+            "more per bracket)",
+            param=param,
+        )
+
+
 @lru_cache(maxsize=256)
 def _freeform_error(syntax: str, definition: str) -> str:
     """Why a custom tool's grammar does not compile ("" if it does)."""
@@ -89,12 +217,10 @@ def _freeform_error(syntax: str, definition: str) -> str:
 
 
 def check_freeform(syntax: str, definition: str, param: str) -> None:
-    """A 400 naming ``param`` (``tools[i].format``) if llguidance cannot compile a custom
-    tool's grammar (run once per grammar: the result is cached)."""
-    if len(definition) > MAX_SCHEMA_CHARS:
-        raise InvalidRequest(
-            f"the grammar in '{param}' is longer than {MAX_SCHEMA_CHARS} characters", param=param
-        )
+    """A 400 naming ``param`` (``tools[i].format``) if a custom tool's grammar is too large
+    (:func:`freeform_limits`, always checked first: llguidance never sees such a grammar) or
+    llguidance cannot compile it (run in a worker thread, once per grammar: cached)."""
+    freeform_limits(syntax, definition, param)
     reason = _freeform_error(syntax, definition)
     if reason:
         raise InvalidRequest(f"invalid {syntax} grammar in '{param}': {reason}", param=param)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from gateway.output.formats import ChatFormat
-from gateway.output.grammar import grammar_for
+from gateway.output.grammar import check_freeform, grammar_for
 from gateway.output.schemas import check_schema
 from gateway.types import (
     ChatMessage,
@@ -38,9 +38,12 @@ def _tool_dict(tool: ToolSpec) -> dict[str, object]:
 
 
 def check_schemas(request: GenerationRequest) -> None:
-    """Every schema of the request compiles (run in a worker thread: up to ~50 ms each)."""
+    """Every schema of the request compiles, and every custom tool's grammar (run in a
+    worker thread: up to ~50 ms each)."""
     if request.tools is not None:
         for i, tool in enumerate(request.tools.specs):
+            if tool.freeform is not None and tool.freeform[0] != "text":
+                check_freeform(*tool.freeform, tool.param or f"tools[{i}].format")
             check_schema(tool.parameters, tool.param or f"tools[{i}].function.parameters")
     fmt = request.response_format
     if fmt is not None and fmt.schema is not None:

@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 
 from gateway.errors import InvalidRequest
-from gateway.output.grammar import check_freeform
+from gateway.output.grammar import freeform_limits
 from gateway.output.plan import template_tools
 from gateway.types import (
     Capability,
@@ -100,7 +100,9 @@ Grammar = tuple[str | None, str | None] | None
 
 def _freeform(name: str, grammar: Grammar, param: str) -> tuple[str, str]:
     """A custom tool's input format as :attr:`ToolSpec.freeform`: ``("text", "")``, or its
-    Lark or regex grammar once llguidance compiles it (a 400 naming ``param`` if not)."""
+    Lark or regex grammar within the sizes llguidance is handed safely (a 400 naming
+    ``param`` if not; whether it compiles is checked off the event loop, by
+    :func:`gateway.output.plan.check_schemas`)."""
     if grammar is None:
         return ("text", "")
     syntax, definition = grammar
@@ -110,7 +112,7 @@ def _freeform(name: str, grammar: Grammar, param: str) -> tuple[str, str]:
             "a 'definition'",
             param=param,
         )
-    check_freeform(syntax, definition, param)
+    freeform_limits(syntax, definition, param)
     return (syntax, definition)
 
 

@@ -18,7 +18,7 @@ from openai import OpenAI
 from gateway.endpoints.chat import CustomInput
 from gateway.endpoints.responses.tools import tool_set
 from gateway.errors import InvalidRequest
-from gateway.output.plan import call_text, generic_messages, raw_names
+from gateway.output.plan import call_text, check_schemas, generic_messages, raw_names
 from gateway.testing import ServerThread
 from gateway.types import ClientRequest, ToolCallRef
 from gateway.wire.convert import chat_request
@@ -59,8 +59,9 @@ def _parse(**body: Any) -> ClientRequest:
 
 
 def _bad(**body: Any) -> InvalidRequest:
+    """The 400 of parsing the request, or of compiling its grammars (in the worker thread)."""
     with pytest.raises(InvalidRequest) as err:
-        _parse(**body)
+        check_schemas(_parse(**body).generations[0])
     return err.value
 
 
@@ -339,3 +340,19 @@ def test_a_bad_grammar_is_a_400_through_the_sdk(client: OpenAI) -> None:
         client.chat.completions.create(**kw)
     body: Any = err.value.body
     assert body["param"] == "tools[1].custom.format" and "lark grammar" in body["message"]
+
+
+@pytest.mark.timeout(10)
+def test_a_grammar_too_large_or_deep_is_a_400_naming_the_tools_format() -> None:
+    """Bounded before llguidance sees it (a chain of ~3000 rules crashed the server)."""
+    chain = "start: r0\n" + "".join(f"r{i}: r{i + 1}\n" for i in range(3000)) + 'r3000: "a"\n'
+    deep = "start: r0\n" + "".join(f"r{i}: ((((r{i + 1}))))\n" for i in range(300)) + 'r300: "a"\n'
+    for definition, says in ((chain, "longer than"), (deep, "nests too deeply")):
+        grammar = {"syntax": "lark", "definition": definition}
+        tool = {
+            "type": "custom",
+            "custom": {"name": "t", "format": {"type": "grammar", "grammar": grammar}},
+        }
+        with pytest.raises(InvalidRequest) as err:
+            _parse(tools=[ADD, tool])  # read, not compiled
+        assert err.value.param == "tools[1].custom.format" and says in str(err.value)

@@ -17,10 +17,10 @@ from gateway.endpoints.responses.objects import custom_input
 from gateway.endpoints.responses.tools import tool_set, tools_for
 from gateway.errors import InvalidRequest, UnsupportedParameter
 from gateway.output.formats import FORMATS, ChatFormat, ToolFormatName
-from gateway.output.grammar import grammar_for, regex_body
-from gateway.output.plan import call_text, generic_messages, raw_names
+from gateway.output.grammar import grammar_for, lark_shape, regex_body
+from gateway.output.plan import call_text, check_schemas, generic_messages, raw_names
 from gateway.testing import ServerThread
-from gateway.types import ChatMessage, ToolCallRef, Tools, ToolSpec
+from gateway.types import ChatMessage, GenerationRequest, ToolCallRef, Tools, ToolSpec
 from tests.gateway.helpers import scripted_config
 from tests.gateway.test_output_grammar import accepts
 
@@ -158,7 +158,9 @@ def test_a_grammar_llguidance_cannot_compile_is_a_400(fmt: dict[str, Any]) -> No
         {"type": "custom", "name": "t", "format": fmt},
     ]
     with pytest.raises(InvalidRequest) as err:
-        tool_set(tools)
+        check_schemas(
+            GenerationRequest("r", prompt="", tools=tools_for(tool_set(tools), None, None))
+        )
     assert err.value.param == "tools[1].format"
 
 
@@ -228,3 +230,87 @@ def test_the_input_reaches_the_client_exactly_streamed_and_not(apply_patch: dict
         ]
         again = client.responses.create(**{**kw, "input": turn, "tool_choice": "auto"})
         assert again.status == "completed"
+
+
+def _chain(rules: int, brackets: int = 0) -> str:
+    """A Lark grammar whose rules reference each other in a chain (each reference inside
+    ``brackets`` parentheses)."""
+    refs = "".join(f"r{i}: {'(' * brackets}r{i + 1}{')' * brackets}\n" for i in range(rules))
+    return f'start: r0\n{refs}r{rules}: "a"\n'
+
+
+_CHECK = """
+import sys
+from gateway.endpoints.responses.tools import tool_set, tools_for
+from gateway.errors import InvalidRequest
+from gateway.output.plan import check_schemas
+from gateway.types import GenerationRequest
+tool = {"type": "custom", "name": "t", "format": {"type": "grammar", "syntax": "lark",
+        "definition": sys.stdin.read()}}
+try:
+    check_schemas(GenerationRequest("r", prompt="", tools=tools_for(tool_set([tool]), None, None)))
+except InvalidRequest as err:
+    print(err.param, err)
+else:
+    print("compiled")
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("grammar", "says"),
+    [
+        (_chain(3000), "longer than 32768 characters"),  # ~36 KB: it crashed the server
+        (_chain(2000), "has 2002 rules"),  # 23 KB, crashes llguidance from ~2700
+        (_chain(900), "nests too deeply"),
+        (_chain(450, brackets=10), "nests too deeply"),  # 16 KB, crashes from ~400
+        (_chain(500), "compiled"),
+        (_chain(100, brackets=2), "compiled"),
+    ],
+    ids=[
+        "chain-3000",
+        "chain-2000",
+        "chain-900",
+        "bracketed-chain-450",
+        "chain-500",
+        "bracketed-chain-100",
+    ],
+)
+def test_a_grammar_that_would_overflow_llguidance_is_a_400(grammar: str, says: str) -> None:
+    """Checked in a child process: a regression would kill it (a segfault), not pytest."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _CHECK], input=grammar, capture_output=True, text=True, cwd=ROOT
+    )
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    assert says in done.stdout
+    if says != "compiled":
+        assert done.stdout.startswith("tools[0].format ")
+
+
+@pytest.mark.parametrize(
+    ("grammar", "shape"),
+    [
+        ('start: a b\na: "x" | b // c d e\nb: /[a-z()]+/ c?\nc: "(" a ")"\n', (4, 4)),
+        ('start: x\nx: (((y)))\ny: "("\n%import common.WS\n%ignore WS\n', (3, 9)),
+        (_chain(99), (101, 101)),
+    ],
+)
+def test_a_lark_grammar_is_measured_without_compiling_it(
+    grammar: str, shape: tuple[int, int]
+) -> None:
+    """Strings, regexes and comments hold no references or brackets; a cycle counts whole."""
+    assert lark_shape(grammar) == shape
+
+
+def test_a_grammar_too_deep_is_a_400_when_the_request_is_read() -> None:
+    tool: dict[str, object] = {
+        "type": "custom",
+        "name": "t",
+        "format": {"type": "grammar", "syntax": "lark", "definition": _chain(900)},
+    }
+    with pytest.raises(InvalidRequest) as err:
+        tool_set([{"type": "function", "name": "f"}, tool])
+    assert err.value.param == "tools[1].format" and "nests too deeply" in str(err.value)
