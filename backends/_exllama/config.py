@@ -93,6 +93,8 @@ class ExllamaModelConfig(ModelConfig):
     def _one_source(self) -> Self:
         if (self.local_dir is None) == (self.hf is None):
             raise ValueError("give exactly one of model_dir (a folder) and hf (org/repo)")
+        if self.hf is None and self.revision != "main":
+            raise ValueError("revision goes with hf (a Hub repo)")
         if self.hf is not None:
             try:
                 self.hub_source()

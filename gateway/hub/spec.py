@@ -58,9 +58,14 @@ def check_repo(repo: str) -> str:
 def parse_spec(spec: str, *, revision: str = "main", kind: Kind = "gguf") -> HubSource:
     """``org/repo``, ``org/repo:QUANT``, ``org/repo/path/file.gguf``, each with ``@revision``."""
     text = spec.strip().removeprefix("hf.co/").removeprefix("huggingface.co/")
+    quant = ""
     if "@" in text:
         text, _, revision = text.partition("@")
-    text, _, quant = text.partition(":")
+        revision, _, quant = revision.partition(":")  # org/repo@v1:Q4_K_M (a ref has no ':')
+    text, _, before = text.partition(":")
+    if before and quant:
+        raise HubError(f"{spec!r}: two quant tags")
+    quant = quant or before
     parts = text.split("/")
     repo, file = "/".join(parts[:2]), "/".join(parts[2:]) or None
     if not revision:
@@ -69,14 +74,16 @@ def parse_spec(spec: str, *, revision: str = "main", kind: Kind = "gguf") -> Hub
 
 
 def looks_like_hub_spec(spec: str) -> bool:
-    """Whether ``--model`` names a Hub repo rather than a file on this machine."""
-    if spec.startswith(("/", ".", "~")) or (spec.lower().endswith(".gguf") and ":" not in spec):
+    """Whether ``--model`` could name a Hub repo (``org/repo[:QUANT]``, ``org/repo/file.gguf``)
+    rather than a file on this machine (the caller tries the local path first)."""
+    if spec.startswith(("/", ".", "~")):
         return False
     try:
-        parse_spec(spec)
+        source = parse_spec(spec)
     except HubError:
         return False
-    return True
+    # "dir/model.gguf" is a local file, not a repo named model.gguf
+    return not (source.file is None and source.repo.lower().endswith(".gguf"))
 
 
 @dataclass(frozen=True)
@@ -99,10 +106,17 @@ def _quant_of(name: str) -> str:
     return stem.upper()
 
 
+#: How a whole quant tag begins (``Q4_K_M``, ``IQ3_XS``, ``F16``, ``BF16``, ``TQ1_0``): only such a
+#: tag may follow an ``_`` (``model_Q4_K_M``); ``K_M`` is the end of a tag, never a tag.
+_TAG_START = re.compile(r"^(?:[IT]?Q\d|B?F\d)")
+
+
 def _matches(name: str, quant: str) -> bool:
-    """``Model-Q4_K_M.gguf`` (or ``model.q4_k_m-00001-of-00002.gguf``) is quant ``q4_k_m``."""
+    """``Model-Q4_K_M.gguf`` (or ``model.q4_k_m-00001-of-00002.gguf``) is quant ``q4_k_m``: the
+    whole tag, so ``K_M`` matches neither Q4_K_M nor Q5_K_M."""
     stem, tag = _quant_of(name), quant.upper()
-    return any(stem.endswith(sep + tag) for sep in ("-", ".", "_")) or stem == tag
+    seps = ("-", ".", "_") if _TAG_START.match(tag) else ("-", ".")
+    return any(stem.endswith(sep + tag) for sep in seps) or stem == tag
 
 
 def _group(names: Iterable[str], first: str) -> tuple[str, ...]:

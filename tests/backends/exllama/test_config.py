@@ -106,6 +106,15 @@ def test_model_dir_is_required() -> None:
     assert any(p.startswith("models.m") and "model_dir" in p for p in info.value.problems)
 
 
+@pytest.mark.parametrize("backend", ["exllamav2", "exllamav3"])
+def test_revision_goes_with_hf(backend: str) -> None:
+    found = problems(backend, revision="4.0bpw")
+    assert any("revision goes with hf" in p for p in found), found
+    raw = {"models": {"m": {"backend": backend, "hf": "org/repo-exl2", "revision": "4.0bpw"}}}
+    model = parse_config(raw, "t").models["m"]
+    assert isinstance(model, ExllamaModelConfig) and model.revision == "4.0bpw"
+
+
 def test_plan_paged_defaults_to_one_context_of_cache() -> None:
     cfg = parse("exllamav2", batching={"max_concurrent": 6})
     assert plan_engine(cfg, 4096, paged=True) == EnginePlan(

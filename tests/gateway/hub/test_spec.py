@@ -106,3 +106,39 @@ def test_serve_model_config_names_the_model_as_given(tmp_path: Path) -> None:
     path = tmp_path / "m.gguf"
     local = single_model_config(str(path))
     assert local.models[str(path)].model_path == path  # type: ignore[attr-defined]
+
+
+def test_revision_then_quant() -> None:
+    assert parse_spec("org/repo@v1:Q4_K_M") == HubSource("org/repo", None, "Q4_K_M", "v1")
+    assert parse_spec("org/repo:Q4_K_M@v1") == HubSource("org/repo", None, "Q4_K_M", "v1")
+    with pytest.raises(HubError, match="two quant tags"):
+        parse_spec("org/repo:Q8_0@v1:Q4_K_M")
+
+
+def test_a_quant_is_matched_as_a_whole_tag() -> None:
+    names = ["Model-Q4_K_M.gguf", "Model-Q5_K_M.gguf", "model_Q8_0.gguf"]
+    with pytest.raises(HubError, match="no GGUF for quant 'K_M'"):
+        select_gguf(HubSource("org/repo", quant="K_M"), names)
+    with pytest.raises(HubError, match="no GGUF for quant '0'"):
+        select_gguf(HubSource("org/repo", quant="0"), names)
+    assert select_gguf(HubSource("org/repo", quant="q8_0"), names).files == ("model_Q8_0.gguf",)
+
+
+def test_looks_like_hub_spec() -> None:
+    from gateway.hub import looks_like_hub_spec
+
+    assert looks_like_hub_spec("org/repo/File-Q4_K_M.gguf")
+    assert looks_like_hub_spec("org/repo:Q4_K_M")
+    for local in ("model.gguf", "dir/model.gguf", "./org/repo/f.gguf", "/m/f.gguf", "~/f.gguf"):
+        assert not looks_like_hub_spec(local), local
+
+
+def test_serve_model_hub_file_not_on_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = single_model_config("org/repo/File-Q4_K_M.gguf").models["org/repo/File-Q4_K_M.gguf"]
+    assert isinstance(cfg, LlamaCppConfig)
+    assert cfg.hub_source() == HubSource("org/repo", file="File-Q4_K_M.gguf")
+    (tmp_path / "org" / "repo").mkdir(parents=True)
+    (tmp_path / "org" / "repo" / "File-Q4_K_M.gguf").write_bytes(b"")
+    local = single_model_config("org/repo/File-Q4_K_M.gguf").models["org/repo/File-Q4_K_M.gguf"]
+    assert isinstance(local, LlamaCppConfig) and local.hub_source() is None
