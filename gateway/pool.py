@@ -36,6 +36,10 @@ from gateway.types import Delta, GenerationRequest
 
 log = logging.getLogger("gateway.pool")
 
+#: A failed fetch from the Hub is remembered this long: requests meanwhile get its 503 at once
+#: (with Retry-After) instead of asking the Hub again each.
+FETCH_RETRY_AFTER_S = 10.0
+
 
 class ModelState(StrEnum):
     UNLOADED = "unloaded"
@@ -91,6 +95,8 @@ class ModelEntry:
         #: Out of the configuration (removed or replaced): takes no new request.
         self.retired = False
         self._load: asyncio.Task[None] | None = None
+        #: ``time.monotonic()`` of the last failed fetch (cleared by the next one that starts).
+        self._fetch_failed_at: float | None = None
         #: Set once its Hub files are fetched (or found in the cache).
         self._fetched = asyncio.Event()
         self._failure: tuple[str, float] | None = None
@@ -185,6 +191,7 @@ class ModelEntry:
             if self.lifecycle.closed:
                 raise ModelUnavailable("the server is shutting down")
             if self._load is None or self._load.done():
+                self._check_fetch_backoff()
                 self._load = asyncio.create_task(self._fetch_and_load(), name=f"load {self.name}")
             if wait_s is not None and self.needs_fetch:
                 await self._download_wait(self._load, wait_s)
@@ -217,6 +224,14 @@ class ModelEntry:
                 retry_after_s=wait_s,
             ) from None
 
+    def _check_fetch_backoff(self) -> None:
+        """Within :data:`FETCH_RETRY_AFTER_S` of a failed fetch: its 503, without a new one."""
+        if self._fetch_failed_at is None or self._failure is None:
+            return
+        left = self._fetch_failed_at + FETCH_RETRY_AFTER_S - time.monotonic()
+        if left > 0:
+            raise ModelUnavailable(self._failure[0], retry_after_s=max(1.0, left))
+
     def _check_retired(self) -> None:
         if self.retired:
             raise ModelUnavailable(
@@ -237,7 +252,7 @@ class ModelEntry:
 
         assert isinstance(self.config, HubSourced)
         progress = self.download = DownloadProgress(f"model {self.name} ({source.label})")
-        self.state, self._failure = ModelState.DOWNLOADING, None
+        self.state, self._failure, self._fetch_failed_at = ModelState.DOWNLOADING, None, None
         try:
             path = await asyncio.to_thread(fetch, source, progress)
         except DownloadCancelled as err:  # retired or shutting down: not a failure to report
@@ -247,8 +262,10 @@ class ModelEntry:
             return False
         except HubError as err:
             message = f"model {self.name!r} could not be fetched (the server log has the reason)"
-            self.state, self.error, self._failure = ModelState.FAILED, str(err), (message, 5.0)
-            log.error("model %s: %s", self.name, err)
+            retry = (message, FETCH_RETRY_AFTER_S)
+            self.state, self.error, self._failure = ModelState.FAILED, str(err), retry
+            self._fetch_failed_at = time.monotonic()
+            log.error("model %s: %s (tried again after %g s)", self.name, err, FETCH_RETRY_AFTER_S)
             return False
         except BaseException:  # cancelled: the download stops at its next chunk, resumable
             progress.cancel()

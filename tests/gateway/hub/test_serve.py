@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +137,12 @@ def test_waiting_past_the_queue_timeout_is_a_503(hub: Hub, tiny_files: dict[str,
         assert _chat(server).status_code == 200
 
 
-def test_corrupt_download_is_never_loaded(hub: Hub) -> None:
+def test_corrupt_download_is_never_loaded(hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed fetch is never loaded; it is remembered for FETCH_RETRY_AFTER_S (requests get
+    its 503 at once, the Hub is not asked again), then the next request fetches afresh."""
+    import gateway.pool
+
+    monkeypatch.setattr(gateway.pool, "FETCH_RETRY_AFTER_S", 1.5)
     hub.state.corrupt.add("Tiny-Q4_K_M.gguf")
     with ServerThread(_on_demand()) as server:
         failed = _chat(server)
@@ -146,6 +152,11 @@ def test_corrupt_download_is_never_loaded(hub: Hub) -> None:
         assert seen["state"] == "failed" and "downloaded corrupt" in seen["error"]
         assert seen["loads"] == 0
         hub.state.corrupt.clear()
+        requests = len(hub.state.log)
+        again = _chat(server)  # within the backoff: the same 503, nothing asked of the Hub
+        assert again.status_code == 503 and int(again.headers["retry-after"]) >= 1
+        assert len(hub.state.log) == requests
+        time.sleep(1.6)
         assert _chat(server).status_code == 200  # the next request fetches it afresh
 
 
