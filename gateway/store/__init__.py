@@ -43,6 +43,14 @@ class GuardedStore:
         except Exception as err:
             raise self._unavailable(err) from err
 
+    async def owned(
+        self, owner: str | None, limit: int, after: str | None = None
+    ) -> list[StoredResponse]:
+        try:
+            return await self.inner.owned(owner, limit, after)
+        except Exception as err:
+            raise self._unavailable(err) from err
+
     async def delete(self, response_id: str) -> bool:
         try:
             return await self.inner.delete(response_id)

@@ -40,6 +40,14 @@ class ResponseStore(Protocol):
         ``item_ids``). Item ids are the client's to choose: each owner has its own."""
         ...
 
+    async def owned(
+        self, owner: str | None, limit: int, after: str | None = None
+    ) -> list[StoredResponse]:
+        """Up to ``limit`` of ``owner``'s records, newest first (by ``created_at``, then id),
+        those after the record ``after`` only (none if that is not one of ``owner``'s);
+        without their ``context`` (an empty text): a listing, not a replay."""
+        ...
+
     async def delete(self, response_id: str) -> bool: ...
 
     async def aclose(self) -> None: ...

@@ -86,6 +86,11 @@ class RedisStore:
         """Item ids are the client's: each owner has its own (an owner's name has no ':')."""
         return f"{self.prefix}:item:{owner or ''}:{item_id}"
 
+    def _owner_key(self, owner: str | None) -> str:
+        """The owner's ids by ``created_at`` (a listing; ids whose record is gone are dropped
+        when met)."""
+        return f"{self.prefix}:owner:{owner or ''}"
+
     def _tombstone(self, response_id: str) -> str:
         return f"{self.prefix}:deleted:{response_id}"
 
@@ -111,6 +116,11 @@ class RedisStore:
         if total < 0:
             log.debug("response %s was deleted: not stored again", record.id)
             return
+        owner_key = self._owner_key(record.owner)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(owner_key, {record.id: record.created_at})
+            pipe.expire(owner_key, ttl)
+            await pipe.execute()
         if total > self.max_bytes:
             await self._bound()
 
@@ -137,6 +147,39 @@ class RedisStore:
         evicted response names nothing)."""
         response_id = await self._redis.get(self._item_key(owner, item_id))
         return None if response_id is None else await self.get(response_id)
+
+    async def owned(
+        self, owner: str | None, limit: int, after: str | None = None
+    ) -> list[StoredResponse]:
+        key = self._owner_key(owner)
+        start = 0
+        if after is not None:
+            rank = await self._redis.zrevrank(key, after)
+            if rank is None:
+                return []
+            start = rank + 1
+        found: list[StoredResponse] = []
+        while len(found) < limit:
+            ids = await self._redis.zrevrange(key, start, start + limit - 1)
+            if not ids:
+                break
+            start += len(ids)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for rid in ids:
+                    pipe.hmget(self._key(rid), *_FIELDS)
+                rows = await pipe.execute()
+            gone = []
+            for rid, (own, created, response, items, _, root) in zip(ids, rows, strict=True):
+                if response is None or (own or None) != owner:
+                    gone.append(rid)
+                else:
+                    found.append(
+                        StoredResponse(rid, owner, int(created), response, items, "", root)
+                    )
+            if gone:
+                await self._redis.zrem(key, *gone)
+                start -= len(gone)
+        return found[:limit]
 
     async def _forget(self, response_id: str, *, deleted: bool = False) -> tuple[bool, int]:
         """Delete a record and its bookkeeping (remembering a ``deleted`` id): whether it

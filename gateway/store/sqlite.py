@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS responses (
 );
 CREATE INDEX IF NOT EXISTS responses_by_age ON responses (created_at);
 CREATE INDEX IF NOT EXISTS responses_by_expiry ON responses (expires_at);
+CREATE INDEX IF NOT EXISTS responses_by_owner ON responses (owner, created_at, id);
 CREATE TABLE IF NOT EXISTS owned_items (
     owner TEXT NOT NULL,
     item_id TEXT NOT NULL,
@@ -248,6 +249,31 @@ class SQLiteStore:
                 (owner or "", item_id, time.time()),
             ).fetchone()
             return StoredResponse(*row) if row else None
+
+        return await self._run(read)
+
+    async def owned(
+        self, owner: str | None, limit: int, after: str | None = None
+    ) -> list[StoredResponse]:
+        listed = "id, owner, created_at, response, input_items, '', root"
+
+        def read(db: sqlite3.Connection) -> list[StoredResponse]:
+            now = time.time()
+            where, args = "owner IS ? AND expires_at >= ?", [owner, now]
+            if after is not None:
+                mark = db.execute(
+                    "SELECT created_at FROM responses WHERE id = ? AND owner IS ?", (after, owner)
+                ).fetchone()
+                if mark is None:
+                    return []
+                where += " AND (created_at < ? OR (created_at = ? AND id < ?))"
+                args += [mark[0], mark[0], after]
+            rows = db.execute(
+                f"SELECT {listed} FROM responses WHERE {where} "
+                "ORDER BY created_at DESC, id DESC LIMIT ?",
+                (*args, limit),
+            )
+            return [StoredResponse(*row) for row in rows]
 
         return await self._run(read)
 

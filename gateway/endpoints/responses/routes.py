@@ -1,12 +1,16 @@
 """The stored responses' routes: ``GET``/``DELETE /v1/responses/{id}``, its
 ``input_items``, ``cancel``, and ``POST /v1/responses/input_tokens``. Each runs the plugins'
-header hook (API keys): a response belongs to the key that made it, and is a 404 to others."""
+header hook (API keys): a response belongs to the key that made it, and is a 404 to others.
+Two gateway extensions serve the chat page's conversations: ``GET /v1/responses`` lists the
+caller's own stored responses (newest first, each with its ``root`` and its ``input_items``),
+``POST /v1/responses/{id}`` replaces a finished response's ``metadata``."""
 
 from __future__ import annotations
 
 import json
 import uuid
 from collections.abc import Mapping
+from dataclasses import replace
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -14,7 +18,7 @@ from starlette.routing import BaseRoute, Route
 
 from gateway.endpoints.responses.background import BackgroundRuns
 from gateway.endpoints.responses.convert import responses_request
-from gateway.endpoints.responses.wire import InputTokensRequest
+from gateway.endpoints.responses.wire import InputTokensRequest, ResponseUpdate
 from gateway.errors import InvalidRequest, NotFound
 from gateway.flow.contract import EndpointSpec, Parser
 from gateway.flow.count import count_route
@@ -23,8 +27,11 @@ from gateway.services import Services
 from gateway.store import StoredResponse
 from gateway.types import ClientRequest
 from gateway.wire.convert import parse_body
+from gateway.wire.responses import dumps
 
 MAX_PAGE = 100
+#: A response still being written (by a background run, which stores it as it goes).
+RUNNING = ("queued", "in_progress")
 
 
 class InputTokens:
@@ -77,6 +84,45 @@ def responses_routes(
         after = _int(request.query_params.get("starting_after", "-1"), "starting_after")
         return StreamingResponse(run.follow(after), media_type="text/event-stream")
 
+    async def listing(request: Request) -> Response:
+        """The caller's stored responses (never another key's), newest first."""
+        ctx = await caller(request)
+        query = request.query_params
+        limit = _int(query.get("limit", "20"), "limit")
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidRequest(f"'limit' must be between 1 and {MAX_PAGE}", param="limit")
+        records = await store.owned(ctx.principal, limit + 1, query.get("after"))
+        data = [
+            {
+                **json.loads(r.response),
+                "root": r.root or r.id,
+                "input_items": json.loads(r.input_items),
+            }
+            for r in records[:limit]
+        ]
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": data,
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None,
+                "has_more": len(records) > limit,
+            }
+        )
+
+    async def update(request: Request) -> Response:
+        """A finished response's ``metadata``, replaced."""
+        _, record = await owned(request)
+        wire = parse_body(ResponseUpdate, await request.body())
+        response = json.loads(record.response)
+        if response.get("status") in RUNNING:
+            raise InvalidRequest(
+                "A response can be updated once it has finished.", param="response_id"
+            )
+        response["metadata"] = wire.metadata
+        await store.put(replace(record, response=dumps(response)))
+        return Response(dumps(response), media_type="application/json")
+
     async def delete(request: Request) -> Response:
         _, record = await owned(request)
         await store.delete(record.id)
@@ -98,7 +144,9 @@ def responses_routes(
         count_route(
             services, endpoint, "/v1/responses/input_tokens", InputTokens(endpoint), _input_tokens
         ),
+        Route("/v1/responses", listing, methods=["GET"]),
         Route("/v1/responses/{response_id}", retrieve, methods=["GET"]),
+        Route("/v1/responses/{response_id}", update, methods=["POST"]),
         Route("/v1/responses/{response_id}", delete, methods=["DELETE"]),
         Route("/v1/responses/{response_id}/input_items", input_items, methods=["GET"]),
         Route("/v1/responses/{response_id}/cancel", cancel, methods=["POST"]),

@@ -188,6 +188,13 @@ class ResponsesRequest(WireModel):
     repetition_penalty: Annotated[float, Field(gt=0.0, le=2.0, allow_inf_nan=False)] | None = None
 
 
+class ResponseUpdate(WireModel):
+    """``POST /v1/responses/{id}``: a stored response's ``metadata``, replaced (a gateway
+    extension: the chat page keeps a conversation's title and an answer's timings there)."""
+
+    metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)]
+
+
 class InputTokensRequest(WireModel):
     """``POST /v1/responses/input_tokens``: the fields that shape the prompt."""
 
