@@ -14,7 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner, Result
 
+from gateway.cli import app
 from gateway.hub import HubError, HubSource, NotDownloaded, parse_spec
 from gateway.hub.fetch import fetch
 from tests.gateway.hub.conftest import TINY_REPO, Hub, gateway_cli
@@ -168,8 +170,8 @@ def test_full_disk_is_a_one_line_error_and_resumes(hub: Hub, tiny_files: dict[st
     repo = hub.cache / "models--test-org--Tiny-GGUF"
     assert not list(repo.glob("snapshots/*/*"))
     assert [p.suffix for p in (repo / "blobs").iterdir()] == [".incomplete"]
-    done = _pull(hub, f"{TINY_REPO}:Q4_K_M")
-    assert done.returncode == 0, done.stderr
+    done = _cli("pull", f"{TINY_REPO}:Q4_K_M")
+    assert done.exit_code == 0, done.output
     assert Path(done.stdout.strip().splitlines()[-1]).stat().st_size == size
 
 
@@ -185,31 +187,31 @@ def test_not_enough_free_space_is_refused_before_download(hub: Hub) -> None:
     assert not hub.gets()
 
 
+def _cli(*args: str) -> Result:
+    """``gateway ARGS`` in this process (typer's CliRunner), on the fixture's Hub and cache."""
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+
+
 def test_cli_pull_models_rm(hub: Hub) -> None:
-    pulled = _pull(hub, f"{TINY_REPO}:q8_0")
-    assert pulled.returncode == 0, pulled.stderr
+    pulled = _cli("pull", f"{TINY_REPO}:q8_0")
+    assert pulled.exit_code == 0, pulled.output
     assert pulled.stdout.strip().splitlines()[-1].endswith(SPLIT[0])
     assert "vision projector, mmproj-Tiny-F16.gguf" in pulled.stderr
-    assert _pull(hub, f"{TINY_REPO}:Q4_K_M").returncode == 0
+    assert _cli("pull", f"{TINY_REPO}:Q4_K_M").exit_code == 0
 
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*gateway_cli(), *args], env=hub.env(), capture_output=True, text=True, timeout=60
-        )
-
-    listed = cli("models", "--cached").stdout
+    listed = _cli("models", "--cached").stdout
     assert listed.startswith(f"{TINY_REPO}\t") and "(main)" in listed
     assert all(f"  {name}" in listed for name in [*SPLIT, "Tiny-Q4_K_M.gguf"])
-    removed = cli("rm", f"{TINY_REPO}:Q8_0")
-    assert removed.returncode == 0 and removed.stdout.startswith(f"removed {TINY_REPO}:Q8_0: ")
-    listed = cli("models", "--cached").stdout
+    removed = _cli("rm", f"{TINY_REPO}:Q8_0")
+    assert removed.exit_code == 0 and removed.stdout.startswith(f"removed {TINY_REPO}:Q8_0: ")
+    listed = _cli("models", "--cached").stdout
     assert "Tiny-Q4_K_M.gguf" in listed and SPLIT[0] not in listed
-    assert cli("rm", TINY_REPO).returncode == 0
-    assert cli("models", "--cached").stdout.startswith("no models in the Hugging Face cache")
-    missing = cli("rm", TINY_REPO)
-    assert missing.returncode == 1 and "is not in the Hugging Face cache" in missing.stderr
-    bad = cli("pull", "test-org/missing:Q4_0")
-    assert bad.returncode == 1
+    assert _cli("rm", TINY_REPO).exit_code == 0
+    assert _cli("models", "--cached").stdout.startswith("no models in the Hugging Face cache")
+    missing = _cli("rm", TINY_REPO)
+    assert missing.exit_code == 1 and "is not in the Hugging Face cache" in missing.stderr
+    bad = _cli("pull", "test-org/missing:Q4_0")
+    assert bad.exit_code == 1
     assert bad.stderr.strip().splitlines()[-1] == (
         "error: test-org/missing: no such model repo on the Hub (a private one needs HF_TOKEN)"
     )
@@ -220,25 +222,23 @@ def test_plan_and_check_config_before_download(hub: Hub, tmp_path: Path) -> None
     config.write_text(
         f'[models.tiny]\nbackend = "llamacpp"\nhf = "{TINY_REPO}"\nquant = "Q4_K_M"\n'
     )
-
-    def cli(*args: str, offline: bool = False) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*gateway_cli(), *args], env={**hub.env(offline=offline), "COLUMNS": "200"},
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-
-    checked = cli("check-config", str(config), offline=True)
-    assert checked.returncode == 0 and "OK (1 model(s)" in checked.stdout
-    online = cli("plan", str(config), "--gpu", "24GB")
+    hub.offline()
+    checked = _cli("check-config", str(config))
+    assert checked.exit_code == 0 and "OK (1 model(s)" in checked.stdout
+    hub.offline(False)
+    online = _cli("plan", str(config), "--gpu", "24GB")
     assert "not downloaded (0.5 MiB of weights on the Hub: Tiny-Q4_K_M.gguf)" in " ".join(
         online.stdout.split()
     )
-    offline = cli("plan", str(config), "--gpu", "24GB", offline=True)
+    hub.offline()
+    offline = _cli("plan", str(config), "--gpu", "24GB")
     assert "not downloaded (offline" in offline.stdout
     assert not hub.gets()  # nothing was downloaded
-    assert _pull(hub, f"{TINY_REPO}:Q4_K_M").returncode == 0
-    fetched = cli("plan", str(config), "--gpu", "24GB", offline=True)
-    assert fetched.returncode == 0 and "not downloaded" not in fetched.stdout, fetched.stdout
+    hub.offline(False)
+    assert _cli("pull", f"{TINY_REPO}:Q4_K_M").exit_code == 0
+    hub.offline()
+    fetched = _cli("plan", str(config), "--gpu", "24GB")
+    assert fetched.exit_code == 0 and "not downloaded" not in fetched.stdout, fetched.stdout
 
 
 def test_the_token_is_not_sent_to_a_cdn(hub: Hub, tiny_files: dict[str, Path]) -> None:
