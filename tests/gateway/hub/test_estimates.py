@@ -99,3 +99,21 @@ def test_a_half_fetched_folder_is_not_cached(hub: Hub, exl_repo: dict[str, Path]
     assert cached_path(source) == folder
     (folder / "model.safetensors").unlink()  # removed by hand: not complete any more
     assert cached_path(source) is None
+
+
+def test_an_in_place_reload_keeps_the_fetched_path(tmp_path: Path) -> None:
+    """The entry keeps the fetched files' path only: a table changed in place (aliases) is
+    what its next backend gets, with that path."""
+    table = {"backend": "llamacpp", "hf": TINY_REPO, "quant": "Q4_K_M"}
+    old = _config(tiny=table).models["tiny"]
+    new = _config(tiny={**table, "aliases": ["small"]}).models["tiny"]
+
+    async def main() -> None:
+        entry = ModelEntry("tiny", old, Lifecycle(LifecycleConfig()))
+        entry._local = tmp_path / "m.gguf"
+        entry.config = new
+        effective = entry.effective_config
+        assert list(effective.aliases) == ["small"]
+        assert effective.model_path == tmp_path / "m.gguf"  # type: ignore[attr-defined]
+
+    asyncio.run(main())
