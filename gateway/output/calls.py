@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Literal
+
+import llguidance
 
 Phase = Literal["key", "colon", "value", "after", "done"]
 _WS = " \t\r\n"
@@ -173,13 +176,18 @@ class CallObject:
 
 class RawCall:
     """A custom tool's raw call (``name`` read from its first line): its input is every
-    character up to the first ``close`` marker, handed on as the JSON arguments
+    character up to the closing marker ``close``, handed on as the JSON arguments
     ``{"input": "..."}`` (the text escaped piece by piece as it streams), so that what the
-    client gets decodes to the input exactly as the model wrote it."""
+    client gets decodes to the input exactly as the model wrote it.
 
-    def __init__(self, name: str, close: str) -> None:
+    The first ``close`` ends the input, unless ``ends`` (a Lark tool's grammar) says the
+    input before it is not complete: then the marker is input text (the output grammar lets
+    a Lark input hold the marker; a regex or text input never does)."""
+
+    def __init__(self, name: str, close: str, ends: GrammarEnd | None = None) -> None:
         self.name: str | None = name
         self.close = close
+        self.ends = ends
         self.saw_arguments = True
         self.phase: Literal["input", "done"] = "input"
         self._pending: list[str] = ['{"input": "']
@@ -196,26 +204,93 @@ class RawCall:
     def _input(self, text: str) -> None:
         if text:
             self._pending.append(json.dumps(text, ensure_ascii=False)[1:-1])
+            if self.ends is not None:
+                self.ends.feed(text)
 
-    def feed(self, text: str, *, final: bool = False) -> int:
+    def feed(self, text: str, *, final: bool = False, cut: bool = False) -> int:
         """Read ``text``; returns how many characters were used: up to and including the
-        closing marker, or all but a tail that could begin it (all, if ``final``)."""
+        closing marker, or all but a tail that could begin it (all, if ``final``; that tail
+        dropped if ``cut``: the generation ran out of tokens while writing the marker)."""
         if self.done:
             return 0
-        at = text.find(self.close)
-        if at >= 0:
-            self._input(text[:at])
-            self._end()
-            return at + len(self.close)
-        keep = 0 if final else _tail(text, self.close)
-        self._input(text[: len(text) - keep])
+        used = 0
+        while (at := text.find(self.close, used)) >= 0:
+            self._input(text[used:at])
+            if self.ends is None or self.ends.complete():
+                self._end()
+                return at + len(self.close)
+            self._input(self.close)  # inside the input: the grammar goes on
+            used = at + len(self.close)
+        keep = _tail(text[used:], self.close)
+        self._input(text[used : len(text) - (0 if final and not cut else keep)])
         if final:
             self._end()
+            return len(text)
         return len(text) - keep
 
     def _end(self) -> None:
         self._pending.append('"}')
         self.phase = "done"
+
+
+class _Bytes:
+    """A vocabulary of one token per byte (and EOS), to run a grammar over text."""
+
+    eos_token_id = 256
+    bos_token_id = None
+    tokens = [bytes([i]) for i in range(256)] + [b"\xff<eos>"]
+
+    def __call__(self, text: str | bytes) -> list[int]:
+        return list(text if isinstance(text, bytes) else text.encode())
+
+
+_BYTES: llguidance.LLTokenizer | None = None
+
+
+@lru_cache(maxsize=64)
+def _matcher(lark: str) -> llguidance.LLMatcher | None:
+    """A fresh matcher of a custom tool's Lark grammar over bytes (None: it does not
+    compile), copied for each call that needs it."""
+    global _BYTES
+    if _BYTES is None:
+        _BYTES = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Bytes()))
+    matcher = llguidance.LLMatcher(_BYTES, llguidance.LLMatcher.grammar_from_lark(lark))
+    return None if matcher.is_error() else matcher
+
+
+class GrammarEnd:
+    """Whether a raw input is complete under its tool's Lark grammar. The grammar is only
+    compiled (once per grammar, cached) when a closing marker is met inside an input; an
+    input the grammar rejects (a backend that did not enforce it) ends at the marker."""
+
+    def __init__(self, lark: str) -> None:
+        self.lark = lark
+        self._unread: list[bytes] = []
+        self._matcher: llguidance.LLMatcher | None = None
+        self._failed = False
+
+    def feed(self, text: str) -> None:
+        if not self._failed:
+            self._unread.append(text.encode())
+
+    def complete(self) -> bool:
+        """The input read so far is a whole sentence of the grammar (or the grammar cannot
+        tell: it does not compile, or the input left it)."""
+        if self._failed:
+            return True
+        if self._matcher is None:
+            base = _matcher(self.lark)
+            if base is None:
+                self._failed = True
+                return True
+            self._matcher = base.deep_copy()
+        data = b"".join(self._unread)
+        self._unread.clear()
+        m = self._matcher
+        if (data and not m.consume_tokens(list(data))) or m.is_error():
+            self._failed = True
+            return True
+        return m.is_accepting()
 
 
 def _tail(text: str, marker: str) -> int:

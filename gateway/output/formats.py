@@ -109,6 +109,10 @@ class ChatFormat:
     tools: ToolFormat
     reasoning: Reasoning | None = None
     special: Mapping[str, int] = field(default_factory=dict)
+    #: The custom tools a generation offers whose calls are written raw (:attr:`ToolFormat.raw`),
+    #: by name: their ``(syntax, definition)`` (set by the plan, per generation; the parser
+    #: reads a raw call only of these).
+    raw_tools: Mapping[str, tuple[str, str]] = field(default_factory=dict)
 
     def opens_reasoning(self, prompt: str) -> bool:
         """The rendered prompt ends inside the reasoning (the template wrote its start marker

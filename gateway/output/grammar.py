@@ -280,8 +280,10 @@ class GrammarBuilder:
 
 
 def _raw_call(b: GrammarBuilder, fmt: ToolFormat, tool: ToolSpec) -> str:
-    """A custom tool's raw call after its opening marker, its closing marker included: the
-    input ends at the first closing marker (as the parser reads it)."""
+    """A custom tool's raw call after its opening marker, its closing marker included. A
+    regex or text input never holds the closing marker (it ends at the first one, as the
+    parser reads it); a Lark input may (a nested grammar cannot be intersected): the parser
+    ends it at the first marker where the input is complete under the tool's grammar."""
     assert tool.freeform is not None
     syntax, definition = tool.freeform
     head = json.dumps(tool.name + "\n", ensure_ascii=False)
@@ -294,10 +296,12 @@ def _raw_call(b: GrammarBuilder, fmt: ToolFormat, tool: ToolSpec) -> str:
         if close in b.fmt.special:
             b.rules.append(f"INPUT{n}: /{regex_body(definition)}/")
             return f"{head} INPUT{n} {b.lit(close)}"
-        # lazy, the marker inside: a greedy input would run over the marker
-        b.rules.append(f"input{n}[lazy]: /(?:{regex_body(definition)}){_regex(close)}/")
-        return f"{head} input{n}"
-    return f"{head} {b.until(close)}"
+        # one terminal, the marker inside (an input terminal apart would run over it), the
+        # input never holding the marker: the parser ends it at the first one
+        body, marker = regex_body(definition), _regex(close)
+        b.rules.append(f"INPUT{n}: (/{body}/ & ~/(?s:.*){marker}(?s:.*)/) /{marker}/")
+        return f"{head} INPUT{n}"
+    return f"{head} {b.until(close)}"  # lazy: the input ends at the first marker
 
 
 def _json_call(fmt: ToolFormat, tool: ToolSpec) -> ToolSpec:

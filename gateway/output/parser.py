@@ -7,8 +7,10 @@ marker or cannot. Each tool call's first delta carries its id and name, later on
 of the raw arguments text (as OpenAI streams them).
 
 In a format that writes custom tools' calls raw (:attr:`ToolFormat.raw`), a call whose
-opening marker is followed by a name and a newline (not ``{``) is one: its input is the text
-up to the closing marker, handed on as the arguments ``{"input": "..."}``.
+opening marker is followed by the name of an offered custom tool (:attr:`ChatFormat.raw_tools`)
+and a newline (not ``{``) is one: its input is the text up to the closing marker (for a Lark
+tool, the first marker where the input is complete under its grammar), handed on as the
+arguments ``{"input": "..."}``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import string
 from dataclasses import replace
 from typing import Literal, assert_never
 
-from gateway.output.calls import CallObject, RawCall
+from gateway.output.calls import CallObject, GrammarEnd, RawCall
 from gateway.output.formats import ChatFormat
 from gateway.types import (
     Delta,
@@ -77,6 +79,7 @@ class OutputParser:
         self._named = False
         self._started = False  # any non-space content emitted
         self._after_reasoning = False
+        self._cut = False  # the generation ran out of tokens (finish "length")
 
     # -- entry points ---------------------------------------------------------------------
 
@@ -88,6 +91,7 @@ class OutputParser:
                 self._buf += text
                 self._run(final=False)
             case Finish():
+                self._cut = delta.reason == "length"
                 self._run(final=True)
                 self._flush_call()
                 reason = delta.reason
@@ -186,7 +190,9 @@ class OutputParser:
         call = self._call
         assert call is not None
         used = (
-            call.feed(self._buf, final=final) if isinstance(call, RawCall) else call.feed(self._buf)
+            call.feed(self._buf, final=final, cut=self._cut)
+            if isinstance(call, RawCall)
+            else call.feed(self._buf)
         )
         self._buf = self._buf[used:]
         self._call_progress()
@@ -209,15 +215,23 @@ class OutputParser:
             self._call = CallObject(ARGUMENT_KEYS)
             self._feed_call()
             return
-        if opened and self.tools.raw:
+        if opened and self.tools.raw and self.fmt.raw_tools:
+            names = self.fmt.raw_tools
             match = _RAW_NAME.match(buf)
-            if match:
+            if match and match.group(1) in names:
                 self._buf = buf[match.end() :]
-                self._call = RawCall(match.group(1), self.tools.call_close)
+                self._raw_call(match.group(1))
                 self._feed_call()
                 return
-            if not final and _RAW_NAME_PREFIX.fullmatch(buf):
-                self._opened = True
+            if _RAW_NAME_PREFIX.fullmatch(buf) and any(n.startswith(buf) for n in names):
+                if not final:
+                    self._opened = True
+                    return
+                # cut before the new line after the name: a call if it is whole, never content
+                self._buf = ""
+                if buf in names:
+                    self._raw_call(buf)
+                    self._feed_call(final=True)
                 return
         if self.tools.name == "mistral_args":
             match = _NAME_ARGS.match(buf)
@@ -232,6 +246,11 @@ class OutputParser:
             return
         # text after the calls that is no call: it is content again
         self.mode = "content"
+
+    def _raw_call(self, name: str) -> None:
+        syntax, definition = self.fmt.raw_tools[name]
+        ends = GrammarEnd(definition) if syntax == "lark" else None
+        self._call = RawCall(name, self.tools.call_close, ends)
 
     def _glue(self) -> tuple[str, ...]:
         t = self.tools

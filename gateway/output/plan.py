@@ -67,9 +67,17 @@ def plan_output(request: GenerationRequest, fmt: ChatFormat) -> GenerationReques
         grammar_open=grammar_open,
         template_tools=template_tools(offered) if offered and fmt.tools.native else None,
         parse_tools=bool(offered),
-        format=fmt,
+        format=_with_raw_tools(fmt, offered),
     )
     return replace(request, messages=messages, output=plan)
+
+
+def _with_raw_tools(fmt: ChatFormat, offered: Sequence[ToolSpec]) -> ChatFormat:
+    """``fmt`` knowing the offered custom tools whose calls are written raw."""
+    if not fmt.tools.raw:
+        return fmt
+    raw = {t.name: t.freeform for t in offered if t.freeform is not None}
+    return replace(fmt, raw_tools=raw) if raw else fmt
 
 
 GENERIC_INSTRUCTIONS = (

@@ -18,9 +18,20 @@ from gateway.endpoints.responses.tools import tool_set, tools_for
 from gateway.errors import InvalidRequest, UnsupportedParameter
 from gateway.output.formats import FORMATS, ChatFormat, ToolFormatName
 from gateway.output.grammar import grammar_for, lark_shape, regex_body
-from gateway.output.plan import call_text, check_schemas, generic_messages, raw_names
+from gateway.output.parser import OutputParser
+from gateway.output.plan import call_text, check_schemas, generic_messages, plan_output, raw_names
 from gateway.testing import ServerThread
-from gateway.types import ChatMessage, GenerationRequest, ToolCallRef, Tools, ToolSpec
+from gateway.types import (
+    ChatMessage,
+    Finish,
+    GenerationRequest,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallRef,
+    Tools,
+    ToolSpec,
+    Usage,
+)
 from tests.gateway.helpers import scripted_config
 from tests.gateway.test_output_grammar import accepts
 
@@ -109,6 +120,41 @@ def test_regex_and_text_inputs_are_raw() -> None:
     text = 'any "text" \\ with\nnew lines {"input": 1}'
     assert accepts(grammar, raw("note", text) + raw("pin", "0000"))
     assert not accepts(grammar, raw("note", "a</tool_call>b"))  # the marker ends the input
+
+
+def test_a_regex_input_never_holds_the_closing_marker() -> None:
+    """The parser ends a raw input at the first marker: the grammar agrees."""
+    line = ToolSpec("line", param="tools[0].format", freeform=("regex", "[^\\n]*"))
+    grammar = grammar_for(_fmt("generic"), Tools((line,), "required"), None)
+    assert accepts(grammar, raw("line", 's = "x"'))
+    assert not accepts(grammar, raw("line", 's = "</tool_call>"'))
+    assert not accepts(grammar, raw("line", "a</tool_call>b"))
+
+
+@pytest.mark.parametrize("fmt", ["generic", "hermes"])
+@pytest.mark.parametrize("step", [1, 5, 1000])
+def test_a_closing_marker_inside_a_patch_stays_in_its_input(
+    apply_patch: dict[str, Any], fmt: ToolFormatName, step: int
+) -> None:
+    """Codex's grammar allows ``</tool_call>`` in a patch line: the model may write it, and
+    the parser (checking the input so far against the tool's grammar at each marker) keeps
+    it in the input; nothing leaks into the content."""
+    spec = _spec(apply_patch)
+    patch = '*** Begin Patch\n*** Add File: a.py\n+s = "</tool_call>"\n+t = 1\n*** End Patch\n'
+    tools = Tools((spec, ADD), "auto")
+    text = "Patching." + raw("apply_patch", patch)
+    assert accepts(grammar_for(_fmt(fmt), tools, None), text)
+    plan = plan_output(GenerationRequest("r", messages=(), tools=tools), _fmt(fmt)).output
+    assert plan is not None and plan.format is not None
+    parser = OutputParser(plan.format, parse_tools=True)
+    deltas = [
+        d for i in range(0, len(text), step) for d in parser.feed(TextDelta(text[i : i + step]))
+    ]
+    deltas += parser.feed(Finish("stop", Usage(1, 1)))
+    assert "".join(d.text for d in deltas if isinstance(d, TextDelta)) == "Patching."
+    calls = [d for d in deltas if isinstance(d, ToolCallDelta)]
+    assert calls[0].name == "apply_patch"
+    assert custom_input("".join(d.arguments for d in calls)) == patch
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import pytest
 from langchain_core.messages import AIMessageChunk
@@ -19,6 +20,7 @@ from gateway.types import (
     ClientRequest,
     Delta,
     Finish,
+    FinishReason,
     GenerationRequest,
     ReasoningDelta,
     TextDelta,
@@ -210,6 +212,12 @@ RAW_INPUT = (
 )
 
 
+def raw_format(name: ToolFormatName) -> ChatFormat:
+    """The format with the custom tools the raw-call tests offer."""
+    raw = {"apply_patch": ("text", ""), "note": ("text", "")}
+    return ChatFormat(FORMATS[name], raw_tools=raw)
+
+
 def _calls(deltas: list[Delta]) -> dict[int, tuple[str | None, str]]:
     calls: dict[int, tuple[str | None, str]] = {}
     for d in deltas:
@@ -230,7 +238,7 @@ def test_a_raw_call_keeps_its_input_exactly(name: ToolFormatName, how: str) -> N
         + "</tool_call><tool_call> note\n</tool_call>"
     )
     seed = int(how[-1]) if how.startswith("random") else 0
-    deltas = run(ChatFormat(FORMATS[name]), cuts(text, how.rstrip("0123456789"), seed))
+    deltas = run(raw_format(name), cuts(text, how.rstrip("0123456789"), seed))
     content = "".join(d.text for d in deltas if isinstance(d, TextDelta))
     assert content == "Sure."
     calls = _calls(deltas)
@@ -240,15 +248,70 @@ def test_a_raw_call_keeps_its_input_exactly(name: ToolFormatName, how: str) -> N
     assert isinstance(deltas[-1], Finish) and deltas[-1].reason == "tool_calls"
 
 
-def test_a_raw_call_cut_by_max_tokens_keeps_its_input() -> None:
-    parser = OutputParser(ChatFormat(FORMATS["generic"]), parse_tools=True)
+@pytest.mark.parametrize(
+    ("reason", "kept"), [("length", 'ab"c'), ("stop", 'ab"c</tool')], ids=["length", "stop"]
+)
+def test_a_raw_call_cut_by_max_tokens_keeps_its_input(reason: FinishReason, kept: str) -> None:
+    """Cut by max_tokens while writing the closing marker: the marker's start is dropped."""
+    parser = OutputParser(raw_format("generic"), parse_tools=True)
     out = parser.feed(TextDelta('<tool_call>note\nab"c</tool'))
+    out += parser.feed(Finish(reason, Usage(1, 5)))
+    assert _calls(out) == {0: ("note", json.dumps({"input": kept}))}
+
+
+@pytest.mark.parametrize(
+    ("text", "calls"),
+    [
+        ("<tool_call>note", {0: ("note", '{"input": ""}')}),
+        ("<tool_call>not", {}),
+        ("<tool_call>apply_pa", {}),
+    ],
+)
+def test_a_raw_call_cut_before_its_name_ends_is_no_content(
+    text: str, calls: dict[int, tuple[str, str]]
+) -> None:
+    parser = OutputParser(raw_format("generic"), parse_tools=True)
+    out = parser.feed(TextDelta(text))
     out += parser.feed(Finish("length", Usage(1, 5)))
-    assert _calls(out) == {0: ("note", json.dumps({"input": 'ab"c</tool'}))}
+    assert not [d for d in out if isinstance(d, TextDelta)]
+    assert _calls(out) == calls
+
+
+def test_only_offered_custom_tools_are_called_raw() -> None:
+    """A name that is no offered custom tool opens no raw call (here: no tools offered)."""
+    text = "<tool_call>note\nx</tool_call>"
+    out = run(ChatFormat(FORMATS["generic"]), list(text))
+    assert _calls(out) == {}
+
+
+LARK_PATCH = (
+    'start: "*** Begin Patch" LF line+ "*** End Patch" LF?\n'
+    "line: /[+ -][^\\n]*/ LF\n"
+    "%import common.LF\n"
+)
+
+
+@pytest.mark.parametrize("how", ["chars", "whole", "random0", "random1"])
+def test_a_closing_marker_inside_a_lark_input_is_input(how: str) -> None:
+    """The marker where the input is not yet complete under the tool's grammar is input text
+    (the output grammar lets it be); the first one where it is complete ends the call."""
+    patch = '*** Begin Patch\n+s = "</tool_call>"\n+t = 1</tool_call>\n*** End Patch\n'
+    fmt = replace(raw_format("hermes"), raw_tools={"apply_patch": ("lark", LARK_PATCH)})
+    text = f"<tool_call>apply_patch\n{patch}</tool_call>"
+    seed = int(how[-1]) if how.startswith("random") else 0
+    deltas = run(fmt, cuts(text, how.rstrip("0123456789"), seed))
+    assert not [d for d in deltas if isinstance(d, TextDelta)]
+    assert _calls(deltas) == {0: ("apply_patch", json.dumps({"input": patch}))}
+
+
+def test_a_lark_input_its_grammar_rejects_ends_at_the_first_marker() -> None:
+    fmt = replace(raw_format("hermes"), raw_tools={"apply_patch": ("lark", LARK_PATCH)})
+    deltas = run(fmt, ["<tool_call>apply_patch\nnot a patch</tool_call>"])
+    assert _calls(deltas) == {0: ("apply_patch", '{"input": "not a patch"}')}
 
 
 def test_text_after_a_call_is_no_raw_call() -> None:
     text = "<tool_call>note\nx</tool_call>\nDone.\nAll good"
-    deltas = run(ChatFormat(FORMATS["generic"]), list(text))
+    deltas = run(raw_format("generic"), list(text))
     assert "".join(d.text for d in deltas if isinstance(d, TextDelta)) == "Done.\nAll good"
     assert _calls(deltas) == {0: ("note", '{"input": "x"}')}
