@@ -15,17 +15,19 @@ a newline, then its input under the tool's own grammar (a Lark grammar nested as
 from __future__ import annotations
 
 import json
+import logging
 import re
 from functools import lru_cache
 
 import llguidance
 
-from gateway.errors import InvalidRequest, UnsupportedParameter
+from gateway.errors import InvalidRequest
 from gateway.output.formats import ChatFormat, ToolFormat
 from gateway.output.panics import EnginePanic, no_panics
 from gateway.output.schemas import closed
 from gateway.types import ResponseFormat, Tools, ToolSpec
 
+log = logging.getLogger("gateway.output.grammar")
 #: JSON written the way models write it (and never endless white space).
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 OBJECT_SCHEMA = '{"type": "object"}'
@@ -304,14 +306,22 @@ def _raw_call(b: GrammarBuilder, fmt: ToolFormat, tool: ToolSpec) -> str:
     return f"{head} {b.until(close)}"  # lazy: the input ends at the first marker
 
 
+_warned_lark_json = False
+
+
 def _json_call(fmt: ToolFormat, tool: ToolSpec) -> ToolSpec:
-    """``tool`` as its call is written in JSON (a 400 for a Lark grammar: llguidance cannot
-    enforce one inside a JSON string)."""
-    if tool.freeform is not None and tool.freeform[0] == "lark":
-        raise UnsupportedParameter(
-            f"custom tool {tool.name!r}: its Lark grammar cannot be enforced in this model's "
-            f"{fmt.name!r} tool-call format (its input is a JSON string there)",
-            param=tool.param or "tools",
+    """``tool`` as its call is written in JSON. A Lark grammar cannot be enforced inside a
+    JSON string (llguidance): its input there is any string (a warning, logged once), so
+    that declaring such a tool (Codex's ``apply_patch``) never fails a request; a regex is
+    still enforced, as the input's ``pattern``."""
+    global _warned_lark_json
+    if tool.freeform is not None and tool.freeform[0] == "lark" and not _warned_lark_json:
+        _warned_lark_json = True
+        log.warning(
+            "custom tool %r: its Lark grammar is not enforced in the %r tool-call format "
+            "(its input is any JSON string there); logged once",
+            tool.name,
+            fmt.name,
         )
     return tool
 
