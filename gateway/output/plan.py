@@ -54,8 +54,8 @@ def plan_output(request: GenerationRequest, fmt: ChatFormat) -> GenerationReques
     tools = request.tools
     offered = tools.offered if tools is not None else ()
     messages = request.messages
-    if messages is not None and not fmt.tools.native:
-        messages = generic_messages(messages, offered, raw_names(tools))
+    if messages is not None:
+        messages = _written(messages, fmt, offered, raw_names(tools))
     needed = offered or request.response_format is not None or fmt.reasoning is not None
     if not needed and messages == request.messages:
         return request
@@ -86,8 +86,8 @@ GENERIC_INSTRUCTIONS = (
     '<tool_call>{{"name": "<function name>", "arguments": <arguments as a JSON object>}}'
     "</tool_call>"
 )
-#: Added when a custom tool (free-text input) is offered.
-GENERIC_RAW_INSTRUCTIONS = (
+#: Added when a custom tool (free-text input) is offered (for ``hermes`` templates too).
+RAW_INSTRUCTIONS = GENERIC_RAW_INSTRUCTIONS = (
     '\nTo call a function that takes free text (it has "input", not "parameters"), answer '
     "with nothing but <tool_call><function name>, a new line, then the text as it is (not "
     "JSON), then </tool_call>"
@@ -170,6 +170,45 @@ def generic_messages(
     return tuple(out)
 
 
+def _written(
+    messages: Sequence[ChatMessage],
+    fmt: ChatFormat,
+    tools: Sequence[ToolSpec],
+    raw: frozenset[str],
+) -> tuple[ChatMessage, ...]:
+    """The conversation as the model's format takes it: :func:`generic_messages` for a
+    template that knows no tools, :func:`native_messages` for one that writes calls raw."""
+    if not fmt.tools.native:
+        return generic_messages(messages, tools, raw)
+    if fmt.tools.raw:
+        return native_messages(messages, tools, raw)
+    return tuple(messages)
+
+
+def native_messages(
+    messages: Sequence[ChatMessage], tools: Sequence[ToolSpec], raw: frozenset[str]
+) -> tuple[ChatMessage, ...]:
+    """For a template that knows tools and whose calls have a closing marker (``hermes``):
+    earlier custom calls written raw into the assistant's text (the template writes the
+    others), and the raw-call instructions added to the system prompt when a custom tool is
+    offered (the template only knows the JSON form)."""
+    out: list[ChatMessage] = []
+    for m in messages:
+        custom = [c for c in m.tool_calls if c.name in raw]
+        if custom:
+            text = "".join(call_text(c.name, c.arguments, raw=True) for c in custom)
+            rest = tuple(c for c in m.tool_calls if c.name not in raw)
+            m = replace(m, content=m.content + text, tool_calls=rest)
+        out.append(m)
+    if any(t.freeform is not None for t in tools):
+        note = RAW_INSTRUCTIONS.strip()
+        if out and out[0].role in ("system", "developer"):
+            out[0] = replace(out[0], content=f"{out[0].content}\n\n{note}")
+        else:
+            out.insert(0, ChatMessage("system", note))
+    return tuple(out)
+
+
 def _needs_schema_check(request: GenerationRequest) -> bool:
     fmt = request.response_format
     return request.tools is not None or (fmt is not None and fmt.schema is not None)
@@ -197,9 +236,9 @@ def with_messages(
     and formats (a shorter one, under ``truncation: "auto"``): its plan is kept, only the
     messages are written as the model's format takes them; no schema is compiled again."""
     kept = tuple(messages)
-    if fmt is not None and not fmt.tools.native:
+    if fmt is not None:
         tools = planned.generations[0].tools
-        kept = generic_messages(kept, tools.offered if tools is not None else (), raw_names(tools))
+        kept = _written(kept, fmt, tools.offered if tools is not None else (), raw_names(tools))
     gens = tuple(replace(g, messages=kept) for g in planned.generations)
     return replace(planned, generations=gens)
 

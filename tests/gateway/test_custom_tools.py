@@ -365,3 +365,25 @@ def test_a_grammar_too_deep_is_a_400_when_the_request_is_read() -> None:
     with pytest.raises(InvalidRequest) as err:
         tool_set([{"type": "function", "name": "f"}, tool])
     assert err.value.param == "tools[1].format" and "nests too deeply" in str(err.value)
+
+
+def test_a_hermes_model_is_told_the_raw_call_and_sees_earlier_ones_raw() -> None:
+    """A native template knows only the JSON form: the raw-call instructions are added and an
+    earlier custom call is written raw into the assistant's text (the template writes the
+    function calls)."""
+    note_call = ToolCallRef("c1", "note", json.dumps({"input": 'a "b"\n'}))
+    add_call = ToolCallRef("c2", "add", '{"a": 1}')
+    messages = (
+        ChatMessage("user", "hi"),
+        ChatMessage("assistant", "", tool_calls=(note_call, add_call)),
+        ChatMessage("tool", "ok", tool_call_id="c1"),
+    )
+    request = GenerationRequest("r", messages=messages, tools=Tools((ADD, NOTE)))
+    planned = plan_output(request, _fmt("hermes")).messages
+    assert planned is not None
+    assert (
+        planned[0].role == "system"
+        and "<tool_call><function name>, a new line" in planned[0].content
+    )
+    assistant = planned[2]
+    assert assistant.content == raw("note", 'a "b"\n') and assistant.tool_calls == (add_call,)
