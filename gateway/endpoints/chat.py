@@ -9,14 +9,13 @@ A call of a custom tool (free-text input) is ``{"id", "type": "custom", "custom"
 
 from __future__ import annotations
 
-import json
-import re
-from dataclasses import dataclass, field
-from typing import Literal, assert_never
+from dataclasses import dataclass
+from typing import assert_never
 
 from gateway.endpoints.chunks import ChunkStream, completion_body, json_string
 from gateway.endpoints.logprobs import chat_logprobs
 from gateway.flow.contract import ChoiceResult, Result, Stateless, ToolCall
+from gateway.output.calls import CustomInput, custom_input, custom_names
 from gateway.sse import frame
 from gateway.types import (
     ClientRequest,
@@ -24,88 +23,21 @@ from gateway.types import (
     EmbeddingDelta,
     Endpoint,
     Finish,
-    GenerationRequest,
     ReasoningDelta,
     TextDelta,
     ToolCallDelta,
 )
 from gateway.wire.convert import chat_request
 from gateway.wire.responses import dumps
-from gateway.wire.shared import custom_input
 
 _OPEN = '},"logprobs":null,"finish_reason":null}]}'
-
-
-def custom_names(generation: GenerationRequest) -> frozenset[str]:
-    """The names of a generation's custom tools (whose calls carry free text)."""
-    tools = generation.tools
-    specs = tools.specs if tools is not None else ()
-    return frozenset(t.name for t in specs if t.freeform is not None)
-
-
-#: The start of a custom call's JSON arguments, up to its input's first character.
-_HEAD = re.compile(r'\s*\{\s*"input"\s*:\s*"')
-_SQUEEZED_HEAD = '{"input":"'
-#: JSON string text that decodes alone: characters and whole escapes.
-_STRING = re.compile(r'(?:[^"\\]+|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*')
-#: What could begin an escape, cut by the end of a piece.
-_PART_ESCAPE = re.compile(r"\\(?:u[0-9a-fA-F]{0,3})?")
-_HIGH_SURROGATE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}$")
-
-
-@dataclass
-class CustomInput:
-    """A custom call's input, piece by piece, from the pieces of its JSON arguments
-    ``{"input": "..."}`` (as the core carries it): what each piece adds to the decoded
-    input, an escape cut in two held back until it is whole. Arguments of another shape
-    (never written under the tool's grammar) come whole at the call's end, as
-    :func:`custom_input` reads them."""
-
-    state: Literal["head", "input", "done"] = "head"
-    _buf: str = ""
-    _arguments: list[str] = field(default_factory=list)
-
-    def feed(self, piece: str) -> str:
-        self._arguments.append(piece)
-        if self.state == "done":
-            return ""
-        self._buf += piece
-        if self.state == "head":
-            match = _HEAD.match(self._buf)
-            if match is None:
-                return ""
-            self._buf = self._buf[match.end() :]
-            self.state = "input"
-        return self._decode()
-
-    def _decode(self) -> str:
-        buf = self._buf
-        end = _STRING.match(buf)
-        assert end is not None  # it matches the empty string
-        body, rest = buf[: end.end()], buf[end.end() :]
-        if rest.startswith('"'):
-            self.state = "done"
-            rest = ""
-        elif rest and not _PART_ESCAPE.fullmatch(rest):  # not JSON: the rest as it is
-            body, rest = body + json.dumps(rest)[1:-1], ""
-        elif _HIGH_SURROGATE.search(body):  # its low half may come next
-            body, rest = body[:-6], body[-6:] + rest
-        self._buf = rest
-        return str(json.loads(f'"{body}"'))
-
-    def end(self) -> str:
-        """The input not yet handed on, at the call's end."""
-        if self.state != "head":
-            return ""
-        self.state = "done"
-        return custom_input("".join(self._arguments)) if self._arguments else ""
 
 
 class ChatStreamEncoder(ChunkStream):
     def __init__(self, request: ClientRequest, response_id: str, created: int) -> None:
         super().__init__("chat.completion.chunk", request, response_id, created)
         self._prefixes: dict[int, str] = {}
-        self._custom_names = {g.index: custom_names(g) for g in request.generations}
+        self._custom_names = {g.index: custom_names(g.tools) for g in request.generations}
         #: The custom calls of each choice being streamed, by their number.
         self._custom: dict[int, dict[int, CustomInput]] = {}
 
@@ -173,7 +105,7 @@ class ChatStreamEncoder(ChunkStream):
 
     def _end_calls(self, index: int) -> list[dict[str, object]]:
         """The input the choice's custom calls hold back at its end (arguments of another
-        shape than ``{"input": ...}``)."""
+        shape than ``{"input": ...}``: :meth:`CustomInput.end`)."""
         pieces: list[dict[str, object]] = []
         for call, decoder in self._custom.pop(index, {}).items():
             text = decoder.end()
@@ -236,7 +168,7 @@ class ChatEndpoint(Stateless):
             choices.append(
                 {
                     "index": g.index,
-                    "message": _message(choice, custom_names(g)),
+                    "message": _message(choice, custom_names(g.tools)),
                     "logprobs": chat_logprobs(choice.logprobs) if g.logprobs is not None else None,
                     "finish_reason": choice.finish_reason,
                 }

@@ -1,15 +1,20 @@
 """Reading one tool call as its text arrives: a JSON call's name as soon as it is whole, its
 arguments as raw fragments (streamed as the model writes them); a custom tool's raw call
-(:class:`RawCall`) as the JSON arguments ``{"input": ...}`` of its input."""
+(:class:`RawCall`) as the JSON arguments ``{"input": ...}`` of its input, and back: a custom
+call's input from those arguments, whole (:func:`custom_input`) or piece by piece as they
+stream (:class:`CustomInput`), for every endpoint."""
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Literal
 
 import llguidance
+
+from gateway.types import Tools
 
 Phase = Literal["key", "colon", "value", "after", "done"]
 _WS = " \t\r\n"
@@ -299,3 +304,107 @@ def _tail(text: str, marker: str) -> int:
         if marker.startswith(text[-n:]):
             return n
     return 0
+
+
+def custom_names(tools: Tools | None) -> frozenset[str]:
+    """The names of a request's custom tools (free-text input: their calls are written raw
+    where the format allows, and a client gets their input, not JSON arguments)."""
+    specs = tools.specs if tools is not None else ()
+    return frozenset(t.name for t in specs if t.freeform is not None)
+
+
+def custom_arguments(text: str) -> str:
+    """A custom tool's free-text input as the JSON arguments ``{"input": "..."}`` the core
+    carries for it (what the model writes in a format that cannot write the input raw)."""
+    return json.dumps({"input": text}, ensure_ascii=False)
+
+
+def input_of(arguments: str) -> str | None:
+    """A custom tool call's input from the JSON arguments ``{"input": "..."}`` the core
+    carries for it (None: they are not that). A raw control character in the string is
+    taken as it is (a model whose output was not held to the grammar may write one)."""
+    try:
+        value = json.loads(arguments, strict=False)
+    except ValueError:
+        return None
+    if isinstance(value, dict) and isinstance(value.get("input"), str):
+        return str(value["input"])
+    return None
+
+
+def custom_input(arguments: str) -> str:
+    """A custom tool call's input, exactly as the model wrote it, from its JSON arguments
+    (:func:`input_of`; the arguments themselves if they are not ``{"input": "..."}``)."""
+    text = input_of(arguments)
+    return arguments if text is None else text
+
+
+#: The start of a custom call's JSON arguments, up to its input's first character.
+_HEAD = re.compile(r'\s*\{\s*"input"\s*:\s*"')
+#: JSON string text that decodes alone: characters and whole escapes.
+_STRING = re.compile(r'(?:[^"\\]+|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*')
+#: What could begin an escape, cut by the end of a piece.
+_PART_ESCAPE = re.compile(r"\\(?:u[0-9a-fA-F]{0,3})?")
+_HIGH_SURROGATE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}$")
+
+
+@dataclass
+class CustomInput:
+    """A custom call's input, piece by piece, from the pieces of its JSON arguments
+    ``{"input": "..."}`` as the core streams them: :meth:`feed` says what each piece adds to
+    the decoded input (an escape cut in two, or a surrogate pair's high half, held back until
+    it is whole), :meth:`end` what is left at the call's end, so that the pieces together
+    are :func:`custom_input` of the whole arguments. Arguments of another shape (never
+    written under the tool's grammar) come whole at the end."""
+
+    state: Literal["head", "input", "done"] = "head"
+    _buf: str = ""
+    _arguments: list[str] = field(default_factory=list)
+    _sent: list[str] = field(default_factory=list)
+
+    def feed(self, piece: str) -> str:
+        self._arguments.append(piece)
+        if self.state == "done":
+            return ""
+        self._buf += piece
+        if self.state == "head":
+            match = _HEAD.match(self._buf)
+            if match is None:
+                return ""
+            self._buf = self._buf[match.end() :]
+            self.state = "input"
+        text = self._decode()
+        if text:
+            self._sent.append(text)
+        return text
+
+    def _decode(self) -> str:
+        buf = self._buf
+        end = _STRING.match(buf)
+        assert end is not None  # it matches the empty string
+        body, rest = buf[: end.end()], buf[end.end() :]
+        if rest.startswith('"'):
+            self.state = "done"
+            rest = ""
+        elif rest and not _PART_ESCAPE.fullmatch(rest):  # not JSON: the rest as it is
+            body, rest = body + json.dumps(rest)[1:-1], ""
+        elif _HIGH_SURROGATE.search(body):  # its low half may come next
+            body, rest = body[:-6], body[-6:] + rest
+        self._buf = rest
+        return str(json.loads(f'"{body}"', strict=False))
+
+    def end(self) -> str:
+        """The input not yet handed on, at the call's end: the rest of
+        :func:`custom_input` of the whole arguments ("" where the pieces already went
+        another way: arguments cut inside their string, which :func:`custom_input` gives
+        whole)."""
+        if not self._arguments:
+            return ""
+        whole = custom_input("".join(self._arguments))
+        sent = "".join(self._sent)
+        self.state = "done"
+        self._arguments.clear()
+        if not whole.startswith(sent):
+            return ""
+        self._sent.append(whole[len(sent) :])
+        return whole[len(sent) :]

@@ -12,6 +12,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import replace
 
+from gateway.output.calls import custom_names, input_of
 from gateway.output.formats import ChatFormat
 from gateway.output.grammar import check_freeform, grammar_for
 from gateway.output.schemas import check_schema
@@ -20,7 +21,6 @@ from gateway.types import (
     ClientRequest,
     GenerationRequest,
     OutputPlan,
-    Tools,
     ToolSpec,
 )
 
@@ -55,7 +55,7 @@ def plan_output(request: GenerationRequest, fmt: ChatFormat) -> GenerationReques
     offered = tools.offered if tools is not None else ()
     messages = request.messages
     if messages is not None:
-        messages = _written(messages, fmt, offered, raw_names(tools))
+        messages = _written(messages, fmt, offered, custom_names(tools))
     needed = offered or request.response_format is not None or fmt.reasoning is not None
     if not needed and messages == request.messages:
         return request
@@ -99,27 +99,9 @@ _FREEFORM_INPUT = {
 }
 
 
-def raw_names(tools: Tools | None) -> frozenset[str]:
-    """The names of the request's custom tools (whose calls are written raw where the format
-    allows)."""
-    specs = tools.specs if tools is not None else ()
-    return frozenset(t.name for t in specs if t.freeform is not None)
-
-
-def _raw_input(arguments: str) -> str | None:
-    """A custom tool call's input from its JSON arguments ``{"input": "..."}``."""
-    try:
-        value = json.loads(arguments)
-    except ValueError:
-        return None
-    if isinstance(value, dict) and isinstance(value.get("input"), str):
-        return str(value["input"])
-    return None
-
-
 def call_text(name: str, arguments: str, *, raw: bool = False) -> str:
     """A call as the model writes it (``raw``: a custom tool's, its input unescaped)."""
-    text = _raw_input(arguments) if raw else None
+    text = input_of(arguments) if raw else None
     if text is not None:
         return f"<tool_call>{name}\n{text}</tool_call>"
     return (
@@ -238,7 +220,7 @@ def with_messages(
     kept = tuple(messages)
     if fmt is not None:
         tools = planned.generations[0].tools
-        kept = _written(kept, fmt, tools.offered if tools is not None else (), raw_names(tools))
+        kept = _written(kept, fmt, tools.offered if tools is not None else (), custom_names(tools))
     gens = tuple(replace(g, messages=kept) for g in planned.generations)
     return replace(planned, generations=gens)
 

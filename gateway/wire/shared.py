@@ -11,6 +11,7 @@ import json
 from collections.abc import Sequence
 
 from gateway.errors import InvalidRequest
+from gateway.output.calls import custom_arguments as custom_arguments  # the wire's, re-exported
 from gateway.output.grammar import freeform_limits
 from gateway.output.plan import template_tools
 from gateway.types import (
@@ -134,23 +135,6 @@ def custom_tool(name: str, description: str | None, grammar: Grammar, param: str
         "additionalProperties": False,
     }
     return ToolSpec(name, description or "", json.dumps(parameters), True, param, freeform)
-
-
-def custom_arguments(text: str) -> str:
-    """A custom tool's free-text input as the JSON arguments the core carries for it."""
-    return json.dumps({"input": text}, ensure_ascii=False)
-
-
-def custom_input(arguments: str) -> str:
-    """A custom tool call's input, exactly as the model wrote it, from the JSON arguments
-    ``{"input": "..."}`` the core carries for it (the text itself if they are not that)."""
-    try:
-        value = json.loads(arguments)
-    except ValueError:
-        return arguments
-    if isinstance(value, dict) and isinstance(value.get("input"), str):
-        return str(value["input"])
-    return arguments
 
 
 def chat_tool_choice(tools: Tools) -> object:

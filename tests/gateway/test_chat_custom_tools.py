@@ -15,10 +15,10 @@ import openai
 import pytest
 from openai import OpenAI
 
-from gateway.endpoints.chat import CustomInput
 from gateway.endpoints.responses.tools import tool_set
 from gateway.errors import InvalidRequest
-from gateway.output.plan import call_text, check_schemas, generic_messages, raw_names
+from gateway.output.calls import CustomInput, custom_names
+from gateway.output.plan import call_text, check_schemas, generic_messages
 from gateway.testing import ServerThread
 from gateway.types import ClientRequest, ToolCallRef
 from gateway.wire.convert import chat_request
@@ -205,7 +205,7 @@ def test_custom_calls_in_the_history_are_rendered_back_raw() -> None:
     assert call == ToolCallRef("c1", "patch", json.dumps({"input": PATCH}, ensure_ascii=False))
     assert function == ToolCallRef("c2", "add", ADDED)
     tools = generation.tools
-    out = generic_messages(generation.messages, tools.offered, raw_names(tools))
+    out = generic_messages(generation.messages, tools.offered, custom_names(tools))
     assert out[2].content == f"<tool_call>patch\n{PATCH}</tool_call>" + call_text("add", ADDED)
     assert "<tool_response>\nDone!\n</tool_response>" in out[3].content
 

@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 from openai import OpenAI
 
-from gateway.endpoints.responses.objects import custom_input
 from gateway.endpoints.responses.tools import tool_set, tools_for
 from gateway.errors import InvalidRequest
+from gateway.output.calls import CustomInput, custom_input, custom_names
 from gateway.output.formats import FORMATS, ChatFormat, ToolFormatName
 from gateway.output.grammar import grammar_for, lark_shape, regex_body
 from gateway.output.parser import OutputParser
-from gateway.output.plan import call_text, check_schemas, generic_messages, plan_output, raw_names
+from gateway.output.plan import call_text, check_schemas, generic_messages, plan_output
 from gateway.testing import ServerThread
 from gateway.types import (
     ChatMessage,
@@ -233,7 +233,7 @@ def test_history_writes_custom_calls_raw() -> None:
     )
     spec = ToolSpec("apply_patch", "Edit files", freeform=("lark", "start: x"))
     tools = Tools((spec, ADD))
-    out = generic_messages(messages, tools.offered, raw_names(tools))
+    out = generic_messages(messages, tools.offered, custom_names(tools))
     assert out[2].content == raw("apply_patch", PATCH) + call_text("add", '{"a": 1}')
     system = out[0].content
     assert '"input": "free text in this Lark grammar:\\nstart: x"' in system
@@ -273,7 +273,8 @@ def test_the_input_reaches_the_client_exactly_streamed_and_not(apply_patch: dict
         deltas = [e.delta for e in events if e.type == "response.custom_tool_call_input.delta"]
         done = [e.input for e in events if e.type == "response.custom_tool_call_input.done"]
         last: Any = events[-1]
-        assert deltas == done == [PATCH] and last.response.output[0].input == PATCH
+        assert len(deltas) > 1 and "".join(deltas) == PATCH  # streamed as it was written
+        assert done == [PATCH] and last.response.output[0].input == PATCH
         # the call goes back into the conversation with its output: accepted
         turn: Any = [
             call.to_dict(),
@@ -281,6 +282,73 @@ def test_the_input_reaches_the_client_exactly_streamed_and_not(apply_patch: dict
         ]
         again = client.responses.create(**{**kw, "input": turn, "tool_choice": "auto"})
         assert again.status == "completed"
+
+
+#: A long input with every kind of escape: quotes, backslashes, control characters, a
+#: backslash before a ``u``, non-ASCII text and a character outside the BMP.
+LONG = PATCH * 4 + 'é😀 \\u00e9 "quoted" \\ \t\x00 \u2028' + "😀" * 5 + "\n"
+
+
+def _input_events(events: list[Any]) -> tuple[list[str], list[str], int]:
+    """A custom call's input deltas and done inputs, and how many deltas came before the
+    first done."""
+    kinds = [e.type for e in events]
+    deltas = [e.delta for e in events if e.type == "response.custom_tool_call_input.delta"]
+    done = [e.input for e in events if e.type == "response.custom_tool_call_input.done"]
+    first_done = kinds.index("response.custom_tool_call_input.done")
+    before = kinds[:first_done].count("response.custom_tool_call_input.delta")
+    return deltas, done, before
+
+
+@pytest.mark.timeout(60)
+def test_the_responses_stream_sends_the_input_as_it_arrives() -> None:
+    """Through the openai SDK's Responses streaming: a long custom input arrives in several
+    ``custom_tool_call_input.delta`` events before ``.done``, which together are exactly
+    the input, whether the model wrote the call raw (generic format: escaped as it is read)
+    or as JSON arguments ``{"input": ...}`` streamed in 3-character pieces, which cut
+    escapes (``\\u`` sequences, surrogate pairs) in two."""
+    arguments = json.dumps({"input": LONG})
+    pieces = [arguments[i : i + 3] for i in range(0, len(arguments), 3)]
+    assert any(p.endswith("\\") or "\\u" in p[-5:] for p in pieces)  # escapes are cut
+    caps = ["streaming", "completions", "tools"]
+    models: dict[str, dict[str, Any]] = {
+        "raw": {"reply": raw("note", LONG), "capabilities": caps, "tool_format": "generic"},
+        "json": {"capabilities": caps, "tool_calls": [{"name": "note", "arguments": arguments}]},
+    }
+    note = {"type": "custom", "name": "note", "description": "Take a note"}
+    with (
+        ServerThread(scripted_config(models)) as srv,
+        OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0) as client,
+    ):
+        for model in models:
+            kw: Any = {"model": model, "input": "note it", "tools": [note]}
+            with client.responses.stream(**kw) as stream:
+                events = list(stream)
+                final = stream.get_final_response()
+            deltas, done, before = _input_events(events)
+            assert before == len(deltas) > 10, model
+            assert "".join(deltas) == LONG and done == [LONG], model
+            [call] = final.output
+            assert call.type == "custom_tool_call" and call.input == LONG, model
+            body = client.responses.create(**kw)
+            assert body.output[0].type == "custom_tool_call"
+            assert body.output[0].input == LONG, model
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    ['{"x": 1}', "not json", '{"input": "a\nb"}', '{"input": "a\nb", "x": 1}', ""],
+)
+def test_the_decoder_ends_with_what_the_body_holds(arguments: str) -> None:
+    """Arguments of another shape come whole at the end; a raw control character in the
+    string is input: the pieces are always the input a collected body holds."""
+    for step in (1, 4, 100):
+        decoder = CustomInput()
+        text = "".join(
+            decoder.feed(arguments[i : i + step]) for i in range(0, len(arguments), step)
+        )
+        assert text + decoder.end() == custom_input(arguments)
+        assert decoder.end() == ""  # once
 
 
 def _chain(rules: int, brackets: int = 0) -> str:

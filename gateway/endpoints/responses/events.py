@@ -1,7 +1,10 @@
 """A streamed response's events, in the order the openai SDK's ``responses.stream()``
 accumulates them: ``response.created``, ``response.in_progress``, each output item opened,
 its parts and deltas, each closed, then ``response.completed`` (or ``.incomplete``) with the
-whole response. Every event has a strictly increasing ``sequence_number``."""
+whole response. Every event has a strictly increasing ``sequence_number``. A custom tool's
+input streams as ``response.custom_tool_call_input.delta`` events as its arguments arrive
+(decoded by :class:`~gateway.output.calls.CustomInput`, as chat completions stream it), then
+whole in ``.done``."""
 
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from gateway.endpoints.responses.objects import (
     usage_json,
 )
 from gateway.errors import GatewayError
+from gateway.output.calls import CustomInput
 from gateway.sse import frame
 from gateway.types import ClientRequest, Delta, TokenLogprob, Usage
 from gateway.wire.blocks import Block, BlockEvent, Closed, Grew, Opened, Segmenter
@@ -49,6 +53,8 @@ class ResponsesStreamEncoder:
         self.segments = Segmenter()
         #: Each open or finished block's item id.
         self.item_ids: dict[int, str] = {}
+        #: The input of each open custom call block, decoded as its arguments stream.
+        self.inputs: dict[int, CustomInput] = {}
         #: The final event was built (the response is stored if it is to be).
         self.finished = False
         #: The error the stream ended with, if it failed.
@@ -105,6 +111,8 @@ class ResponsesStreamEncoder:
             origin = self.state.origins.get(block.name)
             item = call_item(item_id, block.call_id, block.name, "", origin, "in_progress")
             part = None
+            if origin is not None and origin.custom:
+                self.inputs[block.index] = CustomInput()
         elif block.kind == "text":
             item = message_item(item_id, [], "in_progress")
             part = text_part("", [] if self.state.logprobs else None)
@@ -134,10 +142,13 @@ class ResponsesStreamEncoder:
                     block, "response.reasoning_text.delta", delta=piece, content_index=0
                 )
             ]
-        origin = self.state.origins.get(block.name)
-        if origin is not None and origin.custom:  # a custom input comes whole, at its end
+        decoder = self.inputs.get(block.index)
+        if decoder is None:
+            return [self._item_event(block, "response.function_call_arguments.delta", delta=piece)]
+        text = decoder.feed(piece)
+        if not text:  # nothing of the input yet (its head, or an escape cut in two)
             return []
-        return [self._item_event(block, "response.function_call_arguments.delta", delta=piece)]
+        return [self._item_event(block, "response.custom_tool_call_input.delta", delta=text)]
 
     def _closed(self, block: Block) -> list[bytes]:
         """The done events of a block (its final item replaces it in the output)."""
@@ -174,14 +185,22 @@ class ResponsesStreamEncoder:
         ]
 
     def _call_done(self, block: Block, done: Json) -> list[bytes]:
-        """A function call's arguments are done; a custom tool's input comes whole here."""
+        """A function call's arguments are done, or a custom tool's input: what its decoder
+        held back comes first (arguments of another shape than ``{"input": ...}``: all of
+        them), then the whole input."""
         if done["type"] != "custom_tool_call":
             args = {"arguments": block.text, "name": done["name"]}
             return [self._item_event(block, "response.function_call_arguments.done", **args)]
-        return [
-            self._item_event(block, "response.custom_tool_call_input.delta", delta=done["input"]),
-            self._item_event(block, "response.custom_tool_call_input.done", input=done["input"]),
-        ]
+        rest = self.inputs.pop(block.index).end()
+        events = (
+            [self._item_event(block, "response.custom_tool_call_input.delta", delta=rest)]
+            if rest
+            else []
+        )
+        events.append(
+            self._item_event(block, "response.custom_tool_call_input.done", input=done["input"])
+        )
+        return events
 
     async def end(self, usage: Usage) -> list[bytes]:
         events = [e for event in self.segments.close() for e in self._block_event(event)]

@@ -3,7 +3,6 @@ renders (a conversation's stored items are replayed through the same functions).
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -21,6 +20,7 @@ from gateway.endpoints.responses.wire import (
     ReasoningItem,
 )
 from gateway.errors import InvalidRequest, UnsupportedParameter
+from gateway.output.calls import custom_arguments
 from gateway.types import ChatMessage, ToolCallRef
 from gateway.wire.convert import validation_error
 
@@ -165,11 +165,6 @@ class _Conversation:
 def qualified(name: str, namespace: str | None) -> str:
     """The name the model sees for a tool inside a namespace: ``crm.lookup``."""
     return f"{namespace}.{name}" if namespace else name
-
-
-def custom_arguments(text: str) -> str:
-    """A custom tool's free-text input as the JSON arguments the model writes for it."""
-    return json.dumps({"input": text}, ensure_ascii=False)
 
 
 def to_messages(

@@ -3,7 +3,6 @@ way for a body, a stream's events and the store."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Literal
 
@@ -11,6 +10,7 @@ from gateway.endpoints.responses.convert import ResponsesState
 from gateway.endpoints.responses.items import new_id
 from gateway.endpoints.responses.tools import ToolOrigin
 from gateway.errors import GatewayError
+from gateway.output.calls import custom_input
 from gateway.types import FinishReason, TokenLogprob, Usage
 from gateway.wire.blocks import Block, Segmenter
 
@@ -77,16 +77,6 @@ def call_item(
         item["namespace"] = origin.namespace
     item["status"] = status
     return item
-
-
-def custom_input(arguments: str) -> str:
-    try:
-        value = json.loads(arguments)
-    except ValueError:
-        return arguments
-    if isinstance(value, dict) and isinstance(value.get("input"), str):
-        return str(value["input"])
-    return arguments
 
 
 def call_item_id(custom: bool) -> str:
