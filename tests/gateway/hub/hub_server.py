@@ -8,9 +8,11 @@ uses to resolve and download model files, serving repos from local files.
 - errors as the Hub sends them: ``X-Error-Code`` ``RepoNotFound``, ``GatedRepo``,
   ``RevisionNotFound``, ``EntryNotFound``.
 
-Knobs for the tests: a download rate limit, files served corrupt (same size, one byte flipped),
-gated repos, file bodies redirected to a second host (a CDN, as the Hub's LFS files are: it
-records the headers it gets); every request is logged (method, path, Range).
+Knobs for the tests: a download rate limit, file bodies held back until the test lets them go,
+files served corrupt (same size, one byte flipped), gated repos, file bodies redirected to a
+second host (a CDN, as the Hub's LFS files are: it records the headers it gets). Every request
+is logged (method, path, Range), and timed with its client (:class:`Request`: the
+``User-Agent``, which ``HF_HUB_USER_AGENT_ORIGIN`` marks per process) and the body bytes sent.
 """
 
 from __future__ import annotations
@@ -35,13 +37,32 @@ class HubFile:
 
 
 @dataclass
+class Request:
+    """One request as the stand-in served it: when it came and was done (``time.monotonic``),
+    from whom (``User-Agent``), and how many file-body bytes it was sent."""
+
+    method: str
+    path: str
+    range: str | None
+    agent: str
+    start: float
+    end: float | None = None
+    sent: int = 0
+
+
+@dataclass
 class HubState:
     repos: dict[str, dict[str, HubFile]] = field(default_factory=dict)
     gated: set[str] = field(default_factory=set)
     corrupt: set[str] = field(default_factory=set)
     #: Bytes per second for file bodies (0: as fast as it goes).
     rate: int = 0
+    #: Set: file bodies wait for it (at most 30 s) before their first byte, so a test can see
+    #: what clients do while a download is under way.
+    hold: threading.Event | None = None
     log: list[tuple[str, str, str | None]] = field(default_factory=list)
+    #: The same requests, timed (:class:`Request`).
+    requests: list[Request] = field(default_factory=list)
     #: A second server's URL (:func:`cdn_server`): file bodies are redirected there (302).
     cdn_url: str | None = None
     #: The headers of every request the CDN got (lower-case names).
@@ -84,6 +105,8 @@ def _git_sha1(f: HubFile) -> str:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _Server
+    #: The request being handled (``self.request`` is the socket).
+    served: Request
 
     def log_message(self, format: str, *args: object) -> None:  # quiet
         pass
@@ -113,8 +136,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self, body: bool) -> None:
         path = unquote(urlsplit(self.path).path)
+        wanted = self.headers.get("Range")
+        self.served = Request(
+            self.command, path, wanted, self.headers.get("User-Agent", ""), time.monotonic()
+        )
         with self.state.lock:
-            self.state.log.append((self.command, path, self.headers.get("Range")))
+            self.state.log.append((self.command, path, wanted))
+            self.state.requests.append(self.served)
+        try:
+            self._dispatch(path, body)
+        finally:
+            self.served.end = time.monotonic()
+
+    def _dispatch(self, path: str, body: bool) -> None:
         parts = path.strip("/").split("/")
         if self.server.cdn:
             with self.state.lock:
@@ -225,6 +259,8 @@ class _Handler(BaseHTTPRequestHandler):
         rate = self.state.rate
         chunk = max(4096, rate // 20) if rate else 1 << 20
         flip = f.size // 2 if name in self.state.corrupt else -1
+        if self.state.hold is not None:
+            self.state.hold.wait(30)
         with f.path.open("rb") as src:
             src.seek(start)
             pos = start
@@ -238,6 +274,7 @@ class _Handler(BaseHTTPRequestHandler):
                 except (BrokenPipeError, ConnectionResetError):
                     return
                 pos += len(data)
+                self.served.sent += len(data)
                 if rate:
                     time.sleep(len(data) / rate)
 
