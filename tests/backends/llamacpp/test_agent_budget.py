@@ -34,9 +34,8 @@ from pydantic_ai.usage import UsageLimits
 from gateway.testing import ServerThread
 from tests.backends.llamacpp.conftest import SMOL, model_table, serve
 
-pytestmark = pytest.mark.timeout(300)
-
 RUNS = int(os.environ.get("GATEWAY_CLIENT_RUNS", "1"))
+pytestmark = pytest.mark.timeout(300 * RUNS)
 SUBJECTS = ["a retired sailor", "a violinist", "a baker", "a nurse", "a chess teacher",
             "a potter", "a beekeeper", "a librarian", "a surfer", "a carpenter"]  # fmt: skip
 TEMPERATURE = 0.8
