@@ -46,7 +46,7 @@ def test_page_and_assets_are_served_with_a_strict_csp() -> None:
     assert "<title>Ask &lt;b&gt;us&lt;/b&gt;</title>" in page.text
     assert 'data-api-base="/v1"' in page.text
     assert js.headers["content-type"].startswith("text/javascript")
-    assert "/chat/completions" in js.text
+    assert "/responses" in js.text
     assert css.headers["content-type"].startswith("text/css")
 
 
@@ -146,6 +146,7 @@ def test_chat_streams_the_default_model_in_a_real_browser(page: Page) -> None:
         page.locator("#model option").nth(1).wait_for(state="attached")
         options = page.eval_on_selector_all("#model option", "els => els.map(e => e.value)")
         assert set(options) == {DEFAULT_MODEL_NAME, "default"}
+        page.click("#params summary")  # the parameters are folded away
         page.fill("#max-tokens", "48")
         record_text_growth(page)
         send(page, "Write two sentences about the sea.")
@@ -193,6 +194,7 @@ def test_the_page_asks_for_a_key_then_streams_with_it(
     page.fill("#api-key", KEY)
     page.dispatch_event("#api-key", "change")
     page.locator("#model option").first.wait_for(state="attached")
+    page.click("#params summary")
     page.fill("#max-tokens", "12")
     send(page, "hello again")
     page.locator(".message.assistant", has_text="w0 w1").wait_for()
