@@ -176,3 +176,22 @@ def test_a_deleted_background_response_stays_deleted(slow: ServerThread) -> None
     while time.monotonic() < deadline:
         assert httpx.get(f"{url}/{rid}").status_code == 404
         time.sleep(0.02)
+
+
+def test_a_cancelled_answer_keeps_what_it_wrote(slow: ServerThread) -> None:
+    """A client that stops an answer and reloads finds the text it saw: the cancelled
+    response holds its open message so far, marked incomplete."""
+    url = slow.base_url + "/v1/responses"
+    backend = scripted(slow.backend("slow"))
+    wait_for(lambda: backend.record.active == 0, what="the earlier runs' end")
+    before = backend.record.tokens_generated
+    created = httpx.post(url, json={"model": "slow", "input": "hi", "background": True}).json()
+    wait_for(lambda: backend.record.tokens_generated >= before + 2, what="two tokens")
+    assert httpx.post(f"{url}/{created['id']}/cancel").status_code == 200
+    wait_for(lambda: backend.record.active == 0, what="the run's end")
+    stored = httpx.get(f"{url}/{created['id']}").json()
+    assert stored["status"] == "cancelled"
+    [message] = stored["output"]
+    assert message["type"] == "message" and message["status"] == "incomplete"
+    text = message["content"][0]["text"]
+    assert text and "one two three four five".startswith(text)

@@ -70,9 +70,17 @@ class ResponsesStreamEncoder:
         return frame(json_line(body), event=kind)
 
     def snapshot(self, status: str, **extra: object) -> dict[str, object]:
+        """The response as it stands; stopped (cancelled, failed), with what its open item
+        holds so far, marked incomplete (a reload finds the text the client saw)."""
+        output = list(self.output)
+        block = self.segments.current
+        if status in ("cancelled", "failed") and block is not None:
+            item_id = self.item_ids.get(block.index)
+            if item_id is not None and block.index < len(output):
+                output[block.index] = item_of(self.state, block, item_id, "incomplete")
         return response_object(
             self.state, response_id=self.response_id, created=self.created,
-            model=self.request.model, status=status, output=list(self.output), **extra,  # type: ignore[arg-type]
+            model=self.request.model, status=status, output=output, **extra,  # type: ignore[arg-type]
         )  # fmt: skip
 
     def queued(self) -> list[bytes]:
