@@ -130,6 +130,7 @@ def test_pydantic_ai(base_url: str, how: str) -> None:
             settings: Any = {"max_tokens": 300, "temperature": TEMPERATURE}
             if how == "tool_call":  # forced past pydantic-ai's own check (it has output tools)
                 settings["extra_body"] = {"tool_choice": "required"}
+                settings["parallel_tool_calls"] = False  # one call: one profile saved
                 agent: Any = PydanticAgent(
                     model, tools=[save_profile], retries=0, model_settings=settings
                 )
