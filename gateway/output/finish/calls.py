@@ -209,20 +209,23 @@ class Calls(Envelope):
         if self.lost or self.start is None:
             return None
         call, lay = self.call, self.layout
-        ws = "WS? " if lay.space else ""
-        tail = " ".join(p for p in (self._close_expr(), self._lit(lay.end)) if p)
+        # no optional white space: the markers and brackets left are forced, so they are
+        # written in their usual tokens (what the budget was counted in)
+        tail = " ".join(p for p in (self._lit(lay.close), self._lit(lay.end)) if p)
         if call is None:
             if self.closed_calls:  # no further call
                 return Finish(None, self._lit(lay.end) or '""')
             if not self.forced:
                 return None
             calls, bounded = self._calls(list(self.tools), chars)
-            return Finish(None, f'{self._open_expr()} {ws}{calls} "}}" {tail}', bounded)
+            return Finish(None, f'{self._open_expr()} {calls} "}}" {tail}', bounded)
         if call.tracker is None:  # the head is taken again from the call's start
             names = self._names(call)
             if not names:
                 return None
             calls, bounded = self._calls(names, chars)
+            spaced = self.text[call.start : call.start + 1].decode(errors="ignore").isspace()
+            ws = "WS? " if spaced else ""  # white space written after the marker is replayed
             return Finish(call.start, f'{ws}{calls} "}}" {tail}', bounded)
         if call.args_end is None:
             narrow = Narrow(call.tracker.doc, chars)
@@ -252,12 +255,6 @@ class Calls(Envelope):
 
     def _lit(self, text: str) -> str:
         return self.builder.lit(text) if text else ""
-
-    def _close_expr(self) -> str:
-        close = self.layout.close
-        if not close:
-            return ""
-        return f"WS? {self.builder.lit(close)}" if self.layout.space else self.builder.lit(close)
 
     def _head_text(self, name: str) -> str:
         return f'{{"name": {dumps(name)}, {json.dumps(self.layout.key)}: '

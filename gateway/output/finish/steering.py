@@ -52,7 +52,7 @@ class Budget:
 def margin(tokens: int) -> int:
     """Tokens kept in reserve beyond the shortest finish (the model may split its text into
     more tokens than the tokenizer would)."""
-    return 2 + tokens // 8
+    return 3 + tokens // 6
 
 
 class Steering:
