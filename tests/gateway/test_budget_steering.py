@@ -320,3 +320,19 @@ def test_rollback_within_the_narrowed_grammar() -> None:
     assert not c.rollback(20)  # past where the narrowed grammar began
     c.reset()
     assert c.steered == 0 and c.matcher is not None
+
+
+def test_an_unsteered_sequence_takes_tokens_back_freely() -> None:
+    """A sequence far from its budget (or never to be steered) rolls back as its grammar does
+    (ExLlama's filters roll back), and is not steered afterwards."""
+    gen = request(PERSON)
+    assert gen.output is not None and gen.output.grammar is not None
+    for limit in (1000, 10):  # wide, and below the shortest answer (steering off at once)
+        c = GRAMMARS.constraint(gen.output.grammar, "x", [EOS], Budget(gen, limit))
+        for token in b'{"name": "ab':
+            allowed_tokens(c)
+            c.accept(token)
+        assert c.steered == 0
+        assert c.rollback(3) and c.rollback(5)
+        allowed_tokens(c)
+        assert c.steered == 0

@@ -85,6 +85,9 @@ class Steering:
     def take_back(self, n: int) -> bool:
         """Forget the last ``n`` tokens (the matcher rolls back); steering stops there, its
         narrowed grammar (if any) stays. False if the narrowed grammar began after them."""
+        if self.steers == 0:  # the request's own grammar: it takes its tokens back itself
+            self.off = self.off or "tokens were taken back"
+            return True
         if len(self.tokens) - n < self._first:
             return False
         del self.tokens[len(self.tokens) - n :], self.starts[len(self.starts) - n :]
