@@ -79,6 +79,9 @@ def test_a_required_tool_call_is_constrained_and_parsed(hermes: tuple[OpenAI, Fa
     assert json.loads(call.function.arguments) == {"city": "Paris"}
     spec = model(loader).specs[-1]
     assert spec.constraint is not None and spec.constraint.failed is None
+    # the call is steered to finish within the job's budget (budget_steering's default)
+    steering = spec.constraint.steering
+    assert steering is not None and steering.limit == spec.max_new_tokens
     # <tool_call> is an added token: the job decodes it into the text the parser reads
     assert spec.decode_special
 
