@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 
 from gateway.output.finish.closing import dearest_step, narrowed, shortest
-from gateway.output.finish.envelope import Envelope, Finish
+from gateway.output.finish.envelope import WHITE, Envelope, Finish
 from gateway.output.finish.schemas import (
     Doc,
     Narrow,
@@ -33,7 +33,6 @@ from gateway.output.grammar import GrammarBuilder
 from gateway.output.schemas import closed
 from gateway.types import ToolSpec
 
-WHITE = " \t\r\n"
 LAYOUTS = ("hermes", "generic", "llama3", "mistral")
 
 

@@ -35,8 +35,6 @@ class Frame:
     schemas: list[Schema]
     state: State = "open"
     keys: list[str] = field(default_factory=list)
-    #: Scalar values written so far, by key (raw JSON): they tell ``anyOf`` branches apart.
-    values: dict[str, str] = field(default_factory=dict)
     count: int = 0
 
 
@@ -213,7 +211,6 @@ class Tracker:
             top.count += 1
         elif raw is not None:
             key = top.keys[-1]
-            top.values[key] = raw
             fits = [s for s in top.schemas if _admits(self.doc, key_schema(s, key), raw)]
             top.schemas = fits or top.schemas
         top.state = "after"
