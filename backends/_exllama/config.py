@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import Literal, Self
 
 from pydantic import Field, field_validator, model_validator
 
-from gateway.config import BatchingConfig, FilePath, KVCacheConfig, ModelConfig
+from gateway.config import BatchingConfig, FilePath, KVCacheConfig, ModelConfig, StrictModel
 from gateway.hub import HubError, HubSource, parse_spec
 from gateway.output.formats import ToolFormatName
 
@@ -67,6 +67,39 @@ class ExllamaKVCache(KVCacheConfig):
         return self
 
 
+class ExllamaSpeculative(StrictModel):
+    """``[models.<name>.speculative]``: the generator drafts tokens and verifies them with the
+    model in one forward pass (the libraries' own speculative decoding). A drafted token is kept
+    only where the model's sampling gives that token, so the text is what decoding without
+    drafts gives. Drafting pays off with few concurrent sequences; with many, a step is
+    compute-bound and the drafts cost more than they save.
+
+    The version tables add their n-gram knob (ExLlamaV2: ``ngram_max``, ExLlamaV3: ``ngram_min``).
+    """
+
+    #: ``ngram``: drafts from n-grams of the sequence's own prompt and output; ``draft``: a small
+    #: EXL2/EXL3 model sharing the main model's vocabulary (``draft_model_dir``) drafts;
+    #: ``off``: one token per step.
+    mode: Literal["off", "ngram", "draft"] = "off"
+    #: Tokens drafted per sequence per step (the generator's ``num_draft_tokens``, fixed). Each
+    #: job reserves this many cache positions past its completion for the drafts.
+    num_draft_tokens: int = Field(4, ge=1, le=32)
+    #: The draft model (``mode = "draft"``): a model directory like ``model_dir``, loaded with
+    #: its own cache of the main cache's size and format.
+    draft_model_dir: FilePath | None = None
+
+    @model_validator(mode="after")
+    def _check_draft(self) -> Self:
+        if (self.mode == "draft") != (self.draft_model_dir is not None):
+            raise ValueError('draft_model_dir goes with mode = "draft" (and it needs one)')
+        return self
+
+    @property
+    def draft_tokens(self) -> int:
+        """Tokens drafted per step: 0 when off."""
+        return 0 if self.mode == "off" else self.num_draft_tokens
+
+
 class ExllamaModelConfig(ModelConfig):
     #: A model directory: config.json, *.safetensors, tokenizer.json, tokenizer_config.json
     #: (``model_dir`` in config.toml; exactly one of it and ``hf``).
@@ -88,6 +121,7 @@ class ExllamaModelConfig(ModelConfig):
     template_max_output_bytes: int = Field(4_000_000, ge=1024)
     kv_cache: ExllamaKVCache = ExllamaKVCache()
     batching: ExllamaBatching = ExllamaBatching()
+    speculative: ExllamaSpeculative = ExllamaSpeculative()
 
     @model_validator(mode="after")
     def _one_source(self) -> Self:
@@ -130,6 +164,10 @@ class EnginePlan:
     max_batch_size: int
     chunk_tokens: int
     paged: bool
+    #: Tokens the generator drafts per sequence per step (0: no speculative decoding). A job is
+    #: made with this many more ``max_new_tokens`` than asked: both libraries end a drafting
+    #: job that many tokens early, keeping the room for its last drafts.
+    draft_tokens: int = 0
 
     @property
     def max_concurrent(self) -> int:
@@ -147,9 +185,12 @@ def plan_engine(
 
     Unpaged (ExLlamaV2 without flash-attn), the cache is one page holding one sequence: its size
     is the context length and the batch is 1. ``spare_tokens``: cache positions a job needs
-    beyond its prompt and completion (exllamav3 keeps one free past the last token).
+    beyond its prompt and completion (exllamav3 keeps one free past the last token); the
+    speculative table's drafted tokens are added to them.
     """
     kv = config.kv_cache
+    draft_tokens = config.speculative.draft_tokens
+    spare_tokens += draft_tokens
     seq_len = kv.max_seq_len or model_max_seq_len
     if seq_len < PAGE_SIZE:
         raise ValueError(
@@ -171,4 +212,5 @@ def plan_engine(
         max_batch_size=batch,
         chunk_tokens=chunk,
         paged=paged,
+        draft_tokens=draft_tokens,
     )

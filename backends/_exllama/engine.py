@@ -120,6 +120,8 @@ class _Counters:
     cached_prompt_tokens: int = 0
     kv_used: int = 0
     kv_total: int = 0
+    draft_tokens: int = 0
+    draft_accepted: int = 0
 
 
 @dataclass
@@ -227,6 +229,8 @@ class EngineLoop:
             kv_cells_total=c.kv_total,
             max_batch_sequences=c.max_batch_sequences,
             cached_prompt_tokens=c.cached_prompt_tokens,
+            draft_tokens=c.draft_tokens,
+            draft_accepted=c.draft_accepted,
         )
 
     # ---- the engine thread ----
@@ -282,11 +286,23 @@ class EngineLoop:
         self._running[ticket.id] = _Running(ticket, job, StopMatcher(ticket.stops))
 
     def _cancel(self, ticket: Ticket) -> None:
-        run = self._running.pop(ticket.id, None)
+        run = self._running.get(ticket.id)
         if run is None:
             return
+        self._retire(run)
         self._counters.cancelled += 1
         self._drop(run)
+
+    def _retire(self, run: _Running) -> None:
+        """Take ``run`` off the running table, counting its job's drafted tokens (speculative
+        decoding: the libraries' jobs keep ``accepted_draft_tokens`` and
+        ``rejected_draft_tokens``)."""
+        self._running.pop(run.ticket.id, None)
+        accepted = getattr(run.job, "accepted_draft_tokens", 0)
+        rejected = getattr(run.job, "rejected_draft_tokens", 0)
+        if isinstance(accepted, int) and isinstance(rejected, int):
+            self._counters.draft_tokens += accepted + rejected
+            self._counters.draft_accepted += accepted
 
     def _drop(self, run: _Running) -> None:
         """Take ``run``'s job out of the generator, freeing its pages."""
@@ -318,7 +334,7 @@ class EngineLoop:
             if run is None:  # not ours, or ended earlier in this step
                 continue
             if isinstance(event, Failed):
-                self._running.pop(run.ticket.id)
+                self._retire(run)
                 run.ticket.sink.put(EngineError(event.message))
             else:
                 self._on_output(run, event)
@@ -333,15 +349,15 @@ class EngineLoop:
         if run.ticket.cancel_requested:
             c.tokens_after_cancel += tokens
             if isinstance(event, Chunk):  # still in the generator: take it out now
-                self._running.pop(run.ticket.id)
+                self._retire(run)
                 c.cancelled += 1
                 self._drop(run)
             else:
-                self._running.pop(run.ticket.id)
+                self._retire(run)
             return
         constraint = run.ticket.spec.constraint
         if constraint is not None and constraint.failed is not None:
-            self._running.pop(run.ticket.id)
+            self._retire(run)
             if isinstance(event, Chunk):
                 self._drop(run)
             run.ticket.sink.put(EngineError(f"the output grammar failed: {constraint.failed}"))
@@ -349,12 +365,12 @@ class EngineLoop:
         run.unsent_tokens += event.tokens
         self._send(run, run.matcher.feed(event.text))
         if run.matcher.stopped:
-            self._running.pop(run.ticket.id)
+            self._retire(run)
             cached = self.model.cached_tokens(run.job)
             self._drop(run)
             self._finish(run, "stop", cached)
         elif isinstance(event, End):
-            self._running.pop(run.ticket.id)
+            self._retire(run)
             self._send(run, run.matcher.flush())
             self._finish(run, event.reason, event.cached_tokens)
 
@@ -371,8 +387,9 @@ class EngineLoop:
         ticket.sink.put(Finish(reason, usage, run.matcher.matched))
 
     def _fail_all(self, error: GatewayError) -> None:
-        running, self._running = self._running, {}
-        for run in running.values():
+        running = list(self._running.values())
+        for run in running:
+            self._retire(run)
             run.ticket.sink.put(error)
         try:
             self.model.generator.clear_queue()

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from backends._exllama.config import ExllamaBatching, ExllamaKVCache, ExllamaModelConfig
+from pydantic import Field
+
+from backends._exllama.config import (
+    ExllamaBatching,
+    ExllamaKVCache,
+    ExllamaModelConfig,
+    ExllamaSpeculative,
+)
 
 #: ExLlamaV2's cache classes: FP16, and Q8/Q6/Q4 (grouped quantization of keys and values).
 CacheMode = Literal["fp16", "q8", "q6", "q4"]
@@ -20,7 +27,15 @@ class ExLlamaV2Batching(ExllamaBatching):
     paged: Literal["auto", "on", "off"] = "auto"
 
 
+class ExLlamaV2Speculative(ExllamaSpeculative):
+    """``mode = "ngram"`` is the generator's ``use_ngram_draft`` (an n-gram trie per job)."""
+
+    #: Longest n-gram matched against the sequence (the generator's ``max_ngram``).
+    ngram_max: int = Field(4, ge=2, le=16)
+
+
 class ExLlamaV2ModelConfig(ExllamaModelConfig):
     backend: str = "exllamav2"
     kv_cache: ExLlamaV2KVCache = ExLlamaV2KVCache()
     batching: ExLlamaV2Batching = ExLlamaV2Batching()
+    speculative: ExLlamaV2Speculative = ExLlamaV2Speculative()

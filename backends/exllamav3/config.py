@@ -6,7 +6,12 @@ from typing import Self
 
 from pydantic import Field, model_validator
 
-from backends._exllama.config import ExllamaBatching, ExllamaKVCache, ExllamaModelConfig
+from backends._exllama.config import (
+    ExllamaBatching,
+    ExllamaKVCache,
+    ExllamaModelConfig,
+    ExllamaSpeculative,
+)
 
 
 class ExLlamaV3KVCache(ExllamaKVCache):
@@ -30,7 +35,17 @@ class ExLlamaV3KVCache(ExllamaKVCache):
         return "fp16" if self.k_bits is None else f"k{self.k_bits}v{self.v_bits}"
 
 
+class ExLlamaV3Speculative(ExllamaSpeculative):
+    """``mode = "ngram"`` is the generator's suffix-array n-gram drafting (``ngram_match_min``,
+    in exllamav3 since 0.0.31)."""
+
+    #: Shortest match of the sequence's latest tokens, earlier in the sequence, that drafts
+    #: the tokens that followed it (the generator's ``ngram_match_min``).
+    ngram_min: int = Field(2, ge=1, le=16)
+
+
 class ExLlamaV3ModelConfig(ExllamaModelConfig):
     backend: str = "exllamav3"
     kv_cache: ExLlamaV3KVCache = ExLlamaV3KVCache()
     batching: ExllamaBatching = ExllamaBatching()
+    speculative: ExLlamaV3Speculative = ExLlamaV3Speculative()

@@ -44,6 +44,9 @@ class FakeJob:
     cached_tokens: int = 0
     pages: int = 0
     started: bool = False
+    #: Speculative decoding: the libraries' jobs count their drafts as they are verified.
+    accepted_draft_tokens: int = 0
+    rejected_draft_tokens: int = 0
 
     @property
     def pages_needed(self) -> int:
@@ -65,6 +68,8 @@ class FakeGenerator:
     #: Identifiers for which the next step yields a v3-style "error" result.
     fail_jobs: set[int] = field(default_factory=set)
     iterations: int = 0
+    #: (accepted, rejected) draft tokens each job's decode step adds to its counters.
+    drafts: tuple[int, int] = (0, 0)
 
     @property
     def page_size(self) -> int:
@@ -144,6 +149,8 @@ class FakeGenerator:
             return {**base, "stage": "error", "eos": True, "error": RuntimeError("job exploded")}
         piece = job.script[job.new_tokens % len(job.script)]
         job.new_tokens += 1
+        job.accepted_draft_tokens += self.drafts[0]
+        job.rejected_draft_tokens += self.drafts[1]
         r: dict[str, Any] = {**base, "stage": "streaming", "eos": False}
         if piece is None:
             self._retire(job)

@@ -107,3 +107,47 @@ def test_unreadable_model_dirs(tmp_path: Path) -> None:
     (tmp_path / "x.safetensors").write_bytes(b"\x01")
     with pytest.raises(ValueError, match="not a safetensors file"):
         v2.memory_estimate(parse("exllamav2", tmp_path), 1)
+
+
+DRAFT_HF = {**HF, "num_hidden_layers": 1, "num_key_value_heads": 1, "intermediate_size": 64}
+
+
+@pytest.fixture
+def draft_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "draft"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(DRAFT_HF))
+    write_safetensors(
+        path / "model.safetensors",
+        {
+            "model.embed_tokens.weight": ("F16", [100, 64], 12800),
+            "model.layers.0.self_attn.q_proj.q_weight": ("I32", [64, 4], 1024),
+        },
+    )
+    return path
+
+
+@pytest.mark.parametrize("backend", ["exllamav2", "exllamav3"])
+def test_a_draft_model_is_counted(backend: str, model_dir: Path, draft_dir: Path) -> None:
+    """Its weights, a cache of the main cache's tokens and format, and its compute buffers."""
+    factories: dict[str, EstimatesMemory] = {"exllamav2": v2, "exllamav3": v3}
+    factory = factories[backend]
+    kv = {"mode": "q8"} if backend == "exllamav2" else {"k_bits": 8, "v_bits": 8}
+    spec = {"mode": "draft", "draft_model_dir": str(draft_dir), "num_draft_tokens": 4}
+    plain = factory.memory_estimate(parse(backend, model_dir, kv_cache=kv), 1)
+    ngram = parse(backend, model_dir, kv_cache=kv, speculative={"mode": "ngram"})
+    drafted = parse(backend, model_dir, kv_cache=kv, speculative=spec)
+    est = factory.memory_estimate(drafted, 1)
+    assert est.weights_bytes == plain.weights_bytes + 12800 + 1024
+    # the same cache tokens as n-gram drafting (4 more positions for the drafts), for 1 layer x
+    # 1 KV head x 16 dims x (K + V) x 8 bits with a 16-bit scale per 32 values
+    cache_tokens = 1280
+    with_room = factory.memory_estimate(ngram, 1)
+    # v2: 1024 tokens grow to 1280; v3's one spare position had rounded them up already
+    assert with_room.kv_cache_bytes > plain.kv_cache_bytes or backend == "exllamav3"
+    per_token = 1 * 1 * 16 * 2 * (1 + 2 / 32)
+    assert est.kv_cache_bytes == with_room.kv_cache_bytes + int(cache_tokens * per_token)
+    assert est.compute_bytes > with_room.compute_bytes
+    assert est.host_bytes == plain.host_bytes + 12800  # the draft's token embeddings
+    assert est.gpu_bytes == (est.total_bytes - est.host_bytes,)
+    assert "draft model" in est.kv_cache_shape
