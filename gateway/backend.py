@@ -72,6 +72,9 @@ class EngineStats:
     kv_tier_restore_seconds: float = 0.0
     kv_host_tier_bytes: int = 0
     kv_disk_tier_bytes: int = 0
+    #: Speculative decoding: tokens drafted, and those of them the model's sampling accepted.
+    draft_tokens: int = 0
+    draft_accepted: int = 0
 
 
 @runtime_checkable
