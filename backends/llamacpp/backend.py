@@ -35,8 +35,9 @@ from gateway.types import (
 )
 
 if TYPE_CHECKING:
+    from backends.llamacpp.decoding import Item
     from backends.llamacpp.embeddings import EmbedSpec
-    from backends.llamacpp.engine import Engine, Item
+    from backends.llamacpp.engine import Engine
     from backends.llamacpp.kv_tiers import KVTiers
     from backends.llamacpp.model import LoadedModel
 
@@ -93,7 +94,7 @@ class LlamaCppBackend:
 
         cfg = self.config
         n_seq = self.n_live + (cfg.kv_cache.cached_prefixes if cfg.kv_cache.prefix_reuse else 0)
-        n_batch = cfg.batching.prefill_chunk_tokens + self.n_live
+        n_batch = cfg.n_batch
         if cfg.embeddings:  # an encoder reads its whole input in one batch
             n_batch = max(n_batch, cfg.kv_cache.n_ctx_per_slot)
         log.info("model %s: loading %s", self.name, describe(cfg.model_path))

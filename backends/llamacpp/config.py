@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from gateway.config import BatchingConfig, FilePath, KVCacheConfig, ModelConfig
+from gateway.config import BatchingConfig, FilePath, KVCacheConfig, ModelConfig, StrictModel
 from gateway.hub import HubError, HubSource
 from gateway.hub.spec import parse_spec
 from gateway.output.formats import ToolFormatName
@@ -87,6 +87,40 @@ class LlamaCppBatching(BatchingConfig):
     n_threads_batch: int | None = Field(None, ge=1, le=512)
 
 
+class LlamaCppSpeculative(StrictModel):
+    """``[models.<name>.speculative]``: draft several tokens per step and verify them in one
+    decode (:mod:`backends.llamacpp.drafting`). Verification goes through the sequence's own
+    sampler chain, so the text is what decoding without it gives."""
+
+    #: ``ngram``: drafts from the sequence's own prompt and output, and from a pool of n-grams
+    #: shared by the sequences of one cache salt (API key); ``draft``: a small GGUF model with
+    #: the same vocabulary (``draft_model_path``) drafts; ``off``: one token per step.
+    mode: Literal["off", "ngram", "draft"] = "ngram"
+    #: Most tokens drafted for one sequence in one step (the length adapts to acceptance).
+    draft_max: int = Field(16, ge=1, le=64)
+    #: Shortest n-gram matched in the context; longer matches (up to ``ngram_max``) win.
+    ngram_min: int = Field(2, ge=1, le=16)
+    ngram_max: int = Field(6, ge=1, le=32)
+    #: ``measured``: verify the draft tokens expected to pay for the time they add to a step
+    #: (from each sequence's acceptance so far and this machine's measured step times);
+    #: ``always``: verify every drafted token (within ``draft_max`` and ``max_step_draft``).
+    policy: Literal["measured", "always"] = "measured"
+    #: Draft tokens one step may verify across all sequences.
+    max_step_draft: int = Field(64, ge=1, le=4096)
+    #: The draft model (``mode = "draft"``): a GGUF sharing the main model's vocabulary.
+    draft_model_path: FilePath | None = None
+    #: Layers of the draft model offloaded to the GPU: -1 = all.
+    draft_n_gpu_layers: int = Field(-1, ge=-1)
+
+    @model_validator(mode="after")
+    def _check(self) -> LlamaCppSpeculative:
+        if self.ngram_min > self.ngram_max:
+            raise ValueError("ngram_min must be <= ngram_max")
+        if (self.mode == "draft") != (self.draft_model_path is not None):
+            raise ValueError('draft_model_path goes with mode = "draft" (and it needs one)')
+        return self
+
+
 class NotFetched(ValueError):
     """A Hub model's path was asked for before its files were fetched."""
 
@@ -117,6 +151,7 @@ class LlamaCppConfig(ModelConfig):
     template_max_output_bytes: int = Field(4_000_000, ge=1024)
     kv_cache: LlamaCppKVCache = LlamaCppKVCache()
     batching: LlamaCppBatching = LlamaCppBatching()
+    speculative: LlamaCppSpeculative = LlamaCppSpeculative()
     #: Layers offloaded to the GPU: -1 = all (ignored on a CPU-only build).
     n_gpu_layers: int = Field(-1, ge=-1)
     #: Flash attention: "auto" lets llama.cpp decide; quantized V cache needs it on.
@@ -189,6 +224,16 @@ class LlamaCppConfig(ModelConfig):
     def n_ctx_total(self) -> int:
         kv = self.kv_cache
         return kv.n_ctx or kv.n_ctx_per_slot * self.batching.max_concurrent
+
+    @property
+    def n_batch(self) -> int:
+        """Tokens one decode step may hold: every live sequence's next token plus a prefill
+        chunk, or (speculating) its drafts, which only fill a step with no prefill."""
+        b = self.batching
+        n = b.prefill_chunk_tokens + b.max_concurrent
+        if self.speculative.mode != "off":
+            n = max(n, self.speculative.max_step_draft)
+        return n
 
     @property
     def n_threads_batch(self) -> int:

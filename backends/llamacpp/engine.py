@@ -13,42 +13,31 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from backends.llamacpp.detokenize import Detokenizer
-from backends.llamacpp.embeddings import EmbedSpec, Pooler, token_vector
-from backends.llamacpp.grammar import GrammarStage
+from backends.llamacpp.decoding import Decoding, Item, Verdict
+from backends.llamacpp.embed_step import EmbedStep
+from backends.llamacpp.embeddings import EmbedSpec, Pooler
 from backends.llamacpp.kv_tiers import KVTiers
-from backends.llamacpp.logprobs import token_logprob
 from backends.llamacpp.model import LoadedModel
-from backends.llamacpp.sampling import SamplerChain
 from backends.llamacpp.slots import SlotManager
+from backends.llamacpp.speculation import Drafts, Speculation
 from gateway.backend import EngineStats
 from gateway.errors import EngineError, ModelUnavailable
 from gateway.output.matchers import Constraint
-from gateway.stops import StopMatcher
-from gateway.types import (
-    Delta,
-    EmbeddingDelta,
-    Finish,
-    FinishReason,
-    SamplingParams,
-    TextDelta,
-    TokenLogprob,
-    Usage,
-)
+from gateway.types import SamplingParams, Usage
 
 log = logging.getLogger("backends.llamacpp.engine")
 
-Item = Delta | BaseException
 Deliver = Callable[[list[Item]], None]
 
 
 @dataclass(eq=False)
 class Job:
-    """One sequence to generate, from submission to its last delta."""
+    """One sequence to generate (or input to embed), from submission to its last delta."""
 
     request_id: str
     prompt: list[int]
@@ -66,27 +55,28 @@ class Job:
     logprobs: int | None = None
     #: The prefix-cache partition it may reuse and leaves its prefix in (a salt digest).
     salt: str = ""
-    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     #: Set from the event loop when the client is gone.
     cancel_requested: bool = False
     seq_id: int = -1
     n_past: int = 0
     cached: int = 0
-    generated: int = 0
-    unreported: int = 0
+    #: The last token drawn, to decode in the next step (None: nothing drawn yet).
     next_token: int | None = None
     done: bool = False
-    sampler: SamplerChain | None = None
+    #: Its decoding state, once admitted (None for an input to embed).
+    decoding: Decoding | None = None
+    #: What it drafts from, with speculative decoding on.
+    drafts: Drafts | None = None
+    #: An input to embed: its token vectors pooled so far.
     pooler: Pooler | None = None
-    detok: Detokenizer = field(default_factory=Detokenizer)
-    stops: StopMatcher = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.stops = StopMatcher(self.stop)
 
     @property
     def prefilling(self) -> bool:
         return self.n_past < len(self.prompt)
+
+    @property
+    def generated(self) -> int:
+        return self.decoding.generated if self.decoding is not None else 0
 
 
 @dataclass
@@ -98,15 +88,21 @@ class Counters:
     max_batch_sequences: int = 0
     cached_prompt_tokens: int = 0
     prompt_tokens_processed: int = 0
+    draft_tokens: int = 0
+    draft_accepted: int = 0
 
 
 @dataclass
-class _Row:
-    """A job's part of one batch: how many tokens, and the output row if logits were asked."""
+class Row:
+    """A job's part of one batch: its tokens, and the batch rows whose logits it asked for
+    (none; the last prompt token's; or, for a generating sequence, every token's: the last
+    token drawn and each drafted one)."""
 
     job: Job
     tokens: list[int]
-    output: int | None
+    outputs: list[int] = field(default_factory=list)
+    #: Drafted tokens at the end of ``tokens`` (speculative decoding).
+    drafted: int = 0
 
 
 class Engine:
@@ -118,9 +114,6 @@ class Engine:
         self.model = model
         self.n_live = n_live
         self.chunk = cfg.batching.prefill_chunk_tokens
-        #: An embedding model reads each input whole, in one batch (encoders need it).
-        self.whole_inputs = cfg.embeddings
-        self.embed_chunk = model.n_ctx_slot if cfg.embeddings else self.chunk
         self.slots = SlotManager(
             model.memory,
             n_live=n_live,
@@ -130,8 +123,12 @@ class Engine:
             min_prefix=cfg.kv_cache.min_prefix_tokens,
             tiers=tiers,
         )
+        self.speculation = Speculation.for_model(model.llama, model.model, cfg.speculative)
         self.counters = Counters()
+        self.embedder = EmbedStep(self)
         self.failure: BaseException | None = None
+        #: How long the last ``llama_decode`` took.
+        self.decode_seconds = 0.0
         self._cond = threading.Condition()
         self._inbox: list[Job] = []
         self._cancels: list[Job] = []
@@ -181,6 +178,8 @@ class Engine:
             max_batch_sequences=c.max_batch_sequences,
             cached_prompt_tokens=c.cached_prompt_tokens,
             prompt_tokens_processed=c.prompt_tokens_processed,
+            draft_tokens=c.draft_tokens,
+            draft_accepted=c.draft_accepted,
         )
 
     # --- the engine thread -------------------------------------------------------------------
@@ -234,19 +233,27 @@ class Engine:
     def _drop(self, job: Job) -> None:
         if job.done:
             return
-        job.done = True
         self.counters.cancelled += 1
         if job in self._waiting:
             self._waiting.remove(job)
-        if job in self._running:
-            self._running.remove(job)
-            self.slots.release(job.seq_id, keep=False)
-        self._close(job)
+            job.done = True
+            self._close(job)
+        elif job in self._running:
+            self.end(job, keep=False)
+        else:
+            job.done = True
 
     def _close(self, job: Job) -> None:
-        if job.sampler is not None:
-            job.sampler.close()
-            job.sampler = None
+        if job.decoding is not None:
+            job.decoding.close()
+
+    def end(self, job: Job, *, keep: bool) -> None:
+        """A running sequence is done: its slot released (its cells kept as a cached prefix,
+        or freed), its sampler freed."""
+        job.done = True
+        self._running.remove(job)
+        self.slots.release(job.seq_id, keep=keep)
+        self._close(job)
 
     def _admit(self) -> None:
         model = self.model
@@ -261,48 +268,81 @@ class Engine:
             )
             self.counters.cached_prompt_tokens += placement.reused
             if job.embed is None:
-                n_vocab = model.tokenizer.n_vocab
-                stage = (
-                    GrammarStage(model.llama, job.constraint, n_vocab)
-                    if job.constraint is not None
-                    else None
+                job.decoding = Decoding(
+                    model,
+                    job.params,
+                    stop=job.stop,
+                    max_new=job.max_new,
+                    constraint=job.constraint,
+                    logprobs=job.logprobs,
                 )
-                job.sampler = SamplerChain(
-                    model.llama, n_vocab, job.params, model.n_ctx_slot, grammar=stage
-                )
+                job.drafts = self.speculation.drafts(job.salt)
+                if job.drafts is not None:
+                    job.drafts.begin(job.prompt)
             else:
-                job.pooler = Pooler(job.embed, model.n_embd)
+                self.embedder.admit(job)
             self._running.append(job)
 
-    def _build(self, jobs: list[Job]) -> list[_Row]:
-        rows = [_Row(j, [j.next_token], None) for j in jobs if j.next_token is not None]
+    def _build(self, jobs: list[Job]) -> list[Row]:
+        """This step's rows: each generating sequence's last token (and its draft), then up to
+        a prefill chunk of the prompts still being read."""
+        decoding = [Row(j, [j.next_token]) for j in jobs if j.next_token is not None]
+        prefill: list[Row] = []
         budget = self.chunk
         for job in jobs:
             if budget <= 0:
                 break
             if job.prefilling:
                 take = job.prompt[job.n_past : job.n_past + budget]
-                rows.append(_Row(job, take, None))
+                prefill.append(Row(job, take))
                 budget -= len(take)
-        self._fill(rows, every_output=False)
+        self._add_drafts(
+            decoding, len(decoding) + self.chunk - budget, len(decoding) + len(prefill)
+        )
+        rows = decoding + prefill
+        self.fill(rows, every_output=False)
         return rows
 
-    def _fill(self, rows: list[_Row], *, every_output: bool) -> None:
-        """Write ``rows`` into the batch; logits for the last prompt token (or every token)."""
+    def _add_drafts(self, rows: list[Row], tokens: int, outputs: int) -> None:
+        """Each generating row's draft, as much of it as pays (:meth:`Speculation.plan`)."""
+        spec = self.speculation
+        if not spec.enabled or not rows:
+            return
+        drafts: list[list[int]] = []
+        for row in rows:
+            job = row.job
+            assert job.decoding is not None
+            # never past max_tokens: the step draws at most one token more than it drafts
+            left = min(job.max_new - job.decoding.generated - 1, spec.spec.draft_max)
+            drafts.append(job.drafts.propose(left) if job.drafts is not None else [])
+        candidates = [
+            (row.job.drafts.acceptance.p if row.job.drafts else 0.0, len(draft))
+            for row, draft in zip(rows, drafts, strict=True)
+        ]
+        for row, draft, n in zip(rows, drafts, spec.plan(candidates, tokens, outputs), strict=True):
+            row.tokens.extend(draft[:n])
+            row.drafted = n
+
+    def fill(self, rows: list[Row], *, every_output: bool) -> None:
+        """Write ``rows`` into the batch, with logits for a generating row's every token, a
+        prompt's last token, or (``every_output``) every token."""
         batch = self.model.batch
         n = 0
         for row in rows:
             job = row.job
+            generating = job.next_token is not None
             last = len(row.tokens) - 1
             for i, token in enumerate(row.tokens):
                 batch.token[n] = token
                 batch.pos[n] = job.n_past + i
                 batch.n_seq_id[n] = 1
                 batch.seq_id[n][0] = job.seq_id
-                wants = i == last and job.n_past + len(row.tokens) >= len(job.prompt)
+                wants = generating or (
+                    i == last and job.n_past + len(row.tokens) >= len(job.prompt)
+                )
                 batch.logits[n] = wants or every_output
                 if wants:
-                    row.output = n
+                    row.outputs.append(n)
                 n += 1
         batch.n_tokens = n
 
@@ -312,20 +352,22 @@ class Engine:
         if generating:
             self._generate_step(generating)
         if embedding:
-            self._embed_step(embedding)
+            self.embedder.step(embedding)
 
-    def _decode(self, rows: list[_Row]) -> bool:
+    def decode(self, rows: list[Row]) -> bool:
         """One ``llama_decode`` of the filled batch (room made first); False if it failed."""
         n_tokens = sum(len(r.tokens) for r in rows)
         if not self.slots.make_room(n_tokens):
             log.warning("model %s: KV cache full with live sequences only", self.name)
         llama, model = self.model.llama, self.model
+        started = time.perf_counter()
         rc = llama.llama_decode(model.ctx, model.batch)
         if rc == 1 and self.slots.evict_all_cached():
             rc = llama.llama_decode(model.ctx, model.batch)
         if rc != 0:
             self._fail_rows(rows, rc)
             return False
+        self.decode_seconds = time.perf_counter() - started
         c = self.counters
         c.decode_steps += 1
         c.max_batch_sequences = max(c.max_batch_sequences, len(rows))
@@ -333,126 +375,62 @@ class Engine:
 
     def _generate_step(self, jobs: list[Job]) -> None:
         rows = self._build(jobs)
-        if not rows or not self._decode(rows):
+        if not rows or not self.decode(rows):
             return
+        tokens, outputs = sum(len(r.tokens) for r in rows), sum(len(r.outputs) for r in rows)
+        self.speculation.cost.record(tokens, outputs, self.decode_seconds)
         c = self.counters
         for row in rows:
             job = row.job
-            self.slots.extend(job.seq_id, row.tokens)
             if job.next_token is None:
                 c.prompt_tokens_processed += len(row.tokens)
-            job.n_past += len(row.tokens)
-            job.next_token = None
             if job.cancel_requested:  # gone while this step ran: wasted work, counted
+                self.slots.extend(job.seq_id, row.tokens)
+                job.n_past += len(row.tokens)
                 c.tokens_after_cancel += len(row.tokens)
                 continue
-            if row.output is not None:
-                self._deliver(job, self._sample(job, row.output))
+            if not row.outputs:  # a prompt chunk, more to come
+                self.slots.extend(job.seq_id, row.tokens)
+                job.n_past += len(row.tokens)
+                continue
+            self.deliver(job, self._verify(row))
 
-    def _embed_rows(self, jobs: list[Job]) -> list[_Row]:
-        rows: list[_Row] = []
-        budget = self.embed_chunk
-        for job in jobs:
-            rest = job.prompt[job.n_past :]
-            if budget <= 0 or (self.whole_inputs and len(rest) > budget):
-                break
-            take = rest[:budget]
-            rows.append(_Row(job, take, None))
-            budget -= len(take)
-        return rows
+    def _verify(self, row: Row) -> list[Item]:
+        """Draw the row's tokens; keep the cells of the draft tokens the draws confirmed,
+        remove the rest; the sequence's deltas."""
+        job = row.job
+        assert job.decoding is not None
+        draft = row.tokens[len(row.tokens) - row.drafted :] if row.drafted else []
+        verdict = job.decoding.verify(row.outputs, draft)
+        keep = len(row.tokens) - row.drafted + verdict.accepted
+        if keep < len(row.tokens):
+            self.model.memory.seq_rm(job.seq_id, job.n_past + keep, -1)
+        self.slots.extend(job.seq_id, row.tokens[:keep])
+        job.n_past += keep
+        c = self.counters
+        c.tokens_generated += len(verdict.tokens)
+        c.draft_tokens += row.drafted
+        c.draft_accepted += verdict.accepted
+        if job.drafts is not None:
+            job.drafts.record(verdict.tokens, row.drafted, verdict.accepted)
+        job.next_token = verdict.tokens[-1]
+        return self._outcome(job, verdict)
 
-    def _embed_step(self, jobs: list[Job]) -> None:
-        """Read the next chunk of each input to embed, in a decode call of their own with
-        embeddings on (every token is an output), and pool each token's vector."""
-        rows = self._embed_rows(jobs)
-        if not rows:
-            return
-        self._fill(rows, every_output=True)
-        llama, model = self.model.llama, self.model
-        llama.llama_set_embeddings(model.ctx, True)
-        try:
-            if not self._decode(rows):
-                return
-        finally:
-            llama.llama_set_embeddings(model.ctx, model.config.embeddings)
-        n = 0
-        for row in rows:
-            job = row.job
-            assert job.pooler is not None
-            self.slots.extend(job.seq_id, row.tokens)
-            last = len(job.prompt) - 1
-            for i in range(len(row.tokens)):
-                position = job.n_past + i
-                vector = token_vector(llama, model.ctx, n, model.n_embd)
-                job.pooler.add(vector, position, last=position == last)
-                n += 1
-            job.n_past += len(row.tokens)
-            self.counters.prompt_tokens_processed += len(row.tokens)
-            if not job.cancel_requested and not job.prefilling:
-                self._deliver(job, self._finish_embedding(job))
-
-    def _finish_embedding(self, job: Job) -> list[Item]:
-        assert job.pooler is not None
-        vector = job.pooler.result()
-        job.done = True
-        self._running.remove(job)
-        self.slots.release(job.seq_id, keep=False)
-        return [EmbeddingDelta(vector), Finish("stop", Usage(prompt_tokens=len(job.prompt)))]
-
-    def _sample(self, job: Job, output: int) -> list[Item]:
-        assert job.sampler is not None
-        model = self.model
-        token = job.sampler.sample(model.ctx, output)
-        job.generated += 1
-        job.unreported += 1
-        self.counters.tokens_generated += 1
-        tok = model.tokenizer
-        if job.logprobs is not None:
-            entry = token_logprob(model.llama, model.ctx, output, tok, token, job.logprobs)
-            job.pending_logprobs.append(entry)
-        grammar = job.sampler.grammar
-        if grammar is not None and grammar.failed:
-            return self._fail_job(job, f"the output grammar failed: {grammar.failed}")
-        if tok.is_eog(token):
-            return self._finish(job, "stop", "")
-        text = job.stops.feed(job.detok.feed(tok.piece(token)))
-        if job.stops.stopped or (grammar is not None and grammar.complete):
-            return self._finish(job, "stop", text)
-        if job.generated >= job.max_new:
-            return self._finish(job, "length", text)
-        job.next_token = token
-        return [self._text(job, text)] if text else []
-
-    def _text(self, job: Job, text: str) -> TextDelta:
-        logprobs, job.pending_logprobs = tuple(job.pending_logprobs), []
-        delta = TextDelta(text, tokens=job.unreported, logprobs=logprobs)
-        job.unreported = 0
-        return delta
-
-    def _fail_job(self, job: Job, reason: str) -> list[Item]:
-        """This sequence cannot go on (its grammar failed): it alone ends, with an error."""
-        log.error("model %s: request %s: %s", self.name, job.request_id, reason)
-        job.done = True
-        self._running.remove(job)
-        self.slots.release(job.seq_id, keep=False)
-        self._close(job)
-        return [EngineError(reason)]
-
-    def _finish(self, job: Job, reason: FinishReason, text: str) -> list[Item]:
-        if not job.stops.stopped:
-            text += job.stops.feed(job.detok.flush())
-            text += job.stops.flush()
-        items: list[Item] = [self._text(job, text)] if text else []
-        usage = Usage(prompt_tokens=len(job.prompt), completion_tokens=job.generated,
+    def _outcome(self, job: Job, verdict: Verdict) -> list[Item]:
+        if verdict.error is not None:
+            log.error("model %s: request %s: %s", self.name, job.request_id, verdict.error)
+            self.end(job, keep=False)
+            return [EngineError(verdict.error)]
+        if verdict.end is None:
+            return verdict.items
+        assert job.decoding is not None
+        usage = Usage(prompt_tokens=len(job.prompt), completion_tokens=job.decoding.generated,
                       cached_tokens=job.cached)  # fmt: skip
-        items.append(Finish(reason, usage, job.stops.matched))
-        job.done = True
-        self._running.remove(job)
-        self.slots.release(job.seq_id, keep=True)
-        self._close(job)
-        return items
+        finish = job.decoding.finish(verdict.end, usage)
+        self.end(job, keep=True)
+        return [*verdict.items, finish]
 
-    def _deliver(self, job: Job, items: list[Item]) -> None:
+    def deliver(self, job: Job, items: list[Item]) -> None:
         if not items:
             return
         try:
@@ -461,18 +439,15 @@ class Engine:
             if not job.done:
                 self._drop(job)
 
-    def _fail_rows(self, rows: list[_Row], rc: int) -> None:
+    def _fail_rows(self, rows: list[Row], rc: int) -> None:
         reason = "the KV cache is full" if rc == 1 else f"llama_decode returned {rc}"
         err = EngineError(f"the llama.cpp engine failed a step: {reason}")
         log.error("model %s: %s", self.name, err.message)
         for row in rows:
             job = row.job
             if not job.done:
-                job.done = True
-                self._running.remove(job)
-                self.slots.release(job.seq_id, keep=False)
-                self._close(job)
-                self._deliver(job, [err])
+                self.end(job, keep=False)
+                self.deliver(job, [err])
 
     def _fail_all(self, err: BaseException) -> None:
         with self._cond:
@@ -485,4 +460,4 @@ class Engine:
             if not job.done:
                 job.done = True
                 self._close(job)
-                self._deliver(job, [err])
+                self.deliver(job, [err])

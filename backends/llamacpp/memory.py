@@ -115,7 +115,7 @@ class Context:
     def of(cls, config: LlamaCppConfig) -> Context:
         kv, b = config.kv_cache, config.batching
         n_seq = b.max_concurrent + (kv.cached_prefixes if kv.prefix_reuse else 0)
-        n_batch = b.prefill_chunk_tokens + b.max_concurrent
+        n_batch = config.n_batch
         quantized = "f16" not in (kv.type_k, kv.type_v)
         return cls(
             cells=-(-config.n_ctx_total // _CTX_PAD) * _CTX_PAD,

@@ -151,16 +151,16 @@ class SlotManager:
         target = self._free_entry(avoid=None)
         self._evict(target)
         started = time.perf_counter()
-        data = self.tiers.load(found)
-        if data is None or not self.make_room(len(found.tokens)):
+        saved = self.tiers.load(found)
+        if saved is None or not self.make_room(len(saved.tokens)):
             return None
-        loaded = self.kv.load(target.seq_id, data)
+        loaded = self.kv.load(target.seq_id, saved.data)
         self.tiers.stats.restore_s += time.perf_counter() - started
         if not loaded:
             self.kv.seq_rm(target.seq_id, -1, -1)
             self.tiers.stats.misses += 1
             return None
-        target.tokens = list(found.tokens)
+        target.tokens = list(saved.tokens)  # the entry's, or the prefix read of it
         target.salt = salt
         self._truncate(target, found.n)
         target.live = True

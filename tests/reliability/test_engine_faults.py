@@ -92,19 +92,19 @@ def test_real_engine_fault_mid_stream(monkeypatch: pytest.MonkeyPatch) -> None:
     the model instead of hanging or failing."""
     from backends.llamacpp.engine import Engine
 
-    real_sample = Engine._sample
+    real_verify = Engine._verify
     calls = 0
 
-    def failing_sample(self: Engine, job: Any, output: int) -> Any:
+    def failing_verify(self: Engine, row: Any) -> Any:
         nonlocal calls
         if self.name != FAULTY:  # an engine another test left behind is not this one
-            return real_sample(self, job, output)
+            return real_verify(self, row)
         calls += 1
         if calls == 6:
             raise RuntimeError("injected fault in the engine thread")
-        return real_sample(self, job, output)
+        return real_verify(self, row)
 
-    monkeypatch.setattr(Engine, "_sample", failing_sample)
+    monkeypatch.setattr(Engine, "_verify", failing_verify)
     config = parse_config({"models": {FAULTY: real_model_table()}}, "<faults>")
     with ServerThread(config) as srv:
         r = httpx.post(srv.base_url + CHAT, json=chat(FAULTY, max_tokens=50, **NO_EOS), timeout=30)
