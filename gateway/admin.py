@@ -39,7 +39,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from gateway.backend import HasCacheTiers
+from gateway.backend import EngineStats, HasCacheTiers, HasStats
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import ConfigError, GatewayError, InvalidRequest, PermissionDenied
 from gateway.lifecycle import NoRoom
@@ -175,8 +175,26 @@ def describe(entry: ModelEntry) -> dict[str, object]:
         "idle_unload_after_s": entry.config.idle_unload_after_s,
         "footprint": footprint,
         "kv_tiers": backend.cache_tiers() if isinstance(backend, HasCacheTiers) else None,
+        "engine": _engine(backend.stats()) if isinstance(backend, HasStats) else None,
         "download": entry.download.as_json() if entry.download is not None else None,
         "error": entry.error or entry.engine_failure,
+    }
+
+
+def _engine(stats: EngineStats) -> dict[str, object]:
+    """The engine's counters an operator reads first; speculative decoding's acceptance (the
+    share of drafted tokens the model took; None before any draft)."""
+    drafted = stats.draft_tokens
+    return {
+        "active_sequences": stats.active_sequences,
+        "queued_sequences": stats.queued_sequences,
+        "tokens_generated": stats.tokens_generated,
+        "decode_steps": stats.decode_steps,
+        "kv_cells_used": stats.kv_cells_used,
+        "kv_cells_total": stats.kv_cells_total,
+        "draft_tokens": drafted,
+        "draft_accepted": stats.draft_accepted,
+        "draft_acceptance": round(stats.draft_accepted / drafted, 4) if drafted else None,
     }
 
 

@@ -39,6 +39,10 @@ class LlamaMemory:
     def seq_pos_min(self, seq_id: int) -> int:
         return int(self._llama.llama_memory_seq_pos_min(self._mem, seq_id))
 
+    def seq_pos_max(self, seq_id: int) -> int:
+        """The sequence's last position in the cells (-1: it holds none)."""
+        return int(self._llama.llama_memory_seq_pos_max(self._mem, seq_id))
+
     def save(self, seq_id: int) -> bytes:
         llama, flags = self._llama, 0  # LLAMA_STATE_SEQ_FLAGS_NONE: the whole sequence
         size = llama.llama_state_seq_get_size_ext(self._ctx, seq_id, flags)

@@ -76,6 +76,16 @@ _ENGINE: dict[str, tuple[str, str, bool]] = {
     ),
     "kv_host_tier_bytes": ("gateway_kv_host_tier_bytes", "Bytes in the host KV tier.", False),
     "kv_disk_tier_bytes": ("gateway_kv_disk_tier_bytes", "Bytes in the disk KV tier.", False),
+    "draft_tokens": (
+        "gateway_engine_draft_tokens",
+        "Tokens drafted for speculative decoding and verified by the model.",
+        True,
+    ),
+    "draft_accepted": (
+        "gateway_engine_draft_accepted_tokens",
+        "Drafted tokens the model's sampling accepted (speculative decoding).",
+        True,
+    ),
 }
 
 
