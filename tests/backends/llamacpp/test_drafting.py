@@ -1,0 +1,105 @@
+"""Drafting and the verification plan, without a model: the n-gram index, the shared pool and
+its salt partition, the acceptance estimate, the step-time fit and which draft tokens pay."""
+
+from __future__ import annotations
+
+import pytest
+
+from backends.llamacpp.config import LlamaCppSpeculative
+from backends.llamacpp.drafting import ContextDrafter, NgramPool
+from backends.llamacpp.speculation import Acceptance, Speculation, StepCost
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def test_context_drafts_what_followed_the_tail_longest_match_first() -> None:
+    d = ContextDrafter(2, 4)
+    d.extend([1, 2, 3, 4, 5, 9, 9, 2, 3, 7, 8, 1, 2, 3])
+    # tail (1, 2, 3) last followed by 4 (at the start); (2, 3) alone was last followed by 7
+    assert d.propose(3) == [4, 5, 9]
+
+
+def test_context_draft_chains_through_the_index_and_stops_at_k() -> None:
+    d = ContextDrafter(2, 3)
+    d.extend([5, 6, 7, 8, 5, 6])
+    assert d.propose(2) == [7, 8]
+    # past the end of what followed, the draft chains: 5 6 7 8 | 5 6 7 8 ...
+    assert d.propose(6) == [7, 8, 5, 6, 7, 8]
+
+
+def test_context_without_a_match_drafts_nothing() -> None:
+    d = ContextDrafter(2, 3)
+    d.extend([1, 2, 3, 4])
+    assert d.propose(4) == []
+    assert ContextDrafter(2, 3).propose(4) == []
+
+
+def test_pool_is_shared_within_a_salt_and_partitioned_across_salts() -> None:
+    pool = NgramPool(3, size=1 << 12)
+    pool.add("a", [10, 11, 12, 13, 14, 15])
+    assert pool.propose("a", [99, 10, 11, 12], 3) == [13, 14, 15]
+    assert pool.propose("b", [99, 10, 11, 12], 3) == []  # another key learns nothing
+    pool.add("a", [1, 2, 3, 4, 5], start=4)  # only n-grams ending at 4 or later
+    assert pool.propose("a", [2, 3, 4], 1) == [5]
+    assert pool.propose("a", [1, 2, 3], 1) == []
+
+
+def test_pool_resets_when_a_quarter_full() -> None:
+    pool = NgramPool(1, size=64)
+    pool.add("s", list(range(10)))
+    assert pool.used > 0 and pool.propose("s", [8], 1) == [9]
+    pool.add("s", list(range(100, 160)))  # ~35 of 64 slots: past a quarter, it starts over
+    assert pool.used == 0 and pool.propose("s", [8], 1) == []
+
+
+def test_acceptance_learns_and_drifts_back_to_its_prior() -> None:
+    a = Acceptance()
+    prior = a.p
+    for _ in range(10):
+        a.record(8, 0)  # every draft missed
+    assert a.p < 0.1
+    for _ in range(200):
+        a.record(0, 0)  # no drafts: it forgets
+    assert a.p == pytest.approx(prior, abs=0.02)
+    for _ in range(10):
+        a.record(8, 8)
+    assert a.p > 0.95
+
+
+def test_step_cost_fits_measured_steps() -> None:
+    cost = StepCost()
+    for tokens, outputs in [(1, 1), (2, 2), (64, 1), (9, 9), (128, 1), (4, 1), (17, 17)] * 3:
+        cost.record(tokens, outputs, 0.02 + 0.001 * tokens + 0.002 * outputs)
+    assert (cost.a, cost.b, cost.c) == pytest.approx((0.02, 0.001, 0.002), rel=1e-6)
+    assert cost.per_draft == pytest.approx(0.003)
+
+
+def _speculation(**kw: object) -> Speculation:
+    return Speculation(LlamaCppSpeculative.model_validate(kw), enabled=True)
+
+
+def test_plan_drafts_on_a_memory_bound_step_and_not_on_a_compute_bound_one() -> None:
+    spec = _speculation()
+    spec.cost.a, spec.cost.b, spec.cost.c = 0.030, 0.0002, 0.0001  # a GPU: tokens nearly free
+    assert spec.plan([(0.9, 16)], tokens=1, outputs=1) == [16]
+    spec.cost.a, spec.cost.b, spec.cost.c = 0.001, 0.010, 0.005  # a CPU step: tokens cost
+    assert spec.plan([(0.9, 16)], tokens=1, outputs=1) == [0]
+    # in between: a likely draft is verified a while, an unlikely one not at all
+    spec.cost.a, spec.cost.b, spec.cost.c = 0.030, 0.003, 0.001
+    likely, unlikely = spec.plan([(0.95, 16), (0.2, 16)], tokens=2, outputs=2)
+    assert 0 < likely < 16 and unlikely == 0
+
+
+def test_plan_respects_the_step_cap_and_policy_always() -> None:
+    spec = _speculation(max_step_draft=10)
+    spec.cost.a, spec.cost.b, spec.cost.c = 0.030, 0.0, 0.0
+    assert sum(spec.plan([(0.99, 8), (0.99, 8)], tokens=2, outputs=2)) == 10
+    always = _speculation(policy="always", max_step_draft=12)
+    assert always.plan([(0.0, 8), (0.5, 8)], tokens=2, outputs=2) == [8, 4]
+
+
+def test_config_rules() -> None:
+    with pytest.raises(ValueError, match="ngram_min"):
+        LlamaCppSpeculative(ngram_min=5, ngram_max=3)
+    with pytest.raises(ValueError, match="draft_model_path"):
+        LlamaCppSpeculative(mode="draft")
