@@ -63,7 +63,7 @@ def _client(server: ServerThread) -> OpenAI:
 def _chat(server: ServerThread, model: str, text: str = COPY, **kw: Any) -> Any:
     kw.setdefault("max_tokens", 80)
     kw.setdefault("temperature", 0)
-    messages = [{"role": "user", "content": text}]
+    messages: Any = [{"role": "user", "content": text}]
     return _client(server).chat.completions.create(model=model, messages=messages, **kw)
 
 
