@@ -194,7 +194,7 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> None:
     restart = mean(out["after_restart"])
     console.print(
         f"turn {n} after a restart: {restart / last:.2f}x turn {args.turns} before it "
-        "(target <= 1.5x); "
+        "(target <= 1.2x); "
         f"{restart / mean(out['tiers_off']):.2f}x the same turn with the tiers off"
     )
     console.print(

@@ -357,7 +357,7 @@ def _seed(key: str) -> int:
 
 
 def _digest(key: str, data: bytes) -> int:
-    import xxhash
+    import xxhash  # here, not at the top: the package imports this module without its extra
 
     return xxhash.xxh3_64_intdigest(data, seed=_seed(key))
 

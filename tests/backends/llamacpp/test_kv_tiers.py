@@ -127,6 +127,34 @@ def test_a_restart_finds_the_disk_entries(smol_path: Path, tmp_path: Path, host:
     assert tiers["hits"] == 1 and tiers["prefetched"] == (1 if host else 0)
 
 
+def test_a_restart_reads_only_the_prefix_it_restores(smol_path: Path, tmp_path: Path) -> None:
+    """After a restart, a prompt sharing only the system prompt with a long saved conversation
+    has that prefix alone read (into the host tier: the state of those tokens, a fraction of
+    the file) and restored; the answer is the one without the tiers."""
+    expected = baseline(smol_path, tmp_path, "frank: hi")
+    kv = {"disk_cache_bytes": 512 * MiB, "host_cache_bytes": 256 * MiB}
+    config = {"models": {SMOL: table(smol_path, tmp_path / "kv", **kv)}}
+    first = gateway_process(tmp_path, "first", config).start()
+    try:
+        with OpenAI(base_url=first.url + "/v1", api_key="x", max_retries=0) as c:
+            ask(c, "erin: " + "tell me more about topic seven. " * 50)
+        first.terminate()
+        assert first.wait(60) == 0
+    finally:
+        first.stop()
+    (entry,) = (tmp_path / "kv").rglob("*.kv")
+    second = gateway_process(tmp_path, "second", config).start()
+    try:
+        with OpenAI(base_url=second.url + "/v1", api_key="x", max_retries=0) as c:
+            text, prompt, cached = ask(c, "frank: hi")
+        tiers = httpx.get(second.url + "/admin/models", timeout=30).json()["data"][0]["kv_tiers"]
+    finally:
+        second.stop()
+    assert text == expected and 0 < cached < prompt - 1
+    assert tiers["hits"] == 1 and tiers["prefetched"] == 1 and tiers["restored_tokens"] == cached
+    assert 0 < tiers["host"]["bytes"] < entry.stat().st_size * 2 // 3  # the prefix's state
+
+
 def test_damaged_and_foreign_entries_are_deleted(smol_path: Path, tmp_path: Path) -> None:
     disk = table(smol_path, tmp_path, disk_cache_bytes=512 * MiB)
     with serve({SMOL: disk}) as srv, client_of(srv) as c:

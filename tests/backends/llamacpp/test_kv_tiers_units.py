@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import stat
+import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -33,7 +36,8 @@ def test_lookup_finds_the_longest_shared_prefix() -> None:
     tiers.save(Saved(base, b"long"))
     prompt = (*base[: 3 * BLOCK + 5], 99, 98)
     found = tiers.find(prompt, len(prompt) - 1)
-    assert found is not None and found.n == 3 * BLOCK + 5 and tiers.load(found) == b"long"
+    assert found is not None and found.n == 3 * BLOCK + 5
+    assert (loaded := tiers.load(found)) is not None and loaded.data == b"long"
     # shorter than one block in common: nothing (a block is the unit of lookup)
     assert tiers.find((*base[: BLOCK - 1], 7, 7), 10_000) is None
     # the limit caps the match (the prompt's last token is always decoded)
@@ -68,7 +72,7 @@ def test_the_host_tier_spills_its_oldest_to_disk(tmp_path: Path) -> None:
     assert {p.name for p in (tmp_path / FP).iterdir()} and len(disk.sizes) == 2
     oldest = tiers.find(tokens(0, 3 * BLOCK), 10_000)
     assert oldest is not None and oldest.tier == "disk"
-    assert tiers.load(oldest) == saved(0).data
+    assert (loaded := tiers.load(oldest)) is not None and loaded.data == saved(0).data
     newest = tiers.find(tokens(3, 3 * BLOCK), 10_000)
     assert newest is not None and newest.tier == "host"
     tiers.persist()  # unloading: the host's entries are written too
@@ -91,7 +95,8 @@ def test_prefetch_reads_a_disk_entry_into_host_memory(tmp_path: Path) -> None:
     assert found is not None and tiers.prefetch(found)
     assert tiers.on_disk(prompt) is None  # in memory now: nothing more to read
     after = tiers.find(prompt, len(prompt) - 1)
-    assert after is not None and after.tier == "host" and tiers.load(after) == saved(7).data
+    assert after is not None and after.tier == "host" and (loaded := tiers.load(after)) is not None
+    assert loaded.data == saved(7).data
     assert tiers.on_disk(tokens(8, 3 * BLOCK)) is None  # nothing saved for it: nothing read
     assert KVTiers(None, tiers.disk).on_disk(prompt) is None  # no host tier: the engine reads
     assert tiers.disk is not None
@@ -308,4 +313,129 @@ def test_an_entry_whose_header_tokens_were_changed_is_never_loaded(
         if found is not None:
             assert disk.load(found[0]) is None
     assert not path.exists() and disk.stats.dropped_corrupt == 1
+    disk.close()
+
+
+def llama_state(
+    positions: Sequence[int], n_layer: int = 3, row: int = 16, v_trans: int = 0
+) -> bytes:
+    """A sequence state laid out as llama.cpp's KV cache writes one (flash attention: V rows
+    cell by cell): the magic and sequence id, one stream of cells at ``positions`` (in this
+    order), each layer's K rows, then its V rows; a cell's bytes depend on its position."""
+    out = [struct.pack("<Ii", 0xAF143CD8, 0), struct.pack("<II", 1, len(positions))]
+    out += [struct.pack("<iIi", pos, 1, 0) for pos in positions]
+    out.append(struct.pack("<II", v_trans, n_layer))
+    for layer in range(2 * n_layer):
+        out.append(struct.pack("<iQ", 1, row))
+        out += [bytes([(layer * 31 + pos) % 256]) * row for pos in positions]
+    return b"".join(out)
+
+
+def _laid_out(tmp_path: Path, n: int = 6 * BLOCK) -> tuple[DiskTier, Saved]:
+    """A disk entry whose state's cells were out of position order (cells reused)."""
+    positions = list(range(n))
+    random.Random(5).shuffle(positions)
+    entry = Saved(tokens(6, n), llama_state(positions))
+    first = DiskTier(tmp_path, FP, budget=1 << 22)
+    first.put(entry, wait=True)
+    first.close()
+    return DiskTier(tmp_path, FP, budget=1 << 22), entry
+
+
+def test_a_disk_entry_is_read_only_as_far_as_it_is_restored(tmp_path: Path) -> None:
+    """A prompt sharing a short prefix of a long entry reads the chunks of that prefix (its
+    cells put in position order when written) and gets the state of those tokens alone; one
+    sharing most of it reads the whole state (one read, where a prefix takes two copies)."""
+    disk, entry = _laid_out(tmp_path)
+    for n in (BLOCK, BLOCK + 5, 2 * BLOCK, 4 * BLOCK):
+        part = disk.load(entry.key, n)
+        assert part is not None and part.tokens == entry.tokens[:n]
+        assert part.data == llama_state(range(n))
+    for most in (4 * BLOCK + 1, 6 * BLOCK - 1, 6 * BLOCK, None):
+        whole = disk.load(entry.key, most)
+        assert whole is not None and whole.tokens == entry.tokens
+        assert whole.data == llama_state(range(6 * BLOCK))
+    assert disk.stats.dropped_corrupt == 0
+    disk.close()
+
+
+@pytest.mark.parametrize(
+    ("chunk", "n", "ok"), [(1, 2 * BLOCK - 3, False), (5, 2 * BLOCK - 3, True), (5, None, False)]
+)
+def test_a_prefix_read_checks_what_it_reads(
+    tmp_path: Path, chunk: int, n: int | None, ok: bool
+) -> None:
+    """A byte flipped in the cells of one chunk: a read of the first two chunks finds it in
+    chunk 1 (a miss, the file deleted); in chunk 5, which it does not read (nor restore), a
+    whole read finds it."""
+    disk, entry = _laid_out(tmp_path)
+    path = disk._path(entry.key)
+    data = bytearray(path.read_bytes())
+    data[-(6 - chunk) * BLOCK * 16 + 3] ^= 0xFF  # the last layer's V rows: 16 bytes per cell
+    path.write_bytes(bytes(data))
+    loaded = disk.load(entry.key, n)
+    assert (loaded is not None) is ok and path.exists() is ok
+    assert disk.stats.dropped_corrupt == (0 if ok else 1)
+    disk.close()
+
+
+def test_a_state_not_laid_out_for_prefixes_is_read_whole(tmp_path: Path) -> None:
+    """V transposed (no flash attention), bytes after the cells (another cache's state),
+    positions not 0..n-1: the state is kept as it is and restored whole."""
+    n = 4 * BLOCK
+    plain = llama_state(range(n))
+    transposed = llama_state(range(n), v_trans=1)
+    shifted = llama_state(range(1, n + 1))
+    disk = DiskTier(tmp_path, FP, budget=1 << 22)
+    for seed, state in enumerate((transposed, plain + b"more", shifted)):
+        disk.put(Saved(tokens(seed, n), state), wait=True)
+    disk.flush()
+    for seed, state in enumerate((transposed, plain + b"more", shifted)):
+        loaded = disk.load(Saved(tokens(seed, n), b"").key, BLOCK)
+        assert loaded is not None and loaded.data == state and len(loaded.tokens) == n
+    disk.close()
+
+
+def test_a_prefetched_prefix_is_not_written_back(tmp_path: Path) -> None:
+    """After a restart a prompt sharing a short prefix of an entry has that prefix read into
+    host memory, and restored from there; when the host tier lets it go, the disk's longer
+    entry holds it already: nothing is written."""
+    disk, entry = _laid_out(tmp_path)
+    tiers = KVTiers(HostTier(1 << 22), disk)
+    prompt = (*entry.tokens[: 2 * BLOCK], 1, 2)
+    found = tiers.on_disk(prompt)
+    assert found is not None and tiers.prefetch(found)
+    assert tiers.host is not None
+    assert [e.tokens for e in tiers.host.entries.values()] == [prompt[:-2]]
+    kv = FakeKV()
+    slots = SlotManager(kv, n_live=1, n_cached=1, n_cells=10_000, tiers=tiers)
+    assert slots.acquire(prompt).reused == 2 * BLOCK
+    assert kv.calls[-1] == ("load", 0, llama_state(range(2 * BLOCK)))
+    tiers.host.budget = 0
+    tiers.save(saved(9))  # the host tier spills everything
+    tiers.flush()
+    assert set(disk.sizes) == {entry.key, saved(9).key}
+    tiers.close()
+
+
+def test_the_engine_restores_a_prefix_read_from_disk(tmp_path: Path) -> None:
+    """Without a host tier the engine thread reads the entry itself: only the prefix, and
+    it makes room for that prefix's cells, not the entry's."""
+    disk, entry = _laid_out(tmp_path)
+    kv = FakeKV()
+    slots = SlotManager(kv, n_live=1, n_cached=1, n_cells=3 * BLOCK, tiers=KVTiers(None, disk))
+    placed = slots.acquire([*entry.tokens[: 2 * BLOCK + 3], 1])
+    assert placed.reused == 2 * BLOCK + 3
+    assert kv.calls[-1] == ("load", 0, llama_state(range(2 * BLOCK + 3)))
+    assert slots.entries[0].tokens == list(entry.tokens[: 2 * BLOCK + 3])
+    disk.close()
+
+
+def test_an_entry_of_an_earlier_format_is_deleted_not_counted_corrupt(tmp_path: Path) -> None:
+    folder = tmp_path / FP
+    folder.mkdir()
+    old = folder / (saved(1).key + ".kv")
+    old.write_bytes(b'GWKV2\n\x05\x00\x00\x00{"a"}' + b"x" * 100)
+    disk = DiskTier(tmp_path, FP, budget=1 << 20)
+    assert not old.exists() and not disk.sizes and disk.stats.dropped_corrupt == 0
     disk.close()
