@@ -89,6 +89,7 @@ class LlamaCppBackend:
         return self._model.chat_format if self._model is not None else None
 
     async def start(self) -> None:
+        from backends.llamacpp.draft_model import load as load_draft
         from backends.llamacpp.engine import Engine
         from backends.llamacpp.model import LoadedModel, describe
 
@@ -100,12 +101,19 @@ class LlamaCppBackend:
         log.info("model %s: loading %s", self.name, describe(cfg.model_path))
         started = time.perf_counter()
         model = await asyncio.to_thread(LoadedModel, cfg, n_seq, n_batch)
+        try:
+            draft = await asyncio.to_thread(load_draft, model)
+        except BaseException:
+            model.close()
+            raise
         self._model = model
         self._info = self._describe(model.n_ctx_slot)
         if not self._shared.opened:
             self._shared.tiers = await asyncio.to_thread(self._open_tiers)
             self._shared.opened = True
-        self._engine = Engine(self.name, model, n_live=self.n_live, tiers=self._shared.tiers)
+        self._engine = Engine(
+            self.name, model, n_live=self.n_live, tiers=self._shared.tiers, draft=draft
+        )
         self._engine.start()
         log.info(
             "model %s: loaded in %.2f s (%d slots x %d tokens, %d KV cells, %d threads)",

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from backends.llamacpp.decoding import Decoding, Item, Verdict
+from backends.llamacpp.draft_model import DraftFailed, DraftModel
 from backends.llamacpp.embed_step import EmbedStep
 from backends.llamacpp.embeddings import EmbedSpec, Pooler
 from backends.llamacpp.kv_tiers import KVTiers
@@ -107,7 +108,13 @@ class Row:
 
 class Engine:
     def __init__(
-        self, name: str, model: LoadedModel, *, n_live: int, tiers: KVTiers | None = None
+        self,
+        name: str,
+        model: LoadedModel,
+        *,
+        n_live: int,
+        tiers: KVTiers | None = None,
+        draft: DraftModel | None = None,
     ) -> None:
         cfg = model.config
         self.name = name
@@ -124,6 +131,8 @@ class Engine:
             tiers=tiers,
         )
         self.speculation = Speculation.for_model(model.llama, model.model, cfg.speculative)
+        #: The draft model (``mode = "draft"``), drafting in this thread.
+        self.draft_model = draft if self.speculation.enabled else None
         self.counters = Counters()
         self.embedder = EmbedStep(self)
         self.failure: BaseException | None = None
@@ -198,6 +207,8 @@ class Engine:
             self._fail_all(ModelUnavailable(f"model {self.name!r} was unloaded"))
             self._spill()
         finally:
+            if self.draft_model is not None:
+                self.draft_model.close()
             self.model.close()
 
     def _spill(self) -> None:
@@ -253,6 +264,8 @@ class Engine:
         job.done = True
         self._running.remove(job)
         self.slots.release(job.seq_id, keep=keep)
+        if self.draft_model is not None:
+            self.draft_model.forget(job.seq_id)
         self._close(job)
 
     def _admit(self) -> None:
@@ -308,6 +321,9 @@ class Engine:
         spec = self.speculation
         if not spec.enabled or not rows:
             return
+        if self.draft_model is not None:
+            self._add_model_drafts(rows, tokens, outputs)
+            return
         drafts: list[list[int]] = []
         for row in rows:
             job = row.job
@@ -322,6 +338,25 @@ class Engine:
         for row, draft, n in zip(rows, drafts, spec.plan(candidates, tokens, outputs), strict=True):
             row.tokens.extend(draft[:n])
             row.drafted = n
+
+    def _add_model_drafts(self, rows: list[Row], tokens: int, outputs: int) -> None:
+        """Plan first (a model's draft costs its decodes), then draft what the plan takes."""
+        spec, model = self.speculation, self.draft_model
+        assert model is not None
+        left = [(r.job.drafts, r.job.max_new - r.job.generated - 1) for r in rows]
+        plan = spec.plan(spec.limits(left), tokens, outputs)
+        wants = [
+            (r.job.seq_id, r.job.drafts.context.tokens if r.job.drafts else [], n)
+            for r, n in zip(rows, plan, strict=True)
+        ]
+        try:
+            drafts = model.draft(wants, catch_up=self.chunk)
+        except DraftFailed as err:
+            log.warning("model %s: %s; this step goes on without drafts", self.name, err)
+            return
+        for row, draft in zip(rows, drafts, strict=True):
+            row.tokens.extend(draft)
+            row.drafted = len(draft)
 
     def fill(self, rows: list[Row], *, every_output: bool) -> None:
         """Write ``rows`` into the batch, with logits for a generating row's every token, a
@@ -402,6 +437,9 @@ class Engine:
         assert job.decoding is not None
         draft = row.tokens[len(row.tokens) - row.drafted :] if row.drafted else []
         verdict = job.decoding.verify(row.outputs, draft)
+        if self.draft_model is not None and job.drafts is not None:
+            known = len(job.drafts.context.tokens)  # the draft cells past these were guesses
+            self.draft_model.keep(job.seq_id, known + verdict.accepted)
         keep = len(row.tokens) - row.drafted + verdict.accepted
         if keep < len(row.tokens):
             self.model.memory.seq_rm(job.seq_id, job.n_past + keep, -1)

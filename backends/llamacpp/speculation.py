@@ -127,7 +127,7 @@ class Speculation:
 
     def __init__(self, spec: LlamaCppSpeculative, *, enabled: bool) -> None:
         self.spec = spec
-        self.enabled = enabled and spec.mode == "ngram"
+        self.enabled = enabled and spec.mode != "off"
         self.pool = NgramPool(spec.ngram_max)
         self.cost = StepCost()
 
@@ -148,6 +148,12 @@ class Speculation:
 
     def drafts(self, salt: str) -> Drafts | None:
         return Drafts(self.spec, self.pool, salt) if self.enabled else None
+
+    def limits(self, rows: Sequence[tuple[Drafts | None, int]]) -> list[tuple[float, int]]:
+        """Plan candidates for a draft model: each sequence's acceptance, and how many tokens
+        it may draft (its tokens left before ``max_tokens``, at most ``draft_max``)."""
+        most = self.spec.draft_max
+        return [(d.acceptance.p if d else 0.0, min(left, most) if d else 0) for d, left in rows]
 
     def plan(self, candidates: list[tuple[float, int]], tokens: int, outputs: int) -> list[int]:
         """How many tokens of each candidate draft (its sequence's acceptance ``p``, its

@@ -19,10 +19,11 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from gateway.config import parse_config
 from gateway.testing import ServerThread
 from tests.backends.llamacpp.conftest import backend_of, model_table, serve, wait_for_stats
 
-SPEC, OFF = "spec", "off"
+SPEC, OFF, DRAFT = "spec", "off", "draft"
 
 #: Code the model is asked to copy: what it writes repeats its context, so drafts are taken.
 CODE = """def rgb_to_hls(r, g, b):
@@ -51,6 +52,11 @@ def server(smol_path: Path) -> Iterator[ServerThread]:
     models = {
         SPEC: model_table(smol_path, speculative=spec),
         OFF: model_table(smol_path, speculative={"mode": "off"}),
+        # the model as its own draft: it drafts what it will write (a real second context)
+        DRAFT: model_table(
+            smol_path,
+            speculative={"mode": "draft", "draft_model_path": str(smol_path), "policy": "always"},
+        ),
     }
     with serve(models) as srv:
         yield srv
@@ -180,3 +186,37 @@ def test_cancel_mid_draft_frees_the_sequence(server: ServerThread) -> None:
     _assert_cells_counted(server)
     spec, off = _both(server, max_tokens=30)  # the next request is served, and the same
     assert spec.choices[0].message.content == off.choices[0].message.content
+
+
+def test_a_draft_model_drafts_and_the_text_is_the_same(server: ServerThread) -> None:
+    before = backend_of(server, DRAFT).stats()
+    for kw in ({"max_tokens": 60}, {"max_tokens": 40, "temperature": 0.8, "seed": 3}):
+        spec, off = _chat(server, DRAFT, **kw), _chat(server, OFF, **kw)
+        assert spec.choices[0].message.content == off.choices[0].message.content
+    stats = wait_for_stats(backend_of(server, DRAFT).stats, lambda s: s.active_sequences == 0)
+    drafted = stats.draft_tokens - before.draft_tokens
+    accepted = stats.draft_accepted - before.draft_accepted
+    assert drafted > 0 and accepted / drafted > 0.5  # its own greedy guesses: mostly right
+    engine = backend_of(server, DRAFT)._engine
+    assert engine is not None and engine.draft_model is not None
+    assert not engine.draft_model.cells  # each sequence's draft cells went with it
+    memory = engine.model.memory
+    for entry in engine.slots.entries:
+        assert memory.seq_pos_max(entry.seq_id) + 1 == len(entry.tokens)
+
+
+def test_a_draft_model_with_another_vocabulary_is_refused(smol_path: Path, tiny_path: Path) -> None:
+    table = model_table(
+        smol_path, speculative={"mode": "draft", "draft_model_path": str(tiny_path)}
+    )
+    config = parse_config({"models": {"bad": table}}, "<test>")
+    with ServerThread(config, wait_ready=False) as srv:
+        r = httpx.post(
+            srv.base_url + "/v1/chat/completions",
+            json={"model": "bad", "messages": [{"role": "user", "content": "hi"}]},
+            timeout=60,
+        )
+        admin = httpx.get(srv.base_url + "/admin/models", timeout=10).json()
+    assert r.status_code == 503, r.text  # the client is told the model failed to load
+    error = next(m for m in admin["data"] if m["id"] == "bad")["error"]
+    assert "does not share the main model's vocabulary" in error  # the operator, why
