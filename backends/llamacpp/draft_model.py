@@ -45,7 +45,8 @@ class DraftModel:
             self._check_vocab(main, path)
             cp = llama.llama_context_default_params()
             cp.n_ctx = cfg.n_ctx_total
-            cp.n_batch = cp.n_ubatch = n_batch
+            cp.n_batch = n_batch
+            cp.n_ubatch = min(n_batch, 512)
             cp.n_seq_max = main.n_seq
             cp.n_threads = cfg.batching.n_threads
             cp.n_threads_batch = cfg.n_threads_batch

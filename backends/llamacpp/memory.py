@@ -132,7 +132,49 @@ def _layer(name: str) -> int | None:
 
 
 def estimate(config: LlamaCppConfig, gpu_devices: int) -> MemoryEstimate:
-    """The footprint of ``config``'s model on ``gpu_devices`` GPUs (0: on the host)."""
+    """The footprint of ``config``'s model on ``gpu_devices`` GPUs (0: on the host), with its
+    draft model if it has one."""
+    main = _estimate(config, gpu_devices)
+    draft = draft_config(config)
+    if draft is None:
+        return main
+    extra = _estimate(draft, gpu_devices)
+    return MemoryEstimate(
+        main.weights_bytes + extra.weights_bytes,
+        main.kv_cache_bytes + extra.kv_cache_bytes,
+        main.compute_bytes + extra.compute_bytes,
+        tuple(a + b for a, b in zip(main.gpu_bytes, extra.gpu_bytes, strict=True)),
+        main.host_bytes + extra.host_bytes,
+        f"{main.kv_cache_shape}; draft model {draft.model_path.name}",
+        main.options,
+    )
+
+
+def draft_config(config: LlamaCppConfig) -> LlamaCppConfig | None:
+    """The draft model as :class:`backends.llamacpp.draft_model.DraftModel` loads it: the
+    same cells, sequences and batch, f16 K/V, its own GPU layers."""
+    spec = config.speculative
+    if spec.mode != "draft" or spec.draft_model_path is None:
+        return None
+    kv = config.kv_cache.model_copy(
+        update={
+            "type_k": "f16",
+            "type_v": "f16",
+            "host_cache_bytes": 0,
+            "n_ctx": config.n_ctx_total,
+        }
+    )
+    return config.model_copy(
+        update={
+            "local_path": spec.draft_model_path,
+            "n_gpu_layers": spec.draft_n_gpu_layers,
+            "kv_cache": kv,
+            "speculative": spec.model_copy(update={"mode": "off", "draft_model_path": None}),
+        }
+    )
+
+
+def _estimate(config: LlamaCppConfig, gpu_devices: int) -> MemoryEstimate:
     header = read_header(config.model_path)
     shape = ModelShape.of(header)
     ctx = Context.of(config)

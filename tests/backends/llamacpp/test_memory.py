@@ -76,6 +76,21 @@ def test_the_host_kv_tier_counts_against_host_memory(smol_path: Path) -> None:
     assert "host KV tier 64 MiB" in tiered.kv_cache_shape
 
 
+def test_a_draft_model_is_counted(smol_path: Path, tiny_path: Path) -> None:
+    """``gateway plan`` and the lifecycle budget see the draft model's weights, cells and
+    graph beside the main model's, placed on the GPUs like a model of its own."""
+    spec = {"mode": "draft", "draft_model_path": str(tiny_path)}
+    for gpus in (0, 2):
+        plain = factory.memory_estimate(llama_config(smol_path), gpus)
+        both = factory.memory_estimate(llama_config(smol_path, speculative=spec), gpus)
+        alone = factory.memory_estimate(llama_config(tiny_path), gpus)
+        assert both.weights_bytes == plain.weights_bytes + alone.weights_bytes
+        assert both.kv_cache_bytes == plain.kv_cache_bytes + alone.kv_cache_bytes
+        assert both.total_bytes > plain.total_bytes
+        assert both.host_bytes + sum(both.gpu_bytes) > plain.host_bytes + sum(plain.gpu_bytes)
+        assert "draft model tiny.gguf" in both.kv_cache_shape
+
+
 def test_smollm2_header(smol_path: Path) -> None:
     header = read_header(smol_path)
     shape = ModelShape.of(header)
