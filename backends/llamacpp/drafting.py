@@ -39,21 +39,24 @@ class ContextDrafter:
                 if follower >= n:
                     index[tuple(seq[follower - n : follower])] = follower
 
-    def propose(self, k: int) -> list[int]:
-        """Up to ``k`` tokens that followed earlier occurrences of the tail (chained)."""
+    def propose(self, k: int) -> tuple[list[int], int]:
+        """Up to ``k`` tokens that followed earlier occurrences of the tail (chained), and the
+        size of the n-gram the draft began with (0: no match)."""
         seq = self.tokens
         draft: list[int] = []
+        first = 0
         while len(draft) < k:
-            start = self._match(draft)
+            start, n = self._match(draft)
             if start is None:
                 break
             run = seq[start : start + k - len(draft)]
             if not run:
                 break
+            first = first or n
             draft.extend(run)
-        return draft
+        return draft, first
 
-    def _match(self, draft: list[int]) -> int | None:
+    def _match(self, draft: list[int]) -> tuple[int | None, int]:
         seq = self.tokens
         for n, index in self._index.items():
             if len(seq) + len(draft) < n:
@@ -61,8 +64,8 @@ class ContextDrafter:
             tail = (seq[len(seq) - max(n - len(draft), 0) :] + draft)[-n:]
             found = index.get(tuple(tail))
             if found is not None:
-                return found
-        return None
+                return found, n
+        return None, 0
 
 
 class NgramPool:

@@ -136,8 +136,9 @@ class Engine:
         self.counters = Counters()
         self.embedder = EmbedStep(self)
         self.failure: BaseException | None = None
-        #: How long the last ``llama_decode`` took.
+        #: How long the last ``llama_decode`` took, and the draft model's drafting before it.
         self.decode_seconds = 0.0
+        self.draft_seconds = 0.0
         self._cond = threading.Condition()
         self._inbox: list[Job] = []
         self._cancels: list[Job] = []
@@ -309,42 +310,42 @@ class Engine:
                 take = job.prompt[job.n_past : job.n_past + budget]
                 prefill.append(Row(job, take))
                 budget -= len(take)
-        self._add_drafts(
-            decoding, len(decoding) + self.chunk - budget, len(decoding) + len(prefill)
-        )
+        if not prefill:  # a step reading a prompt is compute-bound already: no drafts
+            self._add_drafts(decoding)
         rows = decoding + prefill
         self.fill(rows, every_output=False)
         return rows
 
-    def _add_drafts(self, rows: list[Row], tokens: int, outputs: int) -> None:
+    def _add_drafts(self, rows: list[Row]) -> None:
         """Each generating row's draft, as much of it as pays (:meth:`Speculation.plan`)."""
         spec = self.speculation
+        self.draft_seconds = 0.0
         if not spec.enabled or not rows:
             return
         if self.draft_model is not None:
-            self._add_model_drafts(rows, tokens, outputs)
+            started = time.perf_counter()
+            self._add_model_drafts(rows)
+            self.draft_seconds = time.perf_counter() - started
             return
         drafts: list[list[int]] = []
+        candidates: list[tuple[float, int]] = []
         for row in rows:
             job = row.job
-            assert job.decoding is not None
             # never past max_tokens: the step draws at most one token more than it drafts
-            left = min(job.max_new - job.decoding.generated - 1, spec.spec.draft_max)
-            drafts.append(job.drafts.propose(left) if job.drafts is not None else [])
-        candidates = [
-            (row.job.drafts.acceptance.p if row.job.drafts else 0.0, len(draft))
-            for row, draft in zip(rows, drafts, strict=True)
-        ]
-        for row, draft, n in zip(rows, drafts, spec.plan(candidates, tokens, outputs), strict=True):
+            left = min(job.max_new - job.generated - 1, spec.spec.draft_max)
+            draft, p = job.drafts.propose(left) if job.drafts is not None else ([], 0.0)
+            drafts.append(draft)
+            candidates.append((p, len(draft)))
+        for row, draft, n in zip(rows, drafts, spec.plan(candidates, len(rows)), strict=True):
             row.tokens.extend(draft[:n])
             row.drafted = n
 
-    def _add_model_drafts(self, rows: list[Row], tokens: int, outputs: int) -> None:
+    def _add_model_drafts(self, rows: list[Row]) -> None:
         """Plan first (a model's draft costs its decodes), then draft what the plan takes."""
         spec, model = self.speculation, self.draft_model
         assert model is not None
         left = [(r.job.drafts, r.job.max_new - r.job.generated - 1) for r in rows]
-        plan = spec.plan(spec.limits(left), tokens, outputs)
+        plan = spec.plan(spec.limits(left), len(rows))
         wants = [
             (r.job.seq_id, r.job.drafts.context.tokens if r.job.drafts else [], n)
             for r, n in zip(rows, plan, strict=True)
@@ -412,8 +413,9 @@ class Engine:
         rows = self._build(jobs)
         if not rows or not self.decode(rows):
             return
-        tokens, outputs = sum(len(r.tokens) for r in rows), sum(len(r.outputs) for r in rows)
-        self.speculation.cost.record(tokens, outputs, self.decode_seconds)
+        if all(r.job.next_token is not None for r in rows):  # a generating step: its cost
+            tokens = sum(len(r.tokens) for r in rows)
+            self.speculation.cost.record(tokens, self.decode_seconds + self.draft_seconds)
         c = self.counters
         for row in rows:
             job = row.job

@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections import deque
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
-
-import numpy as np
 
 from backends.llamacpp.config import LlamaCppSpeculative
 from backends.llamacpp.drafting import ContextDrafter, NgramPool
@@ -32,22 +29,20 @@ log = logging.getLogger("backends.llamacpp.speculation")
 
 
 class Acceptance:
-    """How likely a sequence's next draft token is to be taken: a Beta estimate over its
-    drafts so far, which drifts back to the prior while the sequence does not draft (so a
-    sequence that stopped drafting tries again later)."""
+    """How likely a draft token is to be taken: a Beta estimate over the drafts seen, around a
+    prior it drifts back to while nothing is drafted (so drafting is tried again later)."""
 
-    PRIOR = 0.6
-    WEIGHT = 2.0
-    FORGET = 0.97
+    WEIGHT = 4.0
+    FORGET = 0.98
 
-    def __init__(self) -> None:
+    def __init__(self, prior: float = 0.6) -> None:
+        self.prior = prior
         self.taken = 0.0
         self.missed = 0.0
 
-    @property
-    def p(self) -> float:
-        w = self.WEIGHT
-        return (self.taken + w * self.PRIOR) / (self.taken + self.missed + w)
+    def p(self, prior: float | None = None) -> float:
+        w, p0 = self.WEIGHT, self.prior if prior is None else prior
+        return (self.taken + w * p0) / (self.taken + self.missed + w)
 
     def record(self, drafted: int, accepted: int) -> None:
         if drafted == 0:
@@ -59,67 +54,86 @@ class Acceptance:
 
 
 class StepCost:
-    """Seconds a decode step takes, fitted to the steps this engine ran: ``a + b * tokens +
-    c * outputs`` (least squares over the recent steps, refitted every few)."""
+    """Seconds a generating step of ``n`` tokens takes (every token with its logits), from
+    the steps this engine ran: a running average per size, read between sizes seen along a
+    straight line. Past the largest size seen it assumes each token adds 5% (a memory-bound
+    step's cost: optimistic, so larger drafts get tried and measured once)."""
 
-    WINDOW = 256
-    REFIT = 16
+    SMOOTH = 0.2
+    PRIOR_SLOPE = 0.05
 
     def __init__(self) -> None:
-        self._steps: deque[tuple[int, int, float]] = deque(maxlen=self.WINDOW)
-        self._since = 0
-        #: Until fitted: a memory-bound step, where a few more tokens cost little.
-        self.a, self.b, self.c = 1.0, 0.01, 0.01
+        self.table: dict[int, float] = {}
 
-    def record(self, tokens: int, outputs: int, seconds: float) -> None:
-        self._steps.append((tokens, outputs, seconds))
-        self._since += 1
-        if self._since >= self.REFIT and len(self._steps) >= self.REFIT:
-            self._since = 0
-            self._fit()
+    def record(self, n: int, seconds: float) -> None:
+        old = self.table.get(n)
+        self.table[n] = seconds if old is None else old + self.SMOOTH * (seconds - old)
 
-    def _fit(self) -> None:
-        data = np.array(self._steps, dtype=np.float64)
-        x = np.column_stack([np.ones(len(data)), data[:, 0], data[:, 1]])
-        if np.linalg.matrix_rank(x) < 3:
-            return  # every step alike so far: nothing tells the terms apart
-        (a, b, c), *_ = np.linalg.lstsq(x, data[:, 2], rcond=None)
-        self.a, self.b, self.c = max(float(a), 1e-6), max(float(b), 0.0), max(float(c), 0.0)
-
-    def seconds(self, tokens: int, outputs: int) -> float:
-        return self.a + self.b * tokens + self.c * outputs
-
-    @property
-    def per_draft(self) -> float:
-        """What one more draft token adds to a step (a token, with its logits)."""
-        return self.b + self.c
+    def seconds(self, n: int) -> float:
+        table = self.table
+        if n in table:
+            return table[n]
+        if not table:
+            return 1.0 + self.PRIOR_SLOPE * n
+        below = [k for k in table if k < n]
+        above = [k for k in table if k > n]
+        if below and above:
+            lo, hi = max(below), min(above)
+            return table[lo] + (table[hi] - table[lo]) * (n - lo) / (hi - lo)
+        if above:
+            hi = min(above)
+            return table[hi] * n / hi
+        lo = max(below)
+        return table[lo] * (1 + self.PRIOR_SLOPE * (n - lo))
 
 
 class Drafts:
     """One sequence's drafting state: its tokens so far, indexed; how its drafts fare."""
 
-    def __init__(self, spec: LlamaCppSpeculative, pool: NgramPool, salt: str) -> None:
+    def __init__(self, speculation: Speculation, salt: str) -> None:
+        spec = speculation.spec
         self.context = ContextDrafter(spec.ngram_min, spec.ngram_max)
         self.acceptance = Acceptance()
-        self._pool = pool
+        self._speculation = speculation
         self._salt = salt
+        #: The source of the draft being verified (its acceptance is learned per source).
+        self._source = MODEL if spec.mode == "draft" else POOL
 
     def begin(self, prompt: Sequence[int]) -> None:
         self.context.extend(prompt)
-        self._pool.add(self._salt, prompt)
+        if self._speculation.uses_pool:
+            self._speculation.pool.add(self._salt, prompt)
 
-    def propose(self, most: int) -> list[int]:
+    def propose(self, most: int) -> tuple[list[int], float]:
+        """A draft of at most ``most`` tokens, and how likely each of its tokens is taken."""
         if most <= 0:
-            return []
-        tokens = self.context.tokens
-        return self.context.propose(most) or self._pool.propose(self._salt, tokens, most)
+            return [], 0.0
+        draft, n = self.context.propose(most)
+        if not draft and self._speculation.uses_pool:
+            pool = self._speculation.pool
+            draft, n = pool.propose(self._salt, self.context.tokens, most), POOL
+        self._source = n if draft else 0
+        return draft, self.p(n)
+
+    def p(self, source: int) -> float:
+        """Acceptance: this sequence's own, around what drafts of this source do model-wide."""
+        return self.acceptance.p(self._speculation.source(source).p())
 
     def record(self, drawn: Sequence[int], drafted: int, accepted: int) -> None:
         """The step drew ``drawn`` (confirming ``accepted`` of ``drafted`` draft tokens)."""
         start = len(self.context.tokens)
         self.context.extend(drawn)
-        self._pool.add(self._salt, self.context.tokens, start)
+        spec = self._speculation
+        if spec.uses_pool:
+            spec.pool.add(self._salt, self.context.tokens, start)
         self.acceptance.record(drafted, accepted)
+        if drafted:
+            spec.source(self._source).record(drafted, accepted)
+
+
+#: The source of a pool draft (context drafts are told apart by their match size, 1..32) and
+#: of a draft model's.
+POOL, MODEL = 0, -1
 
 
 class Speculation:
@@ -128,8 +142,59 @@ class Speculation:
     def __init__(self, spec: LlamaCppSpeculative, *, enabled: bool) -> None:
         self.spec = spec
         self.enabled = enabled and spec.mode != "off"
+        self.uses_pool = spec.mode == "ngram"
         self.pool = NgramPool(spec.ngram_max)
         self.cost = StepCost()
+        self._sources: dict[int, Acceptance] = {}
+
+    @classmethod
+    def for_model(cls, llama: ModuleType, model: Any, spec: LlamaCppSpeculative) -> Speculation:
+        can = not (llama.llama_model_is_recurrent(model) or llama.llama_model_is_hybrid(model))
+        if spec.mode != "off" and not can:
+            log.warning("speculative decoding is off: this model's memory cannot drop cells")
+        return cls(spec, enabled=can)
+
+    def source(self, n: int) -> Acceptance:
+        """Model-wide acceptance of drafts from one source: a longer context match is the
+        likelier copy (its prior grows with the match)."""
+        found = self._sources.get(n)
+        if found is None:
+            prior = 0.5 if n <= 0 else min(0.9, 0.45 + 0.1 * n)
+            found = self._sources[n] = Acceptance(prior)
+        return found
+
+    def drafts(self, salt: str) -> Drafts | None:
+        return Drafts(self, salt) if self.enabled else None
+
+    def plan(self, candidates: list[tuple[float, int]], tokens: int) -> list[int]:
+        """How many tokens of each candidate draft (its tokens' acceptance ``p``, its length)
+        to verify in a generating step of ``tokens`` tokens, one per candidate: the total
+        that makes the most tokens per second, taking draft tokens best first (the ``j``-th
+        token of a draft pays ``p ** j``)."""
+        if self.spec.policy == "always":
+            return self._everything(candidates)
+        order: list[int] = []
+        gains: list[float] = []
+        heap = [(-p, i, 1) for i, (p, n) in enumerate(candidates) if n > 0 and p > 0]
+        heapq.heapify(heap)
+        while heap and len(order) < self.spec.max_step_draft:
+            neg, i, j = heapq.heappop(heap)
+            order.append(i)
+            gains.append(-neg)
+            p, n = candidates[i]
+            if j < n:
+                heapq.heappush(heap, (neg * p, i, j + 1))
+        expected = float(len(candidates))
+        best, best_rate = 0, expected / self.cost.seconds(tokens)
+        for d, gain in enumerate(gains, 1):
+            expected += gain
+            rate = expected / self.cost.seconds(tokens + d)
+            if rate > best_rate:
+                best, best_rate = d, rate
+        take = [0] * len(candidates)
+        for i in order[:best]:
+            take[i] += 1
+        return take
 
     def _everything(self, candidates: list[tuple[float, int]]) -> list[int]:
         room = self.spec.max_step_draft
@@ -139,48 +204,8 @@ class Speculation:
             room -= take[-1]
         return take
 
-    @classmethod
-    def for_model(cls, llama: ModuleType, model: Any, spec: LlamaCppSpeculative) -> Speculation:
-        can = not (llama.llama_model_is_recurrent(model) or llama.llama_model_is_hybrid(model))
-        if spec.mode != "off" and not can:
-            log.warning("speculative decoding is off: this model's memory cannot drop cells")
-        return cls(spec, enabled=can)
-
-    def drafts(self, salt: str) -> Drafts | None:
-        return Drafts(self.spec, self.pool, salt) if self.enabled else None
-
     def limits(self, rows: Sequence[tuple[Drafts | None, int]]) -> list[tuple[float, int]]:
         """Plan candidates for a draft model: each sequence's acceptance, and how many tokens
         it may draft (its tokens left before ``max_tokens``, at most ``draft_max``)."""
         most = self.spec.draft_max
-        return [(d.acceptance.p if d else 0.0, min(left, most) if d else 0) for d, left in rows]
-
-    def plan(self, candidates: list[tuple[float, int]], tokens: int, outputs: int) -> list[int]:
-        """How many tokens of each candidate draft (its sequence's acceptance ``p``, its
-        length) to verify in a step of ``tokens`` tokens (``outputs`` with logits), one per
-        generating sequence among them: the best-paying draft tokens first, while each adds
-        more tokens than it costs."""
-        if self.spec.policy == "always":
-            return self._everything(candidates)
-        cost = self.cost
-        seconds = cost.seconds(tokens, outputs)
-        expected = float(sum(1 for _ in candidates))
-        per = cost.per_draft
-        take = [0] * len(candidates)
-        # the j-th token of draft i pays p_i ** j: best first
-        heap = [(-p, i) for i, (p, n) in enumerate(candidates) if n > 0 and p > 0]
-        heapq.heapify(heap)
-        room = self.spec.max_step_draft
-        while heap and room > 0:
-            neg, i = heapq.heappop(heap)
-            gain = -neg
-            if gain * seconds <= per * expected:  # tokens per second would fall
-                break
-            take[i] += 1
-            room -= 1
-            expected += gain
-            seconds += per
-            p, n = candidates[i]
-            if take[i] < n:
-                heapq.heappush(heap, (-(gain * p), i))
-        return take
+        return [(d.p(MODEL) if d else 0.0, min(left, most) if d else 0) for d, left in rows]

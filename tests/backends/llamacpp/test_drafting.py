@@ -16,22 +16,22 @@ def test_context_drafts_what_followed_the_tail_longest_match_first() -> None:
     d = ContextDrafter(2, 4)
     d.extend([1, 2, 3, 4, 5, 9, 9, 2, 3, 7, 8, 1, 2, 3])
     # tail (1, 2, 3) last followed by 4 (at the start); (2, 3) alone was last followed by 7
-    assert d.propose(3) == [4, 5, 9]
+    assert d.propose(3) == ([4, 5, 9], 3)
 
 
 def test_context_draft_chains_through_the_index_and_stops_at_k() -> None:
     d = ContextDrafter(2, 3)
     d.extend([5, 6, 7, 8, 5, 6])
-    assert d.propose(2) == [7, 8]
+    assert d.propose(2) == ([7, 8], 2)
     # past the end of what followed, the draft chains: 5 6 7 8 | 5 6 7 8 ...
-    assert d.propose(6) == [7, 8, 5, 6, 7, 8]
+    assert d.propose(6) == ([7, 8, 5, 6, 7, 8], 2)
 
 
 def test_context_without_a_match_drafts_nothing() -> None:
     d = ContextDrafter(2, 3)
     d.extend([1, 2, 3, 4])
-    assert d.propose(4) == []
-    assert ContextDrafter(2, 3).propose(4) == []
+    assert d.propose(4) == ([], 0)
+    assert ContextDrafter(2, 3).propose(4) == ([], 0)
 
 
 def test_pool_is_shared_within_a_salt_and_partitioned_across_salts() -> None:
@@ -53,49 +53,64 @@ def test_pool_resets_when_a_quarter_full() -> None:
 
 
 def test_acceptance_learns_and_drifts_back_to_its_prior() -> None:
-    a = Acceptance()
-    prior = a.p
+    a = Acceptance(0.6)
     for _ in range(10):
         a.record(8, 0)  # every draft missed
-    assert a.p < 0.1
-    for _ in range(200):
+    assert a.p() < 0.2
+    for _ in range(400):
         a.record(0, 0)  # no drafts: it forgets
-    assert a.p == pytest.approx(prior, abs=0.02)
+    assert a.p() == pytest.approx(0.6, abs=0.02)
     for _ in range(10):
         a.record(8, 8)
-    assert a.p > 0.95
+    assert a.p() > 0.95
+    assert Acceptance().p(prior=0.9) == pytest.approx(0.9)
 
 
-def test_step_cost_fits_measured_steps() -> None:
+def test_step_cost_reads_between_the_sizes_it_saw() -> None:
     cost = StepCost()
-    for tokens, outputs in [(1, 1), (2, 2), (64, 1), (9, 9), (128, 1), (4, 1), (17, 17)] * 3:
-        cost.record(tokens, outputs, 0.02 + 0.001 * tokens + 0.002 * outputs)
-    assert (cost.a, cost.b, cost.c) == pytest.approx((0.02, 0.001, 0.002), rel=1e-6)
-    assert cost.per_draft == pytest.approx(0.003)
+    assert cost.seconds(4) > cost.seconds(1)  # nothing seen: a prior, growing with size
+    cost.record(1, 0.030)
+    cost.record(9, 0.090)
+    assert cost.seconds(1) == pytest.approx(0.030)
+    assert cost.seconds(5) == pytest.approx(0.060)  # between two sizes: a straight line
+    assert cost.seconds(19) == pytest.approx(0.090 * 1.5)  # past them: +5% a token
+    cost.record(9, 0.190)  # a running average
+    assert 0.090 < cost.seconds(9) < 0.190
 
 
 def _speculation(**kw: object) -> Speculation:
     return Speculation(LlamaCppSpeculative.model_validate(kw), enabled=True)
 
 
+def _costs(spec: Speculation, per_token: float, first: float = 1.0) -> None:
+    """Step times: 30 ms for one token, then ``per_token`` of that for each more token
+    (``first`` times it for the first one: on a CPU, 2 tokens cost twice 1)."""
+    spec.cost.table = {1: 0.030, 2: 0.030 * (1 + first * per_token)}
+    for n in range(3, 40):
+        spec.cost.table[n] = spec.cost.table[2] + 0.030 * per_token * (n - 2)
+
+
 def test_plan_drafts_on_a_memory_bound_step_and_not_on_a_compute_bound_one() -> None:
     spec = _speculation()
-    spec.cost.a, spec.cost.b, spec.cost.c = 0.030, 0.0002, 0.0001  # a GPU: tokens nearly free
-    assert spec.plan([(0.9, 16)], tokens=1, outputs=1) == [16]
-    spec.cost.a, spec.cost.b, spec.cost.c = 0.001, 0.010, 0.005  # a CPU step: tokens cost
-    assert spec.plan([(0.9, 16)], tokens=1, outputs=1) == [0]
-    # in between: a likely draft is verified a while, an unlikely one not at all
-    spec.cost.a, spec.cost.b, spec.cost.c = 0.030, 0.003, 0.001
-    likely, unlikely = spec.plan([(0.95, 16), (0.2, 16)], tokens=2, outputs=2)
-    assert 0 < likely < 16 and unlikely == 0
+    _costs(spec, 0.02)  # a GPU: tokens nearly free
+    assert spec.plan([(0.9, 16)], tokens=1) == [16]
+    _costs(spec, 1.0)  # a compute-bound step: each token costs a step
+    assert spec.plan([(0.9, 16)], tokens=1) == [0]
+    # a CPU: the first draft token doubles the step, later ones add 20% each; a likely
+    # copy is worth a long draft, an unlikely draft is not worth any
+    _costs(spec, 0.2, first=5.0)
+    assert spec.plan([(0.97, 16)], tokens=1) == [16]
+    assert spec.plan([(0.5, 16)], tokens=1) == [0]
+    likely, unlikely = spec.plan([(0.97, 16), (0.3, 16)], tokens=2)
+    assert likely > 8 and unlikely == 0
 
 
 def test_plan_respects_the_step_cap_and_policy_always() -> None:
     spec = _speculation(max_step_draft=10)
-    spec.cost.a, spec.cost.b, spec.cost.c = 0.030, 0.0, 0.0
-    assert sum(spec.plan([(0.99, 8), (0.99, 8)], tokens=2, outputs=2)) == 10
+    _costs(spec, 0.0)
+    assert sum(spec.plan([(0.99, 8), (0.99, 8)], tokens=2)) == 10
     always = _speculation(policy="always", max_step_draft=12)
-    assert always.plan([(0.0, 8), (0.5, 8)], tokens=2, outputs=2) == [8, 4]
+    assert always.plan([(0.0, 8), (0.5, 8)], tokens=2) == [8, 4]
 
 
 def test_config_rules() -> None:
