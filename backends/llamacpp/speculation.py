@@ -57,17 +57,27 @@ class StepCost:
     """Seconds a generating step of ``n`` tokens takes (every token with its logits), from
     the steps this engine ran: a running average per size, read between sizes seen along a
     straight line. Past the largest size seen it assumes each token adds 5% (a memory-bound
-    step's cost: optimistic, so larger drafts get tried and measured once)."""
+    step's cost: optimistic, so larger drafts get tried and measured). A size not seen again
+    for ``MAX_AGE`` steps is forgotten, so one slow step never rules a size out for good."""
 
     SMOOTH = 0.2
     PRIOR_SLOPE = 0.05
+    MAX_AGE = 256
 
     def __init__(self) -> None:
-        self.table: dict[int, float] = {}
+        #: size -> (average seconds, the step it was last seen at)
+        self._seen: dict[int, tuple[float, int]] = {}
+        self._step = 0
+
+    @property
+    def table(self) -> dict[int, float]:
+        return {n: t for n, (t, at) in self._seen.items() if self._step - at <= self.MAX_AGE}
 
     def record(self, n: int, seconds: float) -> None:
+        self._step += 1
         old = self.table.get(n)
-        self.table[n] = seconds if old is None else old + self.SMOOTH * (seconds - old)
+        average = seconds if old is None else old + self.SMOOTH * (seconds - old)
+        self._seen[n] = (average, self._step)
 
     def seconds(self, n: int) -> float:
         table = self.table

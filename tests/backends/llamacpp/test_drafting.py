@@ -76,6 +76,9 @@ def test_step_cost_reads_between_the_sizes_it_saw() -> None:
     assert cost.seconds(19) == pytest.approx(0.090 * 1.5)  # past them: +5% a token
     cost.record(9, 0.190)  # a running average
     assert 0.090 < cost.seconds(9) < 0.190
+    for _ in range(StepCost.MAX_AGE + 1):
+        cost.record(1, 0.030)
+    assert cost.table == {1: 0.030}  # 9 not seen for long: forgotten, to be tried again
 
 
 def _speculation(**kw: object) -> Speculation:
@@ -85,9 +88,11 @@ def _speculation(**kw: object) -> Speculation:
 def _costs(spec: Speculation, per_token: float, first: float = 1.0) -> None:
     """Step times: 30 ms for one token, then ``per_token`` of that for each more token
     (``first`` times it for the first one: on a CPU, 2 tokens cost twice 1)."""
-    spec.cost.table = {1: 0.030, 2: 0.030 * (1 + first * per_token)}
-    for n in range(3, 40):
-        spec.cost.table[n] = spec.cost.table[2] + 0.030 * per_token * (n - 2)
+    two = 0.030 * (1 + first * per_token)
+    spec.cost = StepCost()
+    spec.cost.record(1, 0.030)
+    for n in range(2, 40):
+        spec.cost.record(n, two + 0.030 * per_token * (n - 2))
 
 
 def test_plan_drafts_on_a_memory_bound_step_and_not_on_a_compute_bound_one() -> None:
