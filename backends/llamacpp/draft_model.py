@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,7 @@ class DraftModel:
         self.n_vocab = main.tokenizer.n_vocab
         #: Each sequence id's tokens in the draft cells.
         self.cells: dict[int, list[int]] = {}
+        self.catch_up_seconds = 0.0
 
     def _check_vocab(self, main: LoadedModel, path: Path) -> None:
         """Same tokens, same ids: a draft token must mean what the main model reads."""
@@ -97,7 +99,10 @@ class DraftModel:
         """For each ``(seq_id, tokens, k)``: up to ``k`` greedy tokens after ``tokens``
         (none for a sequence still catching up on its tokens)."""
         drafts: list[list[int]] = [[] for _ in wants]
+        started = time.perf_counter()
         ready = self._catch_up(wants, catch_up)
+        #: Time spent reading sequences' tokens (not drafting): not a cost of the draft.
+        self.catch_up_seconds = time.perf_counter() - started
         live = [i for i in ready if wants[i][2] > 0]
         last = {i: wants[i][1][-1] for i in live}
         while live:

@@ -325,7 +325,8 @@ class Engine:
         if self.draft_model is not None:
             started = time.perf_counter()
             self._add_model_drafts(rows)
-            self.draft_seconds = time.perf_counter() - started
+            spent = time.perf_counter() - started
+            self.draft_seconds = max(0.0, spent - self.draft_model.catch_up_seconds)
             return
         drafts: list[list[int]] = []
         candidates: list[tuple[float, int]] = []
