@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from gateway.admin import admin_routes
+from gateway.capabilities import model_capabilities
 from gateway.config import GatewayConfig
 from gateway.endpoints import endpoints
 from gateway.errors import (
@@ -50,7 +51,16 @@ def _models_routes(services: Services) -> list[BaseRoute]:
     def describe(model_id: str) -> dict[str, object]:
         entry = pool.resolve(model_id)
         context = entry.backend.info.context_length if entry.loaded else None
-        return model_json(model_id, entry.created, entry.config.backend, entry.status, context)
+        capabilities = model_capabilities(entry.backend, entry.loaded)
+        return model_json(
+            model_id,
+            entry.created,
+            entry.config.backend,
+            entry.status,
+            context,
+            load=entry.config.load,
+            capabilities=capabilities.as_json(),
+        )
 
     async def caller(request: Request) -> RequestContext:
         ctx = RequestContext.of(request, "models-" + uuid.uuid4().hex)

@@ -13,7 +13,7 @@ from typing import Protocol, cast, runtime_checkable
 from gateway import registry
 from gateway.config import ModelConfig
 from gateway.output.formats import ChatFormat
-from gateway.types import BackendInfo, Delta, GenerationRequest, TokenizedPrompt
+from gateway.types import BackendInfo, Capability, Delta, GenerationRequest, TokenizedPrompt
 
 
 @runtime_checkable
@@ -32,6 +32,11 @@ class Backend(Protocol):
     core may resume a stream from another task than the one that started it (it awaits the
     first delta before the response headers): hold no cancel scope or timeout across a
     ``yield``.
+
+    Before ``start``, ``info.capabilities`` already says what the model's config declares
+    (``/v1/models`` lists it for a model not loaded; its other fields may be estimates until
+    then); a backend whose ``info`` exists only once started implements
+    :class:`DeclaresModel` instead.
     """
 
     @property
@@ -92,6 +97,23 @@ class HasCacheTiers(Protocol):
     ``/admin/models`` (None while they are off)."""
 
     def cache_tiers(self) -> dict[str, object] | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Declared:
+    """What a model's config says it can do, known without loading it."""
+
+    capabilities: frozenset[Capability]
+    #: Tokens of one sequence, where the config sets it (None: only the load tells).
+    context_length: int | None = None
+
+
+@runtime_checkable
+class DeclaresModel(Protocol):
+    """Optional: a backend whose ``info`` exists only once started (a remote fleet's context
+    length is asked of its replicas) says before that what its config declares."""
+
+    def declared(self) -> Declared: ...
 
 
 def chat_format_of(backend: Backend) -> ChatFormat | None:

@@ -17,7 +17,7 @@ from backends.openai.config import OpenAIConfig
 from backends.openai.errors import ReplicaFailed
 from backends.openai.health import HealthMonitor
 from backends.openai.replicas import Replica
-from gateway.backend import EngineStats, ModelRouter
+from gateway.backend import Declared, EngineStats, ModelRouter
 from gateway.errors import (
     GatewayError,
     ModelNotFound,
@@ -71,6 +71,14 @@ class OpenAIBackend:
             raise RuntimeError(f"model {self.name!r} is not started")
         return self._info
 
+    def declared(self) -> Declared:
+        """What the config says before the replicas are asked (``/v1/models`` lists it)."""
+        return Declared(self._capabilities(), self.config.context_length)
+
+    def _capabilities(self) -> frozenset[Capability]:
+        declared = {Capability(c) for c in self.config.capabilities}
+        return frozenset({Capability.STREAMING, Capability.COMPLETIONS, *declared})
+
     def bind_router(self, router: ModelRouter) -> None:
         self._router = router
 
@@ -96,12 +104,11 @@ class OpenAIBackend:
             await self.aclose()
             raise
         self.health.start()
-        declared = {Capability(c) for c in self.config.capabilities}
         self._info = BackendInfo(
             context_length=context_length,
             max_concurrent=self.config.batching.max_concurrent,
             batching=BatchingKind.REMOTE,
-            capabilities=frozenset({Capability.STREAMING, Capability.COMPLETIONS, *declared}),
+            capabilities=self._capabilities(),
         )
         up = sum(r.up for r in self.replicas)
         log.info("model %s: %d of %d replicas up", self.name, up, len(self.replicas))

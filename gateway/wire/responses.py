@@ -42,12 +42,24 @@ def json_line(value: object) -> str:
 
 
 def model_json(
-    model_id: str, created: int, owned_by: str, state: str, context_length: int | None = None
+    model_id: str,
+    created: int,
+    owned_by: str,
+    state: str,
+    context_length: int | None = None,
+    *,
+    load: str | None = None,
+    capabilities: dict[str, object] | None = None,
 ) -> dict[str, object]:
     """A ``/v1/models`` entry both SDKs read: OpenAI's fields (``object``, ``created``,
-    ``owned_by``) and Anthropic's (``type``, ``display_name``, ``created_at``);
-    ``max_model_len`` (vLLM's name) once the model is loaded."""
+    ``owned_by``) and Anthropic's (``type``, ``display_name``, ``created_at``); the model's
+    ``state``, when it loads (``load``: ``startup`` or ``on_demand``) and what it can do
+    (``capabilities``); ``max_model_len`` (vLLM's name) once the model is loaded."""
     extra: dict[str, object] = {} if context_length is None else {"max_model_len": context_length}
+    if load is not None:
+        extra["load"] = load
+    if capabilities is not None:
+        extra["capabilities"] = capabilities
     stamp = datetime.fromtimestamp(created, UTC).isoformat().replace("+00:00", "Z")
     return {
         "id": model_id,

@@ -172,44 +172,191 @@ ui.theme.addEventListener("click", () => {
 });
 
 // --- models ----------------------------------------------------------------------------------
+// The picker shows each model's state and what it can do (GET /models: `state`, `load` and
+// `capabilities`, where null means "known once the model is loaded"). Embedding-only models
+// are listed but not selectable for chat. While a model loads (or one was just asked for),
+// the states are read again every second.
+
+const MOVING = new Set(["loading", "downloading", "draining", "unloading"]);
+const STATE_LABELS = {
+  loaded: "loaded", loading: "loading…", downloading: "downloading…", draining: "unloading…",
+  unloading: "unloading…", failed: "failed",
+};
+let modelTimer = null;
+let watching = null;      // {id, until}: a model just asked for, watched until it is loaded
+
+const capsOf = (m) => m.capabilities || {};
+const chatModel = (m) => capsOf(m).chat !== false;
+
+function stateLabel(m) {
+  if (m.state === "unloaded") return m.load === "on_demand" ? "on demand" : "unloaded";
+  return STATE_LABELS[m.state] || m.state || "?";
+}
+
+function stateClass(m) {
+  if (m.state === "unloaded") return "on-demand";
+  if (MOVING.has(m.state)) return "moving";
+  return m.state === "loaded" || m.state === "failed" ? m.state : "other";
+}
+
+function shortTokens(n) {
+  if (n % 1024 === 0) return n / 1024 + "k";
+  if (n >= 1000) return (n / 1000).toFixed(1).replace(/\.0$/, "") + "k";
+  return String(n);
+}
+
+// What the model can do, as badges: [text, title, unknown?]; what it cannot do is left out.
+function capBadges(m) {
+  const c = capsOf(m);
+  const out = [];
+  const known = (key, text, title) => {
+    if (c[key] === true) out.push([text, title, false]);
+    else if (c[key] === null) out.push([text + "?", title + ": known once the model is loaded", true]);
+  };
+  if (c.chat === false && c.embeddings) out.push(["embeddings only", "serves embeddings, not chat", false]);
+  if (c.chat !== false) {
+    known("tools", "tools", "tool calls" + (c.tool_format ? " (" + c.tool_format + " format)" : ""));
+    known("structured_output", "JSON", "structured output (JSON schema)");
+    known("reasoning", "reasoning", "reasoning apart from the answer");
+    if (c.vision) out.push(["vision", "image inputs", false]);
+  }
+  if (c.context_length) {
+    out.push(["ctx " + shortTokens(c.context_length),
+      "context: " + c.context_length.toLocaleString("en-US") + " tokens per conversation", false]);
+  }
+  return out;
+}
+
+function optionLabel(m) {
+  const bits = [m.id, stateLabel(m)];
+  const c = capsOf(m);
+  if (!chatModel(m)) bits.push("embeddings only");
+  else {
+    const can = [c.tools && "tools", c.structured_output && "JSON", c.reasoning && "reasoning"].filter(Boolean);
+    if (can.length) bits.push(can.join(", "));
+  }
+  if (c.context_length) bits.push(shortTokens(c.context_length));
+  return bits.join(" · ");
+}
+
+function optionTitle(m) {
+  return capBadges(m).map(([text, title]) => text + ": " + title).join("\n");
+}
+
+function badge(cls, text, title) {
+  const b = el("span", "badge " + cls, text);
+  if (title) b.title = title;
+  return b;
+}
 
 function showModelInfo() {
   const m = models.find((x) => x.id === ui.model.value);
-  if (!m) { ui.modelInfo.textContent = ""; return; }
-  const bits = [m.state || "?"];
-  if (m.max_model_len) bits.push("context " + m.max_model_len);
-  if (m.owned_by) bits.push(m.owned_by);
-  ui.modelInfo.textContent = bits.join(" · ");
+  if (!m) { ui.modelInfo.replaceChildren(); return; }
+  const items = [badge("state " + stateClass(m), stateLabel(m), "state" + (m.owned_by ? " · " + m.owned_by : ""))];
+  for (const [text, title, unknown] of capBadges(m)) items.push(badge(unknown ? "cap unknown" : "cap", text, title));
+  ui.modelInfo.replaceChildren(...items);
+  ui.modelInfo.dataset.state = m.state || "";
+}
+
+// The picker's options: updated in place while the list is the same (an open picker stays
+// open), rebuilt when it changed.
+function renderModels() {
+  const chosen = ui.model.value;
+  const wanted = [...models.filter(chatModel), ...models.filter((m) => !chatModel(m))];
+  const shown = [...ui.model.querySelectorAll("option")];
+  const same = shown.length === wanted.length &&
+    shown.every((o, i) => o.value === wanted[i].id && o.disabled === !chatModel(wanted[i]));
+  if (same) {
+    shown.forEach((o, i) => { o.textContent = optionLabel(wanted[i]); o.title = optionTitle(wanted[i]); });
+  } else {
+    const option = (m) => {
+      const opt = el("option", "", optionLabel(m));
+      opt.value = m.id;
+      opt.title = optionTitle(m);
+      opt.disabled = !chatModel(m);
+      opt.dataset.state = m.state || "";
+      return opt;
+    };
+    const nodes = models.filter(chatModel).map(option);
+    const embedders = models.filter((m) => !chatModel(m));
+    if (embedders.length) {
+      const group = el("optgroup");
+      group.label = "Embeddings only (not for chat)";
+      group.append(...embedders.map(option));
+      nodes.push(group);
+    }
+    ui.model.replaceChildren(...nodes);
+    if (chosen && models.some((m) => m.id === chosen && chatModel(m))) ui.model.value = chosen;
+  }
+  for (const o of ui.model.querySelectorAll("option")) {
+    const m = models.find((x) => x.id === o.value);
+    if (m) o.dataset.state = m.state || "";
+  }
+  showModelInfo();
+}
+
+async function fetchModels() {
+  const resp = await fetch(api + "/models", { headers: headers(false) });
+  if (!resp.ok) {
+    const err = new Error(await errorText(resp));
+    err.status = resp.status;
+    throw err;
+  }
+  return (await resp.json()).data;
 }
 
 async function loadModels() {
   try {
-    const resp = await fetch(api + "/models", { headers: headers(false) });
-    if (resp.status === 401) {
-      ui.model.replaceChildren();
-      ui.key.focus();
-      setStatus(await errorText(resp) + " (enter an API key above to list the models)");
-      return false;
-    }
-    if (!resp.ok) throw new Error(await errorText(resp));
-    const chosen = ui.model.value;
-    models = (await resp.json()).data;
-    ui.model.replaceChildren();
-    for (const m of models) {
-      const opt = el("option", "", m.id + (m.state && m.state !== "loaded" ? " (" + m.state + ")" : ""));
-      opt.value = m.id;
-      ui.model.appendChild(opt);
-    }
-    if (chosen && models.some((m) => m.id === chosen)) ui.model.value = chosen;
-    showModelInfo();
+    models = await fetchModels();
+    renderModels();
     setStatus(models.length ? "" : "No models are configured.");
+    scheduleModelRefresh();
     return true;
   } catch (err) {
-    setStatus("Could not list models: " + err.message);
+    if (err.status === 401) {
+      models = [];
+      ui.model.replaceChildren();
+      showModelInfo();
+      ui.key.focus();
+      setStatus(err.message + " (enter an API key above to list the models)");
+    } else {
+      setStatus("Could not list models: " + err.message);
+    }
     return false;
   }
 }
+
+// The states again, quietly (the status line is the answer's).
+async function refreshModels() {
+  clearTimeout(modelTimer);
+  modelTimer = null;
+  try {
+    models = await fetchModels();
+    renderModels();
+  } catch (_) { /* kept as they were; tried again if something still moves */ }
+  scheduleModelRefresh();
+}
+
+function scheduleModelRefresh(delay = 1000) {
+  if (watching) {
+    const m = models.find((x) => x.id === watching.id);
+    if (Date.now() > watching.until || (m && (m.state === "loaded" || m.state === "failed"))) watching = null;
+  }
+  if (!watching && !models.some((m) => MOVING.has(m.state))) return;
+  clearTimeout(modelTimer);
+  modelTimer = setTimeout(refreshModels, delay);
+}
+
+// A request for a model that is not loaded starts its load: show it loading, then loaded.
+function watchModel(id) {
+  const m = models.find((x) => x.id === id);
+  if (!m || m.state === "loaded") return;
+  watching = { id, until: Date.now() + 10 * 60 * 1000 };
+  scheduleModelRefresh(250);
+}
+
 ui.model.addEventListener("change", showModelInfo);
+ui.model.addEventListener("focus", () => { if (models.length) refreshModels(); });
 
 // --- conversations ---------------------------------------------------------------------------
 
@@ -806,7 +953,11 @@ async function generate({ previous, input, convKey }) {
   const controller = new AbortController();
   running = { id: null, controller, live };
   busy(true);
-  setStatus("Waiting for " + params.model + "…");
+  const picked = models.find((m) => m.id === params.model);
+  setStatus(picked && picked.state !== "loaded"
+    ? "Loading " + params.model + " (" + stateLabel(picked) + ")… the first answer waits for it."
+    : "Waiting for " + params.model + "…");
+  watchModel(params.model);
   try {
     const resp = await fetch(api + "/responses", {
       method: "POST", headers: headers(true), body: JSON.stringify(body), signal: controller.signal,

@@ -1,7 +1,8 @@
 """The chat page in Debian's Chromium against a real gateway: the embedded SmolLM2 (send,
 stream, stop, regenerate, edit) beside scripted models whose answers the test controls
 (markdown, code, math, hostile HTML, reasoning, a tool call, a slow answer to reload in the
-middle of, a 2,000-token answer), behind two API keys, conversations in a fresh SQLite store.
+middle of, a 2,000-token answer, an embedding-only model, one loaded on demand), behind two
+API keys, conversations in a fresh SQLite store.
 Screenshots of the main states go to ``$GATEWAY_TEST_ARTIFACTS`` (or a temporary folder)."""
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from tests.plugins.helpers import need_program, sha256
 from tests.plugins.test_chat_page import CHROMIUM_FLAGS
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, BrowserContext, Page
+    from playwright.sync_api import Browser, BrowserContext, Locator, Page
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 ALICE, BOB = "sk-alice-chat-0123456789", "sk-bob-chat-0123456789"
 SLOW = " ".join(f"w{i}" for i in range(80))
+AGENT = ["streaming", "completions", "tools", "json_schema"]
 #: 2,000 words (the scripted model's tokens) of markdown: paragraphs, lists, code, math.
 LONG = "\n\n".join(
     f"## Part {i}\n\nSome **bold** words and `code` {' '.join(['word'] * 25)}\n\n"
@@ -63,8 +65,21 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
         "echo": {"echo": True, "token_delay_s": 0.002},
         "slow": {"reply": SLOW, "token_delay_s": 0.05},
         "long": {"reply": LONG, "context_length": 8192, "token_delay_s": 0.001},
-        "think": {"reply": "<think>First, ponder.</think>It is **42**.", "tool_format": "hermes"},
+        "think": {
+            "reply": "<think>First, ponder.</think>It is **42**.",
+            "tool_format": "hermes",
+            "capabilities": AGENT,
+        },
         "tool": {"tool_calls": [{"name": "get_weather", "arguments": '{"city": "Paris"}'}]},
+        "emb": {"capabilities": ["embeddings"]},
+        "lazy": {
+            "reply": "Loaded and ready.",
+            "load": "on_demand",
+            "load_delay_s": 2.0,
+            "tool_format": "hermes",
+            "capabilities": AGENT,
+            "context_length": 8192,
+        },
     }
     for name, table in scripted.items():
         raw["models"][name] = {"backend": "scripted", **table}
@@ -344,3 +359,46 @@ def test_first_load_is_small_and_a_long_answer_does_not_jank(tabs: Tabs) -> None
     assert max(tasks, default=0) < 250
     assert sum(tasks) < 600
     tabs.shot(page, "09-long-answer")
+
+
+def test_the_model_picker_shows_state_and_capabilities(tabs: Tabs) -> None:
+    page = tabs.open(ALICE)
+
+    def option(model: str) -> Locator:
+        return page.locator(f'#model option[value="{model}"]')
+
+    smol = option(DEFAULT_MODEL_NAME).inner_text()
+    assert "loaded" in smol and "tools, JSON" in smol and "1k" in smol  # 1,024 tokens a slot
+    assert "reasoning" not in smol  # SmolLM2's template has none
+    think = option("think").inner_text()
+    assert "loaded" in think and "tools, JSON, reasoning" in think and "4k" in think
+    # an embedding-only model is listed, apart, and cannot be picked for chat
+    emb = page.locator('#model optgroup option[value="emb"]')
+    assert "embeddings only" in emb.inner_text() and emb.is_disabled()
+    assert option(DEFAULT_MODEL_NAME).is_enabled()
+    lazy = option("lazy")
+    assert "on demand" in lazy.inner_text()
+    assert "known once the model is loaded" in (lazy.get_attribute("title") or "")
+
+    info = page.locator("#model-info")
+    page.select_option("#model", "think")
+    assert info.locator(".badge.state").inner_text() == "loaded"
+    badges = info.locator(".badge.cap").all_inner_texts()
+    assert badges == ["tools", "JSON", "reasoning", "ctx 4k"]
+    assert "hermes" in (info.locator(".badge", has_text="tools").get_attribute("title") or "")
+
+    # a model on demand: its state followed while it loads, what its load tells filled in
+    page.select_option("#model", "lazy")
+    assert info.locator(".badge.state").inner_text() == "on demand"
+    assert info.locator(".badge.cap.unknown").all_inner_texts() == ["reasoning?"]
+    assert "ctx" not in info.inner_text()  # the context is known once loaded
+    send(page, "lazy", "are you there?")
+    page.locator("#status", has_text="Loading lazy").wait_for()
+    info.locator(".badge.state.moving", has_text="loading").wait_for()
+    tabs.shot(page, "10-model-loading")
+    info.locator(".badge.state.loaded").wait_for(timeout=20_000)
+    assert "loaded" in lazy.inner_text() and "reasoning" in lazy.inner_text()
+    assert info.locator(".badge.cap").all_inner_texts() == ["tools", "JSON", "reasoning", "ctx 8k"]
+    done(page)
+    assert page.inner_text(".message.assistant").strip() == "Loaded and ready."
+    tabs.shot(page, "11-model-loaded")

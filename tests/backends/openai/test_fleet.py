@@ -160,6 +160,15 @@ def test_context_length_is_discovered_from_upstream_models(front: ServerThread) 
     assert model["max_model_len"] == 64
 
 
+def test_models_list_what_the_fleet_serves(front: ServerThread) -> None:
+    model = httpx.get(front.base_url + "/v1/models/f").json()
+    caps = model["capabilities"]
+    assert caps["context_length"] == 64 and caps["chat"] is True
+    # what the table declares (nothing beyond chat and completions here)
+    assert caps["tools"] is False and caps["embeddings"] is False
+    assert caps["reasoning"] is None  # the replicas' to send or not
+
+
 # -- errors before the first byte keep their status ------------------------------------------
 
 

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from backends.openai import OpenAIBackend
 from backends.openai.balance import (
     Affinity,
     LeastOutstanding,
@@ -16,10 +17,11 @@ from backends.openai.balance import (
     rendezvous_order,
 )
 from backends.openai.client import request_body
-from backends.openai.config import AffinityConfig
+from backends.openai.config import AffinityConfig, OpenAIConfig
 from backends.openai.errors import ReplicaFailed, UpstreamError, stream_error, upstream_error
 from backends.openai.replicas import Replica
 from backends.openai.stream import ChunkDecoder, sse_data
+from gateway.capabilities import model_capabilities
 from gateway.config import parse_config
 from gateway.errors import (
     ConfigError,
@@ -90,6 +92,27 @@ def test_config_defaults_are_explicit() -> None:
     assert cfg.balancing == "least_outstanding"  # type: ignore[attr-defined]
     assert cfg.max_connections == cfg.batching.max_concurrent == 64  # type: ignore[attr-defined]
     assert cfg.replicas[0].url == "http://a:1"  # type: ignore[attr-defined]
+
+
+def test_before_its_start_the_fleet_is_described_from_its_config() -> None:
+    """``/v1/models`` lists an unstarted fleet (no replica asked) by what its table says."""
+
+    def unstarted(**table: object) -> OpenAIBackend:
+        cfg = parse_config(model_table(**table), "<t>").models["f"]
+        assert isinstance(cfg, OpenAIConfig)
+        return OpenAIBackend("f", cfg)
+
+    listed = model_capabilities(unstarted(capabilities=["tools"], context_length=512), loaded=False)
+    assert (listed.chat, listed.tools, listed.structured_output, listed.embeddings) == (
+        True,
+        True,
+        False,
+        False,
+    )
+    # the replicas may send reasoning or not; the context is theirs unless the table sets it
+    assert listed.reasoning is None and listed.context_length == 512
+    unsized = model_capabilities(unstarted(), loaded=False)
+    assert unsized.context_length is None and unsized.tools is False
 
 
 # -- balancing -------------------------------------------------------------------------------
