@@ -73,7 +73,7 @@ from bench_serving import Server, _env, _free_port, _quantile, _toml, default_gg
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER_VERSION = "0.3.36"
-PEER_BIN = ROOT / ".peers" / f"llama-server-{PEER_VERSION}" / "bin" / "llama-server"
+PEER_BIN = ROOT / ".peers" / f"llama-server-{PEER_VERSION}-nollamafile" / "bin" / "llama-server"
 #: llama-server's n-gram drafter, with the defaults ``llama-server --help`` and
 #: docs/speculative.md give for it (lookup length 24, drafts of 48 to 64 tokens).
 PEER_SPEC_ARGS = [
