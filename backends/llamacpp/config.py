@@ -239,7 +239,20 @@ class LlamaCppConfig(ModelConfig):
     def n_threads_batch(self) -> int:
         return self.batching.n_threads_batch or self.batching.n_threads
 
-    @property
-    def flash_attn_type(self) -> int:
+    def flash_attention(self, *, gpu: bool) -> Literal["auto", "on", "off"]:
+        """The flash-attention setting the context gets. Quantized K/V need it on. On a CPU
+        with speculative decoding, ``auto`` is off: llama.cpp's CPU kernel is ~2.5x slower for
+        the 2-16 queries of a verification step than plain attention (it is fast for one query
+        and for 64 or more), and it adds them up in another order for one query than for
+        several, so a token's logits would differ between a drafted step and a plain one."""
+        if self.flash_attn != "auto":
+            return self.flash_attn
+        if "f16" not in (self.kv_cache.type_k, self.kv_cache.type_v):
+            return "on"
+        if self.speculative.mode != "off" and not gpu:
+            return "off"
+        return "auto"
+
+    def flash_attn_type(self, *, gpu: bool) -> int:
         """llama.cpp's LLAMA_FLASH_ATTN_TYPE_*: auto -1, off 0, on 1."""
-        return {"auto": -1, "off": 0, "on": 1}[self.flash_attn]
+        return {"auto": -1, "off": 0, "on": 1}[self.flash_attention(gpu=gpu)]

@@ -83,6 +83,8 @@ class LoadedModel:
         self.n_ctx_train: int = llama.llama_model_n_ctx_train(self.model)
         self.n_ctx_slot = min(config.kv_cache.n_ctx_per_slot, self.n_ctx_train or 1 << 30)
         self.n_seq = n_seq
+        #: Layers run on a GPU (a GPU build, asked to offload).
+        self.gpu = bool(llama.llama_supports_gpu_offload()) and config.n_gpu_layers != 0
         self.ctx = llama.llama_init_from_model(self.model, self._context_params(n_seq, n_batch))
         if not self.ctx:
             llama.llama_model_free(self.model)
@@ -112,8 +114,7 @@ class LoadedModel:
         cp.kv_unified = True  # one pool of cells: cached prefixes and live sequences share it
         cp.type_k = GGML_TYPE_IDS[cfg.kv_cache.type_k]
         cp.type_v = GGML_TYPE_IDS[cfg.kv_cache.type_v]
-        quantized = "f16" not in (cfg.kv_cache.type_k, cfg.kv_cache.type_v)
-        cp.flash_attn_type = 1 if quantized and cfg.flash_attn == "auto" else cfg.flash_attn_type
+        cp.flash_attn_type = cfg.flash_attn_type(gpu=self.gpu)
         cp.no_perf = True
         cp.embeddings = cfg.embeddings
         cp.pooling_type = 0  # LLAMA_POOLING_TYPE_NONE: the engine pools token vectors itself
