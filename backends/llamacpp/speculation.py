@@ -16,6 +16,7 @@ step's drafts stay within ``max_step_draft``. Models whose memory cannot drop a 
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import logging
 from collections.abc import Sequence
@@ -68,32 +69,33 @@ class StepCost:
         #: size -> (average seconds, the step it was last seen at)
         self._seen: dict[int, tuple[float, int]] = {}
         self._step = 0
-
-    @property
-    def table(self) -> dict[int, float]:
-        return {n: t for n, (t, at) in self._seen.items() if self._step - at <= self.MAX_AGE}
+        #: The sizes seen lately, by size (rebuilt as steps are recorded).
+        self.table: dict[int, float] = {}
+        self._sizes: list[int] = []
 
     def record(self, n: int, seconds: float) -> None:
         self._step += 1
         old = self.table.get(n)
         average = seconds if old is None else old + self.SMOOTH * (seconds - old)
         self._seen[n] = (average, self._step)
+        fresh = {k: v for k, v in self._seen.items() if self._step - v[1] <= self.MAX_AGE}
+        self._seen = fresh
+        self._sizes = sorted(fresh)
+        self.table = {k: fresh[k][0] for k in self._sizes}
 
     def seconds(self, n: int) -> float:
-        table = self.table
+        table, sizes = self.table, self._sizes
         if n in table:
             return table[n]
-        if not table:
+        if not sizes:
             return 1.0 + self.PRIOR_SLOPE * n
-        below = [k for k in table if k < n]
-        above = [k for k in table if k > n]
-        if below and above:
-            lo, hi = max(below), min(above)
+        i = bisect.bisect_left(sizes, n)
+        if 0 < i < len(sizes):
+            lo, hi = sizes[i - 1], sizes[i]
             return table[lo] + (table[hi] - table[lo]) * (n - lo) / (hi - lo)
-        if above:
-            hi = min(above)
-            return table[hi] * n / hi
-        lo = max(below)
+        if i == 0:
+            return table[sizes[0]] * n / sizes[0]
+        lo = sizes[-1]
         return table[lo] * (1 + self.PRIOR_SLOPE * (n - lo))
 
 
