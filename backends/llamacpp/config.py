@@ -90,7 +90,8 @@ class LlamaCppBatching(BatchingConfig):
 class LlamaCppSpeculative(StrictModel):
     """``[models.<name>.speculative]``: draft several tokens per step and verify them in one
     decode (:mod:`backends.llamacpp.drafting`). Verification goes through the sequence's own
-    sampler chain, so the text is what decoding without it gives."""
+    sampler chain (:mod:`backends.llamacpp.decoding`): every token is drawn as without drafts,
+    from logits that are bitwise the same on a CPU with ``flash_attn = "off"``."""
 
     #: ``ngram``: drafts from the sequence's own prompt and output, and from a pool of n-grams
     #: shared by the sequences of one cache salt (API key); ``draft``: a small GGUF model with
@@ -227,32 +228,36 @@ class LlamaCppConfig(ModelConfig):
 
     @property
     def n_batch(self) -> int:
-        """Tokens one decode step may hold: every live sequence's next token plus a prefill
-        chunk, or (speculating) its drafts, which only fill a step with no prefill."""
+        """Tokens one decode step may hold: every live sequence's next token, plus a prefill
+        chunk or (speculating) up to ``max_step_draft`` drafts (a step reading a prompt drafts
+        nothing)."""
         b = self.batching
-        n = b.prefill_chunk_tokens + b.max_concurrent
+        extra = b.prefill_chunk_tokens
         if self.speculative.mode != "off":
-            n = max(n, self.speculative.max_step_draft)
-        return n
+            extra = max(extra, self.speculative.max_step_draft)
+        return extra + b.max_concurrent
 
     @property
     def n_threads_batch(self) -> int:
         return self.batching.n_threads_batch or self.batching.n_threads
 
     def flash_attention(self, *, gpu: bool) -> Literal["auto", "on", "off"]:
-        """The flash-attention setting the context gets. Quantized K/V need it on. On a CPU
-        with speculative decoding, ``auto`` is off: llama.cpp's CPU kernel is slower than plain
-        attention for the 2-63 queries of a verification step (SmolLM2 at 2k context, 2
-        threads: 8 queries 128 vs 105 ms, 32 queries 433 vs 277 ms; one query the same), and
-        it adds up one query in another order than several, so a token's logits would differ
-        between a drafted step and a plain one. Plain attention reads long prompts ~20% slower
-        at 2k context."""
+        """The flash-attention setting the context gets: quantized K/V need it on; ``auto``
+        lets llama.cpp decide (on, on a CPU).
+
+        On a CPU, llama.cpp's flash attention adds up a step's single query in another order
+        than several (a kernel split over the cache for one query, from 512 cells), so a token's
+        logits can differ slightly between a plain step and a step verifying drafts, and
+        speculative decoding can then write another text at a near-tie. With ``flash_attn =
+        "off"`` logits are bitwise the same, but turning it off by default costs far more than
+        it saves: plain attention reads every cell of the unified cache, cached prefixes of
+        other conversations included, while flash attention skips masked cells (8 chat streams
+        next to cached 1,500-token prefixes: 27 vs 71 tok/s)."""
+        del gpu  # the same rule on a GPU: its kernels differ by batch size too
         if self.flash_attn != "auto":
             return self.flash_attn
         if "f16" not in (self.kv_cache.type_k, self.kv_cache.type_v):
             return "on"
-        if self.speculative.mode != "off" and not gpu:
-            return "off"
         return "auto"
 
     def flash_attn_type(self, *, gpu: bool) -> int:

@@ -5,9 +5,12 @@ chain (the grammar first), detokenizer, stop matcher, logprobs and token budget.
 hands it the batch rows holding the logits after the sequence's last token and after each
 drafted token; :meth:`Decoding.verify` samples them in order with the real chain, and goes on
 to the next row only while the token it drew is the one that was drafted. So every token is
-drawn from the distribution decoding one token per step would draw it from (the same text at
-temperature 0, the same random stream above it), and a draft the grammar forbids is simply a
-draft not taken.
+drawn from the distribution decoding one token per step would draw it from, with the same
+random stream, and a draft the grammar forbids is simply a draft not taken. The text is the same
+as without drafts wherever a token's logits do not depend on how many tokens its step holds: a
+CPU build without llamafile's tinyBLAS, with ``flash_attn = "off"``; GPU kernels and CPU flash
+attention add up in another order for several tokens than for one, so a near-tie can go the
+other way (:meth:`LlamaCppConfig.flash_attention`).
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ Item = Delta | BaseException
 class Verdict:
     """What one step's rows gave a sequence."""
 
-    #: The tokens drawn, in order (the last one is not in the KV cells yet).
+    #: The tokens drawn, in order (the last one is in the KV cells only if it was a draft
+    #: token the draw confirmed).
     tokens: list[int] = field(default_factory=list)
     #: Drafted tokens the draws confirmed: their cells hold the sequence's own tokens.
     accepted: int = 0

@@ -99,6 +99,7 @@ class DraftModel:
         """For each ``(seq_id, tokens, k)``: up to ``k`` greedy tokens after ``tokens``
         (none for a sequence still catching up on its tokens)."""
         drafts: list[list[int]] = [[] for _ in wants]
+        self.catch_up_seconds = 0.0
         started = time.perf_counter()
         ready = self._catch_up(wants, catch_up)
         #: Time spent reading sequences' tokens (not drafting): not a cost of the draft.

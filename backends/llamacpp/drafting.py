@@ -5,9 +5,10 @@ change, a patch, a tool result echoed back). :class:`ContextDrafter` indexes one
 tokens (prompt and accepted output) by their n-grams and proposes what followed the last
 occurrence of the sequence's tail, longest match first, chaining through the index for longer
 drafts. :class:`NgramPool` is shared by the sequences of one model: n-grams of every prompt and
-output mapped to the token that followed them, keyed with the sequence's cache salt, so what
-one API key's conversations taught it never drafts for another key (the hash table is bounded
-and reset when it fills, as llama.cpp's ngram-mod does).
+output mapped to the token that followed them, keyed with the sequence's cache salt and tagged,
+so what one API key's conversations taught it does not draft for another key (the hash table is
+bounded and reset when it fills, as llama.cpp's ngram-mod does; drafts never change the text,
+only how many tokens a step writes).
 
 Drafts only decide which tokens are verified in one decode; the sequence's sampler chain
 decides what is written (:mod:`backends.llamacpp.decoding`).
@@ -23,12 +24,12 @@ import numpy as np
 class ContextDrafter:
     """One sequence's tokens, indexed by their n-grams (``n_min``..``n_max`` tokens)."""
 
-    def __init__(self, n_min: int, n_max: int) -> None:
+    def __init__(self, n_min: int, n_max: int, *, index: bool = True) -> None:
         self.tokens: list[int] = []
-        self._sizes = range(n_max, n_min - 1, -1)
+        sizes = range(n_max, n_min - 1, -1) if index else range(0)
         #: For each n-gram size: the n-gram -> the position of the token that followed its
-        #: latest occurrence.
-        self._index: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self._sizes}
+        #: latest occurrence (none: the tokens are kept, not indexed).
+        self._index: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in sizes}
 
     def extend(self, tokens: Sequence[int]) -> None:
         seq = self.tokens
@@ -70,28 +71,33 @@ class ContextDrafter:
 
 class NgramPool:
     """n-grams of ``n`` tokens -> the token that followed, shared by one model's sequences and
-    partitioned by cache salt; a fixed-size hash table (``size`` entries), reset at 1/4 full."""
+    partitioned by cache salt; a fixed-size hash table (``size`` entries), reset at 1/4 full.
+    Each entry keeps a tag (other bits of its key's hash), so a lookup that lands on another
+    salt's or another n-gram's entry finds nothing."""
 
     EMPTY = -1
 
     def __init__(self, n: int, size: int = 1 << 20) -> None:
         self.n = n
         self._table = np.full(size, self.EMPTY, dtype=np.int32)
+        self._tags = np.zeros(size, dtype=np.int32)
         self._mask = size - 1
         assert size & self._mask == 0, "size must be a power of two"
         self.used = 0
 
-    def _slot(self, salt: str, gram: Sequence[int]) -> int:
-        return hash((salt, *gram)) & self._mask
+    def _slot(self, salt: str, gram: Sequence[int]) -> tuple[int, int]:
+        h = hash((salt, *gram))
+        return h & self._mask, (h >> 32) & 0x7FFFFFFF
 
     def add(self, salt: str, tokens: Sequence[int], start: int = 0) -> None:
         """Learn every n-gram of ``tokens`` ending at or after ``start`` (and its follower)."""
-        n, table = self.n, self._table
+        n, table, tags = self.n, self._table, self._tags
         for end in range(max(start, n), len(tokens)):
-            slot = self._slot(salt, tokens[end - n : end])
+            slot, tag = self._slot(salt, tokens[end - n : end])
             if table[slot] == self.EMPTY:
                 self.used += 1
             table[slot] = tokens[end]
+            tags[slot] = tag
         if self.used * 4 > len(table):
             self._table.fill(self.EMPTY)
             self.used = 0
@@ -103,8 +109,9 @@ class NgramPool:
         window = list(tail[-self.n :])
         draft: list[int] = []
         while len(draft) < k:
-            token = int(self._table[self._slot(salt, window[-self.n :])])
-            if token == self.EMPTY:
+            slot, tag = self._slot(salt, window[-self.n :])
+            token = int(self._table[slot])
+            if token == self.EMPTY or int(self._tags[slot]) != tag:
                 break
             draft.append(token)
             window.append(token)

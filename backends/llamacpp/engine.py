@@ -133,6 +133,8 @@ class Engine:
         self.speculation = Speculation.for_model(model.llama, model.model, cfg.speculative)
         #: The draft model (``mode = "draft"``), drafting in this thread.
         self.draft_model = draft if self.speculation.enabled else None
+        if draft is not None and self.draft_model is None:
+            draft.close()  # this model cannot speculate: the draft model is not needed
         self.counters = Counters()
         self.embedder = EmbedStep(self)
         self.failure: BaseException | None = None
@@ -453,7 +455,8 @@ class Engine:
         c.draft_tokens += row.drafted
         c.draft_accepted += verdict.accepted
         if job.drafts is not None:
-            job.drafts.record(verdict.tokens, row.drafted, verdict.accepted)
+            ended = verdict.end is not None or verdict.error is not None
+            job.drafts.record(verdict.tokens, row.drafted, verdict.accepted, ended=ended)
         job.next_token = verdict.tokens[-1]
         return self._outcome(job, verdict)
 

@@ -104,7 +104,8 @@ class Drafts:
 
     def __init__(self, speculation: Speculation, salt: str) -> None:
         spec = speculation.spec
-        self.context = ContextDrafter(spec.ngram_min, spec.ngram_max)
+        # a draft model needs the tokens only; n-grams index them
+        self.context = ContextDrafter(spec.ngram_min, spec.ngram_max, index=spec.mode == "ngram")
         self.acceptance = Acceptance()
         self._speculation = speculation
         self._salt = salt
@@ -131,8 +132,13 @@ class Drafts:
         """Acceptance: this sequence's own, around what drafts of this source do model-wide."""
         return self.acceptance.p(self._speculation.source(source).p())
 
-    def record(self, drawn: Sequence[int], drafted: int, accepted: int) -> None:
-        """The step drew ``drawn`` (confirming ``accepted`` of ``drafted`` draft tokens)."""
+    def record(
+        self, drawn: Sequence[int], drafted: int, accepted: int, *, ended: bool = False
+    ) -> None:
+        """The step drew ``drawn`` (confirming ``accepted`` of ``drafted`` draft tokens); a
+        sequence that ``ended`` in it stopped drawing without rejecting anything."""
+        if ended:
+            drafted = accepted
         start = len(self.context.tokens)
         self.context.extend(drawn)
         spec = self._speculation

@@ -2,10 +2,10 @@
 
 One server holds the same GGUF twice: ``spec`` verifies every draft it makes (policy
 ``always``, so drafts are taken and rejected on every request here, whatever this machine's
-step times say) and ``off`` decodes one token per step, with the attention kernel speculation
-uses on a CPU (flash attention off: see ``LlamaCppConfig.flash_attention``). At temperature 0,
-and with a seed above it, both must write the same text: verification draws every token through
-the sequence's own sampler chain. After each request the KV cells llama.cpp holds for every
+step times say) and ``off`` decodes one token per step, both with ``flash_attn = "off"`` (see
+``LlamaCppConfig.flash_attention``: logits bitwise the same however many tokens a step holds).
+At temperature 0, and with a seed above it, both must write the same text: verification draws
+every token through the sequence's own sampler chain. After each request the KV cells llama.cpp holds for every
 sequence are counted against the engine's bookkeeping: a rejected draft leaves no cell behind.
 """
 
@@ -50,14 +50,17 @@ COPY = f"Copy this Python code exactly, renaming rgb_to_hls to to_hls:\n\n{CODE}
 @pytest.fixture(scope="module")
 def server(smol_path: Path) -> Iterator[ServerThread]:
     spec = {"mode": "ngram", "policy": "always", "draft_max": 8}
+    # attention whose logits do not depend on how many tokens a step holds (flash attention on
+    # a CPU adds up one query in another order than several)
+    plain = {"flash_attn": "off"}
     models = {
-        SPEC: model_table(smol_path, speculative=spec),
-        # the attention kernel speculation picks on a CPU (flash attention off), without drafts
-        OFF: model_table(smol_path, speculative={"mode": "off"}, flash_attn="off"),
+        SPEC: model_table(smol_path, speculative=spec, **plain),
+        OFF: model_table(smol_path, speculative={"mode": "off"}, **plain),
         # the model as its own draft: it drafts what it will write (a real second context)
         DRAFT: model_table(
             smol_path,
             speculative={"mode": "draft", "draft_model_path": str(smol_path), "policy": "always"},
+            **plain,
         ),
     }
     with serve(models) as srv:
