@@ -160,8 +160,8 @@ class Speculation:
     def __init__(self, spec: LlamaCppSpeculative, *, enabled: bool) -> None:
         self.spec = spec
         self.enabled = enabled and spec.mode != "off"
-        self.uses_pool = spec.mode == "ngram"
-        self.pool = NgramPool(spec.ngram_max)
+        self.uses_pool = self.enabled and spec.mode == "ngram"
+        self.pool = NgramPool(spec.ngram_max, size=1 << 20 if self.uses_pool else 1 << 4)
         self.cost = StepCost()
         self._sources: dict[int, Acceptance] = {}
 

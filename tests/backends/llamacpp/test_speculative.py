@@ -5,8 +5,9 @@ One server holds the same GGUF twice: ``spec`` verifies every draft it makes (po
 step times say) and ``off`` decodes one token per step, both with ``flash_attn = "off"`` (see
 ``LlamaCppConfig.flash_attention``: logits bitwise the same however many tokens a step holds).
 At temperature 0, and with a seed above it, both must write the same text: verification draws
-every token through the sequence's own sampler chain. After each request the KV cells llama.cpp holds for every
-sequence are counted against the engine's bookkeeping: a rejected draft leaves no cell behind.
+every token through the sequence's own sampler chain. After each request the KV cells llama.cpp
+holds for every sequence are counted against the engine's bookkeeping: a rejected draft leaves no
+cell behind.
 """
 
 from __future__ import annotations
