@@ -98,8 +98,8 @@ class LlamaCppSpeculative(StrictModel):
     #: the same vocabulary (``draft_model_path``) drafts; ``off``: one token per step.
     mode: Literal["off", "ngram", "draft"] = "ngram"
     #: Most tokens drafted for one sequence in one step (the length adapts to acceptance).
-    #: 64: on a CPU llama.cpp's flash attention is cheap per query only from 64 queries a step
-    #: (its tiled kernel), so a likely copy pays best drafted long.
+    #: 64, as llama-server's ngram-mod: a likely copy may be drafted long (llama.cpp's CPU flash
+    #: attention switches to a tiled kernel from 64 queries a step).
     draft_max: int = Field(64, ge=1, le=256)
     #: Shortest n-gram matched in the context; longer matches (up to ``ngram_max``) win.
     ngram_min: int = Field(2, ge=1, le=16)
