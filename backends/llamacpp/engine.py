@@ -427,7 +427,7 @@ class Engine:
             if job.cancel_requested:  # gone while this step ran: wasted work, counted
                 self.slots.extend(job.seq_id, row.tokens)
                 job.n_past += len(row.tokens)
-                c.tokens_after_cancel += len(row.tokens)
+                c.tokens_after_cancel += len(row.tokens) - row.drafted  # drafts are guesses
                 continue
             if not row.outputs:  # a prompt chunk, more to come
                 self.slots.extend(job.seq_id, row.tokens)

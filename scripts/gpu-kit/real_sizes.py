@@ -398,7 +398,7 @@ def serve_profiled(profile_path: str, gateway_argv: list[str]) -> None:
 
         setattr(cls, name, wrapper)
 
-    orig_decode: Callable[..., bool] = engine_cls._decode
+    orig_decode: Callable[..., bool] = engine_cls.decode
 
     def decode(self: Any, rows: list[Any]) -> bool:
         t = perf()
@@ -417,10 +417,10 @@ def serve_profiled(profile_path: str, gateway_argv: list[str]) -> None:
         totals["steps"] += 1
         totals["rows"] += len(jobs)
 
-    engine_cls._decode = decode
+    engine_cls.decode = decode
     engine_cls._generate_step = generate_step
     timed(engine_cls, "_build", "build_s")
-    timed(engine_cls, "_deliver", "deliver_s")
+    timed(engine_cls, "deliver", "deliver_s")
     timed(engine_cls, "_admit", "admit_s")
     timed(sampler_cls, "sample", "sample_s", "samples")
 

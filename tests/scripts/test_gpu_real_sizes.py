@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,7 +71,12 @@ def test_dry_run_rehearses_every_real_size_step_on_the_cpu(tmp_path: Path) -> No
     report = (tmp_path / "real-sizes.md").read_text()
     data = json.loads((tmp_path / "real-sizes" / "real-sizes.json").read_text())
     assert [m["quant"] for m in data["models"]] == ["q4_k_m", "q8_0"]
-    has_peer = bool(os.environ.get("LLAMA_SERVER"))
+    # the script's own search: $LLAMA_SERVER, PATH, a binary built into .peers/
+    has_peer = bool(
+        os.environ.get("LLAMA_SERVER")
+        or shutil.which("llama-server")
+        or any(ROOT.glob(".peers/llama-server-*/bin/llama-server"))
+    )
     for model in data["models"]:
         assert model["tensor_types"].get("Q6_K" if model["quant"] == "q4_k_m" else "Q8_0")
         servers = {s["server"]: s for s in model["servers"]}
@@ -80,7 +86,9 @@ def test_dry_run_rehearses_every_real_size_step_on_the_cpu(tmp_path: Path) -> No
             assert ld["tokens"] == 16 * ld["streams"] and not ld["errors"], ld
         assert gateway["batch1_decode_tok_s"] > 0
         profile = gateway["loads"][-1]["profile"]
-        assert profile["steps"] >= 15 and profile["decode_ms"] > 0, profile
+        # speculative decoding (on by default) writes several tokens in a step: fewer steps
+        # than tokens, but every step was timed
+        assert 0 < profile["steps"] <= 32 and profile["decode_ms"] > 0, profile
         if not has_peer:
             assert servers["llama-server"] == {
                 "server": "llama-server",
