@@ -27,8 +27,7 @@ class LlamaCppFactory:
         assert isinstance(config, LlamaCppConfig)
         kv = config.kv_cache
         key = (
-            name, config.local_path or config.hf, config.flash_attn, config.speculative.mode,
-            kv.type_k, kv.type_v,
+            name, config.local_path or config.hf, config.flash_attn, kv.type_k, kv.type_v,
             kv.host_cache_bytes, kv.disk_cache_bytes, kv.disk_dir(),
         )  # fmt: skip
         return LlamaCppBackend(name, config, self._tiers.setdefault(key, SharedTiers()))

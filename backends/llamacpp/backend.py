@@ -136,8 +136,7 @@ class LlamaCppBackend:
         kv = self.config.kv_cache
         if not kv.prefix_reuse or self.config.embeddings:
             return None
-        gpu = self._model.gpu if self._model is not None else False
-        layout = Layout(kv.type_k, kv.type_v, self.config.flash_attention(gpu=gpu))
+        layout = Layout(kv.type_k, kv.type_v, self.config.flash_attn)
         return open_tiers(
             self.config.model_path, host_bytes=kv.host_cache_bytes,
             disk_bytes=kv.disk_cache_bytes, disk_dir=kv.disk_dir(), layout=layout,

@@ -243,7 +243,7 @@ class LlamaCppConfig(ModelConfig):
     def n_threads_batch(self) -> int:
         return self.batching.n_threads_batch or self.batching.n_threads
 
-    def flash_attention(self, *, gpu: bool) -> Literal["auto", "on", "off"]:
+    def flash_attention(self) -> Literal["auto", "on", "off"]:
         """The flash-attention setting the context gets: quantized K/V need it on; ``auto``
         lets llama.cpp decide (on, on a CPU).
 
@@ -255,13 +255,13 @@ class LlamaCppConfig(ModelConfig):
         it saves: plain attention reads every cell of the unified cache, cached prefixes of
         other conversations included, while flash attention skips masked cells (8 chat streams
         next to four cached ~1,300-token prefixes, no drafts: 33 vs 69 tok/s)."""
-        del gpu  # the same rule on a GPU: its kernels differ by batch size too
         if self.flash_attn != "auto":
             return self.flash_attn
         if "f16" not in (self.kv_cache.type_k, self.kv_cache.type_v):
             return "on"
         return "auto"
 
-    def flash_attn_type(self, *, gpu: bool) -> int:
+    @property
+    def flash_attn_type(self) -> int:
         """llama.cpp's LLAMA_FLASH_ATTN_TYPE_*: auto -1, off 0, on 1."""
-        return {"auto": -1, "off": 0, "on": 1}[self.flash_attention(gpu=gpu)]
+        return {"auto": -1, "off": 0, "on": 1}[self.flash_attention()]

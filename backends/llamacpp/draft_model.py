@@ -22,7 +22,7 @@ import numpy as np
 
 from backends.llamacpp.gguf_file import ModelFileError
 from backends.llamacpp.kv_tiers import common_prefix
-from backends.llamacpp.model import LoadedModel
+from backends.llamacpp.model import LoadedModel, free_native
 from backends.llamacpp.tokenizer import Tokenizer
 
 log = logging.getLogger("backends.llamacpp.draft_model")
@@ -169,16 +169,7 @@ class DraftModel:
         return picks
 
     def close(self) -> None:
-        llama = self.llama
-        if self.batch is not None:
-            llama.llama_batch_free(self.batch)
-            self.batch = None
-        if self.ctx:
-            llama.llama_free(self.ctx)
-            self.ctx = None
-        if self.model:
-            llama.llama_model_free(self.model)
-            self.model = None
+        free_native(self)
 
 
 class DraftFailed(RuntimeError):

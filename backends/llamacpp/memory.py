@@ -112,7 +112,7 @@ class Context:
     flash_attn: bool
 
     @classmethod
-    def of(cls, config: LlamaCppConfig, *, gpu: bool = False) -> Context:
+    def of(cls, config: LlamaCppConfig) -> Context:
         kv, b = config.kv_cache, config.batching
         n_seq = b.max_concurrent + (kv.cached_prefixes if kv.prefix_reuse else 0)
         n_batch = config.n_batch
@@ -120,7 +120,7 @@ class Context:
             cells=-(-config.n_ctx_total // _CTX_PAD) * _CTX_PAD,
             n_seq=n_seq,
             n_ubatch=min(n_batch, _MAX_UBATCH),
-            flash_attn=config.flash_attention(gpu=gpu) != "off",
+            flash_attn=config.flash_attention() != "off",
         )
 
 
@@ -176,7 +176,7 @@ def draft_config(config: LlamaCppConfig) -> LlamaCppConfig | None:
 def _estimate(config: LlamaCppConfig, gpu_devices: int) -> MemoryEstimate:
     header = read_header(config.model_path)
     shape = ModelShape.of(header)
-    ctx = Context.of(config, gpu=gpu_devices > 0 and config.n_gpu_layers != 0)
+    ctx = Context.of(config)
     kv_cfg = config.kv_cache
     weights = sum(t.nbytes for t in header.tensors)
     kv = shape.kv_bytes(ctx.cells, kv_cfg.type_k, kv_cfg.type_v, range(shape.n_layer))

@@ -7,7 +7,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Protocol
 
 from backends.llamacpp import native
 from backends.llamacpp.config import GGML_TYPE_IDS, LlamaCppConfig
@@ -83,8 +83,6 @@ class LoadedModel:
         self.n_ctx_train: int = llama.llama_model_n_ctx_train(self.model)
         self.n_ctx_slot = min(config.kv_cache.n_ctx_per_slot, self.n_ctx_train or 1 << 30)
         self.n_seq = n_seq
-        #: Layers run on a GPU (a GPU build, asked to offload).
-        self.gpu = bool(llama.llama_supports_gpu_offload()) and config.n_gpu_layers != 0
         self.ctx = llama.llama_init_from_model(self.model, self._context_params(n_seq, n_batch))
         if not self.ctx:
             llama.llama_model_free(self.model)
@@ -114,7 +112,7 @@ class LoadedModel:
         cp.kv_unified = True  # one pool of cells: cached prefixes and live sequences share it
         cp.type_k = GGML_TYPE_IDS[cfg.kv_cache.type_k]
         cp.type_v = GGML_TYPE_IDS[cfg.kv_cache.type_v]
-        cp.flash_attn_type = cfg.flash_attn_type(gpu=self.gpu)
+        cp.flash_attn_type = cfg.flash_attn_type
         cp.no_perf = True
         cp.embeddings = cfg.embeddings
         cp.pooling_type = 0  # LLAMA_POOLING_TYPE_NONE: the engine pools token vectors itself
@@ -169,16 +167,30 @@ class LoadedModel:
         return replace(fmt, special=special)
 
     def close(self) -> None:
-        llama = self.llama
-        if self.batch is not None:
-            llama.llama_batch_free(self.batch)
-            self.batch = None
-        if self.ctx:
-            llama.llama_free(self.ctx)
-            self.ctx = None
-        if self.model:
-            llama.llama_model_free(self.model)
-            self.model = None
+        free_native(self)
+
+
+class Native(Protocol):
+    """A llama.cpp model with its context and batch (each freed once, then None)."""
+
+    llama: ModuleType
+    batch: Any
+    ctx: Any
+    model: Any
+
+
+def free_native(owner: Native) -> None:
+    """Free ``owner``'s batch, context and model (what is already freed is skipped)."""
+    llama = owner.llama
+    if owner.batch is not None:
+        llama.llama_batch_free(owner.batch)
+        owner.batch = None
+    if owner.ctx:
+        llama.llama_free(owner.ctx)
+        owner.ctx = None
+    if owner.model:
+        llama.llama_model_free(owner.model)
+        owner.model = None
 
 
 def _why() -> str:

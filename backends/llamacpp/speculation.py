@@ -59,11 +59,13 @@ class StepCost:
     the steps this engine ran: a running average per size, read between sizes seen along a
     straight line. Past the largest size seen it assumes each token adds 5% (a memory-bound
     step's cost: optimistic, so larger drafts get tried and measured). A size not seen again
-    for ``MAX_AGE`` steps is forgotten, so one slow step never rules a size out for good."""
+    for ``MAX_AGE`` steps is forgotten (checked every ``PRUNE`` steps), so one slow step never
+    rules a size out for good."""
 
     SMOOTH = 0.2
     PRIOR_SLOPE = 0.05
     MAX_AGE = 256
+    PRUNE = 32
 
     def __init__(self) -> None:
         #: size -> (average seconds, the step it was last seen at)
@@ -78,10 +80,14 @@ class StepCost:
         old = self.table.get(n)
         average = seconds if old is None else old + self.SMOOTH * (seconds - old)
         self._seen[n] = (average, self._step)
-        fresh = {k: v for k, v in self._seen.items() if self._step - v[1] <= self.MAX_AGE}
-        self._seen = fresh
-        self._sizes = sorted(fresh)
-        self.table = {k: fresh[k][0] for k in self._sizes}
+        self.table[n] = average
+        if old is None:
+            bisect.insort(self._sizes, n)
+        if self._step % self.PRUNE == 0:  # sizes not seen lately go (not every step: hot path)
+            step = self._step
+            self._seen = {k: v for k, v in self._seen.items() if step - v[1] <= self.MAX_AGE}
+            self._sizes = sorted(self._seen)
+            self.table = {k: self._seen[k][0] for k in self._sizes}
 
     def seconds(self, n: int) -> float:
         table, sizes = self.table, self._sizes

@@ -76,7 +76,7 @@ def test_step_cost_reads_between_the_sizes_it_saw() -> None:
     assert cost.seconds(19) == pytest.approx(0.090 * 1.5)  # past them: +5% a token
     cost.record(9, 0.190)  # a running average
     assert 0.090 < cost.seconds(9) < 0.190
-    for _ in range(StepCost.MAX_AGE + 1):
+    for _ in range(StepCost.MAX_AGE + StepCost.PRUNE + 1):
         cost.record(1, 0.030)
     assert cost.table == {1: 0.030}  # 9 not seen for long: forgotten, to be tried again
 
