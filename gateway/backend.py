@@ -12,6 +12,7 @@ from typing import Protocol, cast, runtime_checkable
 
 from gateway import registry
 from gateway.config import ModelConfig
+from gateway.kv_events.events import KVEventSink
 from gateway.output.formats import ChatFormat
 from gateway.types import BackendInfo, Capability, Delta, GenerationRequest, TokenizedPrompt
 
@@ -89,6 +90,15 @@ class HasChatFormat(Protocol):
 
     @property
     def chat_format(self) -> ChatFormat | None: ...
+
+
+@runtime_checkable
+class PublishesKVEvents(Protocol):
+    """Optional: a backend whose KV cache announces the blocks it stores and drops (KV events
+    for a prefix-aware router, ``[models.NAME.kv_events]``). Called before ``start``, with
+    the model's sink (the same for every load) and the block size to announce in."""
+
+    def publish_kv_events(self, sink: KVEventSink, block_size: int) -> None: ...
 
 
 @runtime_checkable

@@ -23,6 +23,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from gateway import registry
@@ -76,6 +77,30 @@ class KVCacheConfig(StrictModel):
     """Backends subclass this with their cache policy."""
 
 
+class KVEventsConfig(StrictModel):
+    """KV-cache events for prefix-aware routers (llm-d's precise prefix-cache scorer, NVIDIA
+    Dynamo): every block the model's cache stores or drops, published over ZMQ in vLLM's
+    msgpack format (:mod:`gateway.kv_events`). Needs ``llm-gateway[kv-events]``."""
+
+    #: The ZMQ PUB socket's address (bound; models may share one, each on its own topic).
+    endpoint: str = Field("tcp://*:5557", pattern=r"^(tcp|ipc|inproc)://\S+$")
+    #: The ZMQ topic; default ``kv@HOST:PORT@MODEL`` (this server's address, as llm-d expects;
+    #: HOST is ``$POD_IP`` or this machine's address when the server binds every interface).
+    topic: str | None = None
+    #: Tokens per block in the events (a router hashing prompts must use the same size).
+    block_size: int = Field(16, ge=1, le=4096)
+
+    @model_validator(mode="after")
+    def _installed(self) -> KVEventsConfig:
+        missing = [m for m in ("zmq", "msgpack") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ValueError(
+                f"kv_events needs the Python packages pyzmq and msgpack: "
+                f"pip install 'llm-gateway[kv-events]' ({', '.join(missing)} missing)"
+            )
+        return self
+
+
 class ModelConfig(StrictModel):
     backend: str
     aliases: tuple[str, ...] = ()
@@ -88,6 +113,8 @@ class ModelConfig(StrictModel):
     default_max_tokens: int | None = Field(None, ge=1)
     batching: BatchingConfig = BatchingConfig()
     kv_cache: KVCacheConfig = KVCacheConfig()
+    #: Publish the cache's blocks for a prefix-aware router (None: off).
+    kv_events: KVEventsConfig | None = None
 
 
 class ServerConfig(StrictModel):

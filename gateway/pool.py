@@ -17,12 +17,13 @@ from gateway.backend import (
     Delegating,
     MemoryEstimate,
     ModelRouter,
+    PublishesKVEvents,
     ReportsFailure,
     backend_factory,
 )
 from gateway.config import GatewayConfig, ModelConfig
 from gateway.drain import Drain
-from gateway.errors import ModelNotFound, ModelUnavailable, Overloaded
+from gateway.errors import ConfigError, ModelNotFound, ModelUnavailable, Overloaded
 from gateway.hub import (
     DownloadCancelled,
     DownloadProgress,
@@ -31,6 +32,8 @@ from gateway.hub import (
     HubSourced,
     hub_source_of,
 )
+from gateway.kv_events.events import KVEventSink
+from gateway.kv_events.hub import KVEventHub
 from gateway.lifecycle import Lifecycle
 from gateway.types import Delta, GenerationRequest
 
@@ -68,17 +71,25 @@ class ModelEntry:
         config: ModelConfig,
         lifecycle: Lifecycle[ModelEntry],
         router: ModelRouter | None = None,
+        kv_events: KVEventHub | None = None,
     ) -> None:
         self.name = name
         self.config = config
         self.lifecycle = lifecycle
         self.router = router
+        self._kv_events = kv_events
+        #: Where its cache's KV events go, once its first load opened it.
+        self._kv_sink: KVEventSink | None = None
         #: Its Hub files' local path (a GGUF or a folder), once fetched (None: not a Hub model,
         #: or not fetched yet); applied to the current table (:attr:`effective_config`).
         self._local: Path | None = None
         #: The latest fetch from the Hub (bytes, rate), if any.
         self.download: DownloadProgress | None = None
         self.backend: Backend = self._new_backend()
+        if config.kv_events is not None and not isinstance(self.backend, PublishesKVEvents):
+            raise ConfigError(
+                "config", [f"models.{name}.kv_events: backend {config.backend!r} has no KV events"]
+            )
         b = config.batching
         self.admission = Admission(name, b.max_concurrent, b.max_queue, b.queue_timeout_s)
         self.state = ModelState.UNLOADED
@@ -300,9 +311,21 @@ class ModelEntry:
         if self.state is ModelState.LOADING:  # cancelled, or retired while queued
             self.state = ModelState.UNLOADED
 
+    def _attach_kv_events(self) -> None:
+        """Hand the backend its KV-event sink (opened on the first load: a bad endpoint fails
+        the load)."""
+        cfg = self.config.kv_events
+        if cfg is None or self._kv_events is None:
+            return
+        if self._kv_sink is None:
+            self._kv_sink = self._kv_events.sink(self.name, cfg)
+        assert isinstance(self.backend, PublishesKVEvents)
+        self.backend.publish_kv_events(self._kv_sink, cfg.block_size)
+
     async def start_backend(self) -> bool:
         started = time.perf_counter()
         try:
+            self._attach_kv_events()
             await self.backend.start()
         except Exception as err:  # a load failure is reported to every waiter, not raised here
             # the reason (paths, replica URLs, library messages) goes to the log and /admin
@@ -404,6 +427,7 @@ class ModelPool:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.lifecycle: Lifecycle[ModelEntry] = Lifecycle(config.lifecycle)
+        self.kv_events = KVEventHub(config.server)
         self.entries = {name: self._entry(name, cfg) for name, cfg in config.models.items()}
         self._by_name = _names(self.entries)
         #: Set once the ``load = "startup"`` models have loaded (``/ready``).
@@ -416,7 +440,7 @@ class ModelPool:
         return self.drain.started
 
     def _entry(self, name: str, config: ModelConfig) -> ModelEntry:
-        return ModelEntry(name, config, self.lifecycle, router=self)
+        return ModelEntry(name, config, self.lifecycle, router=self, kv_events=self.kv_events)
 
     def reconfigure(self, config: GatewayConfig) -> Reconfigured:
         """Apply a new (validated) config's models and ``[lifecycle]``; ``[server]`` and plugins
@@ -521,3 +545,4 @@ class ModelPool:
         for entry in self.entries.values():
             entry.stop_download()  # a download thread must not hold the process open
         await self.lifecycle.aclose()
+        await asyncio.to_thread(self.kv_events.close)

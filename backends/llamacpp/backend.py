@@ -21,6 +21,8 @@ from backends.llamacpp.config import LlamaCppConfig
 from backends.llamacpp.kv_tiers import SharedTiers, salt_digest
 from gateway.backend import EngineStats
 from gateway.errors import InvalidRequest, ModelUnavailable, context_length_exceeded
+from gateway.kv_events.events import KVEventSink
+from gateway.kv_events.ledger import BlockLedger
 from gateway.output.finish.steering import Budget
 from gateway.output.formats import ChatFormat
 from gateway.output.matchers import request_grammar
@@ -69,6 +71,11 @@ class LlamaCppBackend:
         #: The KV tiers outlive each load (an unloaded model's prefixes wait there).
         self._shared = tiers if tiers is not None else SharedTiers()
         self._info = self._describe(config.kv_cache.n_ctx_per_slot)
+        #: Where the cache's blocks are announced (KV events), and in blocks of how many tokens.
+        self._kv_events: tuple[KVEventSink, int] | None = None
+
+    def publish_kv_events(self, sink: KVEventSink, block_size: int) -> None:
+        self._kv_events = (sink, block_size)
 
     def _describe(self, context_length: int) -> BackendInfo:
         return BackendInfo(
@@ -112,8 +119,9 @@ class LlamaCppBackend:
             self._shared.tiers = await asyncio.to_thread(self._open_tiers)
             self._shared.opened = True
         self._engine = Engine(
-            self.name, model, n_live=self.n_live, tiers=self._shared.tiers, draft=draft
-        )
+            self.name, model, n_live=self.n_live, tiers=self._shared.tiers, draft=draft,
+            blocks=self._announce(),
+        )  # fmt: skip
         self._engine.start()
         log.info(
             "model %s: loaded in %.2f s (%d slots x %d tokens, %d KV cells, %d threads)",
@@ -124,6 +132,17 @@ class LlamaCppBackend:
             cfg.n_ctx_total,
             cfg.batching.n_threads,
         )
+
+    def _announce(self) -> BlockLedger | None:
+        """The cells' block ledger (KV events on), the tiers' announced on the first load."""
+        if self._kv_events is None or self.config.embeddings:
+            return None
+        sink, block_size = self._kv_events
+        tiers = self._shared.tiers
+        if tiers is not None and not self._shared.announced:
+            tiers.announce(sink, block_size)
+            self._shared.announced = True
+        return BlockLedger("GPU", block_size, sink)
 
     @property
     def tiers(self) -> KVTiers | None:

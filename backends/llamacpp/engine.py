@@ -28,6 +28,7 @@ from backends.llamacpp.slots import SlotManager
 from backends.llamacpp.speculation import Drafts, Speculation
 from gateway.backend import EngineStats
 from gateway.errors import EngineError, ModelUnavailable
+from gateway.kv_events.ledger import BlockLedger
 from gateway.output.matchers import Constraint
 from gateway.types import SamplingParams, Usage
 
@@ -115,6 +116,7 @@ class Engine:
         n_live: int,
         tiers: KVTiers | None = None,
         draft: DraftModel | None = None,
+        blocks: BlockLedger | None = None,
     ) -> None:
         cfg = model.config
         self.name = name
@@ -129,6 +131,7 @@ class Engine:
             prefix_reuse=cfg.kv_cache.prefix_reuse,
             min_prefix=cfg.kv_cache.min_prefix_tokens,
             tiers=tiers,
+            blocks=blocks,
         )
         self.speculation = Speculation.for_model(model.llama, model.model, cfg.speculative)
         #: The draft model (``mode = "draft"``), drafting in this thread.
@@ -213,6 +216,8 @@ class Engine:
             if self.draft_model is not None:
                 self.draft_model.close()
             self.model.close()
+            if self.slots.blocks is not None:
+                self.slots.blocks.clear()  # the cells are gone
 
     def _spill(self) -> None:
         """The model unloads: its cached prefixes go to the tiers, and the host tier's to

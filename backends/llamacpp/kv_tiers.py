@@ -40,6 +40,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from gateway.kv_events.events import KVEventSink
+from gateway.kv_events.ledger import BlockLedger
+
 log = logging.getLogger("backends.llamacpp.kv_tiers")
 
 #: Tokens per hashed block: a saved prefix is found by its first ``k * BLOCK`` tokens.
@@ -157,8 +160,18 @@ class _Index:
     tokens: dict[str, tuple[int, ...]] = field(default_factory=dict)
     salts: dict[str, str] = field(default_factory=dict)
     blocks: dict[str, set[str]] = field(default_factory=dict)
+    #: The tier's blocks as routers see them (KV events), once announced.
+    ledger: BlockLedger | None = None
+
+    def announce(self, ledger: BlockLedger) -> None:
+        """Publish the entries held now, then every change."""
+        self.ledger = ledger
+        for key, tokens in self.tokens.items():
+            ledger.hold(key, tokens, self.salts[key])
 
     def add(self, key: str, tokens: tuple[int, ...], salt: str) -> None:
+        if self.ledger is not None:
+            self.ledger.hold(key, tokens, salt)
         self.tokens[key] = tokens
         self.salts[key] = salt
         for _, h in block_hashes(tokens, salt=salt):
@@ -169,6 +182,8 @@ class _Index:
         salt = self.salts.pop(key, "")
         if tokens is None:
             return
+        if self.ledger is not None:
+            self.ledger.drop(key)
         for _, h in block_hashes(tokens, salt=salt):
             keys = self.blocks.get(h)
             if keys is not None:
@@ -658,6 +673,10 @@ class DiskTier:
         with self._lock:
             return self.index.find(prompt, limit, salt)
 
+    def announce(self, ledger: BlockLedger) -> None:
+        with self._lock:
+            self.index.announce(ledger)
+
     def tokens_of(self, key: str) -> tuple[int, ...]:
         with self._lock:
             return self.index.tokens[key]
@@ -738,6 +757,14 @@ class KVTiers:
         if self.disk is not None:
             for entry in spilled:
                 self.disk.put(entry)
+
+    def announce(self, sink: KVEventSink, block_size: int) -> None:
+        """Publish the blocks each tier holds to ``sink`` (KV events), and every change."""
+        if self.host is not None:
+            with self._lock:
+                self.host.index.announce(BlockLedger("CPU", block_size, sink))
+        if self.disk is not None:
+            self.disk.announce(BlockLedger("DISK", block_size, sink))
 
     def on_disk(self, prompt: Sequence[int], salt: str = "") -> Found | None:
         """The disk entry ``prompt`` would be restored from, if the host tier has nothing as
@@ -858,3 +885,5 @@ class SharedTiers:
 
     tiers: KVTiers | None = None
     opened: bool = False
+    #: Their blocks are published (KV events), from the first load that publishes on.
+    announced: bool = False

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from backends.llamacpp.kv_tiers import BLOCK, KVTiers, Saved, common_prefix
+from gateway.kv_events.ledger import BlockLedger
 
 
 class KVOps(Protocol):
@@ -73,8 +74,11 @@ class SlotManager:
         prefix_reuse: bool = True,
         min_prefix: int = 1,
         tiers: KVTiers | None = None,
+        blocks: BlockLedger | None = None,
     ) -> None:
         self.kv = kv
+        #: The cells' blocks, announced to routers as they come and go (KV events), if on.
+        self.blocks = blocks
         self.tiers = tiers if prefix_reuse else None
         self.n_live = n_live
         self.n_cells = n_cells
@@ -117,7 +121,7 @@ class SlotManager:
             target.salt = salt
             if best is not None and reused:
                 self.kv.seq_cp(best.seq_id, target.seq_id, 0, reused)
-                target.tokens = best.tokens[:reused]
+                self._set(target, best.tokens[:reused])
         target.live = True
         target.last_used = self._clock
         return Placement(target.seq_id, reused)
@@ -160,8 +164,8 @@ class SlotManager:
             self.kv.seq_rm(target.seq_id, -1, -1)
             self.tiers.stats.misses += 1
             return None
-        target.tokens = list(saved.tokens)  # the entry's, or the prefix read of it
         target.salt = salt
+        self._set(target, list(saved.tokens))  # the entry's, or the prefix read of it
         self._truncate(target, found.n)
         target.live = True
         target.last_used = self._clock
@@ -197,15 +201,27 @@ class SlotManager:
         if keep == 0:
             self.kv.seq_rm(e.seq_id, -1, -1)
         del e.tokens[keep:]
+        if self.blocks is not None:
+            self.blocks.truncate(e.seq_id, keep)
 
     def _clear(self, e: Entry) -> None:
         if e.tokens:
             self.kv.seq_rm(e.seq_id, -1, -1)
             e.tokens.clear()
+        if self.blocks is not None:
+            self.blocks.drop(e.seq_id)
 
     def extend(self, seq_id: int, tokens: Sequence[int]) -> None:
         """Record tokens just decoded into ``seq_id``."""
-        self.entries[seq_id].tokens.extend(tokens)
+        e = self.entries[seq_id]
+        e.tokens.extend(tokens)
+        if self.blocks is not None:
+            self.blocks.extend(seq_id, e.tokens, e.salt)
+
+    def _set(self, e: Entry, tokens: list[int]) -> None:
+        e.tokens = tokens
+        if self.blocks is not None:
+            self.blocks.hold(e.seq_id, tokens, e.salt)
 
     def release(self, seq_id: int, *, keep: bool) -> None:
         """A sequence ended: keep its cells as a cached prefix, or free them at once."""

@@ -149,13 +149,14 @@ class PoolCollector(Collector):
             loads.add_metric([name], entry.loads)
             if entry.load_seconds is not None:
                 load_time.add_metric([name], entry.load_seconds)
-            stats = self._stats(entry)
+            stats = self.stats(entry)
             if stats is not None:
                 for field, family in engine.items():
                     family.add_metric([name], float(getattr(stats, field)))
         yield from (active, queued, capacity, loaded, load_time, state, loads, *engine.values())
 
-    def _stats(self, entry: ModelEntry) -> EngineStats | None:
+    def stats(self, entry: ModelEntry) -> EngineStats | None:
+        """The model's engine stats while it is loaded (None otherwise, or if they fail)."""
         backend = entry.backend
         if not entry.loaded or not isinstance(backend, HasStats):
             return None

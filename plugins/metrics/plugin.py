@@ -23,6 +23,7 @@ from gateway.config import PluginConfig
 from gateway.plugins import Plugin, RequestContext, ResponseEnd
 from gateway.pool import ModelPool
 from plugins.metrics.collector import PoolCollector
+from plugins.metrics.model_server import ModelServerCollector
 
 #: The model label of requests that never reached a model (bad key, unknown model...).
 NO_MODEL = "none"
@@ -47,7 +48,9 @@ class MetricsPlugin(Plugin):
             ProcessCollector(registry=reg)
             PlatformCollector(registry=reg)
             GCCollector(registry=reg)
-        reg.register(PoolCollector(pool))
+        pool_collector = PoolCollector(pool)
+        reg.register(pool_collector)
+        reg.register(ModelServerCollector(pool, pool_collector.stats))
         labels = ["model"]
         self.requests = Counter(
             "gateway_requests",
