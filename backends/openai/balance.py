@@ -11,13 +11,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from typing import Protocol
 
 from backends.openai.config import AffinityConfig, Balancing
 from backends.openai.replicas import Replica
+from gateway.affinity import affinity_key, rendezvous_rank
 from gateway.types import GenerationRequest
 
 
@@ -55,33 +55,9 @@ class RoundRobin:
         return best
 
 
-def affinity_key(request: GenerationRequest, prompt_prefix_chars: int) -> bytes:
-    """What identifies a conversation: its messages up to and including the first user message
-    (the system prompt and the opening question stay the same on every turn); for a text
-    prompt, its first ``prompt_prefix_chars`` characters. A request that names its
-    conversation (:attr:`GenerationRequest.affinity`) is keyed by that name."""
-    if request.affinity is not None:
-        return b"named\0" + request.affinity.encode()
-    if request.messages is None:
-        return (request.prompt or "")[:prompt_prefix_chars].encode()
-    h = hashlib.blake2b(digest_size=16)
-    for m in request.messages:
-        h.update(m.role.encode() + b"\0" + m.content.encode() + b"\0")
-        if m.role == "user":
-            break
-    return h.digest()
-
-
 def rendezvous_order(key: bytes, replicas: Sequence[Replica]) -> list[Replica]:
-    """Replicas by weighted rendezvous score for ``key``, best first. Removing a replica moves
-    only the keys it had; each replica gets keys in proportion to its weight."""
-
-    def score(r: Replica) -> float:
-        digest = hashlib.blake2b(key + b"\0" + r.url.encode(), digest_size=8).digest()
-        u = (int.from_bytes(digest, "big") + 0.5) / 2**64  # uniform in (0, 1)
-        return -r.weight / math.log(u)
-
-    return sorted(replicas, key=score, reverse=True)
+    """Replicas by weighted rendezvous score for ``key``, best first."""
+    return rendezvous_rank(key, replicas, [r.url for r in replicas], [r.weight for r in replicas])
 
 
 class Affinity:

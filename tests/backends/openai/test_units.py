@@ -13,7 +13,6 @@ from backends.openai.balance import (
     Affinity,
     LeastOutstanding,
     RoundRobin,
-    affinity_key,
     rendezvous_order,
 )
 from backends.openai.client import request_body
@@ -21,6 +20,7 @@ from backends.openai.config import AffinityConfig, OpenAIConfig
 from backends.openai.errors import ReplicaFailed, UpstreamError, stream_error, upstream_error
 from backends.openai.replicas import Replica
 from backends.openai.stream import ChunkDecoder, sse_data
+from gateway.affinity import affinity_key
 from gateway.capabilities import model_capabilities
 from gateway.config import parse_config
 from gateway.errors import (
