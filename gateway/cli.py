@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -63,14 +64,29 @@ def serve(
         str | None, typer.Option(help="Address to bind (default: [server].host).")
     ] = None,
     port: Annotated[int | None, typer.Option(help="Port to bind (default: [server].port).")] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            help="Run on the Ray cluster at this address as a Ray Serve application, replicas "
+            "and autoscaling from [ray] ('local': start a cluster on this machine; 'auto': the "
+            "one running here). Needs llm-gateway[ray].",
+        ),
+    ] = None,
 ) -> None:
-    """Start the server (one process; the engines live in it)."""
-    from gateway.server import run_server
-
+    """Start the server (one process; the engines live in it), or run it on Ray Serve."""
     if model is not None and config is not None:
         typer.echo("error: give --config or --model, not both", err=True)
         raise typer.Exit(2)
     cfg = _load(config) if model is None else _single(model)
+    if ray is not None:
+        from gateway.ray_serve.launch import serve_on_ray
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        server = cfg.server
+        raise typer.Exit(serve_on_ray(cfg, ray, host or server.host, port or server.port))
+    from gateway.server import run_server
+
     code = asyncio.run(run_server(cfg, host=host, port=port))
     raise typer.Exit(code)
 

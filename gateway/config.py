@@ -28,6 +28,7 @@ from pydantic import (
 
 from gateway import registry
 from gateway.errors import ConfigError
+from gateway.ray_serve.config import RayConfig
 
 
 def package_file(spec: str) -> Path:
@@ -216,6 +217,8 @@ class GatewayConfig:
     plugins: dict[str, PluginConfig]
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
     responses: ResponsesConfig = field(default_factory=ResponsesConfig)
+    #: How ``gateway serve --ray`` runs it on a Ray cluster (None: Ray's defaults there).
+    ray: RayConfig | None = None
 
     def model_names(self) -> list[str]:
         return list(self.models)
@@ -324,11 +327,12 @@ def parse_config(raw: dict[str, Any], source: str, base_dir: Path | None = None)
     """
     problems: list[str] = []
     context: dict[str, object] = {"base_dir": base_dir}
-    unknown = set(raw) - {"server", "models", "plugins", "lifecycle", "responses"}
+    unknown = set(raw) - {"server", "models", "plugins", "lifecycle", "responses", "ray"}
     problems.extend(f"{key}: unknown top-level table" for key in sorted(unknown))
     server = _validate(ServerConfig, raw.get("server", {}), "server", problems)
     lifecycle = _validate(LifecycleConfig, raw.get("lifecycle", {}), "lifecycle", problems)
     responses = _validate(ResponsesConfig, raw.get("responses", {}), "responses", problems)
+    ray = _validate(RayConfig, raw["ray"], "ray", problems) if "ray" in raw else None
     models = _parse_models(raw.get("models", {}), problems, context)
     plugins = _parse_plugins(raw.get("plugins", {}), problems, context)
     _check_names(models, problems)
@@ -339,6 +343,7 @@ def parse_config(raw: dict[str, Any], source: str, base_dir: Path | None = None)
         or not isinstance(server, ServerConfig)
         or not isinstance(lifecycle, LifecycleConfig)
         or not isinstance(responses, ResponsesConfig)
+        or not isinstance(ray, RayConfig | None)
     ):
         raise ConfigError(source, problems)
     return GatewayConfig(
@@ -348,6 +353,7 @@ def parse_config(raw: dict[str, Any], source: str, base_dir: Path | None = None)
         plugins=plugins,
         lifecycle=lifecycle,
         responses=responses,
+        ray=ray,
     )
 
 

@@ -381,6 +381,9 @@ class ClientRequest:
     #: A conversation over the context loses its oldest turns instead of being refused (the
     #: Responses API's ``truncation: "auto"``).
     truncate: bool = False
+    #: The stored response this request continues (a Responses chain), for a router that
+    #: keeps a conversation on the server that ran its earlier turns.
+    continues: str | None = None
 
     @property
     def n(self) -> int:

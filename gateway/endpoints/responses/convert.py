@@ -215,6 +215,7 @@ def responses_request(body: bytes, request_id: str) -> ClientRequest:
         headers=headers,
         background=wire.background,
         truncate=wire.truncation == "auto",
+        continues=wire.previous_response_id,
     )
 
 

@@ -1,0 +1,155 @@
+"""The two Ray Serve deployments: the model server (the gateway, engines included) and the
+ingress in front of it (see :mod:`gateway.ray_serve`)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+from ray.serve.config import AutoscalingConfig, RequestRouterConfig
+from ray.serve.deployment import Application
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.request_router import RequestRouter
+from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.config import Config as UvicornConfig
+from uvicorn.lifespan.on import LifespanOn
+
+from gateway.app import create_app
+from gateway.config import GatewayConfig
+from gateway.endpoints import endpoints
+from gateway.errors import OPENAI_ERRORS, GatewayError, ModelUnavailable, PayloadTooLarge
+from gateway.http import error_response
+from gateway.ray_serve.config import RayConfig
+from gateway.ray_serve.forward import Forwarded, Message, read, run
+from gateway.ray_serve.router import PrefixRouter, RoundRobinRouter
+from gateway.ray_serve.routing import Affinities
+from gateway.services import build_services
+
+ROUTERS: dict[str, type[RequestRouter]] = {"prefix": PrefixRouter, "round_robin": RoundRobinRouter}
+
+
+class ModelServer:
+    """One replica: the whole gateway (its models, engines, KV cache) behind a handle. It
+    takes traffic once its startup models are loaded, and on a scale-down finishes what it
+    runs before it unloads them (Ray Serve drains it, then its lifespan ends)."""
+
+    async def __init__(self, config: GatewayConfig) -> None:  # type: ignore[misc]
+        self.app = create_app(config)
+        self._lifespan = LifespanOn(UvicornConfig(self.app, lifespan="on"))
+        await self._lifespan.startup()
+        if self._lifespan.should_exit:
+            raise RuntimeError("the gateway failed to start (the replica's log has why)")
+        await self.app.state.loading  # a model that fails to load fails the replica
+
+    async def handle(self, key: str | None, request: Forwarded) -> AsyncIterator[Message]:
+        """The gateway's answer to ``request``, ASGI message by message (``key`` is for the
+        router)."""
+        async for message in run(self.app, request):
+            yield message
+
+    async def check_health(self) -> None:
+        pool = self.app.state.services.pool
+        failed = [e.name for e in pool.entries.values() if e.engine_failure]
+        if failed:
+            raise RuntimeError(f"engine failed: {', '.join(failed)}")
+
+    async def __del__(self) -> None:
+        await self._lifespan.shutdown()
+
+
+class Ingress:
+    """Every HTTP request from Ray Serve's proxy: its body read once (bounded), its affinity
+    key worked out, the model server's answer relayed as it streams. A model server that dies
+    before answering is a 503 in the endpoint's error shape (the client may retry)."""
+
+    def __init__(self, config: GatewayConfig, model_server: DeploymentHandle[Any]) -> None:
+        services = build_services(config)
+        served = endpoints(services)
+        self.limit = config.server.max_body_bytes
+        self.dialects = [(e.path, e.errors) for e in served]
+        self.affinities = Affinities(served)
+        self.model_server = model_server.options(stream=True, method_name="handle")
+
+    def __serve_build_asgi_app__(self) -> ASGIApp:
+        """The ASGI app Ray Serve's proxy sends every HTTP request to."""
+        return _App(self)
+
+    async def asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = await read(scope, receive, self.limit)
+        if request is None:
+            await self._error(scope, send, PayloadTooLarge(f"the body exceeds {self.limit} bytes"))
+            return
+        key = self.affinities.key(request)
+        started = False
+        try:
+            stream = self.model_server.remote(key, request)
+            assert isinstance(stream, DeploymentResponseGenerator)
+            async for message in stream:
+                if not started:
+                    started = True
+                    self.affinities.learn(key, message)
+                await send(message)
+        except Exception:
+            if started:
+                raise  # headers are out: the connection ends, the client sees a cut stream
+            await self._error(
+                scope, send, ModelUnavailable("the model server failed; retry the request")
+            )
+
+    async def _error(self, scope: Scope, send: Send, error: GatewayError) -> None:
+        dialect = next((d for p, d in self.dialects if scope["path"].startswith(p)), OPENAI_ERRORS)
+        await error_response(error, {}, dialect)(scope, _no_body, send)
+
+
+class _App:
+    """The ingress as an ASGI 3 app (with a lifespan that has nothing to start)."""
+
+    def __init__(self, ingress: Ingress) -> None:
+        self.ingress = ingress
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self.ingress.asgi(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+
+
+async def _no_body() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def application(config: GatewayConfig) -> Application:
+    """The gateway as a Ray Serve application, from ``config``'s ``[ray]`` table."""
+    ray_cfg = config.ray or RayConfig()
+    server = serve.deployment(**_model_server_options(ray_cfg))(ModelServer)
+    ingress = serve.deployment(name="Ingress", max_ongoing_requests=100_000)(
+        serve.ingress()(Ingress)
+    )
+    return ingress.bind(config, server.bind(config))
+
+
+def _model_server_options(cfg: RayConfig) -> dict[str, Any]:
+    actor: dict[str, Any] = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus}
+    if cfg.resources:
+        actor["resources"] = dict(cfg.resources)
+    options: dict[str, Any] = {
+        "name": "ModelServer",
+        "ray_actor_options": actor,
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "graceful_shutdown_timeout_s": cfg.graceful_shutdown_timeout_s,
+        "health_check_period_s": cfg.health_check_period_s,
+    }
+    if cfg.router in ROUTERS:
+        # its constructor is typed as taking a dict, but takes the class (Ray's docs)
+        router = RequestRouterConfig(request_router_class=ROUTERS[cfg.router])  # type: ignore[arg-type]
+        options["request_router_config"] = router
+    if cfg.autoscaling is None:
+        options["num_replicas"] = cfg.num_replicas
+    else:
+        a = cfg.autoscaling
+        scaling = a.model_dump(exclude_none=True)
+        options["autoscaling_config"] = AutoscalingConfig(**scaling)
+    return options

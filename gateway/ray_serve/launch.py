@@ -1,0 +1,59 @@
+"""``gateway serve --config FILE --ray ADDRESS``: the gateway as a Ray Serve application."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from gateway.config import GatewayConfig
+from gateway.ray_serve.config import RayConfig
+
+log = logging.getLogger("gateway.ray_serve")
+
+
+def connect(address: str) -> None:
+    """Join the Ray cluster at ``address`` (``local``: start one on this machine, ``auto``:
+    the one running here)."""
+    import ray
+
+    ray.init(address=address, log_to_driver=False)
+
+
+def deploy(config: GatewayConfig, host: str, port: int) -> str:
+    """Start Ray Serve's proxy on ``host:port`` (if Serve is not running on the cluster yet)
+    and the gateway's application behind it; return its URL once its replicas are up."""
+    from ray import serve
+
+    from gateway.ray_serve.deployments import application
+
+    cfg = config.ray or RayConfig()
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(application(config), name=cfg.app_name, route_prefix="/", blocking=False)
+    return f"http://{host}:{port}"
+
+
+def serve_on_ray(config: GatewayConfig, address: str, host: str, port: int) -> int:
+    """Run until SIGINT/SIGTERM, then remove the application (its replicas drain first) and,
+    for a cluster this started (``local``), stop Ray."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        log.error("--ray needs Ray Serve: pip install 'llm-gateway[ray]'")
+        return 2
+    connect(address)
+    cfg = config.ray or RayConfig()
+    try:
+        url = deploy(config, host, port)
+        log.info("gateway on Ray Serve at %s (application %r)", url, cfg.app_name)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+        serve.delete(cfg.app_name)
+    finally:
+        if address == "local":
+            serve.shutdown()  # type: ignore[no-untyped-call]
+            ray.shutdown()
+    return 0
