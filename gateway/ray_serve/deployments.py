@@ -3,6 +3,7 @@ ingress in front of it (see :mod:`gateway.ray_serve`)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,6 +30,10 @@ from gateway.services import build_services
 ROUTERS: dict[str, type[RequestRouter]] = {"prefix": PrefixRouter, "round_robin": RoundRobinRouter}
 
 
+#: The response header naming the model-server replica that answered.
+REPLICA_HEADER = b"x-gateway-replica"
+
+
 class ModelServer:
     """One replica: the whole gateway (its models, engines, KV cache) behind a handle. It
     takes traffic once its startup models are loaded, and on a scale-down finishes what it
@@ -41,11 +46,14 @@ class ModelServer:
         if self._lifespan.should_exit:
             raise RuntimeError("the gateway failed to start (the replica's log has why)")
         await self.app.state.loading  # a model that fails to load fails the replica
+        self.replica = serve.get_replica_context().replica_id.unique_id.encode()
 
     async def handle(self, key: str | None, request: Forwarded) -> AsyncIterator[Message]:
         """The gateway's answer to ``request``, ASGI message by message (``key`` is for the
         router)."""
         async for message in run(self.app, request):
+            if message["type"] == "http.response.start":  # which replica answered
+                message["headers"] = [*message.get("headers", ()), (REPLICA_HEADER, self.replica)]
             yield message
 
     async def check_health(self) -> None:
@@ -151,5 +159,7 @@ def _model_server_options(cfg: RayConfig) -> dict[str, Any]:
     else:
         a = cfg.autoscaling
         scaling = a.model_dump(exclude_none=True)
-        options["autoscaling_config"] = AutoscalingConfig(**scaling)
+        with warnings.catch_warnings():  # metrics_interval_s: Ray 2.60 deprecates it, yet
+            warnings.simplefilter("ignore", DeprecationWarning)  # it is the only knob there
+            options["autoscaling_config"] = AutoscalingConfig(**scaling)
     return options

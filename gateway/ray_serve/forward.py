@@ -77,9 +77,12 @@ async def read(scope: Message, receive: Receive, limit: int) -> Forwarded | None
         if not message.get("more_body", False):
             break
     client = scope.get("client")
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :] or "/"  # the application's own routes, under its prefix
     return Forwarded(
         method=scope["method"],
-        path=scope["path"],
+        path=path,
         query_string=scope.get("query_string", b""),
         headers=tuple((bytes(k), bytes(v)) for k, v in scope["headers"]),
         body=b"".join(chunks),
