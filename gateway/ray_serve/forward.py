@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import AsyncGenerator, AsyncIterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,7 +92,7 @@ async def read(scope: Message, receive: Receive, limit: int) -> Forwarded | None
     )
 
 
-async def run(app: ASGIApp, request: Forwarded) -> AsyncIterator[Message]:
+async def run(app: ASGIApp, request: Forwarded) -> AsyncGenerator[Message, None]:
     """The app's response to ``request``, message by message (``http.response.start``, then
     ``http.response.body`` pieces)."""
     out: asyncio.Queue[Message | None] = asyncio.Queue()
