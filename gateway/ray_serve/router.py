@@ -1,11 +1,11 @@
 """Ray Serve request routers for the model server.
 
-:class:`PrefixRouter` sends a request to the replica its conversation's affinity key hashes
-to (rendezvous hashing over the replicas' ids: a replica joining or leaving moves only its own
-conversations), with bounded load: a replica holding more than ``load_factor`` times the mean
-of the replicas' queues passes its requests on to the next in the key's order. A request with
-no key goes to the least loaded. Ray Serve then takes, rank by rank, the first replica that has
-room (``max_ongoing_requests``).
+:class:`PrefixRouter` sends a conversation's first request to the least loaded replica and
+every later turn (the same affinity key) to that replica, where its prefix is cached, unless it
+holds more than ``load_factor`` times the mean load (requests in flight), when the turn goes to
+the least loaded and the conversation moves there. A request with no key goes to the least
+loaded. Ray Serve then takes, rank by rank, the first replica that has room
+(``max_ongoing_requests``).
 
 :class:`RoundRobinRouter` takes turns, blind to prefixes (the baseline it is measured against).
 """
@@ -13,11 +13,21 @@ room (``max_ongoing_requests``).
 from __future__ import annotations
 
 import math
+from collections import Counter, OrderedDict
 from typing import Any
 
-from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import (
+    FIFOMixin,
+    PendingRequest,
+    ReplicaID,
+    RequestRouter,
+    RunningReplica,
+)
 
 from gateway.affinity import rendezvous_rank
+
+#: Conversations whose replica the router remembers (least recent forgotten first).
+MAX_HOMES = 100_000
 
 
 def affinity_of(pending: PendingRequest | None) -> str | None:
@@ -31,6 +41,10 @@ def affinity_of(pending: PendingRequest | None) -> str | None:
 class PrefixRouter(FIFOMixin, RequestRouter):
     def initialize_state(self, load_factor: float = 1.25, **kwargs: Any) -> None:
         self.load_factor = load_factor
+        #: Each conversation's replica (where its prefix is cached), least recent first.
+        self.homes: OrderedDict[str, str] = OrderedDict()
+        #: Requests this router sent to each replica and not yet completed.
+        self.outstanding: Counter[str] = Counter()
 
     async def choose_replicas(
         self,
@@ -42,19 +56,44 @@ class PrefixRouter(FIFOMixin, RequestRouter):
         if pending_request is not None:
             pending_request.routing_context.should_backoff = True
         key = affinity_of(pending_request)
+        loads = {r.replica_id.unique_id: self._load(r) for r in candidate_replicas}
+        by_load = sorted(candidate_replicas, key=lambda r: loads[r.replica_id.unique_id])
         if key is None:
-            return [candidate_replicas]  # the one with the shortest queue
-        names = [r.replica_id.unique_id for r in candidate_replicas]
-        ranked = rendezvous_rank(bytes.fromhex(key), candidate_replicas, names)
-        queues = [self._queue(r) for r in ranked]
-        bound = math.ceil(self.load_factor * (sum(queues) + 1) / len(queues))
-        order = [r for r, q in zip(ranked, queues, strict=True) if q < bound]
-        order += [r for r, q in zip(ranked, queues, strict=True) if q >= bound]
-        return [[r] for r in order]
+            return [by_load]  # the least loaded (Ray takes the shortest queue of a rank)
+        bound = math.ceil(self.load_factor * (sum(loads.values()) + 1) / len(loads))
+        home = self.homes.get(key)
+        if home is not None and loads.get(home, bound) < bound:
+            self.homes.move_to_end(key)
+            chosen = next(r for r in candidate_replicas if r.replica_id.unique_id == home)
+        else:  # a new conversation, or its replica is gone or full: the least loaded
+            least = loads[by_load[0].replica_id.unique_id]
+            ties = [r for r in by_load if loads[r.replica_id.unique_id] == least]
+            names = [r.replica_id.unique_id for r in ties]
+            chosen = rendezvous_rank(bytes.fromhex(key), ties, names)[0]
+            self._remember(key, chosen.replica_id.unique_id)
+        return [[chosen], [r for r in by_load if r is not chosen]]
 
-    def _queue(self, replica: RunningReplica) -> int:
+    def on_request_routed(
+        self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any
+    ) -> None:
+        self.outstanding[replica_id.unique_id] += 1
+        key = affinity_of(pending_request)
+        if key is not None:
+            self._remember(key, replica_id.unique_id)
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        name = replica_id.unique_id
+        self.outstanding[name] = max(0, self.outstanding[name] - 1)
+
+    def _remember(self, key: str, replica: str) -> None:
+        self.homes[key] = replica
+        self.homes.move_to_end(key)
+        while len(self.homes) > MAX_HOMES:
+            self.homes.popitem(last=False)
+
+    def _load(self, replica: RunningReplica) -> int:
         cached = self.replica_queue_len_cache.get(replica.replica_id)
-        return int(cached) if cached is not None else 0
+        return max(self.outstanding[replica.replica_id.unique_id], int(cached or 0))
 
 
 class RoundRobinRouter(FIFOMixin, RequestRouter):
