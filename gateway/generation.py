@@ -19,6 +19,7 @@ from gateway.types import (
     EmbeddingDelta,
     Finish,
     GenerationRequest,
+    PromptProgress,
     ReasoningDelta,
     TextDelta,
     ToolCallDelta,
@@ -117,6 +118,8 @@ class Progress:
                     self._time_tokens(index, tokens)
             case EmbeddingDelta():
                 self._first_output()
+            case PromptProgress():
+                pass  # no output yet
             case Finish():
                 self.finishes[index] = delta
             case _:

@@ -35,6 +35,7 @@ from gateway.types import (
     EmbeddingDelta,
     Finish,
     GenerationRequest,
+    PromptProgress,
     TextDelta,
     TokenizedPrompt,
     ToolCallDelta,
@@ -199,8 +200,12 @@ class ScriptedBackend:
         cfg = self.config
         tokenized = request.tokenized or await self.validate(request)
         prompt_tokens = tokenized.count
+        if request.progress:  # the prompt read in two halves
+            yield PromptProgress(prompt_tokens, 0, prompt_tokens // 2, cfg.prefill_delay_s / 2)
         if cfg.prefill_delay_s:
             await asyncio.sleep(cfg.prefill_delay_s)
+        if request.progress:
+            yield PromptProgress(prompt_tokens, 0, prompt_tokens, cfg.prefill_delay_s)
         if request.embed is not None:
             vector = scripted_embedding(prompt_text(request), cfg.embedding_size)
             dims = request.embed.dimensions

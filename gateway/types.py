@@ -216,6 +216,9 @@ class GenerationRequest:
     #: (and counted in ``cached_tokens``) only for a request with the same salt. The core mixes
     #: the caller's own salt (an API key's) into it; None: the unsalted partition.
     cache_salt: str | None = None
+    #: Report how far the prompt has been read while it is (:class:`PromptProgress`), as
+    #: llama-server's ``return_progress``: for a client showing a long prompt's progress.
+    progress: bool = False
 
     def __post_init__(self) -> None:
         given = (self.messages, self.prompt, self.prompt_tokens)
@@ -321,9 +324,21 @@ class Finish:
     stop_sequence: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class PromptProgress:
+    """How far the model has read the prompt, for a request with ``progress`` set: after
+    ``processed`` of its ``total`` tokens (``cached`` of them taken from the KV cache, counted
+    in ``processed``) and ``elapsed_s`` since the engine took it. A backend may send none."""
+
+    total: int
+    cached: int
+    processed: int
+    elapsed_s: float
+
+
 #: Every kind of delta a backend yields. Each consumer matches them exhaustively
 #: (``match`` + ``assert_never``), so mypy names every place a new kind must be handled.
-Delta = TextDelta | ReasoningDelta | ToolCallDelta | EmbeddingDelta | Finish
+Delta = TextDelta | ReasoningDelta | ToolCallDelta | EmbeddingDelta | PromptProgress | Finish
 
 #: The wire API a request came in on (an endpoint's ``name``: "chat", "completion",
 #: "embeddings", "responses", "messages"...), for plugins' labels and messages.

@@ -285,6 +285,7 @@ class LlamaCppBackend:
             constraint=constraint,
             logprobs=request.logprobs,
             salt=salt_digest(request.cache_salt),
+            progress=request.progress,
         )
         tiers = self._shared.tiers if job.embed is None else None
         found = tiers.on_disk(prompt, job.salt) if tiers is not None else None

@@ -30,7 +30,7 @@ from gateway.backend import EngineStats
 from gateway.errors import EngineError, ModelUnavailable
 from gateway.kv_events.ledger import BlockLedger
 from gateway.output.matchers import Constraint
-from gateway.types import SamplingParams, Usage
+from gateway.types import PromptProgress, SamplingParams, Usage
 
 log = logging.getLogger("backends.llamacpp.engine")
 
@@ -57,6 +57,10 @@ class Job:
     logprobs: int | None = None
     #: The prefix-cache partition it may reuse and leaves its prefix in (a salt digest).
     salt: str = ""
+    #: Report the prompt's progress (:class:`PromptProgress`) while it is read.
+    progress: bool = False
+    #: ``time.perf_counter()`` when the engine took it.
+    admitted_at: float = 0.0
     #: Set from the event loop when the client is gone.
     cancel_requested: bool = False
     seq_id: int = -1
@@ -288,6 +292,7 @@ class Engine:
                 placement.reused,
             )
             self.counters.cached_prompt_tokens += placement.reused
+            job.admitted_at = time.perf_counter()
             if job.embed is None:
                 job.decoding = Decoding(
                     model,
@@ -303,6 +308,7 @@ class Engine:
             else:
                 self.embedder.admit(job)
             self._running.append(job)
+            self._progress(job)  # what the cache gave it
 
     def _build(self, jobs: list[Job]) -> list[Row]:
         """This step's rows: each generating sequence's last token (and its draft), then up to
@@ -437,7 +443,10 @@ class Engine:
             if not row.outputs:  # a prompt chunk, more to come
                 self.slots.extend(job.seq_id, row.tokens)
                 job.n_past += len(row.tokens)
+                self._progress(job)
                 continue
+            if job.next_token is None:  # the prompt's last chunk: read, its first token drawn
+                self._progress(job, job.n_past + len(row.tokens))
             self.deliver(job, self._verify(row))
 
     def _verify(self, row: Row) -> list[Item]:
@@ -478,6 +487,14 @@ class Engine:
         finish = job.decoding.finish(verdict.end, usage)
         self.end(job, keep=True)
         return [*verdict.items, finish]
+
+    def _progress(self, job: Job, read: int | None = None) -> None:
+        """How far ``job``'s prompt is read (``read`` tokens; default: its cells), for a
+        request that asked."""
+        if job.progress and job.embed is None:
+            elapsed = time.perf_counter() - job.admitted_at
+            read = job.n_past if read is None else read
+            self.deliver(job, [PromptProgress(len(job.prompt), job.cached, read, elapsed)])
 
     def deliver(self, job: Job, items: list[Item]) -> None:
         if not items:

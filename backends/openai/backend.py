@@ -32,6 +32,7 @@ from gateway.types import (
     EmbeddingDelta,
     Finish,
     GenerationRequest,
+    PromptProgress,
     ReasoningDelta,
     TextDelta,
     TokenizedPrompt,
@@ -262,7 +263,7 @@ class OpenAIBackend:
                 | ToolCallDelta(tokens=tokens)
             ):
                 self.tokens_generated += tokens
-            case EmbeddingDelta():
+            case EmbeddingDelta() | PromptProgress():
                 pass
             case _:
                 assert_never(delta)

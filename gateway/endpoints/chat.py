@@ -23,12 +23,14 @@ from gateway.types import (
     EmbeddingDelta,
     Endpoint,
     Finish,
+    PromptProgress,
     ReasoningDelta,
     TextDelta,
     ToolCallDelta,
 )
 from gateway.wire.convert import chat_request
 from gateway.wire.responses import dumps
+from gateway.wire.shared import prompt_progress
 
 _OPEN = '},"logprobs":null,"finish_reason":null}]}'
 
@@ -80,10 +82,16 @@ class ChatStreamEncoder(ChunkStream):
                         f'"finish_reason":"{reason}"}}]}}'
                     ),
                 ]
+            case PromptProgress():  # one prompt for every choice: told once
+                return [self._progress(delta)] if index == 0 else []
             case EmbeddingDelta():
                 raise TypeError("a chat completion carries no embedding")
             case _:
                 assert_never(delta)
+
+    def _progress(self, progress: PromptProgress) -> bytes:
+        """llama-server's chunk: no choice, the prompt's progress."""
+        return frame(f'{self.head.text}[],"prompt_progress":{dumps(prompt_progress(progress))}}}')
 
     def _calls(self, index: int, pieces: list[dict[str, object]]) -> bytes:
         calls = ",".join(dumps(p) for p in pieces)

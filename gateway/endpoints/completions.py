@@ -16,6 +16,7 @@ from gateway.types import (
     Endpoint,
     Finish,
     GenerationRequest,
+    PromptProgress,
     ReasoningDelta,
     TextDelta,
     TokenLogprob,
@@ -23,6 +24,7 @@ from gateway.types import (
 )
 from gateway.wire.convert import completion_request
 from gateway.wire.responses import dumps
+from gateway.wire.shared import prompt_progress
 
 _OPEN = ',"logprobs":null,"finish_reason":null}]}'
 
@@ -68,6 +70,11 @@ class CompletionStreamEncoder(ChunkStream):
                         f'"finish_reason":"{reason}"}}]}}'
                     )
                 ]
+            case PromptProgress():
+                if index % max(1, self.request.choices_per_prompt):
+                    return []  # one per prompt
+                body = dumps(prompt_progress(delta))
+                return [frame(f'{self.head.text}[],"prompt_progress":{body}}}')]
             case ToolCallDelta() | EmbeddingDelta():
                 raise TypeError(f"a text completion carries no {type(delta).__name__}")
             case _:

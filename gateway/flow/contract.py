@@ -21,6 +21,7 @@ from gateway.types import (
     Endpoint,
     Finish,
     FinishReason,
+    PromptProgress,
     ReasoningDelta,
     TextDelta,
     TokenLogprob,
@@ -86,6 +87,8 @@ class ChoiceResult:
                 self.embedding = vector
             case Finish():
                 self.finish = delta
+            case PromptProgress():
+                pass  # a body is sent once the answer is whole
             case _:
                 assert_never(delta)
 

@@ -27,6 +27,7 @@ from gateway.types import (
     Delta,
     EmbeddingDelta,
     Finish,
+    PromptProgress,
     ReasoningDelta,
     TextDelta,
     TokenLogprob,
@@ -100,6 +101,8 @@ class OutputParser:
                 self._emit(replace(delta, reason=reason))
             case ReasoningDelta() | ToolCallDelta() | EmbeddingDelta():
                 self._emit(delta)  # already structured (a backend that parses itself)
+            case PromptProgress():
+                self._emit(delta)  # not text: passed on as it comes
             case _:
                 assert_never(delta)
         out, self._out = self._out, []

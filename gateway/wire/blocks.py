@@ -16,6 +16,7 @@ from gateway.types import (
     Delta,
     EmbeddingDelta,
     Finish,
+    PromptProgress,
     ReasoningDelta,
     TextDelta,
     TokenLogprob,
@@ -95,6 +96,8 @@ class Segmenter:
                 return self.close()
             case EmbeddingDelta():
                 raise TypeError("an answer's blocks hold no embedding")
+            case PromptProgress():
+                return []  # before the answer, not part of it
             case _:
                 assert_never(delta)
 

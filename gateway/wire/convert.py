@@ -426,6 +426,7 @@ def chat_request(body: bytes, request_id: str) -> ClientRequest:
         logprobs=(wire.top_logprobs or 0) if wire.logprobs else None,
         reasoning_effort=wire.reasoning_effort,
         cache_salt=wire.cache_salt,
+        progress=wire.return_progress and wire.stream,
     )
     request = _client_request("chat", wire, _fan_out(base, wire.n, 0))
     return replace(request, requires=requires)
@@ -467,6 +468,7 @@ def completion_request(body: bytes, request_id: str) -> ClientRequest:
             logprobs=wire.logprobs,
             passthrough=_passthrough(wire, fields),
             cache_salt=wire.cache_salt,
+            progress=wire.return_progress and wire.stream,
         )
         generations.extend(_fan_out(base, wire.n, p * wire.n))
     request = _client_request("completion", wire, generations, echo=wire.echo)

@@ -221,6 +221,8 @@ class SamplingFields(WireModel):
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     user: ClientId | None = None
     cache_salt: CacheSalt | None = None
+    #: llama-server's: stream the prompt's progress while it is read (``prompt_progress``).
+    return_progress: StrictBool = False
     # vLLM's names for the extra samplers
     top_k: Annotated[int, Field(ge=-1)] | None = None
     min_p: Probability | None = None

@@ -17,6 +17,7 @@ from gateway.output.plan import template_tools
 from gateway.types import (
     Capability,
     Passthrough,
+    PromptProgress,
     Requirement,
     ResponseFormat,
     SamplingParams,
@@ -175,3 +176,15 @@ def features(
     if logprobs_param is not None:
         requires.append(Requirement(Capability.LOGPROBS, logprobs_param))
     return tuple(requires), tuple(passthrough)
+
+
+def prompt_progress(progress: PromptProgress) -> dict[str, object]:
+    """llama-server's ``prompt_progress`` object (``return_progress``): prompt tokens in all,
+    taken from the cache, read so far (the cached ones included), and milliseconds since the
+    engine took the request."""
+    return {
+        "total": progress.total,
+        "cache": progress.cached,
+        "processed": progress.processed,
+        "time_ms": round(progress.elapsed_s * 1000, 1),
+    }

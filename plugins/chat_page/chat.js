@@ -677,6 +677,7 @@ function stats(r) {
   if (r.model) bits.push(r.model);
   if (m.ttft_ms) bits.push("TTFT " + m.ttft_ms + " ms");
   if (m.prompt_tps) bits.push("prompt " + m.prompt_tps + " tok/s");
+  if (m.prompt_ms) bits.push("prompt read in " + m.prompt_ms + " ms");
   if (m.gen_tps) bits.push(m.gen_tps + " tokens/s");
   if (u) {
     bits.push(u.input_tokens + " prompt tokens");
@@ -796,6 +797,7 @@ class LiveAnswer {
     this.pending = false;
     this.cost = 0;
     this.renderedAt = 0;
+    this.progress = null;
   }
   event(ev) {
     if (typeof ev.sequence_number === "number") this.seq = ev.sequence_number;
@@ -810,6 +812,8 @@ class LiveAnswer {
       this.lastAt = performance.now();
       if (this.firstAt === null) this.firstAt = this.lastAt;
       this.pieces += 1;
+    } else if (t === "response.prompt_progress") {
+      this.progress = ev.prompt_progress;  // how far the model has read the prompt
     } else if (t === "response.output_item.done") {
       this.items[ev.output_index] = { ...ev.item, text: null };
     } else if (t === "error") {
@@ -839,6 +843,10 @@ class LiveAnswer {
     const stick = ui.messages.scrollHeight - ui.messages.scrollTop - ui.messages.clientHeight < 80;
     const open = [...this.bubble.querySelectorAll("details.reasoning")].map((d) => d.open);
     const output = this.output();
+    if (!output.length && this.progress) {
+      this.renderProgress();
+      return;
+    }
     if (output.some((i) => i.type !== "message")) {
       fillAnswer(this.bubble, output, this.response || {});
       this.chunks = null;
@@ -871,6 +879,21 @@ class LiveAnswer {
     }
     renderInto(c.tail, text.slice(c.done));
   }
+  // A long prompt being read: a bar and its numbers, until the first token.
+  renderProgress() {
+    const p = this.progress;
+    const bar = el("progress", "prompt-progress");
+    bar.max = p.total;
+    bar.value = p.processed;
+    const pct = p.total ? Math.floor((100 * p.processed) / p.total) : 100;
+    const text = "Reading the prompt: " + pct + "% (" + p.processed + " of " + p.total +
+      " tokens" + (p.cache ? ", " + p.cache + " cached" : "") + ")";
+    const box = el("div", "progress-box");
+    box.append(bar, el("span", "progress-text", text));
+    this.bubble.replaceChildren(box);
+    setStatus(text);
+    this.renderedAt = performance.now();
+  }
   speed() {
     if (this.firstAt === null) return "";
     const parts = [this.pieces + " tokens", "first token " + Math.round(this.firstAt - this.startedAt) + " ms"];
@@ -882,6 +905,7 @@ class LiveAnswer {
     if (this.firstAt === null) return {};
     const ttft = this.firstAt - this.startedAt;
     const out = { ttft_ms: String(Math.round(ttft)) };
+    if (this.progress) out.prompt_ms = String(Math.round(this.progress.time_ms));
     if (usage) {
       const cached = (usage.input_tokens_details && usage.input_tokens_details.cached_tokens) || 0;
       const fresh = usage.input_tokens - cached;
@@ -938,7 +962,7 @@ async function generate({ previous, input, convKey }) {
   const metadata = { title };
   if (convKey) metadata.conversation = convKey;
   const body = {
-    ...params, input, store: true, background: true, stream: true, metadata,
+    ...params, input, store: true, background: true, stream: true, metadata, return_progress: true,
     ...(previous ? { previous_response_id: previous } : {}),
   };
   // show it: the chain up to `previous`, then the new turn

@@ -64,6 +64,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     scripted: dict[str, dict[str, Any]] = {
         "echo": {"echo": True, "token_delay_s": 0.002},
         "slow": {"reply": SLOW, "token_delay_s": 0.05},
+        "reader": {"reply": "Read it all.", "prefill_delay_s": 1.5},
         "long": {"reply": LONG, "context_length": 8192, "token_delay_s": 0.001},
         "think": {
             "reply": "<think>First, ponder.</think>It is **42**.",
@@ -315,6 +316,21 @@ def test_a_reload_mid_answer_resumes_it(tabs: Tabs) -> None:
     done(page)
     assert page.inner_text(".message.assistant").strip() == SLOW
     tabs.shot(page, "06-resumed")
+
+
+def test_a_long_prompt_shows_how_far_it_is_read(tabs: Tabs) -> None:
+    page = tabs.open(ALICE)
+    send(page, "reader", "a long document " * 50)
+    bar = page.locator(".message.assistant progress.prompt-progress")
+    bar.wait_for()
+    text = page.inner_text(".message.assistant .progress-text")
+    assert re.fullmatch(r"Reading the prompt: \d+% \(\d+ of \d+ tokens\)", text), text
+    value, top = bar.evaluate("b => [b.value, b.max]")
+    assert 0 < value < top
+    tabs.shot(page, "05b-prompt-progress")
+    done(page)
+    assert page.inner_text(".message.assistant").strip() == "Read it all."
+    assert "prompt read in" in page.inner_text(".meta.answer .stats")
 
 
 def test_a_phone_wide_viewport(tabs: Tabs) -> None:

@@ -203,6 +203,7 @@ def responses_request(body: bytes, request_id: str) -> ClientRequest:
         reasoning_effort="high" if effort == "xhigh" else effort,
         affinity=wire.prompt_cache_key or request_id,  # a new chain starts here
         cache_salt=wire.cache_salt,
+        progress=wire.return_progress and wire.stream,
     )
     headers = (("x-gateway-ignored-tools", ",".join(tools.ignored)),) if tools.ignored else ()
     return ClientRequest(

@@ -4,7 +4,8 @@ its parts and deltas, each closed, then ``response.completed`` (or ``.incomplete
 whole response. Every event has a strictly increasing ``sequence_number``. A custom tool's
 input streams as ``response.custom_tool_call_input.delta`` events as its arguments arrive
 (decoded by :class:`~gateway.output.calls.CustomInput`, as chat completions stream it), then
-whole in ``.done``."""
+whole in ``.done``. A request with ``return_progress`` also gets ``response.prompt_progress``
+events (llama-server's ``prompt_progress`` object) while its prompt is read."""
 
 from __future__ import annotations
 
@@ -31,9 +32,10 @@ from gateway.endpoints.responses.objects import (
 from gateway.errors import GatewayError
 from gateway.output.calls import CustomInput
 from gateway.sse import frame
-from gateway.types import ClientRequest, Delta, TokenLogprob, Usage
+from gateway.types import ClientRequest, Delta, PromptProgress, TokenLogprob, Usage
 from gateway.wire.blocks import Block, BlockEvent, Closed, Grew, Opened, Segmenter
 from gateway.wire.responses import json_line
+from gateway.wire.shared import prompt_progress
 
 Keep = Callable[[ResponsesState, dict[str, object]], Awaitable[None]]
 
@@ -96,6 +98,9 @@ class ResponsesStreamEncoder:
         return [*created, self._event("response.in_progress", response=response)]
 
     def delta(self, index: int, delta: Delta) -> list[bytes]:
+        if isinstance(delta, PromptProgress):  # asked for with ``return_progress``
+            progress = prompt_progress(delta)
+            return [self._event("response.prompt_progress", prompt_progress=progress)]
         return [e for event in self.segments.feed(delta) for e in self._block_event(event)]
 
     def _block_event(self, event: BlockEvent) -> list[bytes]:

@@ -176,6 +176,9 @@ class ResponsesRequest(WireModel):
     include: list[StrictStr] | None = None
     prompt_cache_key: ClientId | None = None
     cache_salt: CacheSalt | None = None
+    #: llama-server's: stream the prompt's progress while it is read
+    #: (``response.prompt_progress`` events; the chat page's progress bar).
+    return_progress: StrictBool = False
     stream_options: ResponsesStreamOptions | None = None
     store: StrictBool = True
     previous_response_id: Id | None = None
