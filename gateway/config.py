@@ -13,7 +13,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -103,6 +103,9 @@ class KVEventsConfig(StrictModel):
 
 
 class ModelConfig(StrictModel):
+    #: Set by a backend whose cache publishes KV events (``kv_events`` is refused otherwise).
+    publishes_kv_events: ClassVar[bool] = False
+
     backend: str
     aliases: tuple[str, ...] = ()
     load: Literal["startup", "on_demand"] = "startup"
@@ -116,6 +119,12 @@ class ModelConfig(StrictModel):
     kv_cache: KVCacheConfig = KVCacheConfig()
     #: Publish the cache's blocks for a prefix-aware router (None: off).
     kv_events: KVEventsConfig | None = None
+
+    @model_validator(mode="after")
+    def _kv_events_supported(self) -> ModelConfig:
+        if self.kv_events is not None and not self.publishes_kv_events:
+            raise ValueError(f"kv_events: backend {self.backend!r} publishes no KV events")
+        return self
 
 
 class ServerConfig(StrictModel):
@@ -320,6 +329,24 @@ def _check_names(models: dict[str, ModelConfig], problems: list[str]) -> None:
             seen[alias] = name
 
 
+def _check_topics(models: dict[str, ModelConfig], problems: list[str]) -> None:
+    """Each publishing model on its own topic, one llm-d can parse (``kv@POD@MODEL``)."""
+    seen: dict[tuple[str, str], str] = {}
+    for name, cfg in models.items():
+        events = cfg.kv_events
+        if events is None:
+            continue
+        if events.topic is None and "@" in name:
+            problems.append(f"models.{name}.kv_events: the topic kv@HOST:PORT@{name} has an '@' "
+                            "too many for llm-d; set topic")  # fmt: skip
+        where = (events.endpoint, events.topic or f"kv@@{name}")
+        if where in seen:
+            problems.append(
+                f"models.{name}.kv_events: the same endpoint and topic as model {seen[where]!r}"
+            )
+        seen[where] = name
+
+
 def parse_config(raw: dict[str, Any], source: str, base_dir: Path | None = None) -> GatewayConfig:
     """Validate a config mapping; raise :class:`ConfigError` listing every problem.
 
@@ -336,6 +363,7 @@ def parse_config(raw: dict[str, Any], source: str, base_dir: Path | None = None)
     models = _parse_models(raw.get("models", {}), problems, context)
     plugins = _parse_plugins(raw.get("plugins", {}), problems, context)
     _check_names(models, problems)
+    _check_topics(models, problems)
     if not models and not problems:
         problems.append("models: at least one model must be configured")
     if (

@@ -23,7 +23,7 @@ from gateway.backend import (
 )
 from gateway.config import GatewayConfig, ModelConfig
 from gateway.drain import Drain
-from gateway.errors import ConfigError, ModelNotFound, ModelUnavailable, Overloaded
+from gateway.errors import ModelNotFound, ModelUnavailable, Overloaded
 from gateway.hub import (
     DownloadCancelled,
     DownloadProgress,
@@ -86,10 +86,8 @@ class ModelEntry:
         #: The latest fetch from the Hub (bytes, rate), if any.
         self.download: DownloadProgress | None = None
         self.backend: Backend = self._new_backend()
-        if config.kv_events is not None and not isinstance(self.backend, PublishesKVEvents):
-            raise ConfigError(
-                "config", [f"models.{name}.kv_events: backend {config.backend!r} has no KV events"]
-            )
+        # the config refused kv_events for a backend that says it has none; this one must
+        assert config.kv_events is None or isinstance(self.backend, PublishesKVEvents)
         b = config.batching
         self.admission = Admission(name, b.max_concurrent, b.max_queue, b.queue_timeout_s)
         self.state = ModelState.UNLOADED

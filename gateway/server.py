@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import logging
 import math
 import os
@@ -132,11 +133,19 @@ async def run_server(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     return_large_frees_to_the_os()
+    # --host/--port are the server's address everywhere (e.g. the KV events' topic names it)
+    server_cfg = config.server.model_copy(
+        update={
+            "host": host or config.server.host,
+            "port": config.server.port if port is None else port,
+        }
+    )
+    config = dataclasses.replace(config, server=server_cfg)
     services = build_services(config)
     uv_config = uvicorn.Config(
         "gateway:__name__",  # replaced below; uvicorn.Config needs an app
-        host=host or config.server.host,
-        port=config.server.port if port is None else port,
+        host=server_cfg.host,
+        port=server_cfg.port,
         workers=1,
         log_level=config.server.log_level,
         # the drain deadline ends every stream (gateway.drain); this is the backstop after it

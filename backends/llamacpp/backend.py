@@ -134,14 +134,14 @@ class LlamaCppBackend:
         )
 
     def _announce(self) -> BlockLedger | None:
-        """The cells' block ledger (KV events on), the tiers' announced on the first load."""
+        """The cells' block ledger (KV events on); the tiers' blocks announced (once for a
+        sink and block size)."""
         if self._kv_events is None or self.config.embeddings:
             return None
         sink, block_size = self._kv_events
         tiers = self._shared.tiers
-        if tiers is not None and not self._shared.announced:
+        if tiers is not None:
             tiers.announce(sink, block_size)
-            self._shared.announced = True
         return BlockLedger("GPU", block_size, sink)
 
     @property

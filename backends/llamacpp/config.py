@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -129,6 +129,8 @@ class NotFetched(ValueError):
 
 
 class LlamaCppConfig(ModelConfig):
+    publishes_kv_events: ClassVar[bool] = True
+
     backend: str = "llamacpp"
     #: The GGUF file (``model_path`` in config.toml; exactly one of it and ``hf``). For a split
     #: GGUF, its first shard (``-00001-of-0000N.gguf``): llama.cpp loads the rest beside it.

@@ -164,7 +164,10 @@ class _Index:
     ledger: BlockLedger | None = None
 
     def announce(self, ledger: BlockLedger) -> None:
-        """Publish the entries held now, then every change."""
+        """Publish the entries held now, then every change (to ``ledger`` only: a ledger
+        announced before lets go of them)."""
+        if self.ledger is not None:
+            self.ledger.clear()
         self.ledger = ledger
         for key, tokens in self.tokens.items():
             ledger.hold(key, tokens, self.salts[key])
@@ -230,12 +233,13 @@ class HostTier:
         if key in self.entries:
             self.entries.move_to_end(key)
             return []
-        for old_key in self.index.dominated(saved.tokens, saved.salt):
+        dominated = self.index.dominated(saved.tokens, saved.salt)
+        self.entries[key] = saved
+        self.index.add(key, saved.tokens, saved.salt)  # first: its blocks never leave the tier
+        self.bytes += len(saved.data)
+        for old_key in dominated:
             self.bytes -= len(self.entries.pop(old_key).data)
             self.index.remove(old_key)
-        self.entries[key] = saved
-        self.index.add(key, saved.tokens, saved.salt)
-        self.bytes += len(saved.data)
         evicted = []
         while self.bytes > self.budget and self.entries:
             old_key, old = self.entries.popitem(last=False)
@@ -645,10 +649,11 @@ class DiskTier:
         os.replace(tmp, self._path(key))
         size = len(head) + len(data)
         with self._lock:
-            for old_key in self.index.dominated(saved.tokens, saved.salt):
-                self._forget(old_key)
-            if key not in self.sizes:
+            dominated = self.index.dominated(saved.tokens, saved.salt)
+            if key not in self.sizes:  # first: its blocks never leave the tier
                 self.index.add(key, saved.tokens, saved.salt)
+            for old_key in dominated:
+                self._forget(old_key)
             self.bytes += size - self.sizes.get(key, 0)
             self.sizes[key] = size
             self.sizes.move_to_end(key)
@@ -745,6 +750,7 @@ class KVTiers:
         self.disk = disk
         self.stats = TierStats()
         self._lock = threading.RLock()
+        self._announced: tuple[KVEventSink, int] | None = None
 
     def save(self, saved: Saved) -> None:
         with self._lock:
@@ -759,7 +765,11 @@ class KVTiers:
                 self.disk.put(entry)
 
     def announce(self, sink: KVEventSink, block_size: int) -> None:
-        """Publish the blocks each tier holds to ``sink`` (KV events), and every change."""
+        """Publish the blocks each tier holds to ``sink`` (KV events), and every change; again
+        only if the sink or the block size changed (the model's config did)."""
+        if self._announced == (sink, block_size):
+            return
+        self._announced = (sink, block_size)
         if self.host is not None:
             with self._lock:
                 self.host.index.announce(BlockLedger("CPU", block_size, sink))
@@ -885,5 +895,3 @@ class SharedTiers:
 
     tiers: KVTiers | None = None
     opened: bool = False
-    #: Their blocks are published (KV events), from the first load that publishes on.
-    announced: bool = False

@@ -41,12 +41,15 @@ class RayAutoscaling(_Strict):
     def _bounds(self) -> RayAutoscaling:
         if self.min_replicas > self.max_replicas:
             raise ValueError("min_replicas must be at most max_replicas")
+        start = self.initial_replicas
+        if start is not None and not self.min_replicas <= start <= self.max_replicas:
+            raise ValueError("initial_replicas must be between min_replicas and max_replicas")
         return self
 
 
 class RayConfig(_Strict):
-    #: Replicas of the model server (without ``[ray.autoscaling]``).
-    num_replicas: int = Field(1, ge=1)
+    #: Replicas of the model server (default 1; not with ``[ray.autoscaling]``).
+    num_replicas: int | None = Field(None, ge=1)
     autoscaling: RayAutoscaling | None = None
     #: What one replica holds of the cluster (one replica per GPU: ``num_gpus = 1``).
     num_cpus: float = Field(1.0, ge=0)
@@ -60,3 +63,9 @@ class RayConfig(_Strict):
     health_check_period_s: float = Field(10.0, gt=0)
     #: The application's name on the cluster.
     app_name: str = Field("gateway", min_length=1)
+
+    @model_validator(mode="after")
+    def _one_way(self) -> RayConfig:
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("set num_replicas or [ray.autoscaling], not both")
+        return self

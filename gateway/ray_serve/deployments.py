@@ -3,6 +3,7 @@ ingress in front of it (see :mod:`gateway.ray_serve`)."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,7 +20,13 @@ from uvicorn.lifespan.on import LifespanOn
 from gateway.app import create_app
 from gateway.config import GatewayConfig
 from gateway.endpoints import endpoints
-from gateway.errors import OPENAI_ERRORS, GatewayError, ModelUnavailable, PayloadTooLarge
+from gateway.errors import (
+    OPENAI_ERRORS,
+    ConfigError,
+    GatewayError,
+    ModelUnavailable,
+    PayloadTooLarge,
+)
 from gateway.http import error_response
 from gateway.ray_serve.config import RayConfig
 from gateway.ray_serve.forward import Forwarded, Message, read, run
@@ -51,10 +58,14 @@ class ModelServer:
     async def handle(self, key: str | None, request: Forwarded) -> AsyncIterator[Message]:
         """The gateway's answer to ``request``, ASGI message by message (``key`` is for the
         router)."""
-        async for message in run(self.app, request):
-            if message["type"] == "http.response.start":  # which replica answered
-                message["headers"] = [*message.get("headers", ()), (REPLICA_HEADER, self.replica)]
-            yield message
+        async with contextlib.aclosing(run(self.app, request)) as messages:
+            async for message in messages:
+                if message["type"] == "http.response.start":  # which replica answered
+                    message["headers"] = [
+                        *message.get("headers", ()),
+                        (REPLICA_HEADER, self.replica),
+                    ]
+                yield message
 
     async def check_health(self) -> None:
         pool = self.app.state.services.pool
@@ -89,21 +100,25 @@ class Ingress:
             await self._error(scope, send, PayloadTooLarge(f"the body exceeds {self.limit} bytes"))
             return
         key = self.affinities.key(request)
-        started = False
+        started = finished = False
+        stream = self.model_server.remote(key, request)
+        assert isinstance(stream, DeploymentResponseGenerator)
         try:
-            stream = self.model_server.remote(key, request)
-            assert isinstance(stream, DeploymentResponseGenerator)
             async for message in stream:
                 if not started:
                     started = True
                     self.affinities.learn(key, message)
                 await send(message)
+            finished = True
         except Exception:
             if started:
                 raise  # headers are out: the connection ends, the client sees a cut stream
             await self._error(
                 scope, send, ModelUnavailable("the model server failed; retry the request")
             )
+        finally:
+            if not finished:
+                stream.cancel()  # type: ignore[no-untyped-call]  # the replica frees it too
 
     async def _error(self, scope: Scope, send: Send, error: GatewayError) -> None:
         dialect = next((d for p, d in self.dialects if scope["path"].startswith(p)), OPENAI_ERRORS)
@@ -130,7 +145,15 @@ async def _no_body() -> Message:
 
 
 def application(config: GatewayConfig) -> Application:
-    """The gateway as a Ray Serve application, from ``config``'s ``[ray]`` table."""
+    """The gateway as a Ray Serve application, from ``config``'s ``[ray]`` table.
+
+    KV events are refused: every replica would bind the same endpoint and name itself by
+    ``[server]``'s address, which is the proxy's, not its own (llm-d routes to pods, not to Ray
+    Serve replicas)."""
+    publishing = [name for name, m in config.models.items() if m.kv_events is not None]
+    if publishing:
+        problems = [f"models.{name}.kv_events: not served on Ray Serve" for name in publishing]
+        raise ConfigError(config.source, problems)
     ray_cfg = config.ray or RayConfig()
     server = serve.deployment(**_model_server_options(ray_cfg))(ModelServer)
     ingress = serve.deployment(name="Ingress", max_ongoing_requests=100_000)(
@@ -155,7 +178,7 @@ def _model_server_options(cfg: RayConfig) -> dict[str, Any]:
         router = RequestRouterConfig(request_router_class=ROUTERS[cfg.router])  # type: ignore[arg-type]
         options["request_router_config"] = router
     if cfg.autoscaling is None:
-        options["num_replicas"] = cfg.num_replicas
+        options["num_replicas"] = cfg.num_replicas or 1
     else:
         a = cfg.autoscaling
         scaling = a.model_dump(exclude_none=True)

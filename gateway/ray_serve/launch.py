@@ -7,6 +7,7 @@ import signal
 import threading
 
 from gateway.config import GatewayConfig
+from gateway.errors import ConfigError
 from gateway.ray_serve.config import RayConfig
 
 log = logging.getLogger("gateway.ray_serve")
@@ -42,6 +43,13 @@ def serve_on_ray(config: GatewayConfig, address: str, host: str, port: int) -> i
     except ImportError:
         log.error("--ray needs Ray Serve: pip install 'llm-gateway[ray]'")
         return 2
+    from gateway.ray_serve.deployments import application
+
+    try:
+        application(config)  # a config Ray Serve cannot run is refused before joining a cluster
+    except ConfigError as err:
+        log.error("%s", err)
+        return 2
     connect(address)
     cfg = config.ray or RayConfig()
     try:
@@ -51,8 +59,8 @@ def serve_on_ray(config: GatewayConfig, address: str, host: str, port: int) -> i
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         stop.wait()
-        serve.delete(cfg.app_name)
     finally:
+        serve.delete(cfg.app_name)  # its replicas drain first (also after a failed deploy)
         if address == "local":
             serve.shutdown()  # type: ignore[no-untyped-call]
             ray.shutdown()

@@ -38,13 +38,16 @@ def affinity_of(pending: PendingRequest | None) -> str | None:
     return key if isinstance(key, str) else None
 
 
-class PrefixRouter(FIFOMixin, RequestRouter):
+class PrefixRouter(RequestRouter):
+    """Not FIFO: with :class:`FIFOMixin`, the replica chosen for one request may go to
+    another that waited longer, and with it to another conversation."""
+
     def initialize_state(self, load_factor: float = 1.25, **kwargs: Any) -> None:
         self.load_factor = load_factor
         #: Each conversation's replica (where its prefix is cached), least recent first.
         self.homes: OrderedDict[str, str] = OrderedDict()
-        #: Requests this router sent to each replica and not yet completed.
-        self.outstanding: Counter[str] = Counter()
+        #: Requests this router sent and not yet completed, and their replicas.
+        self.in_flight: dict[str, str] = {}
 
     async def choose_replicas(
         self,
@@ -56,7 +59,8 @@ class PrefixRouter(FIFOMixin, RequestRouter):
         if pending_request is not None:
             pending_request.routing_context.should_backoff = True
         key = affinity_of(pending_request)
-        loads = {r.replica_id.unique_id: self._load(r) for r in candidate_replicas}
+        counted = Counter(self.in_flight.values())
+        loads = {r.replica_id.unique_id: self._load(r, counted) for r in candidate_replicas}
         by_load = sorted(candidate_replicas, key=lambda r: loads[r.replica_id.unique_id])
         if key is None:
             return [by_load]  # the least loaded (Ray takes the shortest queue of a rank)
@@ -76,14 +80,16 @@ class PrefixRouter(FIFOMixin, RequestRouter):
     def on_request_routed(
         self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any
     ) -> None:
-        self.outstanding[replica_id.unique_id] += 1
+        name = replica_id.unique_id
+        self.in_flight[pending_request.metadata.internal_request_id] = name
         key = affinity_of(pending_request)
         if key is not None:
-            self._remember(key, replica_id.unique_id)
+            self._remember(key, name)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        name = replica_id.unique_id
-        self.outstanding[name] = max(0, self.outstanding[name] - 1)
+        """Also called for a request the replica refused (never routed): only a request
+        counted in flight is taken off."""
+        self.in_flight.pop(internal_request_id, None)
 
     def _remember(self, key: str, replica: str) -> None:
         self.homes[key] = replica
@@ -91,9 +97,9 @@ class PrefixRouter(FIFOMixin, RequestRouter):
         while len(self.homes) > MAX_HOMES:
             self.homes.popitem(last=False)
 
-    def _load(self, replica: RunningReplica) -> int:
+    def _load(self, replica: RunningReplica, counted: Counter[str]) -> int:
         cached = self.replica_queue_len_cache.get(replica.replica_id)
-        return max(self.outstanding[replica.replica_id.unique_id], int(cached or 0))
+        return max(counted[replica.replica_id.unique_id], int(cached or 0))
 
 
 class RoundRobinRouter(FIFOMixin, RequestRouter):

@@ -5,11 +5,14 @@ The picker scrapes ``/metrics`` as Prometheus text and reads each value as a gau
 
 - ``vllm:num_requests_waiting``: requests waiting for the model (admission queue and engine
   queue); its queue scorer prefers fewer, and it counts a server saturated past a threshold;
-- ``vllm:num_requests_running``: sequences running;
+- ``vllm:num_requests_running``: sequences running (admitted and in the engine's batch);
 - ``vllm:kv_cache_usage_perc`` (and its older name ``vllm:gpu_cache_usage_perc``, which the
   picker read up to v1.2): the fraction (0..1) of KV cells in use; it prefers the emptier;
 - ``vllm:cache_config_info``: 1, its ``block_size`` and ``num_gpu_blocks`` labels sizing the
   picker's approximate prefix index.
+
+The picker reads the first series of each name and ignores labels: behind llm-d, serve one
+model per gateway (each model gets its own series here, labelled ``model_name``).
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ class ModelServerCollector(Collector):
             stats = self._stats(entry)
             queued = stats.queued_sequences if stats is not None else 0
             waiting.add_metric([name], entry.admission.queued + queued)
-            running.add_metric([name], entry.admission.active)
+            running.add_metric([name], max(0, entry.admission.active - queued))
             fraction = _usage(stats)
             usage.add_metric([name], fraction)
             usage_old.add_metric([name], fraction)

@@ -10,8 +10,11 @@ import pytest
 import zmq
 
 from gateway.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from gateway.kv_events import publisher as publisher_module
+from gateway.kv_events.ledger import BlockLedger
 from gateway.kv_events.publisher import KVEventPublisher, binds
 from gateway.kv_events.wire import decode_batch, encode_batch
+from tests.gateway.kv_events.view import RouterView
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -87,3 +90,33 @@ def test_the_publisher_sends_three_frames_in_sequence(tmp_path: object) -> None:
 def test_an_endpoint_that_cannot_be_opened_fails_at_once() -> None:
     with pytest.raises(OSError, match="cannot open"):
         KVEventPublisher("tcp://*:notaport")
+
+
+def test_dropped_events_are_made_good_by_restating_the_topic(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(publisher_module, "MAX_QUEUE", 1)  # the engine outruns the socket
+    endpoint = f"ipc://{tmp_path}/kv.sock"
+    publisher = KVEventPublisher(endpoint)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"kv@")
+    sub.setsockopt(zmq.RCVTIMEO, 200)
+    sub.connect(endpoint)
+    view = RouterView(late=True, strict=False)
+    try:
+        time.sleep(0.3)
+        ledger = BlockLedger("GPU", 4, publisher.sink("kv@pod@m"))
+        for i in range(400):
+            ledger.hold(i % 7, list(range(i, i + 13)))
+        deadline = time.monotonic() + 10
+        while set(view.blocks.get("GPU", {})) != ledger.blocks() or not view.cleared:
+            assert time.monotonic() < deadline, "the subscriber never caught up"
+            try:
+                view.apply(decode_batch(sub.recv_multipart()[2])[1])
+            except zmq.Again:
+                continue
+    finally:
+        publisher.close()
+        sub.close(0)
+    assert publisher._dropped > 0  # some were dropped, and the view is exact anyway
