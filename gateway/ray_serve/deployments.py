@@ -80,7 +80,8 @@ class ModelServer:
 class Ingress:
     """Every HTTP request from Ray Serve's proxy: its body read once (bounded), its affinity
     key worked out, the model server's answer relayed as it streams. A model server that dies
-    before answering is a 503 in the endpoint's error shape (the client may retry)."""
+    before answering is a 503 in the endpoint's error shape (the client may retry); one that
+    dies mid-stream ends the stream with the endpoint's error event."""
 
     def __init__(self, config: GatewayConfig, model_server: DeploymentHandle[Any]) -> None:
         services = build_services(config)
@@ -99,7 +100,8 @@ class Ingress:
         if request is None:
             await self._error(scope, send, PayloadTooLarge(f"the body exceeds {self.limit} bytes"))
             return
-        key = self.affinities.key(request)
+        route = self.affinities.route(request)
+        key = route.key
         started = finished = False
         stream = self.model_server.remote(key, request)
         assert isinstance(stream, DeploymentResponseGenerator)
@@ -111,11 +113,15 @@ class Ingress:
                 await send(message)
             finished = True
         except Exception:
-            if started:
-                raise  # headers are out: the connection ends, the client sees a cut stream
-            await self._error(
-                scope, send, ModelUnavailable("the model server failed; retry the request")
-            )
+            failed = ModelUnavailable("the model server failed; retry the request")
+            if not started:
+                await self._error(scope, send, failed)
+                return
+            last = route.stream_error(failed)  # a stream ends with its dialect's error event
+            if last is None:
+                raise  # the connection ends: the client sees a cut body
+            await send({"type": "http.response.body", "body": last, "more_body": False})
+            finished = True
         finally:
             if not finished:
                 stream.cancel()  # type: ignore[no-untyped-call]  # the replica frees it too

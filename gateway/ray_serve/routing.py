@@ -11,14 +11,30 @@ the key each response id was routed by.
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from gateway.affinity import affinity_key
 from gateway.errors import GatewayError
 from gateway.flow.contract import EndpointSpec
 from gateway.ray_serve.forward import Forwarded, Message
+from gateway.types import ClientRequest
 
 #: Response ids remembered (oldest forgotten first).
 MAX_IDS = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    key: str | None
+    endpoint: EndpointSpec | None = None
+    parsed: ClientRequest | None = None
+
+    def stream_error(self, error: GatewayError) -> bytes | None:
+        """The event a stream of this request ends with when it fails after its headers, in
+        its endpoint's shape (None: not a stream the ingress can speak for)."""
+        if self.endpoint is None or self.parsed is None or not self.parsed.stream:
+            return None
+        return self.endpoint.stream_encoder(self.parsed, "", 0).error(error)
 
 
 class Affinities:
@@ -30,22 +46,28 @@ class Affinities:
 
     def key(self, request: Forwarded) -> str | None:
         """The request's affinity key (hex), or None: any replica will do."""
+        return self.route(request).key
+
+    def route(self, request: Forwarded) -> Route:
+        """The request's affinity key, and its endpoint and parsed body where it has them."""
         named = self._named_in_path(request.path)
         if named is not None:
-            return named
+            return Route(named)
         endpoint = self._endpoints.get(request.path)
         if endpoint is None or request.method != "POST":
-            return None
+            return Route(None)
         self._counter += 1
         try:
             parsed = endpoint.parse(request.body, f"ingress-{self._counter}")
         except (GatewayError, ValueError):
-            return None  # the replica answers it with the endpoint's error
+            return Route(None)  # the replica answers it with the endpoint's error
         if parsed.continues is not None:
-            return self._ids.get(parsed.continues) or _hex(b"named\0" + parsed.continues.encode())
-        if not parsed.generations:
-            return None
-        return _hex(affinity_key(parsed.generations[0]))
+            key = self._ids.get(parsed.continues) or _hex(b"named\0" + parsed.continues.encode())
+        elif parsed.generations:
+            key = _hex(affinity_key(parsed.generations[0]))
+        else:
+            key = None
+        return Route(key, endpoint, parsed)
 
     def _named_in_path(self, path: str) -> str | None:
         for part in reversed(path.strip("/").split("/")):

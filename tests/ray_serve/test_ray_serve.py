@@ -160,19 +160,30 @@ def test_streams_chains_and_prefix_routing(cluster: str, tmp_path: Path) -> None
 
 
 def test_a_killed_replica_is_replaced(cluster: str, tmp_path: Path) -> None:
+    """Killed mid-answer: the stream ends with an error event, Ray starts another replica,
+    and the next request is served."""
     deploy("k", tmp_path, num_replicas=2)
-    names = [
-        a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-        if a["name"].startswith("SERVE_REPLICA::k#ModelServer#")
-    ]  # fmt: skip
-    assert len(names) == 2
-    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+    body = {
+        "model": SMOL, "stream": True, "max_tokens": 800, "temperature": 1.0,
+        "messages": [{"role": "user", "content": "Write a very long story."}],
+    }  # fmt: skip
+    with httpx.stream("POST", f"{cluster}/k/v1/chat/completions", json=body, timeout=60) as r:
+        replica = r.headers["x-gateway-replica"]
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        [name] = [
+            a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("SERVE_REPLICA::k#ModelServer#") and replica in a["name"]
+        ]  # fmt: skip
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest and '"error"' in rest[-1], rest[-3:]  # a clean end, in OpenAI's shape
     wait_until(lambda: replicas("k") < 2, 30, "the kill to be seen")
     took = wait_until(lambda: replicas("k") == 2, 60, "a new replica")
-    r = client(cluster, "k").chat.completions.create(
+    answer = client(cluster, "k").chat.completions.create(
         model=SMOL, messages=[{"role": "user", "content": "hi"}], max_tokens=4
     )
-    assert r.choices[0].message.content is not None
+    assert answer.choices[0].message.content is not None
     print(f"\nreplica replaced in {took:.1f} s")
     serve.delete("k")
 
