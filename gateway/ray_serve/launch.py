@@ -52,12 +52,12 @@ def serve_on_ray(config: GatewayConfig, address: str, host: str, port: int) -> i
         return 2
     connect(address)
     cfg = config.ray or RayConfig()
+    stop = threading.Event()  # a signal during the deploy stops it once it is up
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         url = deploy(config, host, port)
         log.info("gateway on Ray Serve at %s (application %r)", url, cfg.app_name)
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
         stop.wait()
     finally:
         serve.delete(cfg.app_name)  # its replicas drain first (also after a failed deploy)
