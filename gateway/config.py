@@ -83,7 +83,9 @@ class KVEventsConfig(StrictModel):
     Dynamo): every block the model's cache stores or drops, published over ZMQ in vLLM's
     msgpack format (:mod:`gateway.kv_events`). Needs ``llm-gateway[kv-events]``."""
 
-    #: The ZMQ PUB socket's address (bound; models may share one, each on its own topic).
+    #: The ZMQ PUB socket's address: bound where it has a wildcard (``tcp://*:5557``, what
+    #: llm-d's per-pod discovery dials), connected to otherwise (a central subscriber). Models
+    #: may share one, each on its own topic.
     endpoint: str = Field("tcp://*:5557", pattern=r"^(tcp|ipc|inproc)://\S+$")
     #: The ZMQ topic; default ``kv@HOST:PORT@MODEL`` (this server's address, as llm-d expects;
     #: HOST is ``$POD_IP`` or this machine's address when the server binds every interface).
