@@ -52,6 +52,8 @@ class Turn:
     ttft_s: float
     prompt_tokens: int
     cached_tokens: int
+    #: The replica that answered, where it says (``x-gateway-replica``: Ray Serve).
+    replica: str = ""
 
 
 def free_port() -> int:
@@ -178,7 +180,7 @@ def opening(conversation: int, doc_words: int) -> list[dict[str, str]]:
 
 async def ask(
     client: httpx.AsyncClient, url: str, messages: list[dict[str, str]], max_tokens: int
-) -> tuple[float, str, dict[str, object]]:
+) -> tuple[float, str, dict[str, object], str]:
     body = {
         "model": "fleet",
         "messages": messages,
@@ -194,6 +196,7 @@ async def ask(
     async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"{r.status_code}: {(await r.aread()).decode()[:300]}")
+        replica = r.headers.get("x-gateway-replica", "")
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -206,7 +209,8 @@ async def ask(
                     ttft = ttft if ttft is not None else time.perf_counter() - started
                     text.append(piece)
             usage = chunk.get("usage") or usage
-    return (ttft if ttft is not None else time.perf_counter() - started), "".join(text), usage
+    took = ttft if ttft is not None else time.perf_counter() - started
+    return took, "".join(text), usage, replica
 
 
 async def conversation(
@@ -215,10 +219,11 @@ async def conversation(
     messages = opening(i, args.doc_words)
     turns = []
     for t in range(1, args.turns + 1):
-        ttft, reply, usage = await ask(client, url, messages, args.max_tokens)
+        ttft, reply, usage, replica = await ask(client, url, messages, args.max_tokens)
         details = usage.get("prompt_tokens_details")
         cached = details.get("cached_tokens") if isinstance(details, dict) else None
-        turns.append(Turn(policy, i, t, ttft, _count(usage.get("prompt_tokens")), _count(cached)))
+        prompt = _count(usage.get("prompt_tokens"))
+        turns.append(Turn(policy, i, t, ttft, prompt, _count(cached), replica))
         messages += [
             {"role": "assistant", "content": reply},
             {"role": "user", "content": QUESTIONS[t % len(QUESTIONS)]},

@@ -24,79 +24,11 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from bench.bench_affinity import QUESTIONS, Turn, free_port, opening
-
-
-@dataclass
-class RoutedTurn(Turn):
-    #: The model-server replica that answered (``x-gateway-replica``).
-    replica: str = ""
-
-
-async def ask(
-    client: httpx.AsyncClient, url: str, messages: list[dict[str, str]], max_tokens: int
-) -> tuple[float, str, dict[str, Any], str]:
-    body = {
-        "model": "fleet", "messages": messages, "max_tokens": max_tokens, "temperature": 0,
-        "stream": True, "stream_options": {"include_usage": True},
-    }  # fmt: skip
-    started = time.perf_counter()
-    ttft: float | None = None
-    text: list[str] = []
-    usage: dict[str, Any] = {}
-    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"{r.status_code}: {(await r.aread()).decode()[:300]}")
-        replica = r.headers.get("x-gateway-replica", "")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            for choice in chunk.get("choices", ()):
-                if piece := choice.get("delta", {}).get("content"):
-                    ttft = ttft if ttft is not None else time.perf_counter() - started
-                    text.append(piece)
-            usage = chunk.get("usage") or usage
-    return (ttft or time.perf_counter() - started), "".join(text), usage, replica
-
-
-async def conversation(
-    client: httpx.AsyncClient, url: str, router: str, i: int, args: argparse.Namespace
-) -> list[RoutedTurn]:
-    messages = opening(i, args.doc_words)
-    turns = []
-    for t in range(1, args.turns + 1):
-        ttft, reply, usage, replica = await ask(client, url, messages, args.max_tokens)
-        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-        turns.append(
-            RoutedTurn(
-                router, i, t, ttft, int(usage.get("prompt_tokens") or 0), int(cached), replica
-            )
-        )
-        messages += [
-            {"role": "assistant", "content": reply},
-            {"role": "user", "content": QUESTIONS[t % len(QUESTIONS)]},
-        ]
-    return turns
-
-
-async def workload(url: str, router: str, args: argparse.Namespace) -> list[RoutedTurn]:
-    gate = asyncio.Semaphore(args.concurrency)
-
-    async def one(i: int, client: httpx.AsyncClient) -> list[RoutedTurn]:
-        async with gate:
-            return await conversation(client, url, router, i, args)
-
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
-        await one(10_000, client)  # warm-up conversation (not counted)
-        results = await asyncio.gather(*(one(i, client) for i in range(args.conversations)))
-    return [t for turns in results for t in turns]
+from bench.bench_affinity import Turn, free_port, workload
 
 
 def config(tmp: Path, router: str, args: argparse.Namespace) -> Any:
@@ -125,7 +57,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def summary(turns: list[RoutedTurn], routers: list[str]) -> str:
+def summary(turns: list[Turn], routers: list[str]) -> str:
     head = (
         f"{'router':<14}{'turns':>6}{'TTFT p50 ms':>13}{'TTFT p95 ms':>13}"
         f"{'prompt tok':>12}{'cached tok':>12}{'cached %':>10}{'cached % t2+':>14}"
@@ -147,14 +79,14 @@ def summary(turns: list[RoutedTurn], routers: list[str]) -> str:
     return "\n".join(lines)
 
 
-def spread(rows: list[RoutedTurn]) -> float:
+def spread(rows: list[Turn]) -> float:
     """Replicas a conversation's turns visited, on average."""
     conversations = {t.conversation for t in rows}
     visits = [len({t.replica for t in rows if t.conversation == c}) for c in conversations]
     return statistics.fmean(visits)
 
 
-def plot(turns: list[RoutedTurn], routers: list[str], path: Path) -> None:
+def plot(turns: list[Turn], routers: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -203,7 +135,7 @@ def main() -> None:
     port = free_port()
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    turns: list[RoutedTurn] = []
+    turns: list[Turn] = []
     try:
         with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp:
             for router in args.routers:

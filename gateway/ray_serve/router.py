@@ -38,6 +38,12 @@ def affinity_of(pending: PendingRequest | None) -> str | None:
     return key if isinstance(key, str) else None
 
 
+def _back_off(pending: PendingRequest | None) -> None:
+    """Ray retries a request none of the ranks took: with a backoff, not in a tight loop."""
+    if pending is not None:
+        pending.routing_context.should_backoff = True
+
+
 class PrefixRouter(RequestRouter):
     """Not FIFO: with :class:`FIFOMixin`, the replica chosen for one request may go to
     another that waited longer, and with it to another conversation."""
@@ -56,8 +62,7 @@ class PrefixRouter(RequestRouter):
     ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
-        if pending_request is not None:
-            pending_request.routing_context.should_backoff = True
+        _back_off(pending_request)
         key = affinity_of(pending_request)
         counted = Counter(self.in_flight.values())
         loads = {r.replica_id.unique_id: self._load(r, counted) for r in candidate_replicas}
@@ -113,8 +118,7 @@ class RoundRobinRouter(FIFOMixin, RequestRouter):
     ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
-        if pending_request is not None:
-            pending_request.routing_context.should_backoff = True
+        _back_off(pending_request)
         ordered = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
         self.turn += 1
         start = self.turn % len(ordered)

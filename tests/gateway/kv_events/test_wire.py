@@ -60,14 +60,20 @@ def test_endpoints_bind_or_connect_as_vllm_decides() -> None:
     assert not binds("tcp://epp.default.svc:5557")
 
 
-def test_the_publisher_sends_three_frames_in_sequence(tmp_path: object) -> None:
-    endpoint = f"ipc://{tmp_path}/kv.sock"
-    publisher = KVEventPublisher(endpoint)
+def subscriber(endpoint: str, timeout_ms: int) -> zmq.Socket[bytes]:
+    """A SUB socket on llm-d's topic prefix, as its indexer subscribes."""
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"kv@")
-    sub.setsockopt(zmq.RCVTIMEO, 5000)
+    sub.setsockopt(zmq.RCVTIMEO, timeout_ms)
     sub.connect(endpoint)
+    return sub
+
+
+def test_the_publisher_sends_three_frames_in_sequence(tmp_path: object) -> None:
+    endpoint = f"ipc://{tmp_path}/kv.sock"
+    publisher = KVEventPublisher(endpoint)
+    sub = subscriber(endpoint, timeout_ms=5000)
     try:
         time.sleep(0.3)  # the subscription reaches the publisher (ZMQ's slow joiner)
         sink = publisher.sink("kv@10.0.0.1:8000@smol")
@@ -98,11 +104,7 @@ def test_dropped_events_are_made_good_by_restating_the_topic(
     monkeypatch.setattr(publisher_module, "MAX_QUEUE", 1)  # the engine outruns the socket
     endpoint = f"ipc://{tmp_path}/kv.sock"
     publisher = KVEventPublisher(endpoint)
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-    sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.SUBSCRIBE, b"kv@")
-    sub.setsockopt(zmq.RCVTIMEO, 200)
-    sub.connect(endpoint)
+    sub = subscriber(endpoint, timeout_ms=200)
     view = RouterView(late=True, strict=False)
     try:
         time.sleep(0.3)
