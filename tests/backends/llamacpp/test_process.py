@@ -59,13 +59,13 @@ def test_gateway_serve_without_config_serves_the_default_model(smol_path: Path) 
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             assert time.monotonic() < deadline, "the default model did not load"
             time.sleep(0.1)
-        client = OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
-        assert DEFAULT_MODEL_NAME in [m.id for m in client.models.list()]
-        r = client.chat.completions.create(
-            model=DEFAULT_MODEL_NAME,
-            messages=[{"role": "user", "content": "Hi"}],
-            max_tokens=4,
-        )
+        with OpenAI(base_url=base + "/v1", api_key="x", max_retries=0) as client:
+            assert DEFAULT_MODEL_NAME in [m.id for m in client.models.list()]
+            r = client.chat.completions.create(
+                model=DEFAULT_MODEL_NAME,
+                messages=[{"role": "user", "content": "Hi"}],
+                max_tokens=4,
+            )
         assert r.model == DEFAULT_MODEL_NAME
         assert r.usage is not None and r.usage.completion_tokens >= 1
     finally:

@@ -100,8 +100,7 @@ def long_stream_then_disconnect(server: ServerThread, after_chunks: int = 3) -> 
 
 
 def test_llama_cpp_server_chat_and_completion(lcs: Process) -> None:
-    with front(lcs, context_length=2048, health={"path": "/docs"}) as srv:
-        client = sdk(srv)
+    with front(lcs, context_length=2048, health={"path": "/docs"}) as srv, sdk(srv) as client:
         stream = client.chat.completions.create(
             model="smol",
             messages=[{"role": "user", "content": "What is the capital of France?"}],
