@@ -119,8 +119,8 @@ def test_placement_on_gpus(tmp_path: Path) -> None:
     host_only = estimate(llama_config(tied), 0)
     assert one.weights_bytes == host_only.weights_bytes + embd  # the tied output is copied
     # on the host: the embeddings, the logits of 12 sequences (4 live, 8 cached), the inputs for a
-    # 260-token batch (embeddings twice, an f16 mask over 8192 cells)
-    assert one.host_bytes == embd + 4 * 100 * 12 + 2 * 4 * 260 * 64 + 8192 * 260 * 2
+    # 512-token micro-batch (embeddings twice, an f16 mask over 8192 cells)
+    assert one.host_bytes == embd + 4 * 100 * 12 + 2 * 4 * 512 * 64 + 8192 * 512 * 2
     assert sum(one.gpu_bytes) + one.host_bytes == one.total_bytes
     split = estimate(llama_config(tied, tensor_split=[1, 3]), 2)
     kv_layer = one.kv_cache_bytes // 4
