@@ -5,8 +5,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import tempfile
+from collections.abc import Iterator
 
 import pytest
+
+from tests.support import close_test_clients
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # the default stores (stored responses) of every gateway a test starts, in-process or not
@@ -32,3 +35,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("gpu"):
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _close_test_clients() -> Iterator[None]:
+    """The SDK clients a test's helpers made (``closed_after_test``) close when it ends."""
+    yield
+    close_test_clients()

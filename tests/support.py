@@ -29,10 +29,29 @@ def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condi
         time.sleep(0.01)
 
 
+#: SDK clients made while a test runs (not in its fixtures), closed when it ends
+#: (``tests/conftest.py``): an open client's pooled socket, left to the garbage collector,
+#: is finalized during some later test and fails it with a ResourceWarning.
+_test_clients: list[OpenAI] = []
+
+
+def closed_after_test(client: OpenAI) -> OpenAI:
+    """``client``, closed when the running test ends."""
+    _test_clients.append(client)
+    return client
+
+
+def close_test_clients() -> None:
+    while _test_clients:
+        _test_clients.pop().close()
+
+
 def openai_client(base_url: str) -> OpenAI:
-    """The official SDK pointed at a gateway (no retries: a test sees every status); close it
-    (``with``) so no socket outlives the test."""
-    return OpenAI(base_url=base_url + "/v1", api_key="x", max_retries=0, timeout=60)
+    """The official SDK pointed at a gateway (no retries: a test sees every status), closed
+    when the test ends."""
+    return closed_after_test(
+        OpenAI(base_url=base_url + "/v1", api_key="x", max_retries=0, timeout=60)
+    )
 
 
 def free_port() -> int:

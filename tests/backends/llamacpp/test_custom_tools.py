@@ -5,13 +5,14 @@ custom tool with a small Lark grammar over ``/v1/chat/completions`` likewise."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from openai import OpenAI
 
 from gateway.testing import ServerThread
-from tests.backends.llamacpp.conftest import SMOL, client_for
+from tests.backends.llamacpp.conftest import SMOL
 from tests.gateway.test_custom_tools import codex_apply_patch_grammar
 from tests.gateway.test_output_grammar import accepts
 
@@ -22,8 +23,9 @@ ASK = f"Call apply_patch with this patch:\n{PATCH}"
 
 
 @pytest.fixture(scope="module")
-def client(smol_server: ServerThread) -> OpenAI:
-    return client_for(smol_server)
+def client(smol_server: ServerThread) -> Iterator[OpenAI]:
+    with OpenAI(base_url=smol_server.base_url + "/v1", api_key="test", max_retries=0) as client:
+        yield client
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["body", "stream"])

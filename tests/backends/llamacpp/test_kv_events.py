@@ -125,8 +125,10 @@ def test_a_subscriber_rebuilds_the_cells_and_the_host_tier(
         kv_events={"endpoint": endpoint, "block_size": BS},
     )
     raw = {"models": {SMOL: table}, "plugins": {"metrics": {}}}
-    with ServerThread(parse_config(raw, "<test>")) as server:
-        client = OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
+    with (
+        ServerThread(parse_config(raw, "<test>")) as server,
+        OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0) as client,
+    ):
         ask(client, "alice: hello")
         in_sync(server, sub)
         assert sub.prefixes("GPU") and not sub.prefixes("CPU")

@@ -24,6 +24,7 @@ from openai import OpenAI
 from gateway.config import parse_config
 from gateway.testing import ServerThread
 from tests.backends.llamacpp.conftest import backend_of, model_table, serve, wait_for_stats
+from tests.support import closed_after_test
 
 SPEC, OFF, DRAFT = "spec", "off", "draft"
 
@@ -69,7 +70,9 @@ def server(smol_path: Path) -> Iterator[ServerThread]:
 
 
 def _client(server: ServerThread) -> OpenAI:
-    return OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=100)
+    return closed_after_test(
+        OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=100)
+    )
 
 
 def _chat(server: ServerThread, model: str, text: str = COPY, **kw: Any) -> Any:

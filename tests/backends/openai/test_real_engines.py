@@ -24,6 +24,7 @@ from tests.backends.openai.fleet import (
     llama_cpp_server,
     wait_for,
 )
+from tests.support import closed_after_test
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +82,9 @@ def front(replica: Process, **table: Any) -> ServerThread:
 
 
 def sdk(server: ServerThread) -> OpenAI:
-    return OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
+    return closed_after_test(
+        OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
+    )
 
 
 def long_stream_then_disconnect(server: ServerThread, after_chunks: int = 3) -> None:
