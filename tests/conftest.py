@@ -39,6 +39,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(autouse=True)
 def _close_test_clients() -> Iterator[None]:
-    """The SDK clients a test's helpers made (``closed_after_test``) close when it ends."""
+    """The SDK clients a test made with ``openai_client`` close when it ends."""
     yield
     close_test_clients()

@@ -29,16 +29,10 @@ def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condi
         time.sleep(0.01)
 
 
-#: SDK clients made while a test runs (not in its fixtures), closed when it ends
-#: (``tests/conftest.py``): an open client's pooled socket, left to the garbage collector,
-#: is finalized during some later test and fails it with a ResourceWarning.
+#: SDK clients made by a test or its function-scoped fixtures, closed when it ends
+#: (``tests/conftest.py``; a module-scoped fixture closes its own): an open client's pooled
+#: socket, left to the garbage collector, is finalized during some later test.
 _test_clients: list[OpenAI] = []
-
-
-def closed_after_test(client: OpenAI) -> OpenAI:
-    """``client``, closed when the running test ends."""
-    _test_clients.append(client)
-    return client
 
 
 def close_test_clients() -> None:
@@ -46,12 +40,12 @@ def close_test_clients() -> None:
         _test_clients.pop().close()
 
 
-def openai_client(base_url: str) -> OpenAI:
+def openai_client(base_url: str, *, api_key: str = "x", timeout: float = 60) -> OpenAI:
     """The official SDK pointed at a gateway (no retries: a test sees every status), closed
     when the test ends."""
-    return closed_after_test(
-        OpenAI(base_url=base_url + "/v1", api_key="x", max_retries=0, timeout=60)
-    )
+    client = OpenAI(base_url=base_url + "/v1", api_key=api_key, max_retries=0, timeout=timeout)
+    _test_clients.append(client)
+    return client
 
 
 def free_port() -> int:

@@ -12,7 +12,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.testing import ServerThread
 from tests.gateway.helpers import scripted, scripted_config
-from tests.support import closed_after_test
+from tests.support import openai_client
 
 REPLY = "The quick brown fox jumps over the lazy dog"
 
@@ -32,9 +32,7 @@ def server() -> Iterator[ServerThread]:
 
 @pytest.fixture
 def client(server: ServerThread) -> OpenAI:
-    return closed_after_test(
-        OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
-    )
+    return openai_client(server.base_url, api_key="unused")
 
 
 def test_models_list_and_get(client: OpenAI) -> None:

@@ -13,7 +13,7 @@ from openai import OpenAI
 
 from gateway.config import GatewayConfig, parse_config
 from gateway.testing import ScriptedBackend, ServerThread
-from tests.support import closed_after_test, sse_json, wait_for
+from tests.support import openai_client, sse_json, wait_for
 
 __all__ = ["sse_json", "wait_for"]
 
@@ -40,7 +40,7 @@ def sha256(secret: str) -> str:
 
 
 def client(server: ServerThread, key: str = "unused") -> OpenAI:
-    return closed_after_test(OpenAI(base_url=server.base_url + "/v1", api_key=key, max_retries=0))
+    return openai_client(server.base_url, api_key=key)
 
 
 def chat(model: str = "m", stream: bool = False, **extra: Any) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from gateway.config import parse_config
 from gateway.defaults import default_model_path
 from gateway.testing import ServerThread
 from tests.backends.llamacpp.tiny_gguf import write_tiny_gguf
-from tests.support import closed_after_test, wait_for
+from tests.support import openai_client, wait_for
 
 pytest.importorskip("llama_cpp")
 
@@ -78,9 +78,7 @@ def tiny_server(tiny_path: Path) -> Iterator[ServerThread]:
 
 
 def client_for(server: ServerThread) -> OpenAI:
-    return closed_after_test(
-        OpenAI(base_url=server.base_url + "/v1", api_key="test", max_retries=0, timeout=60)
-    )
+    return openai_client(server.base_url, api_key="test")
 
 
 def backend_of(server: ServerThread, model: str) -> LlamaCppBackend:

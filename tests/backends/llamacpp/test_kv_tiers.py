@@ -16,7 +16,7 @@ from backends.llamacpp import LlamaCppBackend
 from backends.llamacpp.kv_tiers import fingerprint
 from gateway.testing import ServerThread
 from tests.backends.llamacpp.conftest import SMOL, TINY, model_table, serve
-from tests.support import closed_after_test, gateway_process, wait_for
+from tests.support import gateway_process, openai_client, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -55,9 +55,7 @@ def evict(client: OpenAI) -> None:
 
 
 def client_of(server: ServerThread) -> OpenAI:
-    return closed_after_test(
-        OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
-    )
+    return openai_client(server.base_url, timeout=120)
 
 
 def baseline(smol_path: Path, tmp_path: Path, user: str) -> str:

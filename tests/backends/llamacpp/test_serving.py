@@ -225,35 +225,35 @@ def test_disconnect_during_prefill_frees_the_slot(smol_server: ServerThread) -> 
 
 def test_disconnect_while_queued_frees_its_place(smol_server: ServerThread) -> None:
     backend = backend_of(smol_server, SMOL)
-    with client_for(smol_server) as client:
-        streams = [
-            client.chat.completions.create(
-                model=SMOL,
-                messages=_user(f"Story number {i}."),
-                max_tokens=300,
-                temperature=0,
-                stream=True,
-                extra_body={"ignore_eos": True},
-            )
-            for i in range(2)
-        ]
-        for s in streams:  # both slots busy decoding
-            next(iter(s))
-        wait_for_stats(backend.stats, lambda s: s.active_sequences == 2)
-        # a third request waits for a slot; its client gives up after 0.5 s
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(
-                smol_server.base_url + "/v1/chat/completions",
-                json={"model": SMOL, "messages": _user("queued"), "max_tokens": 2},
-                timeout=httpx.Timeout(5, read=0.5),
-            )
-        before = backend.stats()
-        for s in streams:
-            s.close()
-        stats = wait_for_stats(
-            backend.stats, lambda s: s.cancelled >= before.cancelled + 2 and s.active_sequences == 0
+    client = client_for(smol_server)
+    streams = [
+        client.chat.completions.create(
+            model=SMOL,
+            messages=_user(f"Story number {i}."),
+            max_tokens=300,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
         )
-        assert stats.queued_sequences == 0
-        r = client.chat.completions.create(model=SMOL, messages=_user("Hi"), max_tokens=2)
-        assert r.usage is not None and r.usage.completion_tokens >= 1
-        assert backend.stats().active_sequences == 0
+        for i in range(2)
+    ]
+    for s in streams:  # both slots busy decoding
+        next(iter(s))
+    wait_for_stats(backend.stats, lambda s: s.active_sequences == 2)
+    # a third request waits for a slot; its client gives up after 0.5 s
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            smol_server.base_url + "/v1/chat/completions",
+            json={"model": SMOL, "messages": _user("queued"), "max_tokens": 2},
+            timeout=httpx.Timeout(5, read=0.5),
+        )
+    before = backend.stats()
+    for s in streams:
+        s.close()
+    stats = wait_for_stats(
+        backend.stats, lambda s: s.cancelled >= before.cancelled + 2 and s.active_sequences == 0
+    )
+    assert stats.queued_sequences == 0
+    r = client.chat.completions.create(model=SMOL, messages=_user("Hi"), max_tokens=2)
+    assert r.usage is not None and r.usage.completion_tokens >= 1
+    assert backend.stats().active_sequences == 0

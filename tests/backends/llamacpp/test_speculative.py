@@ -24,7 +24,7 @@ from openai import OpenAI
 from gateway.config import parse_config
 from gateway.testing import ServerThread
 from tests.backends.llamacpp.conftest import backend_of, model_table, serve, wait_for_stats
-from tests.support import closed_after_test
+from tests.support import openai_client
 
 SPEC, OFF, DRAFT = "spec", "off", "draft"
 
@@ -70,9 +70,7 @@ def server(smol_path: Path) -> Iterator[ServerThread]:
 
 
 def _client(server: ServerThread) -> OpenAI:
-    return closed_after_test(
-        OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=100)
-    )
+    return openai_client(server.base_url, timeout=100)
 
 
 def _chat(server: ServerThread, model: str, text: str = COPY, **kw: Any) -> Any:

@@ -28,7 +28,7 @@ from tests.backends.openai.fleet import (
     wait_for,
 )
 from tests.gateway.helpers import scripted
-from tests.support import closed_after_test
+from tests.support import openai_client
 
 SLOW = {"reply": " ".join(f"w{i}" for i in range(200)), "token_delay_s": 0.05}
 
@@ -98,9 +98,7 @@ def front(replicas: tuple[ServerThread, ServerThread]) -> Iterator[ServerThread]
 
 @pytest.fixture
 def client(front: ServerThread) -> OpenAI:
-    return closed_after_test(
-        OpenAI(base_url=front.base_url + "/v1", api_key="unused", max_retries=0)
-    )
+    return openai_client(front.base_url, api_key="unused")
 
 
 def post(

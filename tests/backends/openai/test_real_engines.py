@@ -24,7 +24,7 @@ from tests.backends.openai.fleet import (
     llama_cpp_server,
     wait_for,
 )
-from tests.support import closed_after_test
+from tests.support import openai_client
 
 pytestmark = pytest.mark.slow
 
@@ -82,9 +82,7 @@ def front(replica: Process, **table: Any) -> ServerThread:
 
 
 def sdk(server: ServerThread) -> OpenAI:
-    return closed_after_test(
-        OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
-    )
+    return openai_client(server.base_url, api_key="unused")
 
 
 def long_stream_then_disconnect(server: ServerThread, after_chunks: int = 3) -> None:
@@ -103,7 +101,8 @@ def long_stream_then_disconnect(server: ServerThread, after_chunks: int = 3) -> 
 
 
 def test_llama_cpp_server_chat_and_completion(lcs: Process) -> None:
-    with front(lcs, context_length=2048, health={"path": "/docs"}) as srv, sdk(srv) as client:
+    with front(lcs, context_length=2048, health={"path": "/docs"}) as srv:
+        client = sdk(srv)
         stream = client.chat.completions.create(
             model="smol",
             messages=[{"role": "user", "content": "What is the capital of France?"}],

@@ -21,7 +21,7 @@ from gateway.defaults import default_model_path, single_model_config
 from gateway.testing import ServerThread
 from tests.gateway.hub.conftest import TINY_REPO, Hub
 from tests.gateway.hub.split_gguf import split_gguf
-from tests.support import closed_after_test, wait_for
+from tests.support import openai_client, wait_for
 
 pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.timeout(120)
@@ -30,9 +30,7 @@ SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _client(server: ServerThread) -> OpenAI:
-    return closed_after_test(
-        OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=60)
-    )
+    return openai_client(server.base_url)
 
 
 def _single(spec: str) -> Any:
