@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 ALICE, BOB = "sk-alice-chat-0123456789", "sk-bob-chat-0123456789"
-SLOW = " ".join(f"w{i}" for i in range(80))
+#: Long enough (about 10 s) that a reload on a loaded CI machine still finds it running.
+SLOW = " ".join(f"w{i}" for i in range(200))
 AGENT = ["streaming", "completions", "tools", "json_schema"]
 #: 2,000 words (the scripted model's tokens) of markdown: paragraphs, lists, code, math.
 LONG = "\n\n".join(
