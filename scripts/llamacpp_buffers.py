@@ -125,7 +125,7 @@ def measure(path: Path, out: list[str]) -> list[float]:
                 "flash_attn": fa,
             }
         )
-        n_seq = slots + cfg.kv_cache.cached_prefixes  # as LlamaCppBackend.start
+        n_seq = cfg.n_seq  # as LlamaCppBackend.start
         n_batch = cfg.batching.prefill_chunk_tokens + slots
         log.lines.clear()
         mp = llama.llama_model_default_params()

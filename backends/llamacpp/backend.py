@@ -101,13 +101,12 @@ class LlamaCppBackend:
         from backends.llamacpp.model import LoadedModel, describe
 
         cfg = self.config
-        n_seq = self.n_live + (cfg.kv_cache.cached_prefixes if cfg.kv_cache.prefix_reuse else 0)
         n_batch = cfg.n_batch
         if cfg.embeddings:  # an encoder reads its whole input in one batch
             n_batch = max(n_batch, cfg.kv_cache.n_ctx_per_slot)
         log.info("model %s: loading %s", self.name, describe(cfg.model_path))
         started = time.perf_counter()
-        model = await asyncio.to_thread(LoadedModel, cfg, n_seq, n_batch)
+        model = await asyncio.to_thread(LoadedModel, cfg, cfg.n_seq, n_batch)
         try:
             draft = await asyncio.to_thread(load_draft, model)
         except BaseException:

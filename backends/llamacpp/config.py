@@ -18,6 +18,7 @@ from gateway.hub.spec import parse_spec
 from gateway.output.formats import ToolFormatName
 
 KVType = Literal["f16", "q8_0", "q4_0"]
+KVLayout = Literal["unified", "per_sequence"]
 
 #: llama.cpp's LLAMA_MAX_SEQ (llama_max_parallel_sequences()).
 MAX_SEQUENCES = 256
@@ -45,8 +46,15 @@ class LlamaCppKVCache(KVCacheConfig):
     #: Tokens one sequence may hold (prompt + completion): the model's context length as
     #: clients see it. Capped by the model's training context at load time.
     n_ctx_per_slot: int = Field(2048, ge=16)
-    #: Total KV cells shared by all sequences (live and cached). Default: slots x per-slot,
-    #: so live sequences can always grow to their limit (cached prefixes are evicted first).
+    #: ``unified``: one pool of cells for every sequence; sequences continuing one cached
+    #: prefix share its cells, but each token's attention spans the whole pool.
+    #: ``per_sequence``: one stream of ``n_ctx_per_slot`` cells per sequence id (llama-server's
+    #: layout): attention spans the sequence's own cells only, a shared prefix is copied, and
+    #: a finished sequence stays cached in its slot until the slot is needed.
+    layout: KVLayout = "per_sequence"
+    #: Total KV cells shared by all sequences (live and cached), ``unified`` layout only.
+    #: Default: slots x per-slot, so live sequences can always grow to their limit (cached
+    #: prefixes are evicted first).
     n_ctx: int | None = Field(None, ge=16)
     type_k: KVType = "f16"
     type_v: KVType = "f16"
@@ -54,7 +62,19 @@ class LlamaCppKVCache(KVCacheConfig):
     #: prefill only the rest.
     prefix_reuse: bool = True
     #: Finished sequences kept in the cache (beyond the live slots) for later reuse, LRU.
-    cached_prefixes: int = Field(8, ge=0, le=240)
+    #: Default: 8 with the ``unified`` layout; 0 with ``per_sequence``, where each one costs a
+    #: stream of ``n_ctx_per_slot`` cells (the idle slots hold the cached prefixes).
+    cached_prefixes: int | None = Field(None, ge=0, le=240)
+
+    @property
+    def n_cached(self) -> int:
+        """Sequence ids for cached prefixes beyond the live slots."""
+        if not self.prefix_reuse:
+            return 0
+        if self.cached_prefixes is not None:
+            return self.cached_prefixes
+        return 8 if self.layout == "unified" else 0
+
     #: Shortest shared prefix (tokens) worth reusing.
     min_prefix_tokens: int = Field(16, ge=1)
     #: Host memory (bytes) for cached prefixes evicted from the KV cells; what it evicts in
@@ -199,11 +219,15 @@ class LlamaCppConfig(ModelConfig):
                 f"kv_cache.n_ctx = {kv.n_ctx} is less than batching.max_concurrent x "
                 f"kv_cache.n_ctx_per_slot = {need}: live sequences could run out of KV cells"
             )
-        n_seq = self.batching.max_concurrent + (kv.cached_prefixes if kv.prefix_reuse else 0)
-        if n_seq > MAX_SEQUENCES:
+        if kv.n_ctx is not None and kv.layout == "per_sequence":
             raise ValueError(
-                f"batching.max_concurrent + kv_cache.cached_prefixes = {n_seq}: llama.cpp runs "
-                f"at most {MAX_SEQUENCES} sequences in one context"
+                "kv_cache.n_ctx sizes the unified pool: with layout = 'per_sequence' every "
+                "sequence has kv_cache.n_ctx_per_slot cells"
+            )
+        if self.n_seq > MAX_SEQUENCES:
+            raise ValueError(
+                f"batching.max_concurrent + kv_cache.cached_prefixes = {self.n_seq}: llama.cpp "
+                f"runs at most {MAX_SEQUENCES} sequences in one context"
             )
         if any(x < 0 for x in self.tensor_split) or (
             self.tensor_split and sum(self.tensor_split) <= 0
@@ -228,8 +252,16 @@ class LlamaCppConfig(ModelConfig):
         return self.model_copy(update={"local_path": path})
 
     @property
+    def n_seq(self) -> int:
+        """The context's sequence ids: the live slots and the cached prefixes beyond them."""
+        return self.batching.max_concurrent + self.kv_cache.n_cached
+
+    @property
     def n_ctx_total(self) -> int:
+        """The context's KV cells, all sequences together."""
         kv = self.kv_cache
+        if kv.layout == "per_sequence":
+            return kv.n_ctx_per_slot * self.n_seq
         return kv.n_ctx or kv.n_ctx_per_slot * self.batching.max_concurrent
 
     @property

@@ -1,4 +1,4 @@
-"""The engine thread: one per loaded model, continuous batching over a unified KV cache.
+"""The engine thread: one per loaded model, continuous batching over its sequences' KV cells.
 
 Each step, between two ``llama_decode`` calls, the engine takes in new requests and
 cancellations, places new sequences (prefix reuse, :mod:`backends.llamacpp.slots`), and builds
@@ -325,7 +325,9 @@ class Engine:
                 budget -= len(take)
         if not prefill:  # a step reading a prompt is compute-bound already: no drafts
             self._add_drafts(decoding)
-        rows = decoding + prefill
+        # in seq id order: with a stream per sequence, llama.cpp puts consecutive ids in one
+        # micro-batch
+        rows = sorted(decoding + prefill, key=lambda r: r.job.seq_id)
         self.fill(rows, every_output=False)
         return rows
 

@@ -1,8 +1,9 @@
 """What a llama.cpp model will hold once loaded, from its GGUF header alone (nothing loaded).
 
 Three terms, sized the way llama.cpp sizes its buffers for the context this backend creates
-(``LlamaCppBackend.start`` and ``LoadedModel._context_params``: one unified KV cache of
-``n_ctx_total`` cells padded to 256, ``n_seq`` sequences, ``n_ubatch = min(n_batch, 512)``):
+(``LlamaCppBackend.start`` and ``LoadedModel._context_params``: ``n_ctx_total`` KV cells in one
+unified pool padded to 256, or in one stream per sequence each padded to 256; ``n_seq``
+sequences; ``n_ubatch = min(n_batch, 512)``):
 
 * weights: the tensors' bytes. On a GPU, llama.cpp keeps the token embeddings on the host and
   puts the layers it offloads (and the output layer, when all are) on the GPUs; a model whose
@@ -107,18 +108,21 @@ class Context:
     """The context this backend creates for a config (mirrors ``LlamaCppBackend.start``)."""
 
     cells: int
+    #: The cells one token's attention spans: all of them, or its sequence's stream.
+    span: int
     n_seq: int
     n_ubatch: int
     flash_attn: bool
 
     @classmethod
     def of(cls, config: LlamaCppConfig) -> Context:
-        kv, b = config.kv_cache, config.batching
-        n_seq = b.max_concurrent + (kv.cached_prefixes if kv.prefix_reuse else 0)
         n_batch = config.n_batch
+        streams = config.n_seq if config.kv_cache.layout == "per_sequence" else 1
+        per_stream = -(-config.n_ctx_total // streams // _CTX_PAD) * _CTX_PAD
         return cls(
-            cells=-(-config.n_ctx_total // _CTX_PAD) * _CTX_PAD,
-            n_seq=n_seq,
+            cells=per_stream * streams,
+            span=per_stream,
+            n_seq=config.n_seq,
             n_ubatch=min(n_batch, _MAX_UBATCH),
             flash_attn=config.flash_attention() != "off",
         )
@@ -151,7 +155,7 @@ def estimate(config: LlamaCppConfig, gpu_devices: int) -> MemoryEstimate:
 
 def draft_config(config: LlamaCppConfig) -> LlamaCppConfig | None:
     """The draft model as :class:`backends.llamacpp.draft_model.DraftModel` loads it: the
-    same cells, sequences and batch, f16 K/V, its own GPU layers."""
+    same cells (in one pool), sequences and batch, f16 K/V, its own GPU layers."""
     spec = config.speculative
     if spec.mode != "draft" or spec.draft_model_path is None:
         return None
@@ -160,7 +164,9 @@ def draft_config(config: LlamaCppConfig) -> LlamaCppConfig | None:
             "type_k": "f16",
             "type_v": "f16",
             "host_cache_bytes": 0,
+            "layout": "unified",
             "n_ctx": config.n_ctx_total,
+            "cached_prefixes": config.kv_cache.n_cached,
         }
     )
     return config.model_copy(
@@ -180,12 +186,12 @@ def _estimate(config: LlamaCppConfig, gpu_devices: int) -> MemoryEstimate:
     kv_cfg = config.kv_cache
     weights = sum(t.nbytes for t in header.tensors)
     kv = shape.kv_bytes(ctx.cells, kv_cfg.type_k, kv_cfg.type_v, range(shape.n_layer))
-    graph = shape.compute_bytes(ctx.n_ubatch, ctx.cells, ctx.flash_attn)
+    graph = shape.compute_bytes(ctx.n_ubatch, ctx.span, ctx.flash_attn)
     outputs = _F32 * shape.n_vocab * ctx.n_seq
     compute = graph + outputs
     shape_text = (
         f"{config.batching.max_concurrent} slots x {kv_cfg.n_ctx_per_slot} tokens "
-        f"({ctx.cells} cells), K {kv_cfg.type_k}, V {kv_cfg.type_v}"
+        f"({ctx.cells} cells, {kv_cfg.layout}), K {kv_cfg.type_k}, V {kv_cfg.type_v}"
     )
     options = _options(config, shape, ctx, kv)
     tier = kv_cfg.host_cache_bytes  # the host KV tier, at its budget
@@ -196,7 +202,7 @@ def _estimate(config: LlamaCppConfig, gpu_devices: int) -> MemoryEstimate:
         return MemoryEstimate(weights, kv, compute, (0,) * gpu_devices, host, shape_text, options)
     gpu, host, weights = _place(config, header, shape, ctx, gpu_devices, graph)
     # the graph's inputs stay in host memory: the token embeddings and the attention mask
-    mask = ctx.cells * ctx.n_ubatch * (2 if ctx.flash_attn else _F32)
+    mask = ctx.span * ctx.n_ubatch * (2 if ctx.flash_attn else _F32)
     inputs = 2 * _F32 * ctx.n_ubatch * shape.n_embd + mask
     host += outputs + inputs + tier
     return MemoryEstimate(weights, kv, compute + inputs, gpu, host, shape_text, options)
@@ -282,7 +288,7 @@ def _options(
     if b.max_concurrent > 1 and kv_cfg.n_ctx is None:
         options.append(MemoryOption("batching.max_concurrent", str(b.max_concurrent // 2), kv // 2))
     if ctx.n_ubatch > 128:
-        smaller = shape.compute_bytes(128, ctx.cells, ctx.flash_attn)
-        saved = shape.compute_bytes(ctx.n_ubatch, ctx.cells, ctx.flash_attn) - smaller
+        smaller = shape.compute_bytes(128, ctx.span, ctx.flash_attn)
+        saved = shape.compute_bytes(ctx.n_ubatch, ctx.span, ctx.flash_attn) - smaller
         options.append(MemoryOption("batching.prefill_chunk_tokens", "128", saved))
     return tuple(o for o in options if o.saves_bytes > 0)

@@ -23,18 +23,30 @@ log = logging.getLogger("backends.llamacpp")
 
 
 class LlamaMemory:
-    """:class:`backends.llamacpp.slots.KVOps` over a context's memory."""
+    """:class:`backends.llamacpp.slots.KVOps` over a context's memory (``streams``: one KV
+    stream per sequence, else one unified pool)."""
 
-    def __init__(self, llama: ModuleType, ctx: Any) -> None:
+    def __init__(self, llama: ModuleType, ctx: Any, *, streams: bool = False) -> None:
         self._llama = llama
         self._ctx = ctx
         self._mem = llama.llama_get_memory(ctx)
+        self.streams = streams
 
     def seq_rm(self, seq_id: int, p0: int, p1: int) -> bool:
         return bool(self._llama.llama_memory_seq_rm(self._mem, seq_id, p0, p1))
 
-    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
-        self._llama.llama_memory_seq_cp(self._mem, src, dst, p0, p1)
+    def copy_prefix(self, src: int, dst: int, n: int) -> bool:
+        """``src``'s first ``n`` tokens into the empty ``dst``: in one pool the cells are shared;
+        across streams the state is copied now (llama.cpp's own cross-stream ``seq_cp`` copies
+        the whole stream at the next decode, after a save or restore could have read or
+        replaced it)."""
+        if not self.streams:
+            self._llama.llama_memory_seq_cp(self._mem, src, dst, 0, n)
+            return True
+        if not self.load(dst, self.save(src)):
+            self.seq_rm(dst, -1, -1)
+            return False
+        return self.seq_rm(dst, n, -1)
 
     def seq_pos_min(self, seq_id: int) -> int:
         return int(self._llama.llama_memory_seq_pos_min(self._mem, seq_id))
@@ -58,7 +70,8 @@ class LlamaMemory:
 
 
 class LoadedModel:
-    """A model, its context (unified KV cache over ``n_seq`` sequences) and its tokenizer.
+    """A model, its context (KV cells for ``n_seq`` sequences, as ``kv_cache.layout`` says)
+    and its tokenizer.
 
     ``n_ctx_slot`` is the per-sequence limit after capping by the model's training context.
     """
@@ -83,6 +96,8 @@ class LoadedModel:
         self.n_ctx_train: int = llama.llama_model_n_ctx_train(self.model)
         self.n_ctx_slot = min(config.kv_cache.n_ctx_per_slot, self.n_ctx_train or 1 << 30)
         self.n_seq = n_seq
+        #: One pool of cells for all sequences, else one stream per sequence.
+        self.unified = config.kv_cache.layout == "unified"
         self.ctx = llama.llama_init_from_model(self.model, self._context_params(n_seq, n_batch))
         if not self.ctx:
             llama.llama_model_free(self.model)
@@ -90,7 +105,7 @@ class LoadedModel:
         self.n_embd: int = llama.llama_model_n_embd_out(self.model)
         self.pooling: Pooling = config.pooling or self._gguf_pooling()
         self.batch = llama.llama_batch_init(n_batch, 0, 1)
-        self.memory = LlamaMemory(llama, self.ctx)
+        self.memory = LlamaMemory(llama, self.ctx, streams=not self.unified)
         self.tokenizer = Tokenizer(llama, self.vocab)
         self.template = self._template()
         self.chat_format = self._chat_format()
@@ -109,7 +124,7 @@ class LoadedModel:
         cp.n_seq_max = n_seq
         cp.n_threads = cfg.batching.n_threads
         cp.n_threads_batch = cfg.n_threads_batch
-        cp.kv_unified = True  # one pool of cells: cached prefixes and live sequences share it
+        cp.kv_unified = self.unified
         cp.type_k = GGML_TYPE_IDS[cfg.kv_cache.type_k]
         cp.type_v = GGML_TYPE_IDS[cfg.kv_cache.type_v]
         cp.flash_attn_type = cfg.flash_attn_type

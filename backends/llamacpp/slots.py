@@ -1,17 +1,18 @@
 """The KV cache as a managed resource: slots (llama.cpp sequence ids), prefix reuse, LRU.
 
 Pure bookkeeping over a :class:`KVOps` (the llama.cpp memory calls), so it is tested without
-an engine. There are ``n_live + n_cached`` sequence ids sharing one unified pool of cells:
-at most ``n_live`` run at once; a finished sequence keeps its cells (a cached prefix) until it
-is evicted, least recently used first, when cells or ids run short.
+an engine. There are ``n_live + n_cached`` sequence ids, with a KV stream each or sharing one
+pool of cells (``kv_cache.layout``): at most ``n_live`` run at once; a finished sequence keeps
+its cells (a cached prefix) until it is evicted, least recently used first, when cells or ids
+run short.
 
 Placement: a new prompt goes where the longest prefix of it is already cached. Only a sequence
 cached under the prompt's salt (its request's ``cache_salt``, one per API key by default)
 counts: the cells of another salt share no prefix with it. A finished sequence whose whole cache
 is a prefix of the prompt (the same conversation, one turn later) is continued in place; a
-partial match is copied (``seq_cp`` shares the cells, it does not duplicate them) into a free id
-so the cached conversation it came from stays intact; a live sequence's prompt can be shared the
-same way.
+partial match is copied into a free id (in one pool ``seq_cp`` shares the cells; across streams
+they are copied) so the cached conversation it came from stays intact; a live sequence's prompt
+can be shared the same way.
 
 With :class:`backends.llamacpp.kv_tiers.KVTiers`, a cached prefix leaving the cells (evicted,
 or all of them at unload) is saved there first, and a prompt that shares more with a saved
@@ -32,7 +33,10 @@ from gateway.kv_events.ledger import BlockLedger
 class KVOps(Protocol):
     def seq_rm(self, seq_id: int, p0: int, p1: int) -> bool: ...
 
-    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None: ...
+    def copy_prefix(self, src: int, dst: int, n: int) -> bool:
+        """``src``'s first ``n`` tokens into the empty ``dst``; False if it could not be done
+        (``dst`` is left empty)."""
+        ...
 
     def seq_pos_min(self, seq_id: int) -> int: ...
 
@@ -120,8 +124,10 @@ class SlotManager:
             self._evict(target)
             target.salt = salt
             if best is not None and reused:
-                self.kv.seq_cp(best.seq_id, target.seq_id, 0, reused)
-                self._set(target, best.tokens[:reused])
+                if self.kv.copy_prefix(best.seq_id, target.seq_id, reused):
+                    self._set(target, best.tokens[:reused])
+                else:
+                    reused = 0
         target.live = True
         target.last_used = self._clock
         return Placement(target.seq_id, reused)

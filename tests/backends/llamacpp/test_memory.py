@@ -107,7 +107,11 @@ def test_per_layer_kv_heads_and_head_sizes(tmp_path: Path) -> None:
     assert shape.kv_bytes(256, "f16", "f16", range(2)) == 256 * 2 * (48 + 144)
     # q8_0 rows are 34-byte blocks of 32: K 1 block, V 1 block (16 -> padded) for layer 0
     assert shape.kv_bytes(256, "q8_0", "q8_0", [0]) == 256 * 34 * 2
+    # a stream per sequence, each padded to 256 cells; one pool of 300, padded to 512
     cfg = llama_config(path, kv_cache={"n_ctx_per_slot": 100}, batching={"max_concurrent": 3})
+    assert estimate(cfg, 0).kv_cache_bytes == shape.kv_bytes(3 * 256, "f16", "f16", range(2))
+    pool = {"n_ctx_per_slot": 100, "layout": "unified", "cached_prefixes": 0}
+    cfg = llama_config(path, kv_cache=pool, batching={"max_concurrent": 3})
     assert estimate(cfg, 0).kv_cache_bytes == shape.kv_bytes(512, "f16", "f16", range(2))
 
 
@@ -118,9 +122,10 @@ def test_placement_on_gpus(tmp_path: Path) -> None:
     one = estimate(llama_config(tied), 1)
     host_only = estimate(llama_config(tied), 0)
     assert one.weights_bytes == host_only.weights_bytes + embd  # the tied output is copied
-    # on the host: the embeddings, the logits of 12 sequences (4 live, 8 cached), the inputs for a
-    # 512-token micro-batch (embeddings twice, an f16 mask over 8192 cells)
-    assert one.host_bytes == embd + 4 * 100 * 12 + 2 * 4 * 512 * 64 + 8192 * 512 * 2
+    # on the host: the embeddings, the logits of 4 sequences (a stream each, no more cached),
+    # the inputs for a 512-token micro-batch (embeddings twice, an f16 mask over a stream's
+    # 2048 cells)
+    assert one.host_bytes == embd + 4 * 100 * 4 + 2 * 4 * 512 * 64 + 2048 * 512 * 2
     assert sum(one.gpu_bytes) + one.host_bytes == one.total_bytes
     split = estimate(llama_config(tied, tensor_split=[1, 3]), 2)
     kv_layer = one.kv_cache_bytes // 4
@@ -188,21 +193,24 @@ async def reported_sizes(config: LlamaCppConfig, log: _Lines) -> dict[str, float
 
 
 @pytest.mark.parametrize(
-    ("kv_type", "slots", "flash_attn"),
+    ("kv_type", "slots", "flash_attn", "layout"),
     [
-        ("f16", 1, "auto"),
-        ("f16", 4, "auto"),
-        ("q8_0", 1, "on"),
-        ("q8_0", 4, "on"),
-        ("f16", 4, "off"),
+        ("f16", 1, "auto", "unified"),
+        ("f16", 4, "auto", "unified"),
+        ("q8_0", 1, "on", "unified"),
+        ("q8_0", 4, "on", "unified"),
+        ("f16", 4, "off", "unified"),
+        ("f16", 4, "auto", "per_sequence"),
+        ("q8_0", 3, "on", "per_sequence"),
+        ("f16", 2, "off", "per_sequence"),
     ],
 )
 async def test_each_term_against_llama_cpp(
-    smol_path: Path, llama_log: _Lines, kv_type: str, slots: int, flash_attn: str
+    smol_path: Path, llama_log: _Lines, kv_type: str, slots: int, flash_attn: str, layout: str
 ) -> None:
     cfg = llama_config(
         smol_path,
-        kv_cache={"type_k": kv_type, "type_v": kv_type},
+        kv_cache={"type_k": kv_type, "type_v": kv_type, "layout": layout},
         batching={"max_concurrent": slots, "n_threads": 1},
         flash_attn=flash_attn,
     )

@@ -28,6 +28,22 @@ def test_config_defaults() -> None:
     assert 1 <= cfg.batching.n_threads <= 4
     assert cfg.n_ctx_total == cfg.kv_cache.n_ctx_per_slot * cfg.batching.max_concurrent
     assert cfg.n_threads_batch == cfg.batching.n_threads
+    assert cfg.kv_cache.layout == "per_sequence"
+    assert cfg.n_seq == cfg.batching.max_concurrent  # the idle slots hold the cached prefixes
+    pool = _config(kv_cache={"layout": "unified"})
+    assert pool.n_seq == pool.batching.max_concurrent + 8
+    assert pool.n_ctx_total == cfg.n_ctx_total
+
+
+def test_a_stream_per_sequence_sizes_the_cells_per_sequence() -> None:
+    cfg = _config(kv_cache={"layout": "per_sequence", "n_ctx_per_slot": 1000})
+    assert cfg.n_seq == cfg.batching.max_concurrent
+    assert cfg.n_ctx_total == 1000 * cfg.n_seq
+    more = _config(kv_cache={"layout": "per_sequence", "cached_prefixes": 2})
+    assert more.n_seq == more.batching.max_concurrent + 2
+    assert more.n_ctx_total == more.kv_cache.n_ctx_per_slot * more.n_seq
+    off = _config(kv_cache={"layout": "unified", "prefix_reuse": False, "cached_prefixes": 3})
+    assert off.n_seq == off.batching.max_concurrent
 
 
 @pytest.mark.parametrize(
@@ -36,12 +52,17 @@ def test_config_defaults() -> None:
         ({"kv_cache": {"type_k": "q5_1"}}, "models.m.kv_cache.type_k"),
         ({"kv_cache": {"type_v": "q8_0"}, "flash_attn": "off"}, "kv_cache.type_v"),
         ({"kv_cache": {"n_ctx": 1000}}, "kv_cache.n_ctx"),
+        ({"kv_cache": {"n_ctx": 1 << 16, "layout": "per_sequence"}}, "kv_cache.n_ctx"),
+        ({"kv_cache": {"layout": "paged"}}, "models.m.kv_cache.layout"),
         ({"batching": {"prefill_chunk_tokens": 0}}, "models.m.batching.prefill_chunk_tokens"),
         ({"batching": {"n_thread": 2}}, "models.m.batching.n_thread"),
         ({"tensor_split": [-1.0]}, "tensor_split"),
         ({"n_gpu_layers": -2}, "models.m.n_gpu_layers"),
         (
-            {"batching": {"max_concurrent": 250}, "kv_cache": {"n_ctx_per_slot": 16}},
+            {
+                "batching": {"max_concurrent": 250},
+                "kv_cache": {"n_ctx_per_slot": 16, "cached_prefixes": 8},
+            },
             "cached_prefixes",
         ),
     ],
@@ -85,13 +106,15 @@ class FakeKV:
     def __init__(self) -> None:
         self.calls: list[tuple[object, ...]] = []
         self.load_ok = True
+        self.copy_ok = True
 
     def seq_rm(self, seq_id: int, p0: int, p1: int) -> bool:
         self.calls.append(("rm", seq_id, p0, p1))
         return True
 
-    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
-        self.calls.append(("cp", src, dst, p0, p1))
+    def copy_prefix(self, src: int, dst: int, n: int) -> bool:
+        self.calls.append(("cp", src, dst, 0, n))
+        return self.copy_ok
 
     def seq_pos_min(self, seq_id: int) -> int:
         return 0
@@ -143,6 +166,19 @@ def test_slots_partial_match_copies_and_keeps_the_source() -> None:
     b = slots.acquire([1, 2, 3, 9])
     assert b.seq_id != a.seq_id and b.reused == 3
     assert kv.calls == [("cp", a.seq_id, b.seq_id, 0, 3)]
+    assert slots.entries[a.seq_id].tokens == [1, 2, 3, 4, 5]
+
+
+def test_slots_a_failed_copy_reads_the_prompt_whole() -> None:
+    kv = FakeKV()
+    slots = _manager(kv)
+    a = slots.acquire([1, 2, 3, 4, 5])
+    slots.extend(a.seq_id, [1, 2, 3, 4, 5])
+    slots.release(a.seq_id, keep=True)
+    kv.copy_ok = False  # e.g. a stream too small for the state
+    b = slots.acquire([1, 2, 3, 9])
+    assert b.seq_id != a.seq_id and b.reused == 0
+    assert slots.entries[b.seq_id].tokens == []
     assert slots.entries[a.seq_id].tokens == [1, 2, 3, 4, 5]
 
 
