@@ -20,6 +20,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+#: How far back a context match is measured (the source of a draft, see :meth:`propose`).
+MAX_MATCH = 32
+
 
 class ContextDrafter:
     """One sequence's tokens, indexed by their n-grams (``n_min``..``n_max`` tokens)."""
@@ -41,8 +44,9 @@ class ContextDrafter:
                     index[tuple(seq[follower - n : follower])] = follower
 
     def propose(self, k: int) -> tuple[list[int], int]:
-        """Up to ``k`` tokens that followed earlier occurrences of the tail (chained), and the
-        size of the n-gram the draft began with (0: no match)."""
+        """Up to ``k`` tokens that followed earlier occurrences of the tail (chained), and how
+        many tokens of the tail the first occurrence shares (0: no match; at least the n-gram
+        found, measured back up to :data:`MAX_MATCH`: a longer match is the likelier copy)."""
         seq = self.tokens
         draft: list[int] = []
         first = 0
@@ -53,9 +57,17 @@ class ContextDrafter:
             run = seq[start : start + k - len(draft)]
             if not run:
                 break
-            first = first or n
+            first = first or self._shared(start, n)
             draft.extend(run)
         return draft, first
+
+    def _shared(self, follower: int, n: int) -> int:
+        """How many tokens before ``follower`` equal the sequence's last ones (``n`` known)."""
+        seq, end = self.tokens, len(self.tokens)
+        m = n
+        while m < MAX_MATCH and follower - m - 1 >= 0 and seq[follower - m - 1] == seq[end - m - 1]:
+            m += 1
+        return m
 
     def _match(self, draft: list[int]) -> tuple[int | None, int]:
         seq = self.tokens

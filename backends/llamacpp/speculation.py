@@ -158,6 +158,7 @@ class Drafts:
 #: The source of a pool draft (context drafts are told apart by their match size, 1..32) and
 #: of a draft model's.
 POOL, MODEL = 0, -1
+_BANDS = (8, 12, 16, 24, 32)
 
 
 class Speculation:
@@ -180,7 +181,10 @@ class Speculation:
 
     def source(self, n: int) -> Acceptance:
         """Model-wide acceptance of drafts from one source: a longer context match is the
-        likelier copy (its prior grows with the match)."""
+        likelier copy (its prior grows with the match; matches past 8 tokens are learned in
+        bands: 8-11, 12-15, 16-23, 24-31, 32)."""
+        if n > 8:
+            n = max(b for b in _BANDS if b <= n)
         found = self._sources.get(n)
         if found is None:
             prior = 0.5 if n <= 0 else min(0.9, 0.45 + 0.1 * n)

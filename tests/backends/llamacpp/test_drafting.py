@@ -27,6 +27,24 @@ def test_context_draft_chains_through_the_index_and_stops_at_k() -> None:
     assert d.propose(6) == ([7, 8, 5, 6, 7, 8], 2)
 
 
+def test_context_draft_says_how_long_a_match_it_copies() -> None:
+    d = ContextDrafter(2, 4)
+    d.extend([*range(20), 100, *range(10, 20)])
+    # the 4-gram found, and the 6 tokens before it, are the same: a 10-token match
+    assert d.propose(3) == ([100, 10, 11], 10)
+    long = ContextDrafter(2, 4)
+    long.extend([*range(50), 100, *range(50)])
+    assert long.propose(1) == ([100], 32)  # measured back as far as MAX_MATCH
+
+
+def test_long_matches_are_learned_in_bands() -> None:
+    spec = Speculation(LlamaCppSpeculative(mode="ngram"), enabled=True)
+    assert spec.source(13) is spec.source(12) is spec.source(15)
+    assert spec.source(16) is not spec.source(15)
+    assert spec.source(32) is not spec.source(31) and spec.source(7) is not spec.source(8)
+    assert spec.source(32).p() > spec.source(2).p()
+
+
 def test_context_without_a_match_drafts_nothing() -> None:
     d = ContextDrafter(2, 3)
     d.extend([1, 2, 3, 4])
