@@ -25,7 +25,7 @@ from backends.llamacpp.embeddings import EmbedSpec, Pooler
 from backends.llamacpp.kv_tiers import KVTiers
 from backends.llamacpp.model import LoadedModel
 from backends.llamacpp.slots import SlotManager
-from backends.llamacpp.speculation import Drafts, Speculation
+from backends.llamacpp.speculation import Drafts, Speculation, micro_batches
 from gateway.backend import EngineStats
 from gateway.errors import EngineError, ModelUnavailable
 from gateway.kv_events.ledger import BlockLedger
@@ -352,16 +352,34 @@ class Engine:
             draft, p = job.drafts.propose(left) if job.drafts is not None else ([], 0.0)
             drafts.append(draft)
             candidates.append((p, len(draft)))
-        for row, draft, n in zip(rows, drafts, spec.plan(candidates, len(rows)), strict=True):
+        plan = spec.plan(candidates, len(rows), self._stream_ids(rows))
+        for row, draft, n in zip(rows, drafts, plan, strict=True):
             row.tokens.extend(draft[:n])
             row.drafted = n
+
+    def _stream_ids(self, rows: list[Row]) -> list[int] | None:
+        """The rows' sequence ids if each sequence has a KV stream (llama.cpp then splits the
+        step by them, see :func:`backends.llamacpp.speculation.micro_batches`)."""
+        return [r.job.seq_id for r in rows] if self.model.memory.streams else None
+
+    def _record_cost(self, rows: list[Row]) -> None:
+        """A generating step's time, by its tokens; with a stream per sequence, less what
+        its drafts' own micro-batches cost beyond the step's first."""
+        cost = self.speculation.cost
+        seconds = self.decode_seconds + self.draft_seconds
+        ids = self._stream_ids(rows)
+        if ids is not None:
+            lengths = [len(r.tokens) for r in rows]
+            extra = micro_batches(ids, lengths) - micro_batches(ids, [1] * len(rows))
+            seconds = max(seconds - extra * cost.pass_seconds(), seconds / (1 + extra))
+        cost.record(sum(len(r.tokens) for r in rows), seconds)
 
     def _add_model_drafts(self, rows: list[Row]) -> None:
         """Plan first (a model's draft costs its decodes), then draft what the plan takes."""
         spec, model = self.speculation, self.draft_model
         assert model is not None
         left = [(r.job.drafts, r.job.max_new - r.job.generated - 1) for r in rows]
-        plan = spec.plan(spec.limits(left), len(rows))
+        plan = spec.plan(spec.limits(left), len(rows), self._stream_ids(rows))
         wants = [
             (r.job.seq_id, r.job.drafts.context.tokens if r.job.drafts else [], n)
             for r, n in zip(rows, plan, strict=True)
@@ -430,8 +448,7 @@ class Engine:
         if not rows or not self.decode(rows):
             return
         if all(r.job.next_token is not None for r in rows):  # a generating step: its cost
-            tokens = sum(len(r.tokens) for r in rows)
-            self.speculation.cost.record(tokens, self.decode_seconds + self.draft_seconds)
+            self._record_cost(rows)
         c = self.counters
         for row in rows:
             job = row.job

@@ -89,6 +89,11 @@ class StepCost:
             self._sizes = sorted(self._seen)
             self.table = {k: self._seen[k][0] for k in self._sizes}
 
+    def pass_seconds(self) -> float:
+        """What one more micro-batch costs (a pass over the weights): the cost of a step of
+        one token, as seen or read off the smallest step seen."""
+        return self.seconds(1)
+
     def seconds(self, n: int) -> float:
         table, sizes = self.table, self._sizes
         if n in table:
@@ -159,6 +164,35 @@ class Drafts:
 #: of a draft model's.
 POOL, MODEL = 0, -1
 _BANDS = (8, 12, 16, 24, 32)
+#: Draft lengths past 8 a per-stream plan weighs (besides a draft's whole length).
+_LENGTHS = frozenset((12, 16, 24, 32, 48, 64, 96, 128))
+
+
+def micro_batches(seq_ids: Sequence[int], lengths: Sequence[int]) -> int:
+    """The micro-batches llama.cpp splits a step into when each sequence has a KV stream of
+    its own (``llama_batch_allocr::split_equal``, sequential): the rows (``seq_ids`` with
+    ``lengths`` tokens each) in id order; each micro-batch takes the run of consecutive ids
+    that starts at the first row with tokens left, the same number of tokens from each."""
+    left = dict(sorted(zip(seq_ids, lengths, strict=True)))
+    count = 0
+    while left:
+        run = [next(iter(left))]
+        while run[-1] + 1 in left:
+            run.append(run[-1] + 1)
+        n = min(left[s] for s in run)
+        for s in run:
+            left[s] -= n
+            if not left[s]:
+                del left[s]
+        count += 1
+    return count
+
+
+def _in_runs(seq_ids: Sequence[int]) -> list[int]:
+    """1 for a sequence id with a neighbour among ``seq_ids`` (its draft needs a micro-batch
+    of its own), 0 for one alone (its whole row is a micro-batch already)."""
+    ids = set(seq_ids)
+    return [int(s - 1 in ids or s + 1 in ids) for s in seq_ids]
 
 
 class Speculation:
@@ -194,13 +228,21 @@ class Speculation:
     def drafts(self, salt: str) -> Drafts | None:
         return Drafts(self, salt) if self.enabled else None
 
-    def plan(self, candidates: list[tuple[float, int]], tokens: int) -> list[int]:
+    def plan(
+        self,
+        candidates: list[tuple[float, int]],
+        tokens: int,
+        seq_ids: Sequence[int] | None = None,
+    ) -> list[int]:
         """How many tokens of each candidate draft (its tokens' acceptance ``p``, its length)
         to verify in a generating step of ``tokens`` tokens, one per candidate: the total
         that makes the most tokens per second, taking draft tokens best first (the ``j``-th
-        token of a draft pays ``p ** j``)."""
+        token of a draft pays ``p ** j``). ``seq_ids`` (the candidates' sequence ids) says
+        each sequence has a KV stream of its own: see :meth:`_plan_per_stream`."""
         if self.spec.policy == "always":
             return self._everything(candidates)
+        if seq_ids is not None and len(candidates) > 1:
+            return self._plan_per_stream(candidates, tokens, seq_ids)
         order: list[int] = []
         gains: list[float] = []
         heap = [(-p, i, 1) for i, (p, n) in enumerate(candidates) if n > 0 and p > 0]
@@ -222,6 +264,46 @@ class Speculation:
         take = [0] * len(candidates)
         for i in order[:best]:
             take[i] += 1
+        return take
+
+    def _plan_per_stream(
+        self, candidates: list[tuple[float, int]], tokens: int, seq_ids: Sequence[int]
+    ) -> list[int]:
+        """With a KV stream per sequence llama.cpp splits a step into micro-batches of
+        consecutive sequence ids, the same number of tokens from each (:func:`micro_batches`):
+        the step's first takes one token of every sequence, and a sequence's draft then runs
+        in a micro-batch of its own, one more pass over the weights
+        (:meth:`StepCost.pass_seconds`) on top of its tokens' cost. So drafts are taken a
+        whole sequence at a time, the one that raises the step's rate most first, and only a
+        draft worth its own pass (a long likely copy) is verified."""
+        cost, room = self.cost, self.spec.max_step_draft
+        shared = _in_runs(seq_ids)  # alone in its run of ids: its draft rides its own pass
+        take = [0] * len(candidates)
+        expected, drafted, passes = float(len(candidates)), 0, 0
+        rate = expected / cost.seconds(tokens)
+        while room > drafted:
+            best: tuple[float, int, int, float] | None = None
+            for i, (p, n) in enumerate(candidates):
+                if take[i] or n <= 0 or p <= 0:
+                    continue
+                extra = passes + shared[i]
+                gain, pj = 0.0, 1.0
+                for k in range(1, min(n, room - drafted) + 1):
+                    pj *= p
+                    gain += pj
+                    if k > 8 and k not in _LENGTHS and k != n:
+                        continue  # long drafts are weighed at a few lengths only
+                    seconds = cost.seconds(tokens + drafted + k) + extra * cost.pass_seconds()
+                    r = (expected + gain) / seconds
+                    if r > rate and (best is None or r > best[0]):
+                        best = (r, i, k, gain)
+            if best is None:
+                break
+            rate, i, k, gain = best
+            take[i] = k
+            expected += gain
+            drafted += k
+            passes += shared[i]
         return take
 
     def _everything(self, candidates: list[tuple[float, int]]) -> list[int]:

@@ -7,7 +7,7 @@ import pytest
 
 from backends.llamacpp.config import LlamaCppSpeculative
 from backends.llamacpp.drafting import ContextDrafter, NgramPool
-from backends.llamacpp.speculation import Acceptance, Speculation, StepCost
+from backends.llamacpp.speculation import Acceptance, Speculation, StepCost, micro_batches
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -126,6 +126,34 @@ def test_plan_drafts_on_a_memory_bound_step_and_not_on_a_compute_bound_one() -> 
     assert spec.plan([(0.5, 16)], tokens=1) == [0]
     likely, unlikely = spec.plan([(0.97, 16), (0.3, 16)], tokens=2)
     assert likely > 8 and unlikely == 0
+
+
+def test_micro_batches_follow_llama_cpp_split_of_streams() -> None:
+    assert micro_batches([0, 1, 2], [1, 1, 1]) == 1
+    assert micro_batches([2, 0, 1], [4, 4, 4]) == 1  # equal rows go together, in id order
+    assert micro_batches([0, 1, 2], [1, 6, 1]) == 2  # one token of each, then the draft
+    assert micro_batches([0, 1, 2, 3], [1, 6, 1, 4]) == 3  # two drafts apart: a pass each
+    assert micro_batches([0, 2], [1, 1]) == 2  # ids 0 and 2 are not consecutive
+    assert micro_batches([0, 2], [5, 3]) == 2  # so each row is a pass already, drafts too
+
+
+def test_plan_per_stream_takes_only_drafts_worth_their_own_pass() -> None:
+    spec = _speculation()
+    # memory-bound steps: 30 ms for one token, each more token 2% of that; a pass 30 ms more
+    spec.cost = StepCost()
+    for n in range(1, 80):
+        spec.cost.record(n, 0.030 * (1 + 0.02 * (n - 1)))
+    ids = list(range(8))
+    rows = [(0.8, 3)] * 8
+    assert spec.plan(rows, tokens=8) != [0] * 8  # one pool: short guesses are tried
+    assert spec.plan(rows, tokens=8, seq_ids=ids) == [0] * 8  # not worth a pass each
+    copy = [(0.8, 3)] * 7 + [(0.98, 40)]
+    taken = spec.plan(copy, tokens=8, seq_ids=ids)
+    assert taken[:7] == [0] * 7 and taken[7] >= 24  # a long likely copy is
+    # a sequence alone in its run of ids is a micro-batch already: its draft adds no pass
+    assert spec.plan([(0.6, 3), (0.6, 3)], tokens=2, seq_ids=[0, 5]) == spec.plan(
+        [(0.6, 3), (0.6, 3)], tokens=2
+    )
 
 
 def test_plan_respects_the_step_cap_and_policy_always() -> None:
