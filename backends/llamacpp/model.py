@@ -43,10 +43,10 @@ class LlamaMemory:
         if not self.streams:
             self._llama.llama_memory_seq_cp(self._mem, src, dst, 0, n)
             return True
-        if not self.load(dst, self.save(src)):
-            self.seq_rm(dst, -1, -1)
-            return False
-        return self.seq_rm(dst, n, -1)
+        if self.load(dst, self.save(src)) and self.seq_rm(dst, n, -1):
+            return True
+        self.seq_rm(dst, -1, -1)  # not loaded, or a tail this memory cannot drop (recurrent)
+        return False
 
     def seq_pos_min(self, seq_id: int) -> int:
         return int(self._llama.llama_memory_seq_pos_min(self._mem, seq_id))

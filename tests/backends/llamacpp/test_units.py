@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
+from typing import Any, cast
 
 import pytest
 
 from backends.llamacpp.config import LlamaCppConfig
 from backends.llamacpp.detokenize import Detokenizer
 from backends.llamacpp.gguf_file import ModelFileError, check_model_file
+from backends.llamacpp.model import LlamaMemory
 from backends.llamacpp.slots import SlotManager
 from gateway.config import parse_config
 from gateway.errors import ConfigError
@@ -180,6 +183,55 @@ def test_slots_a_failed_copy_reads_the_prompt_whole() -> None:
     assert b.seq_id != a.seq_id and b.reused == 0
     assert slots.entries[b.seq_id].tokens == []
     assert slots.entries[a.seq_id].tokens == [1, 2, 3, 4, 5]
+
+
+class FakeLlamaMemory:
+    """llama.cpp's memory calls over cell counts per sequence (a state is that many bytes)."""
+
+    def __init__(self, *, drops_tails: bool = True) -> None:
+        self.cells = {0: 5, 1: 0}
+        self.drops_tails = drops_tails
+        self.shared: list[tuple[int, int, int, int]] = []
+
+    def llama_get_memory(self, ctx: object) -> str:
+        return "memory"
+
+    def llama_memory_seq_rm(self, mem: str, seq: int, p0: int, p1: int) -> bool:
+        if p0 > 0 and not self.drops_tails:
+            return False  # a recurrent model's memory
+        self.cells[seq] = min(self.cells[seq], max(p0, 0))
+        return True
+
+    def llama_memory_seq_cp(self, mem: str, src: int, dst: int, p0: int, p1: int) -> None:
+        self.shared.append((src, dst, p0, p1))
+
+    def llama_state_seq_get_size_ext(self, ctx: object, seq: int, flags: int) -> int:
+        return self.cells[seq]
+
+    def llama_state_seq_get_data_ext(
+        self, ctx: object, buf: Any, size: int, seq: int, flags: int
+    ) -> int:
+        return size
+
+    def llama_state_seq_set_data_ext(
+        self, ctx: object, src: object, n: int, seq: int, flags: int
+    ) -> int:
+        self.cells[seq] = n
+        return n
+
+
+def test_a_prefix_is_copied_across_streams_and_shared_in_one_pool() -> None:
+    llama = FakeLlamaMemory()
+    streams = LlamaMemory(cast(ModuleType, llama), None, streams=True)
+    assert streams.copy_prefix(0, 1, 3)
+    assert llama.cells == {0: 5, 1: 3} and llama.shared == []  # the state copied, then cut
+    recurrent = FakeLlamaMemory(drops_tails=False)
+    memory = LlamaMemory(cast(ModuleType, recurrent), None, streams=True)
+    assert not memory.copy_prefix(0, 1, 3)
+    assert recurrent.cells == {0: 5, 1: 0}  # nothing left behind in the target
+    pool = FakeLlamaMemory()
+    assert LlamaMemory(cast(ModuleType, pool), None).copy_prefix(0, 1, 3)
+    assert pool.shared == [(0, 1, 0, 3)] and pool.cells[1] == 0  # shared cells, no copy
 
 
 def test_slots_reuse_leaves_one_prompt_token_to_decode() -> None:
