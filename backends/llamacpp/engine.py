@@ -312,17 +312,19 @@ class Engine:
 
     def _build(self, jobs: list[Job]) -> list[Row]:
         """This step's rows: each generating sequence's last token (and its draft), then up to
-        a prefill chunk of the prompts still being read."""
+        a prefill chunk of the prompts still being read, shortest remainder first."""
         decoding = [Row(j, [j.next_token]) for j in jobs if j.next_token is not None]
         prefill: list[Row] = []
         budget = self.chunk
-        for job in jobs:
+        # the prompts with the least left to read first: a prompt found in the cache gets its
+        # first token at once, not after every prompt admitted before it was read
+        reading = sorted((j for j in jobs if j.prefilling), key=lambda j: len(j.prompt) - j.n_past)
+        for job in reading:
             if budget <= 0:
                 break
-            if job.prefilling:
-                take = job.prompt[job.n_past : job.n_past + budget]
-                prefill.append(Row(job, take))
-                budget -= len(take)
+            take = job.prompt[job.n_past : job.n_past + budget]
+            prefill.append(Row(job, take))
+            budget -= len(take)
         if not prefill:  # a step reading a prompt is compute-bound already: no drafts
             self._add_drafts(decoding)
         # in seq id order: with a stream per sequence, llama.cpp puts consecutive ids in one

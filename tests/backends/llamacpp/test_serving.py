@@ -131,6 +131,25 @@ def test_prefix_reuse_users_a_b_c_a_on_two_slots(smol_server: ServerThread) -> N
     assert second_cached < second_a
 
 
+def test_a_cached_prompt_is_not_queued_behind_a_long_one(smol_server: ServerThread) -> None:
+    """Prompt reading goes to the prompts with the least left first: a prompt found in the
+    cache gets its first token while a long prompt admitted before it is still being read."""
+    backend = backend_of(smol_server, SMOL)
+    short = "What is two plus two?"
+    assert _stream(smol_server, short, 1)["usage"] is not None  # now it is cached
+    before = backend.stats()
+    long_text = "Summarize this. " + "The sky is blue and the grass is green. " * 70
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(_stream, smol_server, long_text, 1)
+        wait_for_stats(  # the long prompt is being read (64 tokens a step, 11 steps)
+            backend.stats, lambda s: s.prompt_tokens_processed > before.prompt_tokens_processed
+        )
+        fast = _stream(smol_server, short, 1)
+        long = slow.result()
+    assert fast["usage"].prompt_tokens_details.cached_tokens > 0
+    assert fast["times"][0] < long["times"][0]
+
+
 def test_stop_strings_are_never_emitted(smol_server: ServerThread) -> None:
     client = client_for(smol_server)
     for stream in (False, True):
