@@ -277,6 +277,7 @@ class Speculation:
         whole sequence at a time, the one that raises the step's rate most first, and only a
         draft worth its own pass (a long likely copy) is verified."""
         cost, room = self.cost, self.spec.max_step_draft
+        per_pass = cost.pass_seconds()
         shared = _in_runs(seq_ids)  # alone in its run of ids: its draft rides its own pass
         take = [0] * len(candidates)
         expected, drafted, passes = float(len(candidates)), 0, 0
@@ -293,7 +294,7 @@ class Speculation:
                     gain += pj
                     if k > 8 and k not in _LENGTHS and k != n:
                         continue  # long drafts are weighed at a few lengths only
-                    seconds = cost.seconds(tokens + drafted + k) + extra * cost.pass_seconds()
+                    seconds = cost.seconds(tokens + drafted + k) + extra * per_pass
                     r = (expected + gain) / seconds
                     if r > rate and (best is None or r > best[0]):
                         best = (r, i, k, gain)
