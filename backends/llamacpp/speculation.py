@@ -195,6 +195,36 @@ def _in_runs(seq_ids: Sequence[int]) -> list[int]:
     return [int(s - 1 in ids or s + 1 in ids) for s in seq_ids]
 
 
+#: Draft lengths a plan of one length for every sequence weighs (besides the drafts' own).
+_LEVELS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+class _Step:
+    """A generating step of ``tokens`` tokens (one per sequence, ``seq_ids``, each with a KV
+    stream of its own) and the drafts it may verify: what a plan is expected to give."""
+
+    def __init__(
+        self,
+        cost: StepCost,
+        candidates: list[tuple[float, int]],
+        tokens: int,
+        seq_ids: Sequence[int],
+    ) -> None:
+        self.cost, self.candidates, self.tokens, self.seq_ids = cost, candidates, tokens, seq_ids
+        self.per_pass = cost.pass_seconds()
+        self._passes = micro_batches(seq_ids, [1] * len(seq_ids))
+
+    def rate(self, take: Sequence[int]) -> float:
+        """Tokens a step verifying ``take`` draft tokens of each sequence is expected to
+        write, per second (its micro-batches beyond a step without drafts cost a pass each)."""
+        expected = float(len(take))
+        for (p, _), k in zip(self.candidates, take, strict=True):
+            expected += k if p >= 1.0 else p * (1 - p**k) / (1 - p)
+        lengths = [1 + k for k in take]
+        extra = micro_batches(self.seq_ids, lengths) - self._passes
+        return expected / (self.cost.seconds(self.tokens + sum(take)) + extra * self.per_pass)
+
+
 class Speculation:
     """One model's drafting policy."""
 
@@ -270,18 +300,44 @@ class Speculation:
         self, candidates: list[tuple[float, int]], tokens: int, seq_ids: Sequence[int]
     ) -> list[int]:
         """With a KV stream per sequence llama.cpp splits a step into micro-batches of
-        consecutive sequence ids, the same number of tokens from each (:func:`micro_batches`):
-        the step's first takes one token of every sequence, and a sequence's draft then runs
-        in a micro-batch of its own, one more pass over the weights
-        (:meth:`StepCost.pass_seconds`) on top of its tokens' cost. So drafts are taken a
-        whole sequence at a time, the one that raises the step's rate most first, and only a
-        draft worth its own pass (a long likely copy) is verified."""
-        cost, room = self.cost, self.spec.max_step_draft
-        per_pass = cost.pass_seconds()
-        shared = _in_runs(seq_ids)  # alone in its run of ids: its draft rides its own pass
+        consecutive sequence ids, the same number of tokens from each (:func:`micro_batches`),
+        and every micro-batch is one more pass over the weights (:meth:`StepCost.pass_seconds`).
+        Two kinds of plan keep the passes few: drafts of one length for every sequence with
+        one (the step stays one micro-batch: a copy task on every stream), or a few sequences'
+        whole drafts, each in a pass of its own (:meth:`_plan_whole_drafts`). The plan whose
+        step is expected to write the most tokens per second, counting its passes, is taken."""
+        step = _Step(self.cost, candidates, tokens, seq_ids)
+        best = self._plan_whole_drafts(step)
+        best_rate = step.rate(best)
+        for take in self._levels(candidates):
+            rate = step.rate(take)
+            if rate > best_rate:
+                best, best_rate = take, rate
+        return best
+
+    def _levels(self, candidates: list[tuple[float, int]]) -> list[list[int]]:
+        """Plans drafting up to ``k`` tokens for every sequence with a draft, one per ``k``
+        (the lengths the drafts have, and a few between), within ``max_step_draft``."""
+        longest = max((n for p, n in candidates if p > 0), default=0)
+        ks = sorted({n for p, n in candidates if p > 0} | {k for k in _LEVELS if k < longest})
+        plans = []
+        for k in ks:
+            take = [min(k, n) if p > 0 else 0 for p, n in candidates]
+            if sum(take) > self.spec.max_step_draft:
+                break
+            plans.append(take)
+        return plans
+
+    def _plan_whole_drafts(self, step: _Step) -> list[int]:
+        """A sequence's draft in a micro-batch of its own: drafts are taken a whole sequence
+        at a time, the one that raises the step's rate most first, and only a draft worth its
+        own pass (a long likely copy) is verified."""
+        candidates, cost, room = step.candidates, self.cost, self.spec.max_step_draft
+        per_pass = step.per_pass
+        shared = _in_runs(step.seq_ids)  # alone in its run of ids: its draft rides its pass
         take = [0] * len(candidates)
         expected, drafted, passes = float(len(candidates)), 0, 0
-        rate = expected / cost.seconds(tokens)
+        rate = expected / cost.seconds(step.tokens)
         while room > drafted:
             best: tuple[float, int, int, float] | None = None
             for i, (p, n) in enumerate(candidates):
@@ -294,7 +350,7 @@ class Speculation:
                     gain += pj
                     if k > 8 and k not in _LENGTHS and k != n:
                         continue  # long drafts are weighed at a few lengths only
-                    seconds = cost.seconds(tokens + drafted + k) + extra * per_pass
+                    seconds = cost.seconds(step.tokens + drafted + k) + extra * per_pass
                     r = (expected + gain) / seconds
                     if r > rate and (best is None or r > best[0]):
                         best = (r, i, k, gain)
