@@ -272,13 +272,14 @@ class Engine:
 
     def end(self, job: Job, *, keep: bool) -> None:
         """A running sequence is done: its slot released (its cells kept as a cached prefix,
-        or freed), its sampler freed."""
+        or freed), its sampler freed; it leaves the running list last, so a reader of
+        :meth:`stats` that sees it gone sees its cells settled too."""
         job.done = True
-        self._running.remove(job)
         self.slots.release(job.seq_id, keep=keep)
         if self.draft_model is not None:
             self.draft_model.forget(job.seq_id)
         self._close(job)
+        self._running.remove(job)
 
     def _admit(self) -> None:
         model = self.model
