@@ -25,7 +25,7 @@ from backends.llamacpp.embeddings import EmbedSpec, Pooler
 from backends.llamacpp.kv_tiers import KVTiers
 from backends.llamacpp.model import LoadedModel
 from backends.llamacpp.slots import SlotManager
-from backends.llamacpp.speculation import Drafts, Speculation, micro_batches
+from backends.llamacpp.speculation import Drafts, Speculation, extra_passes
 from gateway.backend import EngineStats
 from gateway.errors import EngineError, ModelUnavailable
 from gateway.kv_events.ledger import BlockLedger
@@ -372,8 +372,7 @@ class Engine:
         seconds = self.decode_seconds + self.draft_seconds
         ids = self._stream_ids(rows)
         if ids is not None:
-            lengths = [len(r.tokens) for r in rows]
-            extra = micro_batches(ids, lengths) - micro_batches(ids, [1] * len(rows))
+            extra = extra_passes(ids, [r.drafted for r in rows])
             seconds = max(seconds - extra * cost.pass_seconds(), seconds / (1 + extra))
         cost.record(sum(len(r.tokens) for r in rows), seconds)
 

@@ -188,6 +188,13 @@ def micro_batches(seq_ids: Sequence[int], lengths: Sequence[int]) -> int:
     return count
 
 
+def extra_passes(seq_ids: Sequence[int], drafted: Sequence[int]) -> int:
+    """The micro-batches a generating step whose sequences (``seq_ids``) verify ``drafted``
+    draft tokens each takes beyond the same step without drafts."""
+    base = [1] * len(seq_ids)
+    return micro_batches(seq_ids, [1 + k for k in drafted]) - micro_batches(seq_ids, base)
+
+
 def _in_runs(seq_ids: Sequence[int]) -> list[int]:
     """1 for a sequence id with a neighbour among ``seq_ids`` (its draft needs a micro-batch
     of its own), 0 for one alone (its whole row is a micro-batch already)."""
@@ -212,7 +219,6 @@ class _Step:
     ) -> None:
         self.cost, self.candidates, self.tokens, self.seq_ids = cost, candidates, tokens, seq_ids
         self.per_pass = cost.pass_seconds()
-        self._passes = micro_batches(seq_ids, [1] * len(seq_ids))
 
     def rate(self, take: Sequence[int]) -> float:
         """Tokens a step verifying ``take`` draft tokens of each sequence is expected to
@@ -220,8 +226,7 @@ class _Step:
         expected = float(len(take))
         for (p, _), k in zip(self.candidates, take, strict=True):
             expected += k if p >= 1.0 else p * (1 - p**k) / (1 - p)
-        lengths = [1 + k for k in take]
-        extra = micro_batches(self.seq_ids, lengths) - self._passes
+        extra = extra_passes(self.seq_ids, take)
         return expected / (self.cost.seconds(self.tokens + sum(take)) + extra * self.per_pass)
 
 
@@ -319,7 +324,9 @@ class Speculation:
         """Plans drafting up to ``k`` tokens for every sequence with a draft, one per ``k``
         (the lengths the drafts have, and a few between), within ``max_step_draft``."""
         longest = max((n for p, n in candidates if p > 0), default=0)
-        ks = sorted({n for p, n in candidates if p > 0} | {k for k in _LEVELS if k < longest})
+        ks = sorted(
+            {n for p, n in candidates if p > 0 and n > 0} | {k for k in _LEVELS if k < longest}
+        )
         plans = []
         for k in ks:
             take = [min(k, n) if p > 0 else 0 for p, n in candidates]

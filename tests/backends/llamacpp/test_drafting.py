@@ -181,6 +181,11 @@ def test_plan_respects_the_step_cap_and_policy_always() -> None:
     spec = _speculation(max_step_draft=10)
     _costs(spec, 0.0)
     assert sum(spec.plan([(0.99, 8), (0.99, 8)], tokens=2)) == 10
+    # with a stream per sequence too, whichever kind of plan wins (drafts of one length for
+    # every stream, or whole drafts in passes of their own)
+    for ids in (range(4), [0, 2, 4, 6]):
+        taken = spec.plan([(0.99, 8)] * 4, tokens=4, seq_ids=list(ids))
+        assert 0 < sum(taken) <= 10
     always = _speculation(policy="always", max_step_draft=12)
     assert always.plan([(0.0, 8), (0.5, 8)], tokens=2) == [8, 4]
 
