@@ -4,7 +4,6 @@ ends) and its own extra routes."""
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 
 from starlette.requests import ClientDisconnect, Request
@@ -19,6 +18,7 @@ from gateway.flow.prepare import Checked, check
 from gateway.flow.report import report_unadmitted
 from gateway.generation import as_gateway_error
 from gateway.http import error_response
+from gateway.ids import ordered_hex
 from gateway.plugins import Outcome, PluginChain, RequestContext
 from gateway.services import Services
 from gateway.sse import EventStream
@@ -27,7 +27,7 @@ log = logging.getLogger("gateway.flow")
 
 
 def new_context(request: Request, endpoint: EndpointSpec) -> RequestContext:
-    request_id = endpoint.id_prefix + uuid.uuid4().hex
+    request_id = endpoint.id_prefix + ordered_hex()
     request.state.request_id = request_id  # for the unexpected-error handler
     return RequestContext.of(request, request_id, response_headers={"x-request-id": request_id})
 

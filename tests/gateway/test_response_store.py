@@ -15,6 +15,7 @@ import pytest
 from openai import OpenAI
 
 from gateway.config import ResponsesConfig
+from gateway.ids import ordered_hex
 from gateway.store.base import StoredResponse
 from gateway.store.sqlite import SQLiteStore
 from gateway.testing import ServerThread
@@ -322,3 +323,28 @@ def test_the_sqlite_store_is_private(tmp_path: Path) -> None:
         file = tmp_path / "state" / name
         if file.exists():
             assert stat.S_IMODE(file.stat().st_mode) == 0o600, name
+
+
+async def _same_second_newest_first(store: Any) -> None:
+    """Responses made in one second (``created_at`` is whole seconds) list newest first:
+    ids sort by creation time."""
+    now = int(time.time())
+    ids = ["resp_" + ordered_hex() for _ in range(6)]
+    for rid in ids:
+        await store.put(replace(record(rid, owner="alice"), created_at=now))
+    assert [r.id for r in await store.owned("alice", 10)] == ids[::-1]
+    first = await store.owned("alice", 3)  # and page on from the last one listed
+    assert [r.id for r in first + await store.owned("alice", 10, first[-1].id)] == ids[::-1]
+    await store.aclose()
+
+
+def test_sqlite_lists_same_second_responses_newest_first(tmp_path: Path) -> None:
+    asyncio.run(
+        _same_second_newest_first(SQLiteStore(tmp_path / "s.db", ttl_s=60, max_bytes=1 << 20))
+    )
+
+
+def test_redis_lists_same_second_responses_newest_first(redis: RedisServer) -> None:
+    from gateway.store.redis import RedisStore
+
+    asyncio.run(_same_second_newest_first(RedisStore(redis.url, ttl_s=60, max_bytes=1 << 20)))

@@ -3,7 +3,6 @@ renders (a conversation's stored items are replayed through the same functions).
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -20,6 +19,7 @@ from gateway.endpoints.responses.wire import (
     ReasoningItem,
 )
 from gateway.errors import InvalidRequest, UnsupportedParameter
+from gateway.ids import ordered_hex
 from gateway.output.calls import custom_arguments
 from gateway.types import ChatMessage, ToolCallRef
 from gateway.wire.convert import validation_error
@@ -40,7 +40,7 @@ _ID_PREFIX = {
 
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
+    return f"{prefix}_{ordered_hex()}"
 
 
 def item_json(item: Item) -> dict[str, object]:
