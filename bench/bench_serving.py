@@ -224,7 +224,10 @@ def peer_server(args: argparse.Namespace) -> Server:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    """The servers' environment: this one, as their users start them (the gateway then picks its
+    own OpenMP wait settings, llama-server keeps libgomp's); export ``OMP_WAIT_POLICY`` before
+    the run to impose one on every server."""
+    return dict(os.environ)
 
 
 def _toml(data: dict[str, Any], prefix: str = "") -> str:

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from backends.llamacpp.native import load_llama_cpp
 from gateway.kv_events.events import KVEventSink
 from gateway.kv_events.ledger import BlockLedger
 
@@ -70,8 +71,7 @@ def fingerprint(model_path: Path, *, type_k: str, type_v: str, flash_attn: str) 
     """What a saved state is valid for: the model file (size and a hash of its first MiB,
     the GGUF header and metadata), the K/V types, the llama.cpp build, the attention layout
     (V is stored transposed without flash attention)."""
-    import llama_cpp
-
+    llama_cpp = load_llama_cpp()
     h = hashlib.blake2b(digest_size=16)
     with model_path.open("rb") as f:
         h.update(f.read(1 << 20))
