@@ -62,9 +62,11 @@ def openmp_wait_defaults() -> bool:
 
 
 def _libgomp_loaded() -> bool:
+    """Whether the system's libgomp, the one llama.cpp links, is mapped already (a copy bundled
+    under another name, as torch's ``libgomp-<hash>.so.1``, has settings of its own)."""
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-            return any("libgomp" in line for line in maps)
+            return any(os.path.basename(line.rstrip()).startswith("libgomp.so") for line in maps)
     except OSError:  # not Linux: nothing to tell
         return False
 

@@ -10,13 +10,15 @@ import sys
 import pytest
 
 _LOAD = "from backends.llamacpp.native import load_llama_cpp; load_llama_cpp()"
+#: libgomp loaded (and so its environment read) before llama.cpp is
+_LOAD_AFTER_LIBGOMP = "import ctypes; ctypes.CDLL('libgomp.so.1'); " + _LOAD
 
 
-def _libgomp_settings(**env: str) -> str:
+def _libgomp_settings(load: str = _LOAD, **env: str) -> str:
     """What libgomp displayed when llama.cpp was loaded in a fresh process with ``env``."""
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     out = subprocess.run(
-        [sys.executable, "-c", _LOAD],
+        [sys.executable, "-c", load],
         env={**base, "OMP_DISPLAY_ENV": "VERBOSE", **env},
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
@@ -43,3 +45,10 @@ def test_an_operator_spin_count_is_kept() -> None:
     shown = _libgomp_settings(GOMP_SPINCOUNT="2000")
     assert "GOMP_SPINCOUNT = '2000'" in shown
     assert "OMP_WAIT_POLICY = 'ACTIVE'" not in shown
+
+
+@pytest.mark.timeout(90)
+def test_a_libgomp_loaded_earlier_is_left_alone_and_said() -> None:
+    shown = _libgomp_settings(_LOAD_AFTER_LIBGOMP)
+    assert "GOMP_SPINCOUNT = '300000'" in shown  # libgomp's own default: it had read its env
+    assert "libgomp was loaded before llama.cpp" in shown
