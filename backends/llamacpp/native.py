@@ -41,11 +41,11 @@ class _Library:
 #: in one decode. libgomp's own default spins ~300,000 times, but only ~100 once the process
 #: holds more OpenMP threads than cores, which a second model's engine makes so on a small
 #: machine; a thread that stops spinning sleeps, and every barrier then waits for a wake-up.
-#: Measured on 2 cores, SmolLM2, 2 threads, one chat stream: 66-74 tok/s with both models of
-#: a two-model config used, 89-107 with these settings (100-115 with one model used, either
-#: way); ``OMP_WAIT_POLICY=PASSIVE`` (never spin) gave 40. ACTIVE with a spin count of 10,000
-#: spins about 0.1 ms (1,000 when threads outnumber cores), then sleeps: a thread between
-#: steps does not hold a core for long.
+#: Measured on 2 cores, SmolLM2, 2 threads, one chat stream, a two-model config: with one
+#: model used then both, 101-115 then 66-74 tok/s with libgomp's default, 101-113 then 89-94
+#: with these settings; ``OMP_WAIT_POLICY=PASSIVE`` (never spin) gave 40. ACTIVE with a spin
+#: count of 10,000 spins about 0.1 ms (1,000 when threads outnumber cores), then sleeps: a
+#: thread between steps does not hold a core for long.
 OPENMP_WAIT = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "10000"}
 
 
