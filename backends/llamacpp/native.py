@@ -49,16 +49,15 @@ class _Library:
 OPENMP_WAIT = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "10000"}
 
 
-def openmp_wait_defaults() -> bool:
+def openmp_wait_defaults() -> None:
     """Set :data:`OPENMP_WAIT` in the environment unless either variable is set there (the
-    operator's choice wins); libgomp reads them once, when it loads. True if they were set."""
+    operator's choice wins); libgomp reads them once, when it loads."""
     if any(name in os.environ for name in OPENMP_WAIT):
-        return False
+        return
     if _libgomp_loaded():
         log.warning("libgomp was loaded before llama.cpp: its wait policy stays as it was")
-        return False
+        return
     os.environ.update(OPENMP_WAIT)
-    return True
 
 
 def _libgomp_loaded() -> bool:
