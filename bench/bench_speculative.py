@@ -737,6 +737,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     src = edit_source(args.gguf, args.edit_tokens)
+    if "edit" in args.tasks and not src.renames:
+        raise SystemExit(f"--edit-tokens {args.edit_tokens}: the cut file has no name to rename")
     if len(src.renames) < min(max(args.streams), len(QUESTIONS)):
         print(f"note: {len(src.renames)} renames for {max(args.streams)} streams: some repeat")
     args.peer_version, args.peer_args_shown = "-", ["(skipped)"]

@@ -63,6 +63,7 @@ class Context:
 
     def __init__(self, llama: Any, model: Any, args: argparse.Namespace, cells: int) -> None:
         self.llama, self.cells = llama, cells
+        self.n_vocab = llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(model))
         cp = llama.llama_context_default_params()
         most = max(args.drafts) + 1
         cp.n_ctx = cells + most + 256
@@ -85,7 +86,7 @@ class Context:
     def decode(self, pos: int, n: int, *, logits: bool = True) -> float:
         b = self.batch
         for i in range(n):
-            b.token[i] = self.rnd.randrange(1000, 30000)
+            b.token[i] = self.rnd.randrange(self.n_vocab // 4, self.n_vocab)
             b.pos[i], b.n_seq_id[i], b.seq_id[i][0], b.logits[i] = pos + i, 1, 0, logits
         b.n_tokens = n
         started = time.perf_counter()

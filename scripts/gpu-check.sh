@@ -3,7 +3,7 @@
 # python 3.12, torch 2.11.0+cu130, nvcc 13.0, transformers, and no network. Everything else comes from the
 # git-ignored folder .gpu-kit/ (filled on the CPU machine by scripts/gpu-kit/build.sh; carry it).
 #
-# usage: scripts/gpu-check.sh OUTDIR [--part all|llama-exl2|exl3|sizes] [--deadline SECONDS]
+# usage: scripts/gpu-check.sh OUTDIR [--part all|llama-exl2|exl3|sizes|speculative] [--deadline SECONDS]
 #        scripts/gpu-check.sh [OUTDIR] --dry-run      (CPU/CI: the kit's MANIFEST and size budget, then
 #                                                      the `sizes` steps with tiny models on the CPU)
 #
@@ -20,6 +20,14 @@
 #   tokens, the bandwidth roofline, the engine-loop profile at 64 streams) -> OUTDIR/real-sizes.md,
 #   to be copied to docs/gpu-check/. --dry-run runs the same driver with --tiny on the CPU
 #   (GPU_CHECK_DRY_SIZES=0 leaves it out).
+# --part speculative (issue 25's GPU clause; same deadline): env, install-wheels, install-project,
+#   llama-server, spec-model (a random-weight Llama-3-8B-shaped Q4_K_M GGUF, real_sizes.make_gguf; kept in
+#   /tmp/gpu-check for a later run), bench-verify-cost (bench/bench_verify_cost.py: what verifying k draft
+#   tokens costs on the GPU, the ceiling of any drafting -> OUTDIR/verify-cost.json), bench-speculative
+#   (bench/bench_speculative.py on that model: gateway ngram/off vs llama-server ngram-mod/off, 1 and 8
+#   streams -> OUTDIR/speculative.json; random weights copy nothing, so its edit task measures drafts
+#   that miss). --dry-run runs the same steps with the tiny shape on the CPU (GPU_CHECK_DRY_SPEC=0
+#   leaves it out).
 # Tests find the models through GATEWAY_TEST_HF_MODEL, GATEWAY_TEST_GGUF_MODEL, GATEWAY_TEST_EXL2_MODEL and
 # GATEWAY_TEST_EXL3_MODEL (a test whose variable is unset should skip). bench/bench_backends.py, if present,
 # gets the same variables plus GATEWAY_BENCH_OUT (a folder whose files land in the report) and
@@ -106,6 +114,7 @@ EOF
         "$((tree / 1048576))" "$((kit / 1048576))" "$(((tree + kit) / 1048576))" "$TRAVEL_MIB"
     [ $((tree + kit)) -le $((TRAVEL_MIB * 1048576)) ] || { echo "  working tree + kit over $TRAVEL_MIB MiB"; bad=1; }
     if [ "${GPU_CHECK_DRY_SIZES:-1}" != 0 ]; then dry_sizes || bad=1; fi
+    if [ "${GPU_CHECK_DRY_SPEC:-1}" != 0 ]; then dry_speculative || bad=1; fi
     if [ "$bad" = 0 ]; then log "dry run OK"; else log "dry run FAILED"; fi
     return $bad
 }
@@ -235,6 +244,37 @@ fn_real_sizes() {  # $1 = seconds the driver may use (it stops starting servers 
     # shellcheck disable=SC2086
     "$PY" "$KIT_SCRIPTS/real_sizes.py" "$LOGS/real-sizes" --models "$WORK/real-size-models" \
         --report "$OUTDIR/real-sizes.md" --deadline-s "$1" "${bin[@]}" ${GPU_CHECK_SIZES_ARGS:-}
+}
+
+# Issue 25's GPU clause. SPEC_SHAPE (LLAMA3_8B | TINY), SPEC_GGUF, SPEC_NGL, SPEC_PEER (a llama-server binary,
+# or empty to leave the peer out) and OUTDIR say what to run and where its results go.
+fn_spec_model() {  # a random-weight Llama GGUF of SPEC_SHAPE, Q4_K_M (kept: a later run reuses it)
+    [ -f "$SPEC_GGUF" ] && { echo "reuse $SPEC_GGUF"; return 0; }
+    "$PY" - "$KIT_SCRIPTS" "$SPEC_SHAPE" "$SPEC_GGUF" <<'EOF'
+import sys
+from pathlib import Path
+
+sys.path.insert(0, sys.argv[1])
+import real_sizes
+
+facts = real_sizes.make_gguf(getattr(real_sizes, sys.argv[2]), "q4_k_m", Path(sys.argv[3]))
+print({k: v for k, v in facts.items() if k != "tensor_types"})
+EOF
+}
+
+fn_verify_cost() {  # GPU: up to 16k cells; the CPU dry run: short contexts, few drafts
+    local cells=512,4096,16384 drafts=1,2,4,8,16,32,64
+    [ "$SPEC_NGL" = 0 ] && cells=64,256 drafts=1,4
+    "$PY" "$REPO/bench/bench_verify_cost.py" --gguf "$SPEC_GGUF" --n-gpu-layers "$SPEC_NGL" --cells "$cells" \
+        --drafts "$drafts" --threads "$(($(nproc) > 8 ? 8 : $(nproc)))" --json "$OUTDIR/verify-cost.json"
+}
+
+fn_bench_speculative() {  # both servers, all four configurations; short answers on the CPU dry run
+    local size=(--streams 1,8 --max-tokens 512 --chat-tokens 256) peer=(--skip-peer)
+    [ "$SPEC_NGL" = 0 ] && size=(--streams 1 --max-tokens 24 --chat-tokens 16)
+    [ -n "${SPEC_PEER:-}" ] && peer=(--llama-server "$SPEC_PEER")
+    "$PY" "$REPO/bench/bench_speculative.py" --gguf "$SPEC_GGUF" --n-gpu-layers "$SPEC_NGL" "${size[@]}" \
+        "${peer[@]}" --threads "$(($(nproc) > 8 ? 8 : $(nproc)))" --json "$OUTDIR/speculative.json"
 }
 
 fn_exl2_convert() {
@@ -381,6 +421,25 @@ write_report() {
     tar czf "$OUTDIR/logs.tar.gz.tmp" -C "$WORK" logs 2> /dev/null && mv "$OUTDIR/logs.tar.gz.tmp" "$OUTDIR/logs.tar.gz"
 }
 
+dry_speculative() {  # the `speculative` steps with the tiny shape on the CPU, each under its own timeout
+    local py=${PYTHON:-} out rc=0 f
+    [ -n "$py" ] || { [ -x "$REPO/.venv/bin/python" ] && py=$REPO/.venv/bin/python; } || py=python3
+    out=${DRY_OUTDIR:-$(mktemp -d)}
+    log "dry run: speculative steps with the tiny shape on the CPU ($py, out $out)"
+    for f in fn_spec_model fn_verify_cost fn_bench_speculative; do
+        PY=$py OUTDIR=$out SPEC_SHAPE=TINY SPEC_NGL=0 SPEC_GGUF=$out/spec-tiny.gguf SPEC_PEER=${LLAMA_SERVER:-} \
+            timeout -k 5 "${GPU_CHECK_DRY_SPEC_LIMIT:-60}" bash "$SELF" --step-fn "$f" > "$out/$f.log" 2>&1 || {
+            rc=1
+            tail -n 20 "$out/$f.log" | sed 's/^/  | /'
+        }
+        log "  $f: $([ "$rc" = 0 ] && echo ok || echo FAILED)"
+        [ "$rc" = 0 ] || break
+    done
+    if [ "$rc" = 0 ]; then log "speculative dry run OK: $out"; else log "speculative dry run FAILED"; fi
+    [ -n "${DRY_OUTDIR:-}" ] || rm -rf "$out"
+    return "$rc"
+}
+
 ok() { grep -qP "^$1\tok\t" "$STEPS_TSV"; }
 
 # ------------------------------------------------------------------------------------------ environment
@@ -514,6 +573,19 @@ part_sizes() {  # issue 29: real model sizes (no tiny models, no ExLlama)
     step real-sizes "$t" fn_real_sizes $((t > 40 ? t - 20 : 20))
 }
 
+part_speculative() {  # issue 25: speculative decoding on the GPU (a random-weight 8B-shaped model)
+    export SPEC_SHAPE=LLAMA3_8B SPEC_NGL=-1 SPEC_GGUF=$WORK/real-size-models/spec-llama3-8b-q4_k_m.gguf SPEC_PEER=""
+    if [ -f "$KIT/bin/llama-server.gz" ]; then
+        step llama-server 30 fn_llama_server && SPEC_PEER=$WORK/bin/llama-server
+        export LD_LIBRARY_PATH=$WORK/bin:$SITE/llama_cpp/lib:$LD_LIBRARY_PATH
+    else
+        skip llama-server "no .gpu-kit/bin/llama-server.gz (scripts/gpu-kit/add_llama_server.sh): gateway only"
+    fi
+    step spec-model 240 fn_spec_model || return 1
+    step bench-verify-cost 120 fn_verify_cost
+    step bench-speculative "$(limit_for 420)" fn_bench_speculative
+}
+
 main_gpu() {
     mkdir -p "$OUTDIR"
     OUTDIR=$(readlink -f "$OUTDIR")
@@ -527,6 +599,8 @@ main_gpu() {
     step install-project 90 fn_install_project
     if [ "$PART" = sizes ]; then
         part_sizes
+    elif [ "$PART" = speculative ]; then
+        part_speculative
     else
         [ "$PART" = llama-exl2 ] || bg_step exl3-jit 420 fn_exl3_jit
         step tiny-models 120 fn_tiny_models &&
@@ -561,8 +635,8 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-case $PART in all | llama-exl2 | exl3 | sizes) ;; *) echo "--part must be all, llama-exl2, exl3 or sizes" >&2; exit 2 ;; esac
+case $PART in all | llama-exl2 | exl3 | sizes | speculative) ;; *) echo "--part must be all, llama-exl2, exl3, sizes or speculative" >&2; exit 2 ;; esac
 export DEADLINE
 if [ "$DRY" = 1 ]; then dry_run; exit $?; fi
-[ -n "$OUTDIR" ] || { echo "usage: $0 OUTDIR [--part all|llama-exl2|exl3|sizes] [--deadline S] | [--dry-run]" >&2; exit 2; }
+[ -n "$OUTDIR" ] || { echo "usage: $0 OUTDIR [--part all|llama-exl2|exl3|sizes|speculative] [--deadline S] | [--dry-run]" >&2; exit 2; }
 main_gpu
