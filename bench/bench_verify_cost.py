@@ -12,8 +12,9 @@ draft's are). The ceiling is what a step writes per second when every draft toke
 over a one-token step's: ``(k + 1) * t(1) / t(k + 1)``. No drafting policy gets decoding past
 it. Where a draft token costs about what decoding it costs, the step is compute-bound (a CPU
 reading a long context: llama.cpp's CPU attention does one query row at a time) and the
-ceiling stays small; on a GPU a step is memory-bound and the ceiling grows with ``k``. The
-``--threads`` and OpenMP settings are the gateway's (``backends.llamacpp.native``).
+ceiling stays small; where a step is bound by reading the weights (a GPU, as expected; this
+script is how to check) the ceiling grows with ``k``. The ``--threads`` and OpenMP settings are
+the gateway's (``backends.llamacpp.native``).
 """
 
 from __future__ import annotations
