@@ -149,6 +149,9 @@ venv_torch() {  # py3.12 venv with the real torch 2.11.0 wheel (no nvidia-* deps
     "$v/bin/pip" install -q --no-deps "$WORK"/dl/torch-$TORCH_VERSION-cp312-*.whl
     "$v/bin/pip" install -q filelock 'typing-extensions>=4.10' 'setuptools<82' sympy networkx jinja2 fsspec ninja
     "$v/bin/pip" install -q "exllamav2==$EXL2_VERSION"
+    # what the GPU machine has besides torch: exllamav2 imports tokenizers, make_tiny_models.py (--verify)
+    # transformers; pip did not bring them with exllamav2 here
+    "$v/bin/pip" install -q tokenizers transformers safetensors numpy
     "$v/bin/python" "$HERE/make_torch_stubs.py" "$v/lib/python3.12/site-packages/torch/lib" "$WORK/stubs312"
     touch "$v/.ready"
 }
@@ -214,7 +217,9 @@ step_verify() {  # what a CPU can check of the two binary artifacts
         "$WORK/venv312/bin/python" -m pip install -q --no-index --no-deps --no-compile --target "$tmp/site" \
             "$WORK"/device-wheels/*.whl "$w" || rc=1
         log "verify: tiny models, then dlopen(RTLD_NOW) each library, import llama_cpp, generate on the CPU"
-        env "$torch_env" "$WORK/venv312/bin/python" "$HERE/make_tiny_models.py" "$tmp/models" > /dev/null 2>&1 || rc=1
+        # as on the GPU machine: its own torch/transformers, the kit's wheels (gguf) on PYTHONPATH
+        env "$torch_env" PYTHONPATH="$tmp/site" "$WORK/venv312/bin/python" "$HERE/make_tiny_models.py" \
+            "$tmp/models" > "$tmp/make_tiny_models.log" 2>&1 || { rc=1; tail -n 5 "$tmp/make_tiny_models.log"; }
         LD_LIBRARY_PATH=$nvlib:$WORK/cuda13/lib/stubs PYTHONPATH=$tmp/site OMP_WAIT_POLICY=PASSIVE \
             "$WORK/venv312/bin/python" - "$tmp/site" "$tmp/models/llama-tiny-f16.gguf" <<'PY' || rc=1
 import ctypes, glob, os, sys
