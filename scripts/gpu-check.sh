@@ -231,6 +231,9 @@ fn_llama_server() {  # the carried CUDA llama-server (+ its own libraries), link
     rm -rf "$WORK/bin" && mkdir -p "$WORK/bin"
     for f in "$KIT"/bin/*.gz; do gunzip -c "$f" > "$WORK/bin/$(basename "$f" .gz)" || return 1; done
     chmod +x "$WORK/bin/llama-server"
+    for f in "$SITE"/llama_cpp/lib/lib*.so; do  # the wheel keeps one file per library: libllama.so, SONAME .so.0
+        [ -e "$f.0" ] || ln -sf "$f" "$WORK/bin/$(basename "$f").0"
+    done
     ldd "$WORK/bin/llama-server" | grep -E 'not found|llama|ggml|mtmd|cuda'
     ! ldd "$WORK/bin/llama-server" | grep -q 'not found' || return 1
     "$WORK/bin/llama-server" --version

@@ -27,6 +27,9 @@ die() { log "ERROR: $*"; exit 1; }
 [ -f "$KIT/MANIFEST" ] || die "no $KIT/MANIFEST: run scripts/gpu-kit/build.sh first"
 export PATH=$WORK/venv-build/bin:$WORK/cuda13/bin:$PATH
 export CUDA_HOME=$WORK/cuda13 CUDA_PATH=$WORK/cuda13 CUDACXX=$WORK/cuda13/bin/nvcc
+# linking the executable resolves libggml-cuda's own NEEDED (libcublas.so.13, the libcuda stub): GNU ld
+# looks for them on LD_LIBRARY_PATH
+export LD_LIBRARY_PATH=$WORK/cuda13/lib:$WORK/cuda13/lib/stubs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 
 log "configure $BUILD with the server on (the cache keeps every other flag of the wheel build)"
 nice -n 19 cmake -S "$(grep -m1 '^CMAKE_HOME_DIRECTORY' "$BUILD/CMakeCache.txt" | cut -d= -f2)" -B "$BUILD" \
@@ -40,16 +43,32 @@ bin=$(find "$BUILD" -type f -name llama-server -perm -u+x | head -1)
 rm -rf "$KIT/bin" && mkdir -p "$KIT/bin"
 strip --strip-unneeded -o "$WORK/llama-server.stripped" "$bin"
 gzip -9 -c "$WORK/llama-server.stripped" > "$KIT/bin/llama-server.gz"
-# shared libraries it needs from the build tree that the slimmed wheel does not ship (e.g. libmtmd)
-wheel_libs=$(unzip -Z1 "$(ls "$KIT"/wheels/llama_cpp_python-*.whl | head -1)" | sed -n 's|^llama_cpp/lib/||p')
-for need in $(readelf -d "$bin" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'); do
-    case $need in libc.so* | libm.so* | libstdc++* | libgcc_s* | libgomp* | ld-linux* | libpthread* | libdl* | libcuda*) continue ;; esac
-    grep -qxF "$need" <<< "$wheel_libs" && continue
-    lib=$(find "$BUILD" -name "$need" | head -1)
-    [ -n "$lib" ] || { log "warning: $need neither in the wheel nor in $BUILD"; continue; }
-    strip --strip-unneeded -o "$WORK/$need" "$(readlink -f "$lib")"
-    gzip -9 -c "$WORK/$need" > "$KIT/bin/$need.gz"
-    log "carried $need"
+# shared libraries it needs from the build tree that the slimmed wheel does not ship (libllama-server-impl,
+# libllama-common, libmtmd...), followed through their own NEEDED; the wheel's are matched by SONAME
+# (its libllama.so is libllama.so.0: gpu-check.sh links the SONAME names on the device)
+wheel_dir=$(mktemp -d)
+unzip -q "$(ls "$KIT"/wheels/llama_cpp_python-*.whl | head -1)" 'llama_cpp/lib/*' -d "$wheel_dir"
+wheel_libs=$(for f in "$wheel_dir"/llama_cpp/lib/*; do
+    basename "$f"
+    readelf -d "$f" | sed -n 's/.*(SONAME).*\[\(.*\)\]/\1/p'
+done | sort -u)
+rm -rf "$wheel_dir"
+queue=("$bin") carried=""
+while [ ${#queue[@]} -gt 0 ]; do
+    file=${queue[0]} && queue=("${queue[@]:1}")
+    for need in $(readelf -d "$file" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'); do
+        case $need in libc.so* | libm.so* | libstdc++* | libgcc_s* | libgomp* | ld-linux* | libpthread* | libdl* | \
+            libcuda* | librt.so* | libssl.so* | libcrypto.so*) continue ;; esac
+        grep -qxF "$need" <<< "$wheel_libs" && continue
+        grep -qxF "$need" <<< "$carried" && continue
+        carried+="$need"$'\n'
+        lib=$(find "$BUILD" -name "$need" | head -1)
+        [ -n "$lib" ] || { log "warning: $need neither in the wheel nor in $BUILD"; continue; }
+        strip --strip-unneeded -o "$WORK/$need" "$(readlink -f "$lib")"
+        gzip -9 -c "$WORK/$need" > "$KIT/bin/$need.gz"
+        log "carried $need (needed by $(basename "$file"))"
+        queue+=("$(readlink -f "$lib")")
+    done
 done
 
 ( cd "$KIT"
