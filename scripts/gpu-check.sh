@@ -70,7 +70,7 @@ manifest_check() {  # verify every MANIFEST row (size + sha256), no unlisted fil
     grep -q '^TOTAL ' "$KIT/MANIFEST" || { echo "  MANIFEST has no TOTAL line"; bad=1; }
     [ "$total" -le $((BUDGET_MIB * 1048576)) ] || { echo "  OVER BUDGET"; bad=1; }
     [ -n "$(ls "$KIT"/wheels/llama_cpp_python-*.whl 2>/dev/null)" ] || echo "  note: no CUDA llama-cpp-python wheel"
-    [ -f "$KIT/ext/exllamav2_ext.so.gz" ] || echo "  note: no prebuilt exllamav2 extension (JIT on the GPU)"
+    [ -f "$KIT/ext/exllamav2_ext.so.xz" ] || echo "  note: no prebuilt exllamav2 extension (JIT on the GPU)"
     return $bad
 }
 
@@ -106,7 +106,7 @@ EOF
         log "no $KIT: it would carry (scripts/gpu-kit/build.sh fills it)"
         grep -vE '^\s*(#|$)' "$KIT_SCRIPTS/requirements-device.txt" | sed 's/^/  wheel  /'
         echo "  wheel  llama_cpp_python-0.3.36-cp312 (CUDA sm_90, slimmed, ~26 MB)"
-        echo "  ext    exllamav2_ext.so.gz (exllamav2 0.3.2 for torch 2.11.0+cu130/sm_90, ~14 MB)"
+        echo "  ext    exllamav2_ext.so.xz (exllamav2 0.3.2 for torch 2.11.0+cu130/sm_90, ~10 MB)"
         echo "  budget: kit <= $BUDGET_MIB MiB"
     fi
     tree=$(travel_size)
@@ -265,16 +265,16 @@ print({k: v for k, v in facts.items() if k != "tensor_types"})
 EOF
 }
 
-fn_verify_cost() {  # GPU: up to 16k cells; the CPU dry run: short contexts, few drafts
+fn_verify_cost() {  # up to 16k cells; the tiny shape (rehearsals on a CPU): short contexts, few drafts
     local cells=512,4096,16384 drafts=1,2,4,8,16,32,64
-    [ "$SPEC_NGL" = 0 ] && cells=64,256 drafts=1,4
+    [ "$SPEC_SHAPE" = TINY ] && cells=64,256 drafts=1,4
     "$PY" "$REPO/bench/bench_verify_cost.py" --gguf "$SPEC_GGUF" --n-gpu-layers "$SPEC_NGL" --cells "$cells" \
         --drafts "$drafts" --threads "$(($(nproc) > 8 ? 8 : $(nproc)))" --json "$OUTDIR/verify-cost.json"
 }
 
-fn_bench_speculative() {  # both servers, all four configurations; short answers on the CPU dry run
+fn_bench_speculative() {  # both servers, all four configurations; the tiny shape: short answers, 1 stream
     local size=(--streams 1,8 --max-tokens 512 --chat-tokens 256) peer=(--skip-peer)
-    [ "$SPEC_NGL" = 0 ] && size=(--streams 1 --max-tokens 24 --chat-tokens 16)
+    [ "$SPEC_SHAPE" = TINY ] && size=(--streams 1 --max-tokens 24 --chat-tokens 16)
     [ -n "${SPEC_PEER:-}" ] && peer=(--llama-server "$SPEC_PEER")
     "$PY" "$REPO/bench/bench_speculative.py" --gguf "$SPEC_GGUF" --n-gpu-layers "$SPEC_NGL" "${size[@]}" \
         "${peer[@]}" --threads "$(($(nproc) > 8 ? 8 : $(nproc)))" --json "$OUTDIR/speculative.json"
@@ -510,7 +510,9 @@ merge_cuda_home() {  # a CUDA_HOME with cuBLAS/cuSPARSE/cuRAND headers and libs 
 
 prepare_exl2_ext() {  # the prebuilt extension goes on PYTHONPATH as module exllamav2_ext; JIT if refused
     local so=$TORCH_EXTENSIONS_DIR/exllamav2_ext/exllamav2_ext.so
-    if [ -f "$KIT/ext/exllamav2_ext.so.gz" ] && gunzip -c "$KIT/ext/exllamav2_ext.so.gz" > "$EXT/exllamav2_ext.so"; then
+    if [ -f "$KIT/ext/exllamav2_ext.so.xz" ] && "$PY" -c 'import lzma, shutil, sys
+with lzma.open(sys.argv[1]) as src, open(sys.argv[2], "wb") as dst: shutil.copyfileobj(src, dst)' \
+        "$KIT/ext/exllamav2_ext.so.xz" "$EXT/exllamav2_ext.so"; then
         export PYTHONPATH=$PYTHONPATH:$EXT
         step exl2-ext 90 fn_exl2_ext && return 0
         log "prebuilt exllamav2_ext refused: JIT fallback"
@@ -577,7 +579,10 @@ part_sizes() {  # issue 29: real model sizes (no tiny models, no ExLlama)
 }
 
 part_speculative() {  # issue 25: speculative decoding on the GPU (a random-weight 8B-shaped model)
-    export SPEC_SHAPE=LLAMA3_8B SPEC_NGL=-1 SPEC_GGUF=$WORK/real-size-models/spec-llama3-8b-q4_k_m.gguf SPEC_PEER=""
+    # GPU_CHECK_SPEC_SHAPE=TINY: a rehearsal of this part on a machine without a GPU (the CUDA build falls back
+    # to its CPU backend)
+    export SPEC_SHAPE=${GPU_CHECK_SPEC_SHAPE:-LLAMA3_8B} SPEC_NGL=-1 SPEC_PEER=""
+    export SPEC_GGUF=$WORK/real-size-models/spec-${SPEC_SHAPE,,}-q4_k_m.gguf
     if [ -f "$KIT/bin/llama-server.gz" ]; then
         step llama-server 30 fn_llama_server && SPEC_PEER=$WORK/bin/llama-server
         export LD_LIBRARY_PATH=$WORK/bin:$SITE/llama_cpp/lib:$LD_LIBRARY_PATH

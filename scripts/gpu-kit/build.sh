@@ -4,7 +4,7 @@
 # tokenizers, numpy, nvcc 13.0), within a 60 MiB budget:
 #   .gpu-kit/wheels/*.whl                       py3.12 wheels (exllamav2, exllamav3, the project's deps,
 #                                               hatchling) and the CUDA (sm_90) llama-cpp-python wheel
-#   .gpu-kit/ext/exllamav2_ext.so.gz            exllamav2 0.3.2 extension prebuilt for torch 2.11.0+cu130/sm_90
+#   .gpu-kit/ext/exllamav2_ext.so.xz            exllamav2 0.3.2 extension prebuilt for torch 2.11.0+cu130/sm_90
 #   .gpu-kit/MANIFEST                           file, size, sha256 of each, and the total
 #
 # The heavy builds run in a scratch folder outside the repo ($GPU_KIT_WORK, default /work/gpuwork) and are
@@ -151,12 +151,12 @@ venv_torch() {  # py3.12 venv with the real torch 2.11.0 wheel (no nvidia-* deps
     "$v/bin/pip" install -q "exllamav2==$EXL2_VERSION"
     # what the GPU machine has besides torch: exllamav2 imports tokenizers, make_tiny_models.py (--verify)
     # transformers; pip did not bring them with exllamav2 here
-    "$v/bin/pip" install -q tokenizers transformers safetensors numpy
+    "$v/bin/pip" install -q tokenizers transformers safetensors numpy certifi
     "$v/bin/python" "$HERE/make_torch_stubs.py" "$v/lib/python3.12/site-packages/torch/lib" "$WORK/stubs312"
     touch "$v/.ready"
 }
 
-exl2_ext() { echo "$WORK/ext/exllamav2_ext.so.gz"; }
+exl2_ext() { echo "$WORK/ext/exllamav2_ext.so.xz"; }  # xz: 10 MiB where gzip -9 made 14
 
 step_exl2_ext() {
     local so
@@ -180,7 +180,7 @@ print('exllamav2_ext built:', e.exllamav2_ext.__file__, round(time.time() - t, 1
     [ -f "$so" ] || die "exl2-ext: $so missing"
     mkdir -p "$WORK/ext"
     strip --strip-unneeded -o "$WORK/ext/exllamav2_ext.so" "$so"
-    niced gzip -9 -c "$WORK/ext/exllamav2_ext.so" > "$(exl2_ext).tmp" && mv "$(exl2_ext).tmp" "$(exl2_ext)"
+    niced xz -9e -T1 -c "$WORK/ext/exllamav2_ext.so" > "$(exl2_ext).tmp" && mv "$(exl2_ext).tmp" "$(exl2_ext)"
     log "exl2-ext: $(exl2_ext) ($(du -m "$(exl2_ext)" | cut -f1) MiB)"
 }
 
@@ -241,7 +241,7 @@ PY
     fi
     if [ -f "$(exl2_ext)" ]; then
         tmp=$(mktemp -d)
-        gunzip -c "$(exl2_ext)" > "$tmp/exllamav2_ext.so"
+        xz -dc "$(exl2_ext)" > "$tmp/exllamav2_ext.so"
         log "verify: prebuilt exllamav2_ext imports under torch $TORCH_VERSION (stub CUDA libs) and is used"
         (cd "$tmp" && env "$torch_env" PYTHONPATH="$tmp" TORCH_EXTENSIONS_DIR="$tmp/none" \
             "$WORK/venv312/bin/python" -c "
