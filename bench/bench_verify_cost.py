@@ -1,20 +1,23 @@
 """What verifying a draft costs on this machine, in llama.cpp alone (no gateway, no HTTP): one
-decode of ``1 + k`` tokens of one sequence, with logits on every token as speculative
-verification needs, against a step of one token, at several context lengths.
+decode of ``1 + k`` tokens of each sequence, with logits on every token as speculative
+verification needs, against a step of one token each, at several context lengths.
 
     python bench/bench_verify_cost.py [--gguf PATH] [--cells 128,800,1600]
-        [--drafts 1,2,4,8,16,32,64] [--threads 2] [--reps 7] [--n-gpu-layers 0]
+        [--drafts 1,2,4,8,16,32,64] [--seqs 1] [--threads 2] [--reps 7] [--n-gpu-layers 0]
         [--flash-attn auto|on|off] [--json out.json] [--plot out.png]
 
-For each context length (``--cells`` tokens already in the sequence's cells) and draft length
+For each context length (``--cells`` tokens already in each sequence's cells) and draft length
 ``k``: the median time of ``--reps`` steps (the step's cells removed after each, as a rejected
-draft's are). The ceiling is what a step writes per second when every draft token is taken,
-over a one-token step's: ``(k + 1) * t(1) / t(k + 1)``. No drafting policy gets decoding past
-it. Where a draft token costs about what decoding it costs, the step is compute-bound (a CPU
-reading a long context: llama.cpp's CPU attention does one query row at a time) and the
-ceiling stays small; where a step is bound by reading the weights (a GPU, as expected; this
-script is how to check) the ceiling grows with ``k``. The ``--threads`` and OpenMP settings are
-the gateway's (``backends.llamacpp.native``).
+draft's are). ``--seqs`` sequences decode together, each in a KV stream of its own, 512 tokens
+a micro-batch, as the engine runs them (``kv_cache.layout = "per_sequence"``).
+
+The ceiling is what a step writes per second when every draft token is taken, over a one-token
+step's: ``(k + 1) * t(1) / t(k + 1)``. No drafting policy gets decoding past it. Where a draft
+token costs about what decoding it costs, the step is compute-bound (a CPU reading a long
+context: llama.cpp's CPU attention does one query row at a time) and the ceiling stays small;
+where a step is bound by reading the weights (a GPU, as expected; this script is how to check)
+the ceiling grows with ``k``. The ``--threads`` and OpenMP settings are the gateway's
+(``backends.llamacpp.native``).
 """
 
 from __future__ import annotations
@@ -60,17 +63,18 @@ class Cost:
 
 
 class Context:
-    """One llama.cpp context holding one sequence of ``cells`` random tokens."""
+    """One llama.cpp context holding ``seqs`` sequences of ``cells`` random tokens each."""
 
     def __init__(self, llama: Any, model: Any, args: argparse.Namespace, cells: int) -> None:
-        self.llama, self.cells = llama, cells
+        self.llama, self.cells, self.seqs = llama, cells, args.seqs
         self.n_vocab = llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(model))
         cp = llama.llama_context_default_params()
         most = max(args.drafts) + 1
-        cp.n_ctx = cells + most + 256
-        cp.n_batch = max(CHUNK, most)
-        cp.n_ubatch = cp.n_batch
-        cp.n_seq_max = 1
+        cp.n_ctx = args.seqs * (cells + most + 256)
+        cp.n_batch = max(CHUNK, most * args.seqs)
+        cp.n_ubatch = CHUNK
+        cp.n_seq_max = args.seqs
+        cp.kv_unified = False
         cp.n_threads = cp.n_threads_batch = args.threads
         cp.flash_attn_type = FLASH[args.flash_attn]
         cp.no_perf = True
@@ -80,16 +84,20 @@ class Context:
         self.memory = llama.llama_get_memory(self.ctx)
         self.batch = llama.llama_batch_init(cp.n_batch, 0, 1)
         self.rnd = random.Random(cells)
-        for first in range(0, cells, CHUNK):
-            last = min(cells, first + CHUNK)
-            self.decode(first, last - first, logits=False)
+        for seq in range(args.seqs):
+            for first in range(0, cells, CHUNK):
+                last = min(cells, first + CHUNK)
+                self.decode(first, last - first, [seq], logits=False)
 
-    def decode(self, pos: int, n: int, *, logits: bool = True) -> float:
+    def decode(self, pos: int, n: int, seqs: list[int], *, logits: bool = True) -> float:
+        """One decode of ``n`` tokens from ``pos`` in each of ``seqs``; its seconds."""
         b = self.batch
-        for i in range(n):
-            b.token[i] = self.rnd.randrange(self.n_vocab // 4, self.n_vocab)
-            b.pos[i], b.n_seq_id[i], b.seq_id[i][0], b.logits[i] = pos + i, 1, 0, logits
-        b.n_tokens = n
+        for j, seq in enumerate(seqs):
+            for i in range(j * n, (j + 1) * n):
+                b.token[i] = self.rnd.randrange(self.n_vocab // 4, self.n_vocab)
+                b.pos[i], b.n_seq_id[i], b.seq_id[i][0] = pos + i - j * n, 1, seq
+                b.logits[i] = logits
+        b.n_tokens = n * len(seqs)
         started = time.perf_counter()
         if self.llama.llama_decode(self.ctx, b) != 0:
             raise RuntimeError("llama_decode failed")
@@ -97,11 +105,14 @@ class Context:
         return time.perf_counter() - started
 
     def step(self, n: int, reps: int) -> float:
-        """Median seconds of a step of ``n`` tokens after the context (one warm-up step)."""
+        """Median seconds of a step of ``n`` tokens of every sequence after its context (one
+        warm-up step)."""
         times = []
+        seqs = list(range(self.seqs))
         for _ in range(reps + 1):
-            times.append(self.decode(self.cells, n))
-            self.llama.llama_memory_seq_rm(self.memory, 0, self.cells, -1)
+            times.append(self.decode(self.cells, n, seqs))
+            for seq in seqs:
+                self.llama.llama_memory_seq_rm(self.memory, seq, self.cells, -1)
         return statistics.median(times[1:])
 
     def close(self) -> None:
@@ -125,7 +136,8 @@ def measure(llama: Any, model: Any, args: argparse.Namespace) -> list[Cost]:
 
 def report(costs: list[Cost], args: argparse.Namespace, device: str) -> None:
     name = Path(args.gguf).name
-    table = Table(title=f"{name}, {device}, {args.threads} threads, flash_attn {args.flash_attn}")
+    title = f"{name}, {device}, {args.seqs} sequence(s), {args.threads} threads"
+    table = Table(title=f"{title}, flash_attn {args.flash_attn}")
     for column in ("cells", "draft k", "step ms", "ms / token", "ceiling if all taken"):
         table.add_column(column, justify="right")
     for c in costs:
@@ -166,6 +178,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gguf", type=Path, default=None, help="model file (default: SmolLM2)")
     p.add_argument("--cells", type=_ints, default=[128, 800, 1600])
     p.add_argument("--drafts", type=_ints, default=[1, 2, 4, 8, 16, 32, 64])
+    p.add_argument("--seqs", type=int, default=1, help="sequences decoded together")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--n-gpu-layers", type=int, default=0)
@@ -173,8 +186,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
     args = p.parse_args(argv)
-    if not args.cells or not args.drafts or min(args.cells + args.drafts) < 1 or args.reps < 1:
-        p.error("--cells, --drafts and --reps take positive numbers")
+    lengths = [*args.cells, *args.drafts, args.seqs, args.reps]
+    if not args.cells or not args.drafts or min(lengths) < 1:
+        p.error("--cells, --drafts, --seqs and --reps take positive numbers")
     args.gguf = args.gguf or default_gguf()
     return args
 
@@ -197,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         out = {
             "gguf": Path(args.gguf).name,
             "device": device,
+            "seqs": args.seqs,
             "threads": args.threads,
             "flash_attn": args.flash_attn,
             "costs": [{**asdict(c), "ceiling": c.ceiling} for c in costs],

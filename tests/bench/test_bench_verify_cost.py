@@ -1,6 +1,6 @@
-"""``bench/bench_verify_cost.py`` runs on the real SmolLM2 file and reports what it measured: one
-row per context length and draft length, each ceiling computed from that row's own step and the
-one-token step of the same context."""
+"""``bench/bench_verify_cost.py`` runs on the real SmolLM2 file (two sequences decoding together)
+and reports what it measured: one row per context length and draft length, each ceiling computed
+from that row's own step and the one-token step of the same context."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.timeout(120)
 def test_verify_cost_table_and_json(tmp_path: Path) -> None:
     out = tmp_path / "cost.json"
-    args = ["--cells", "16,40", "--drafts", "1,3", "--reps", "1", "--json", str(out)]
+    args = ["--cells", "16,40", "--drafts", "1,3", "--seqs", "2", "--reps", "1", "--json", str(out)]
     run = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "bench_verify_cost.py"), *args],
         capture_output=True,
@@ -28,7 +28,7 @@ def test_verify_cost_table_and_json(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr[-2000:]
     assert "ceiling if all taken" in run.stdout
     data = json.loads(out.read_text())
-    assert data["device"] == "CPU" and data["gguf"].endswith(".gguf")
+    assert data["device"] == "CPU" and data["gguf"].endswith(".gguf") and data["seqs"] == 2
     rows = data["costs"]
     assert [(r["cells"], r["draft"]) for r in rows] == [
         (16, 0),
