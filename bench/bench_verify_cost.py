@@ -51,10 +51,12 @@ class Cost:
     draft: int
     step_ms: float
     one_token_ms: float
+    seqs: int = 1
 
     @property
     def per_token_ms(self) -> float:
-        return self.step_ms / (self.draft + 1)
+        """The step's time per token it decodes (``1 + k`` of each sequence)."""
+        return self.step_ms / ((self.draft + 1) * self.seqs)
 
     @property
     def ceiling(self) -> float:
@@ -126,9 +128,10 @@ def measure(llama: Any, model: Any, args: argparse.Namespace) -> list[Cost]:
         context = Context(llama, model, args, cells)
         try:
             one = 1000 * context.step(1, args.reps)
-            costs.append(Cost(cells, 0, one, one))
+            costs.append(Cost(cells, 0, one, one, args.seqs))
             for k in args.drafts:
-                costs.append(Cost(cells, k, 1000 * context.step(k + 1, args.reps), one))
+                step = 1000 * context.step(k + 1, args.reps)
+                costs.append(Cost(cells, k, step, one, args.seqs))
         finally:
             context.close()
     return costs
