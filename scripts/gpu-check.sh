@@ -23,7 +23,8 @@
 # --part speculative (issue 25's GPU clause; same deadline): env, install-wheels, install-project,
 #   llama-server, spec-model (a random-weight Llama-3-8B-shaped Q4_K_M GGUF, real_sizes.make_gguf; kept in
 #   /tmp/gpu-check for a later run), bench-verify-cost (bench/bench_verify_cost.py: what verifying k draft
-#   tokens costs on the GPU, the ceiling of any drafting -> OUTDIR/verify-cost.json), bench-speculative
+#   tokens costs on the GPU, the ceiling of any drafting -> OUTDIR/verify-cost.json, 8 sequences at 4k
+#   cells -> OUTDIR/verify-cost-8-seqs.json), bench-speculative
 #   (bench/bench_speculative.py on that model: gateway ngram/off vs llama-server ngram-mod/off, 1 and 8
 #   streams -> OUTDIR/speculative.json; random weights copy nothing, so its edit task measures drafts
 #   that miss). --dry-run runs the same steps with the tiny shape on the CPU (GPU_CHECK_DRY_SPEC=0
@@ -265,11 +266,14 @@ print({k: v for k, v in facts.items() if k != "tensor_types"})
 EOF
 }
 
-fn_verify_cost() {  # up to 16k cells; the tiny shape (rehearsals on a CPU): short contexts, few drafts
-    local cells=512,4096,16384 drafts=1,2,4,8,16,32,64
-    [ "$SPEC_SHAPE" = TINY ] && cells=64,256 drafts=1,4
+fn_verify_cost() {  # 1 sequence up to 16k cells, then 8 at 4k; the tiny shape (CPU rehearsals): less
+    local cells=512,4096,16384 drafts=1,2,4,8,16,32,64 seqs=8 seq_cells=4096 threads
+    [ "$SPEC_SHAPE" = TINY ] && cells=64,256 drafts=1,4 seqs=2 seq_cells=64
+    threads=$(($(nproc) > 8 ? 8 : $(nproc)))
     "$PY" "$REPO/bench/bench_verify_cost.py" --gguf "$SPEC_GGUF" --n-gpu-layers "$SPEC_NGL" --cells "$cells" \
-        --drafts "$drafts" --threads "$(($(nproc) > 8 ? 8 : $(nproc)))" --json "$OUTDIR/verify-cost.json"
+        --drafts "$drafts" --threads "$threads" --json "$OUTDIR/verify-cost.json" || return 1
+    "$PY" "$REPO/bench/bench_verify_cost.py" --gguf "$SPEC_GGUF" --n-gpu-layers "$SPEC_NGL" --cells "$seq_cells" \
+        --drafts "$drafts" --seqs "$seqs" --threads "$threads" --json "$OUTDIR/verify-cost-$seqs-seqs.json"
 }
 
 fn_bench_speculative() {  # both servers, all four configurations; the tiny shape: short answers, 1 stream

@@ -44,6 +44,9 @@ def test_dry_run_rehearses_the_speculative_steps_on_the_cpu(tmp_path: Path) -> N
     assert cost["gguf"] == "spec-tiny.gguf" and cost["device"] == "CPU"
     rows = [(c["cells"], c["draft"]) for c in cost["costs"]]
     assert rows == [(cells, k) for cells in (64, 256) for k in (0, 1, 4)]
+    together = json.loads((tmp_path / "verify-cost-2-seqs.json").read_text())
+    assert together["seqs"] == 2
+    assert [(c["cells"], c["draft"]) for c in together["costs"]] == [(64, 0), (64, 1), (64, 4)]
     bench = json.loads((tmp_path / "speculative.json").read_text())
     configs = {r["config"] for r in bench["runs"]}
     assert {"gateway ngram", "gateway off"} <= configs
