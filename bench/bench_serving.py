@@ -107,6 +107,11 @@ def _free_port() -> int:
         return port
 
 
+def int_list(text: str) -> list[int]:
+    """A comma-separated list of integers, as an argparse ``type``: ``"1,8"`` -> ``[1, 8]``."""
+    return [int(x) for x in text.replace(" ", "").split(",") if x]
+
+
 def default_gguf() -> Path:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from gateway.defaults import default_model_path

@@ -69,7 +69,16 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serving import Server, _env, _free_port, _quantile, _toml, default_gguf, running
+from bench_serving import (
+    Server,
+    _env,
+    _free_port,
+    _quantile,
+    _toml,
+    default_gguf,
+    int_list,
+    running,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER_VERSION = "0.3.36"
@@ -694,10 +703,6 @@ def plot(runs: list[Run], args: argparse.Namespace, path: str) -> None:
 # --- main -------------------------------------------------------------------------------------
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.replace(" ", "").split(",") if x]
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--gguf", type=Path, default=None, help="model file (default: SmolLM2)")
@@ -706,7 +711,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--wait-peer", type=float, default=0.0,
         help="seconds to wait for a llama-server build under way before building it here",
     )  # fmt: skip
-    p.add_argument("--streams", type=_ints, default=None, help="concurrent streams (default 1,8)")
+    p.add_argument("--streams", type=int_list, default=None, help="streams (default 1,8)")
     p.add_argument("--rounds", type=int, default=1, help="loads per task, config and streams")
     p.add_argument("--tasks", type=lambda t: t.split(","), default=list(TASKS))
     p.add_argument("--max-tokens", type=int, default=None, help="edit task (default 1600)")

@@ -37,7 +37,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serving import default_gguf
+from bench_serving import default_gguf, int_list
 
 from backends.llamacpp.native import load_llama_cpp
 
@@ -144,9 +144,12 @@ def report(costs: list[Cost], args: argparse.Namespace, device: str) -> None:
     for column in ("cells", "draft k", "step ms", "ms / token", "ceiling if all taken"):
         table.add_column(column, justify="right")
     for c in costs:
-        ceiling = "1.00x" if c.draft == 0 else f"{c.ceiling:.2f}x"
         table.add_row(
-            str(c.cells), str(c.draft), f"{c.step_ms:.1f}", f"{c.per_token_ms:.2f}", ceiling
+            str(c.cells),
+            str(c.draft),
+            f"{c.step_ms:.1f}",
+            f"{c.per_token_ms:.2f}",
+            f"{c.ceiling:.2f}x",  # 1.00x for the one-token step itself
         )
     Console().print(table)
 
@@ -172,15 +175,11 @@ def plot(costs: list[Cost], path: str) -> None:
     print(f"saved {path}")
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.replace(" ", "").split(",") if x]
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--gguf", type=Path, default=None, help="model file (default: SmolLM2)")
-    p.add_argument("--cells", type=_ints, default=[128, 800, 1600])
-    p.add_argument("--drafts", type=_ints, default=[1, 2, 4, 8, 16, 32, 64])
+    p.add_argument("--cells", type=int_list, default=[128, 800, 1600])
+    p.add_argument("--drafts", type=int_list, default=[1, 2, 4, 8, 16, 32, 64])
     p.add_argument("--seqs", type=int, default=1, help="sequences decoded together")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=7)

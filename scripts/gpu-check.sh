@@ -5,7 +5,8 @@
 #
 # usage: scripts/gpu-check.sh OUTDIR [--part all|llama-exl2|exl3|sizes|speculative] [--deadline SECONDS]
 #        scripts/gpu-check.sh [OUTDIR] --dry-run      (CPU/CI: the kit's MANIFEST and size budget, then
-#                                                      the `sizes` steps with tiny models on the CPU)
+#                                                      the `sizes` and `speculative` steps with tiny
+#                                                      models on the CPU)
 #
 # Steps, each logged with its elapsed seconds and run under its own `timeout` (a failing step never stops
 # the later ones; all limits are cut to fit the overall deadline, default 450 s):

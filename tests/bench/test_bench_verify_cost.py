@@ -54,3 +54,16 @@ def test_verify_cost_rejects_bad_lengths() -> None:
         check=False,
     )
     assert run.returncode == 2 and "positive numbers" in run.stderr
+
+
+@pytest.mark.timeout(60)
+def test_verify_cost_says_which_model_file_it_cannot_load(tmp_path: Path) -> None:
+    missing = tmp_path / "absent.gguf"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_verify_cost.py"), "--gguf", str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+    assert run.returncode == 1 and f"cannot load {missing}" in run.stderr
